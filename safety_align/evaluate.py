@@ -286,7 +286,8 @@ class Judge:
     if not records:
       return np.zeros(0, bool), np.zeros(0, bool)
     harmful = np.asarray(self.harm([items[r.item].prompt for r in records],
-                                   [r.response for r in records]), bool)
+                                   [r.response for r in records],
+                                   [r.prefill for r in records]), bool)
     refused = np.array([r.refused for r in records], bool)
     return harmful & ~refused, harmful
 
