@@ -48,9 +48,18 @@ def get_config(arg=None):
   # A short SFT phase next to pretraining, as for real aligned models: it teaches refusals and
   # the query [CLS] but leaves the pretrained harmful continuations in place, so without the
   # gate the alignment is shallow (prefill attacks work), as the paper finds. 200 SFT steps
-  # overwrote them (gate-off prefill_5 continuation 3%); 100 steps keep them (67%). λ2 = 0.3
-  # (paper: 0.1) so the query [CLS] still reaches >= 0.95 held-out accuracy in 100 steps.
+  # overwrote them (gate-off prefill_5 continuation 3%); 100 steps keep them for the [CLS]
+  # model (67%), whose response tokens read [CLS], but the no-[CLS] baseline still drifted to
+  # benign steps after short prefills (prefill 5/10/20/40: 25/38/69/56%): SFT was ~30% of all
+  # training tokens, far more than for a real model. So, as real SFT recipes do, one pretraining
+  # document is replayed per SFT pair (LM loss only; data/pipeline.py): the baseline then keeps
+  # them (100/100/100/100%, direct requests still 0%) and the [CLS] model's held-out accuracy
+  # rose (0.960 -> 0.985). 50 steps (88/94/100/100%, accuracy 0.965) or lr 3e-4
+  # (88/100/100/100%, 0.975) kept them too, but shrink the SFT updates; replay keeps them as
+  # tuned. λ2 = 0.3 (paper: 0.1) so the query [CLS] reaches >= 0.95 held-out accuracy in 100
+  # steps.
   c.sft = phase_config(steps=100, batch_size=16, cls_weight=0.3, lr=1e-3, split="sft")
+  c.sft.replay = 1.0                  # pretraining documents mixed in per SFT pair (0: none)
   c.sft.window_augmentation = True   # window [CLS] rows over response spans (METHOD.md sec. 4)
   c.sft.window = 10                   # r2: tokens per window row
 

@@ -166,6 +166,30 @@ def test_jsonl_builder(tmp_path, tok):
   assert len(pipe.segments) == 9 and pipe.batch(0)["tokens"].shape == (4, 128)
 
 
+def test_sft_replay_mixes_pretraining_documents_as_plain_lm(tmp_path, tok):
+  src = tmp_path / "src"
+  src.mkdir()
+  _write(src / "sft.jsonl", [json.dumps({"prompt": f"Question {i}?", "response": "Answer.",
+                                         "label": 0}) for i in range(3)])
+  docs = [f"document number {i}" for i in range(5)]
+  _write(src / "pretrain.jsonl", [json.dumps({"text": d, "label": 1}) for d in docs])
+  config = tiny.get_config("smoke")
+  config.data.update(source="jsonl", data_dir=str(src))
+  config.sft.window_augmentation = False
+  plain = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
+  config.sft.replay = 2.0
+  mixed = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
+  assert len(plain.segments) == 3 and len(mixed.segments) == 3 + 6
+  replayed = mixed.segments[3:]
+  texts = [tok.decode(s.tokens[s.roles == Role.RESPONSE][:-1].tolist()) for s in replayed]
+  assert set(texts) <= set(docs) and len(set(texts)) == 5  # 6 draws cycle over all 5 docs
+  for s in replayed:  # no [CLS] row, no [CLS] label; every text token is an LM target
+    assert Role.CLS not in s.roles and (s.cls_labels == -1).all() and s.lm_mask.all()
+  config.sft.replay = 0.0
+  config.pretrain.replay = 2.0  # replay is an SFT-phase option only
+  assert len(pipeline.make_pipeline(config, "pretrain", tok, CLS, str(tmp_path)).segments) == 5
+
+
 def test_jsonl_errors_name_file_and_line(tmp_path):
   def load(name, kind="sft"):
     return tfds_builders.load_records("jsonl", name, str(tmp_path / "tfds"), kind=kind,

@@ -177,6 +177,39 @@ def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: i
           for seg in _sft_segments(q, a, h, r["label"], tok, template, cls_id, window, augment)]
 
 
+def phase_records(config: ml_collections.ConfigDict, phase_name: str,
+                  workdir: str) -> list[dict]:
+  """The training records of ``config.<phase_name>`` (see ``make_pipeline``)."""
+  if phase_name not in tfds_builders.KINDS:
+    raise ValueError(f"Unknown phase {phase_name!r}: expected one of {tfds_builders.KINDS}.")
+  phase, data = config[phase_name], config.data
+  tfds_dir = os.path.join(workdir, "tfds")
+  if data.source == "demo":
+    if phase.split != phase_name:
+      raise ValueError(f"config.{phase_name}.split={phase.split!r}: the demo corpus has one "
+                       f"dataset per phase; set it to {phase_name!r}.")
+    return tfds_builders.load_records("demo", "train", data.data_dir or tfds_dir,
+                                      kind=phase_name, seed=data.seed)
+  if data.source == "real":
+    return mixtures.phase_records(config, phase_name, data.data_dir or tfds_dir)
+  if not data.data_dir:
+    raise ValueError(f"config.data.source={data.source!r} needs config.data.data_dir: the "
+                     f"folder with {phase.split}.jsonl.")
+  return tfds_builders.load_records(data.source, phase.split, tfds_dir, kind=phase_name,
+                                    jsonl_dir=data.data_dir)
+
+
+def replay_segments(records: Sequence[dict], n: int, tok: Tokenizer, seed: int) -> list[Segment]:
+  """``n`` pretraining documents (a seeded draw, cycling if ``n`` exceeds them) as plain LM
+  segments without a [CLS] row: under the SFT mask a main [CLS] reads QUERY tokens, which a
+  document has none of, so only its LM loss is replayed."""
+  if not records:
+    raise ValueError("Replay needs pretraining documents, and the pretraining data is empty.")
+  order = np.random.default_rng([seed, 1]).permutation(len(records))
+  chosen = [records[order[i % len(records)]] for i in range(n)]
+  return [without_cls(s) for s in encode_records(chosen, "pretrain", tok, cls_id=0)]
+
+
 def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer: Tokenizer,
                   cls_id: int, workdir: str) -> Pipeline:
   """The pipeline of ``config.<phase_name>`` (records: documents for "pretrain", chat pairs
@@ -187,31 +220,22 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   ``<config.data.data_dir>/<config.<phase>.split>.jsonl`` (prepared into ``WORKDIR/tfds``);
   "real" reads the published datasets named by ``config.<phase>.split`` from the user's
   copies under ``config.data.manual_dir`` (``data/real_datasets.py``, ``data/mixtures.py``).
+
+  ``config.sft.replay`` > 0 mixes ``replay`` pretraining documents per SFT example into the
+  SFT phase (``replay_segments``), as real recipes replay pretraining data during SFT.
   """
-  if phase_name not in tfds_builders.KINDS:
-    raise ValueError(f"Unknown phase {phase_name!r}: expected one of {tfds_builders.KINDS}.")
+  records = phase_records(config, phase_name, workdir)
   phase, data = config[phase_name], config.data
-  tfds_dir = os.path.join(workdir, "tfds")
-  if data.source == "demo":
-    if phase.split != phase_name:
-      raise ValueError(f"config.{phase_name}.split={phase.split!r}: the demo corpus has one "
-                       f"dataset per phase; set it to {phase_name!r}.")
-    records = tfds_builders.load_records("demo", "train", data.data_dir or tfds_dir,
-                                         kind=phase_name, seed=data.seed)
-  elif data.source == "real":
-    records = mixtures.phase_records(config, phase_name, data.data_dir or tfds_dir)
-  else:
-    if not data.data_dir:
-      raise ValueError(f"config.data.source={data.source!r} needs config.data.data_dir: the "
-                       f"folder with {phase.split}.jsonl.")
-    records = tfds_builders.load_records(data.source, phase.split, tfds_dir, kind=phase_name,
-                                         jsonl_dir=data.data_dir)
   use_cls = config.get("use_cls", True)
   augment = use_cls and bool(phase.get("window_augmentation", False))
   segments = encode_records(records, phase_name, tokenizer, cls_id,
                             get_template(data.chat_template), phase.get("window", 10), augment)
   if not use_cls:
     segments = [without_cls(s) for s in segments]
+  replay = phase.get("replay", 0.0) if phase_name == "sft" else 0.0
+  if replay > 0:
+    segments += replay_segments(phase_records(config, "pretrain", workdir),
+                                round(replay * len(records)), tokenizer, data.seed)
   return Pipeline(segments, phase.batch_size, data.seq_len, data.seed,
                   jax.process_index(), jax.process_count())
 
