@@ -163,7 +163,9 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache_k=None, cache_v=None, write_index=None):
+  def __call__(self, x, positions, mask, cache=None, layer=None, write_index=None):
+    """``cache``: None, or every layer's (k, v) [L, B, Hkv, S, Dh], updated in place at
+    (``layer``, ``write_index``) and returned; this layer attends over its slice."""
     cfg = self.cfg
     hd = cfg.dim_per_head
     q = _dense(cfg, (cfg.n_heads, hd), ("embed", "heads", "head_dim"), "q_proj", cfg.qkv_bias)(x)
@@ -178,12 +180,12 @@ class Attention(nn.Module):
     # Heads-major layout [B, Hkv, S, Dh] for keys/values (the cache's own layout), and the
     # query groups folded into the row axis: q [B, Hkv, T*G, Dh]. Both attention products are
     # then plain batched matmuls over (B, Hkv).
-    if cache_k is not None:
+    if cache is not None:
       rows = jnp.arange(b)[:, None]
       # Advanced indices split by a slice: the update is indexed [B, T, Hkv, Dh], as k, v are.
-      cache_k = cache_k.at[rows, :, write_index].set(k.astype(cache_k.dtype))
-      cache_v = cache_v.at[rows, :, write_index].set(v.astype(cache_v.dtype))
-      k, v = cache_k, cache_v
+      cache = tuple(c.at[layer, rows, :, write_index].set(n.astype(c.dtype))
+                    for c, n in zip(cache, (k, v)))
+      k, v = cache[0][layer], cache[1][layer]
     else:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     qg = q.reshape(b, t, cfg.n_kv_heads, groups, hd).transpose(0, 2, 1, 3, 4)
@@ -200,7 +202,7 @@ class Attention(nn.Module):
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
         name="o_proj")(out)
-    return out, cache_k, cache_v
+    return out, cache
 
 
 class MLP(nn.Module):
@@ -218,20 +220,24 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm decoder layer. Signature fits ``nn.scan``: (carry, per-layer cache) -> same."""
+  """Pre-norm decoder layer. Signature fits ``nn.scan``: carry (x, cache) and the layer index.
+
+  The cache (every layer's, or None) rides in the carry rather than being scanned over, so
+  each step's new keys and values are written into it in place: scanning it as a per-layer
+  input and output would rebuild the whole cache on every forward.
+  """
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, layer_cache, positions, mask, write_index):
-    cache_k, cache_v = layer_cache if layer_cache is not None else (None, None)
-    h, cache_k, cache_v = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache_k, cache_v, write_index)
+  def __call__(self, carry, layer, positions, mask, write_index):
+    x, cache = carry
+    h, cache = Attention(self.cfg, name="attn")(
+        RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache, layer, write_index)
     x = x + h
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    new_cache = (cache_k, cache_v) if layer_cache is not None else None
-    return x, new_cache
+    return (x, cache), None
 
 
 def _remat_policy(name: str):
@@ -249,9 +255,9 @@ class Transformer(nn.Module):
   write_index=None [B, T] int, lm_rows=None)`` -> ``(lm_logits [B, T', V] f32, cls_logits
   [B, T, 2] f32, cache)``. ``S`` is ``T`` without a cache and the cache length with one.
   ``cls_logits`` are computed at every position; only rows holding ``[CLS]`` are meaningful.
-  ``lm_rows`` (static): compute ``lm_logits`` for the first ``lm_rows`` query rows only
-  (``T' = lm_rows``; rows after them are e.g. [CLS] rows that need only the cls head); ``None``:
-  all rows (``T' = T``).
+  ``lm_rows`` (a ``slice`` of query rows): compute ``lm_logits`` for those rows only (``T'``
+  = their number), e.g. the decoder's token row but not its [CLS] row, or the prompt's last
+  row at prefill; ``None``: all rows (``T' = T``).
   """
 
   cfg: ModelConfig
@@ -290,30 +296,25 @@ class Transformer(nn.Module):
     return x.astype(cfg.compute_dtype)
 
   def __call__(self, tokens, positions, mask, cache: KVCache | None = None, write_index=None,
-               lm_rows: int | None = None):
+               lm_rows: slice | None = None):
     return self.forward_embedded(self.embed_tokens(tokens), positions, mask, cache, write_index,
                                  lm_rows)
 
   def forward_embedded(self, x, positions, mask, cache: KVCache | None = None,
-                       write_index=None, lm_rows: int | None = None):
+                       write_index=None, lm_rows: slice | None = None):
     """Same as ``__call__`` from input embeddings x [B, T, D] (for gradients w.r.t. inputs)."""
     cfg = self.cfg
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    layer_cache = (cache.k, cache.v) if cache is not None else None
+    carry = (x, (cache.k, cache.v) if cache is not None else None)
     if cfg.scan_layers:
-      x, new = self.layers(x, layer_cache, positions, mask, write_index)
+      carry, _ = self.layers(carry, jnp.arange(cfg.n_layers), positions, mask, write_index)
     else:
-      new_k, new_v = [], []
       for i, layer in enumerate(self.layers):
-        lc = (layer_cache[0][i], layer_cache[1][i]) if cache is not None else None
-        x, lc = layer(x, lc, positions, mask, write_index)
-        if cache is not None:
-          new_k.append(lc[0])
-          new_v.append(lc[1])
-      new = (jnp.stack(new_k), jnp.stack(new_v)) if cache is not None else None
+        carry, _ = layer(carry, i, positions, mask, write_index)
+    x, new = carry
     h = self.final_norm(x)
     head = self.embed.T if cfg.tie_embeddings else self.lm_head
-    lm_h = h if lm_rows is None else h[:, :lm_rows]
+    lm_h = h if lm_rows is None else h[:, lm_rows]
     lm_logits = jnp.einsum("btd,dv->btv", lm_h, head.astype(cfg.compute_dtype),
                            preferred_element_type=jnp.float32)
     lm_logits = nn.with_logical_constraint(lm_logits, ("act_batch", "act_length", "act_vocab"))

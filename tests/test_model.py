@@ -185,8 +185,8 @@ def test_unknown_model_field_is_named():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_lm_rows_limits_lm_logits_only(tied):
-  """lm_rows=k: lm_logits of the first k rows only, equal to the full call's; cls_logits and
-  the cache unchanged (the decoder's token + [CLS] step uses lm_rows=1)."""
+  """lm_rows=slice: lm_logits of those rows only, equal to the full call's; cls_logits and
+  the cache unchanged (the decoder's steps use the first row, its prefill the last)."""
   from safety_align.model import KVCache  # pylint: disable=g-import-not-at-top
   cfg = tiny_model_config(tie_embeddings=tied)
   params = _params(cfg)
@@ -202,9 +202,12 @@ def test_lm_rows_limits_lm_logits_only(tied):
   model = Transformer(cfg)
   lm, cls, kv = model.apply({"params": params}, tokens, positions, mask, cache, write)
   lm3, cls3, kv3 = model.apply({"params": params}, tokens, positions, mask, cache, write,
-                               lm_rows=3)
-  assert lm.shape[1] == 6 and lm3.shape[1] == 3
+                               lm_rows=slice(0, 3))
+  last, _, _ = model.apply({"params": params}, tokens, positions, mask, cache, write,
+                           lm_rows=slice(-1, None))
+  assert lm.shape[1] == 6 and lm3.shape[1] == 3 and last.shape[1] == 1
   np.testing.assert_allclose(np.asarray(lm3), np.asarray(lm[:, :3]), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(last), np.asarray(lm[:, -1:]), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(cls3), np.asarray(cls))
   np.testing.assert_array_equal(np.asarray(kv3.k), np.asarray(kv.k))
   np.testing.assert_array_equal(np.asarray(kv3.v), np.asarray(kv.v))

@@ -1,4 +1,4 @@
-"""Batched, gated decoding: one prefill pass, then one compiled ``lax.while_loop`` (METHOD.md 5).
+"""Batched, gated decoding: one prefill pass, then compiled ``lax.while_loop``s (METHOD.md 5).
 
 Prefill: ``[CLS]`` + the left-padded prompts in one forward under the SFT-phase mask (exactly
 the training mask), giving the first classification and the cache (``cache.py``).
@@ -7,10 +7,12 @@ Step ``t`` feeds response token ``t`` (forced prefill, inserted refusal, or samp
 the logits of token ``t + 1``. When some row re-evaluates at this step (``gate.py``), the same
 forward carries a second query row, ``[CLS]`` restricted to that row's window; it writes the
 ``[CLS]`` slot of re-evaluating rows (so token ``t`` and all later tokens read the new signal)
-and the scratch slot of the others. ``lax.cond`` picks the one-row or the two-row forward, so a
-step without re-evaluation costs what the plain decoder's step costs. The loop stops when every
-row has hit EOS, its budget (forced tokens + ``max_new_tokens``) or, at ``high`` reliance, the
-end of the refusal prefix.
+and the scratch slot of the others. The loop is two nested loops rather than one loop with a
+``lax.cond`` between the two forwards: the outer one takes a two-row step, then the inner one
+takes plain one-row steps until some row is due again (a conditional would copy the whole KV
+cache in and out of its branches on every step). So a step without re-evaluation runs exactly
+the plain decoder's step. The loop stops when every row has hit EOS, its budget (forced
+tokens + ``max_new_tokens``) or, at ``high`` reliance, the end of the refusal prefix.
 
 Programs compile per (batch, prompt, response) power-of-two bucket, gate on/off, refusal
 length and sampler kind (greedy or not); gate settings and schedules, sampler settings and
@@ -181,10 +183,10 @@ def _prefill(cfg: ModelConfig, params, tokens, roles, lengths, s_len: int, with_
   write = jnp.broadcast_to(jnp.arange(t), (b, t))
   lm, cls, kv = Transformer(cfg).apply(
       {"params": params}, toks, positions, jnp.pad(mask, ((0, 0), (0, 0), (0, s_len - t))),
-      KVCache.zeros(cfg, b, s_len), write)
+      KVCache.zeros(cfg, b, s_len), write, lm_rows=slice(-1, None))
   pad = ((0, 0), (0, s_len - t))
   cache = Cache(kv=kv, roles=jnp.pad(rls, pad), positions=jnp.pad(positions, pad))
-  return cache, lm[:, -1], jax.nn.softmax(cls[:, CLS_SLOT])[:, 1]
+  return cache, lm[:, 0], jax.nn.softmax(cls[:, CLS_SLOT])[:, 1]
 
 
 def _token_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot):
@@ -200,7 +202,7 @@ def _token_cls_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot, 
                     sees_query, lo, hi):
   """The token row and a window [CLS] row in one forward: (logits [B, V], P(malicious) [B],
   K/V, [CLS] positions [B]). Rows not ``due`` write their [CLS] row to the scratch slot. Row 0
-  is the token, row 1 the [CLS]: only row 0 goes through the LM head (``lm_rows=1``)."""
+  is the token, row 1 the [CLS]: only row 0 goes through the LM head (``lm_rows``)."""
   b = token.shape[0]
   self_slot = jnp.where(due, CLS_SLOT, SCRATCH_SLOT)
   cls_mask, cls_pos = window_mask(cache, sees_query, lo, hi, self_slot)
@@ -209,7 +211,7 @@ def _token_cls_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot, 
       jnp.stack([token, jnp.full((b,), cfg.cls_id, jnp.int32)], axis=1),
       jnp.stack([q_pos, cls_pos], axis=1),
       jnp.stack([response_mask(cache, q_pos), cls_mask], axis=1),
-      cache.kv, jnp.stack([jnp.full((b,), slot), self_slot], axis=1), lm_rows=1)
+      cache.kv, jnp.stack([jnp.full((b,), slot), self_slot], axis=1), lm_rows=slice(0, 1))
   return lm[:, 0], jax.nn.softmax(cls[:, 1])[:, 1], kv, cls_pos
 
 
@@ -246,51 +248,60 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
       logits=jnp.zeros((b, n_max, lm.shape[-1]), jnp.float32).at[:, 0].set(lm)
       if return_logits else None)
 
-  def body(st: LoopState) -> LoopState:
-    t = st.step
-    n = t + 1
+  def step_inputs(st: LoopState):
+    """Response index n of the token to choose, active rows, slot and position of the token
+    fed, and the cache with that slot's role and position set."""
     active = ~st.done
-    slot = PROMPT_SLOT + p + t
-    q_pos = lengths + t
+    slot = PROMPT_SLOT + p + st.step
+    q_pos = lengths + st.step
     cache = st.cache.set_keys(slot, jnp.where(active, Role.RESPONSE, Role.PAD), q_pos)
-    gstate, probs, eval_steps, n_evals = st.gate, st.probs, st.eval_steps, st.n_evals
-    if with_cls:
-      due = gate_lib.due(gate, gstate, n, active)
-      sees_query, lo, hi = gate_lib.window(gate, gstate, n)
+    return st.step + 1, active, slot, q_pos, cache
 
-      def token_and_cls(kv):
-        return _token_cls_step(cfg, params, cache.replace(kv=kv), st.token, q_pos, slot, due,
-                               sees_query, lo + lengths, hi + lengths)
-
-      def token_only(kv):
-        lm, kv = _token_step(cfg, params, cache.replace(kv=kv), st.token, q_pos, slot)
-        return lm, jnp.zeros((b,), jnp.float32), kv, cache.positions[:, CLS_SLOT]
-
-      lm, prob, kv, cls_pos = jax.lax.cond(jnp.any(due), token_and_cls, token_only, cache.kv)
-      cache = cache.replace(kv=kv, positions=cache.positions.at[:, CLS_SLOT].set(
-          jnp.where(due, cls_pos, cache.positions[:, CLS_SLOT])))
-      gstate = gate_lib.update(gate, gstate, due, prob, n)
-      k = jnp.minimum(n_evals, n_max)
-      probs = probs.at[rows, k].set(jnp.where(due, prob, probs[rows, k]))
-      eval_steps = eval_steps.at[rows, k].set(jnp.where(due, n, eval_steps[rows, k]))
-      n_evals = n_evals + due
-    else:
-      lm, kv = _token_step(cfg, params, cache, st.token, q_pos, slot)
-      cache = cache.replace(kv=kv)
-    token, eos, finished, gstate = choose(gstate, lm, n, active)
+  def advance(st: LoopState, n, active, cache, lm, **evals) -> LoopState:
+    """Choose token n from the logits ``lm`` and record it."""
+    token, eos, finished, gstate = choose(evals.pop("gate", st.gate), lm, n, active)
     write = active & ~eos
     return st.replace(
         step=n, cache=cache, token=token,
         done=st.done | (active & (eos | finished | (n + 1 >= budget))),
         tokens=st.tokens.at[:, n].set(jnp.where(write, token, st.tokens[:, n])),
-        length=jnp.where(write, n + 1, st.length), gate=gstate, probs=probs,
-        eval_steps=eval_steps, n_evals=n_evals,
-        logits=st.logits.at[:, n].set(lm) if return_logits else None)
+        length=jnp.where(write, n + 1, st.length), gate=gstate,
+        logits=st.logits.at[:, n].set(lm) if return_logits else None, **evals)
 
-  def cond(st: LoopState):
+  def token_step(st: LoopState) -> LoopState:
+    n, active, slot, q_pos, cache = step_inputs(st)
+    lm, kv = _token_step(cfg, params, cache, st.token, q_pos, slot)
+    return advance(st, n, active, cache.replace(kv=kv), lm)
+
+  def token_cls_step(st: LoopState) -> LoopState:
+    """A step with the [CLS] row: rows due re-evaluate, the others write the scratch slot."""
+    n, active, slot, q_pos, cache = step_inputs(st)
+    due = gate_lib.due(gate, st.gate, n, active)
+    sees_query, lo, hi = gate_lib.window(gate, st.gate, n)
+    lm, prob, kv, cls_pos = _token_cls_step(cfg, params, cache, st.token, q_pos, slot, due,
+                                            sees_query, lo + lengths, hi + lengths)
+    cache = cache.replace(kv=kv, positions=cache.positions.at[:, CLS_SLOT].set(
+        jnp.where(due, cls_pos, cache.positions[:, CLS_SLOT])))
+    k = jnp.minimum(st.n_evals, n_max)
+    return advance(
+        st, n, active, cache, lm, gate=gate_lib.update(gate, st.gate, due, prob, n),
+        probs=st.probs.at[rows, k].set(jnp.where(due, prob, st.probs[rows, k])),
+        eval_steps=st.eval_steps.at[rows, k].set(jnp.where(due, n, st.eval_steps[rows, k])),
+        n_evals=st.n_evals + due)
+
+  def running(st: LoopState):
     return (st.step < n_max - 1) & ~jnp.all(st.done)
 
-  st = jax.lax.while_loop(cond, body, state)
+  if with_cls:
+    def due_next(st: LoopState):
+      return jnp.any(gate_lib.due(gate, st.gate, st.step + 1, ~st.done))
+
+    def token_steps_until_due(st: LoopState) -> LoopState:
+      return jax.lax.while_loop(lambda s: running(s) & ~due_next(s), token_step, st)
+
+    st = jax.lax.while_loop(running, lambda s: token_steps_until_due(token_cls_step(s)), state)
+  else:
+    st = jax.lax.while_loop(running, token_step, state)
   return dict(tokens=st.tokens, lengths=st.length, refusal_step=st.gate.refusal_step,
               cls_probs=st.probs, cls_steps=st.eval_steps, n_evals=st.n_evals,
               logits=st.logits)
