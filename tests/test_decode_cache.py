@@ -2,6 +2,7 @@
 inference consistency), a [CLS] re-evaluation overwriting slot 0, batch independence, errors."""
 
 import functools
+import re
 
 import flax.linen as nn
 import jax
@@ -65,7 +66,7 @@ def _close(a, b, tol=1e-5):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_cached_logits_match_full_forward(scan):
-  cfg = tiny_model_config(scan_layers=scan)
+  cfg = tiny_model_config(scan_layers=scan, n_layers=3)
   params = _params(cfg)
   dec = Decoder(cfg)
   out = dec(params, Prompts.from_pieces([_pieces(q) for q in QUERIES]), max_new_tokens=12,
@@ -177,3 +178,34 @@ def test_errors(setup):
         gate=GateConfig())
   with pytest.raises(ValueError, match="max_new_tokens"):
     dec(params, Prompts.from_pieces([_pieces(QUERIES[0])]), max_new_tokens=0, gate=OFF)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("schedule", ["off", "annealing"])
+def test_loop_never_copies_the_cache(monkeypatch, schedule, scan):
+  """The compiled decode updates the KV cache in place: no full-cache copy anywhere but the
+  entry computation (where the zero cache is made). A layer scan over the cache as input and
+  output, or a lax.cond between the one- and two-row steps, adds copies on every step."""
+  from safety_align.decode import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config(scan_layers=scan, n_layers=3)
+  params, decoder = _params(cfg), Decoder(cfg, eos_ids=[EOS], max_length=64)
+  lowered = []
+  jitted = decoder_lib._decode  # pylint: disable=protected-access
+
+  def spy(*args, **kwargs):
+    lowered.append(jitted.lower(*args, **kwargs))
+    return jitted(*args, **kwargs)
+  monkeypatch.setattr(decoder_lib, "_decode", spy)
+  decoder(params, Prompts.from_pieces([_pieces(q) for q in QUERIES]), max_new_tokens=8,
+          gate=GateConfig(schedule=schedule), refusal_ids=REFUSAL, newline_ids=NEWLINE)
+  hlo = lowered[0].compile().as_text()
+  # [L, B, Hkv, S, Dh] with B = 2 prompts and S >= prompts + 8 response slots
+  shape = re.search(r"f32\[(%d,2,%d,\d\d+,%d)\]" % (cfg.n_layers, cfg.n_kv_heads,
+                                                      cfg.dim_per_head), hlo).group(1)
+  computation, copies = None, []
+  for line in hlo.splitlines():
+    if line and not line.startswith(" "):
+      computation = line.split(" ")[0]
+    elif re.search(r"= f32\[%s\]\S* copy\(" % shape, line):
+      copies.append(computation)
+  assert all(c == "ENTRY" for c in copies), copies
