@@ -143,7 +143,8 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
   res = dict(model=w.name, batch=b, new_tokens=new_tokens, times_s=times,
              first_call_s=first,
              evaluations_per_row={s: int(outputs[s].n_evals[0]) for s in schedules},
-             tokens_per_s={k: b * new_tokens / t for k, t in times.items()})
+             tokens_per_s={k: b * new_tokens / t for k, t in times.items()},
+             step_flops=step_flops(w.cfg, int(w.prompts.lengths.max()) + new_tokens))
   if hf_model is not None:
     hf_tokens = outputs["hf"]
     if hf_tokens.shape != (b, new_tokens):
@@ -164,3 +165,16 @@ def model_info(w: Workload) -> dict:
   return dict(vocab_size=c.vocab_size, d_model=c.d_model, n_layers=c.n_layers,
               n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_ff=c.d_ff,
               params=count_params(w.params), dtype=c.dtype)
+
+
+def step_flops(cfg: ModelConfig, context: int) -> dict:
+  """Model FLOPs per row of a decode step over ``context`` keys: a token row (layers + LM
+  head) and a [CLS] row (layers only: it skips the LM head). ``ratio``, (token + [CLS]) /
+  token, bounds the ``every`` overhead from below (ratio - 1) wherever decoding is
+  compute-bound rather than weight-bandwidth-bound."""
+  d, hd = cfg.d_model, cfg.dim_per_head
+  per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.d_ff
+  layers = cfg.n_layers * (2 * per_layer + 4 * context * cfg.n_heads * hd)
+  head = 2 * d * cfg.vocab_size
+  return dict(token_row=layers + head, cls_row=layers,
+              ratio=(2 * layers + head) / (layers + head))

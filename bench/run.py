@@ -96,7 +96,11 @@ def run_decode(names, s, demo, big_cfg, big_params, big_hf, device):
                                      for c in cases if sched in c["times_s"]},
                     evaluations_per_row={f"{c['model']}_b{c['batch']}":
                                          c["evaluations_per_row"][sched]
-                                         for c in cases if sched in c["times_s"]}),
+                                         for c in cases if sched in c["times_s"]},
+                    # model FLOPs of a token + [CLS] step over a token step: where decoding
+                    # is compute-bound, `every` costs at least this ratio minus 1.
+                    step_flops_ratio={f"{c['model']}_b{c['batch']}": c["step_flops"]["ratio"]
+                                      for c in cases if sched in c["times_s"]}),
         ratio=max(per_case.values()), target=TARGETS[name], higher_is_better=False,
         device=device)
   for name, ours in (("decode_vs_hf", "off"), ("decode_gate_on_vs_hf", "annealing")):
