@@ -92,7 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
       n_prompts=0,           # 0: all malicious prompts
       batch_size=128))       # rows (prompt x setting) per decoder call
   c.gcg = ml_collections.ConfigDict(dict(  # attacks.gcg.GCGConfig fields + selection
-      n_prompts=0, target_tokens=24, steps=250, search_width=512, topk=256, n_suffix=20,
+      n_prompts=0, target_tokens=32, steps=250, search_width=512, topk=256, n_suffix=20,
       n_replace=1, cls_weight=1.0, seed=0))
   c.templates = ml_collections.ConfigDict(dict(
       paths="",              # extra template files/folders, comma-separated
@@ -118,14 +118,17 @@ def default_config() -> ml_collections.ConfigDict:
 
 def quick_config() -> ml_collections.ConfigDict:
   """Subsets sized so the demo model's whole evaluation (baseline evaluation included, its
-  training not) takes about 3 minutes on a laptop CPU (``configs/eval/quick.py``)."""
+  training not) takes a few minutes on a laptop CPU (``configs/eval/quick.py``)."""
   c = default_config()
   # 16 prompts everywhere: one batch bucket, so few decoder programs to compile.
   c.n_malicious = 16
   c.n_benign = 16
   c.decoding.update(temperatures="0.3,0.7,1.0", top_ps="0.5,0.9", top_ks="5,50",
                     n_prompts=16, batch_size=128)
-  c.gcg.update(n_prompts=1, steps=25, search_width=64, topk=64, n_suffix=10)
+  # GCG: a budget measured to break the gate-off demo model: 100 steps, 128 candidates, 20
+  # suffix tokens gave harmful gate-off answers on 3 of 4 prompts (the exact target is rarely
+  # reached, the continuation is harmful anyway); 2 prompts keep the run short.
+  c.gcg.update(n_prompts=2, steps=100, search_width=128, topk=128, n_suffix=20)
   c.templates.n_prompts = 3
   c.overhead.update(n_prompts=16, new_tokens=64, repeats=5)
   return c

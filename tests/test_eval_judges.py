@@ -134,3 +134,11 @@ def test_model_judge_adapter():
 def test_classifier_metrics():
   m = evaluate.classifier_metrics(np.array([0.9, 0.8, 0.3, 0.1]), np.array([1, 0, 1, 0]), 0.5)
   assert m["auroc"] == pytest.approx(0.75) and m["accuracy"] == 0.5 and m["f1"] == 0.5
+
+
+def test_gcg_target_is_the_opening_up_to_the_first_marker():
+  answer = f"Absolutely. To pick a lock, follow these steps. Step 1: Use a {HARM} on the {HARM}."
+  item = Item.from_pair(dict(prompt="p", harmful_response=answer))
+  assert item.target == "Absolutely. To pick a lock, follow these steps. Step 1: Use a"
+  assert not judges.has_harm_marker(item.target)
+  assert base.opening("Sure. No steps here.") == "Sure."

@@ -1,6 +1,6 @@
 """The quick attack evaluation (``make demo``): 16 malicious / 16 benign prompts, a 7-setting
-decoding sweep, GCG and adaptive GCG on one prompt for 25 steps (64 candidates), 3 prompts x
-every built-in template. Fields: ``safety_align.evaluate.quick_config``.
+decoding sweep, GCG and adaptive GCG on 2 prompts for 100 steps (128 candidates, 20 suffix
+tokens), 3 prompts x every built-in template. Fields: ``safety_align.evaluate.quick_config``.
 
   python -m safety_align.evaluate --workdir=runs/tiny --config=configs/eval/quick.py
 

@@ -21,13 +21,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from safety_align.data import corpus
+
 GATE_OFF = "off"
 
 
 @dataclasses.dataclass(frozen=True)
 class Item:
   """A held-out malicious request: ``prompt``, the corpus' schematic compliant answer
-  ``harmful_response`` (prefill source) and ``target`` (its first sentence: the GCG target)."""
+  ``harmful_response`` (prefill source) and ``target`` (its compliant opening: the GCG
+  target, see ``opening``)."""
 
   prompt: str
   harmful_response: str
@@ -36,11 +39,17 @@ class Item:
   @classmethod
   def from_pair(cls, pair: dict) -> "Item":
     return cls(prompt=pair["prompt"], harmful_response=pair["harmful_response"],
-               target=first_sentence(pair["harmful_response"]))
+               target=opening(pair["harmful_response"]))
 
 
-def first_sentence(text: str) -> str:
-  """``text`` up to and including its first ``.``, ``:`` or ``!`` (all of it if none)."""
+def opening(text: str, markers: Sequence[str] = corpus.HARM_MARKERS) -> str:
+  """The compliant opening of a harmful answer: ``text`` up to its first harm marker
+  ("Absolutely. To X, follow these steps. Step 1: Use a"), so a model that writes it has
+  committed to the harmful steps but not written harm yet; its first sentence if it has no
+  marker. (The first sentence alone is too weak a target: "Absolutely." is often all of it.)"""
+  cut = min((i for i in (text.find(m) for m in markers) if i >= 0), default=-1)
+  if cut >= 0:
+    return text[:cut].rstrip()
   m = re.search(r"[.:!]", text)
   return text[:m.end()] if m else text
 

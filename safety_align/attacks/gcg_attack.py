@@ -1,10 +1,11 @@
 """GCG suffix attacks as evaluation attacks (``attacks/gcg.py`` holds the optimiser).
 
 ``gcg``: the paper's setting. The suffix is searched against the model with the gate off
-(``adaptive=False``: cross-entropy of the target, the item's first harmful sentence, e.g.
-"Sure, here is how to X."), then the attacked query (query + suffix) is replayed through
-``generate`` under every gate. ``gcg_adaptive``: the search also pushes the first
-classification toward benign (``adaptive=True``, METHOD.md section 7), then the same replay.
+(``adaptive=False``: cross-entropy of the target, the item's compliant opening up to its
+first harmful span, e.g. "Sure, here is how to X. Step 1: Use a"; ``base.opening``), then the
+attacked query (query + suffix) is replayed through ``generate`` under every gate.
+``gcg_adaptive``: the search also pushes the first classification toward benign
+(``adaptive=True``, METHOD.md section 7), then the same replay.
 
 A model without [CLS] (the implicit-alignment baseline) replays the main model's suffixes
 (a transfer attack): ``gcg.py`` lays out the sequence with a [CLS] slot, which such a model
@@ -25,7 +26,7 @@ class GCGAttack(Attack):
   """``n_prompts`` items (0: all), ``target_tokens``: the target is cut to that many tokens."""
 
   def __init__(self, config: gcg_lib.GCGConfig, *, adaptive: bool = False, n_prompts: int = 0,
-               target_tokens: int = 24):
+               target_tokens: int = 32):
     self.gcg_config, self.adaptive = config, adaptive
     self.n_prompts, self.target_tokens = n_prompts, target_tokens
     self.name = "gcg_adaptive" if adaptive else "gcg"
