@@ -175,7 +175,7 @@ def test_sft_replay_mixes_pretraining_documents_as_plain_lm(tmp_path, tok):
   _write(src / "pretrain.jsonl", [json.dumps({"text": d, "label": 1}) for d in docs])
   config = tiny.get_config("smoke")
   config.data.update(source="jsonl", data_dir=str(src))
-  config.sft.window_augmentation = False
+  config.sft.update(window_augmentation=False, replay=0.0)
   plain = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
   config.sft.replay = 2.0
   mixed = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
