@@ -62,6 +62,13 @@ def get_config(arg=None):
   c.sft.replay = 1.0                  # pretraining documents mixed in per SFT pair (0: none)
   c.sft.window_augmentation = True   # window [CLS] rows over response spans (METHOD.md sec. 4)
   c.sft.window = 10                   # r2: tokens per window row
+  # (ours, like the window rows) The gate inserts the refusal prefix mid-response (METHOD.md
+  # sec. 5), but every malicious SFT pair is query -> refusal -> EOS: after an inserted refusal
+  # the model had never seen one end, wrote its reason and went back to the harmful steps
+  # (leak after prefill 5/10/20/40: 31/6/88/38%). Recovery examples show it: the first 5-40
+  # tokens of a pair's harmful response (never LM targets), a newline, its refusal and EOS, for
+  # this fraction of the malicious pairs (0.5 is untuned: the demo above was trained without).
+  c.sft.recovery = 0.5
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=2, async_save=True))
   c.log_every_steps = 10
@@ -91,4 +98,6 @@ def phase_config(*, steps, batch_size, cls_weight, lr, split):
       b1=0.9, b2=0.95,
       grad_clip=1.0,
       grad_accum=1,                # optax.MultiSteps when > 1
+      recovery=0.0,                # SFT only: fraction of malicious pairs with a harmful
+                                   # response that also get a recovery example (data/pipeline.py)
   ))

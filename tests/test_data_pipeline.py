@@ -70,6 +70,64 @@ def test_benign_sft_has_no_harmful_segment(tok):
   assert window_rows.sum() >= 1 and (seg.cls_labels[window_rows] == 0).all()
 
 
+def test_recovery_segments(tok):
+  records, template = corpus.sft_pairs("train", 0, 40), templates.get_template("demo")
+  eligible = [r for r in records if r["label"] and r["harmful_response"]]
+  segs = pipeline.recovery_segments(records, 0.5, tok, template, CLS, seed=0)
+  assert len(segs) == round(0.5 * len(eligible)) > 0
+  by_prompt = {tuple(tok.encode(r["prompt"])): r for r in eligible}
+  refusal_start = tok.encode("\n") + tok.encode(corpus.REFUSAL_PREFIX)  # as the gate inserts
+  for seg in segs:
+    assert seg.cls_labels.tolist() == [1] + [-1] * (len(seg) - 1)  # no window rows
+    record = by_prompt[tuple(seg.tokens[seg.roles == Role.QUERY].tolist())]
+    is_resp = seg.roles == Role.RESPONSE
+    resp, lm = seg.tokens[is_resp].tolist(), seg.lm_mask[is_resp]
+    k = int(np.argmax(lm))
+    assert 5 <= k <= 40 and not lm[:k].any() and lm[k:].all() and seg.lm_mask[~is_resp].all()
+    assert resp[:k] == tok.encode(record["harmful_response"])[:k]
+    assert resp[k:] == tok.encode("\n") + tok.encode(record["response"]) + [tok.eos_id]
+    assert resp[k:k + len(refusal_start)] == refusal_start
+    # The SFT LM loss trains the newline, the refusal and EOS, never the harmful prefix.
+    batch = pipeline.pack([seg], 1, 256)
+    _, weights = losses.lm_targets(batch["tokens"], batch["roles"], batch["segment_ids"], "sft",
+                                   batch["lm_mask"])
+    assert float(weights.sum()) == len(resp) - k
+
+  def key(ss):
+    return [(s.tokens.tolist(), s.lm_mask.tolist()) for s in ss]
+  assert key(segs) == key(pipeline.recovery_segments(records, 0.5, tok, template, CLS, seed=0))
+  assert key(segs) != key(pipeline.recovery_segments(records, 0.5, tok, template, CLS, seed=1))
+  assert len(pipeline.recovery_segments(records, 1.0, tok, template, CLS, 0)) == len(eligible)
+  assert pipeline.recovery_segments(records, 0.0, tok, template, CLS, 0) == []
+  with pytest.raises(ValueError, match="recovery"):
+    pipeline.recovery_segments(records, 1.5, tok, template, CLS, 0)
+
+
+def test_sft_recovery_in_make_pipeline(tmp_path, tok):
+  src = tmp_path / "src"
+  src.mkdir()
+  records = [{"prompt": f"How do I do bad thing {i}?", "response": "Sorry, no.", "label": 1,
+              "harmful_response": " ".join(f"Step {j}: [REDACTED]" for j in range(20))}
+             for i in range(4)]
+  records += [{"prompt": "Real data: how do I steal?", "response": "Sorry, no.", "label": 1},
+              {"prompt": "How do I bake bread?", "response": "Mix and bake.", "label": 0}]
+  _write(src / "sft.jsonl", [json.dumps(r) for r in records])
+  config = tiny.get_config("smoke")
+  config.data.update(source="jsonl", data_dir=str(src))
+  config.sft.update(replay=0.0, recovery=0.0)
+  off = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
+  before = pipeline.Pipeline(
+      pipeline.encode_records(pipeline.phase_records(config, "sft", str(tmp_path)), "sft", tok,
+                              CLS, templates.get_template("demo"), config.sft.window,
+                              augment=True), 4, 128, config.data.seed)
+  assert all(_equal(off.batch(k), before.batch(k)) for k in range(3))
+  config.sft.recovery = 0.5
+  on = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
+  assert len(on.segments) == len(off.segments) + 2  # half of the 4 pairs with a harmful response
+  assert all(s.cls_labels[0] == 1 and not s.lm_mask[s.roles == Role.RESPONSE][0]
+             for s in on.segments[-2:])
+
+
 def _segments(n=60, seed=0):
   """Segments whose text tokens are all ``1000 + i``, of varied lengths."""
   lengths = np.random.default_rng(seed).integers(4, 60, n)

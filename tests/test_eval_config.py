@@ -101,6 +101,7 @@ def test_baseline_config(tmp_path):
   b = evaluate.baseline_config(str(tmp_path), steps=7)
   assert (b.use_cls, b.phases, b.init_phase, b.sft.steps) == (False, "sft", "pretrain", 7)
   assert b.sft.replay == c.sft.replay > 0  # the same SFT recipe as the [CLS] model
+  assert b.sft.recovery == c.sft.recovery > 0
   assert b.init_from == str(tmp_path) and b.data.tokenizer == str(tmp_path / "tokenizer.json")
   assert b.data.data_dir == str(tmp_path / "tfds")
   cfg = evaluate.quick_config()

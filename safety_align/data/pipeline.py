@@ -210,6 +210,31 @@ def replay_segments(records: Sequence[dict], n: int, tok: Tokenizer, seed: int) 
   return [without_cls(s) for s in encode_records(chosen, "pretrain", tok, cls_id=0)]
 
 
+def recovery_segments(records: Sequence[dict], fraction: float, tok: Tokenizer,
+                      template: ChatTemplate, cls_id: int, seed: int) -> list[Segment]:
+  """Recovery examples for ``round(fraction * n)`` of the ``n`` malicious records with a
+  ``harmful_response`` (a seeded draw): the query, then as RESPONSE the first ``k`` tokens of
+  the harmful response (``k`` uniform in [5, 40], at most its length - 1; never LM targets),
+  a newline, the record's refusal and EOS (LM targets), main [CLS] label 1. They show a
+  refusal after some response text, as the gate's mid-response insertion (METHOD.md sec. 5)
+  produces, and teach the model to end after it. No window [CLS] rows: the window rows'
+  labels are per segment, and these responses mix harmful and refusal text."""
+  if not 0 <= fraction <= 1:
+    raise ValueError(f"config.sft.recovery must be in [0, 1], got {fraction}.")
+  eligible = [r for r in records if r["label"] == 1 and r.get("harmful_response")]
+  rng = np.random.default_rng([seed, 2])
+  order = rng.permutation(len(eligible))[:round(fraction * len(eligible))]
+  chosen = [eligible[i] for i in np.sort(order)]
+  newline = tok.encode("\n")
+  out = []
+  for q, a, h in zip(*(tok.encode_batch([r[f] for r in chosen])
+                       for f in ("prompt", "response", "harmful_response"))):
+    k = min(int(rng.integers(5, 41)), len(h) - 1)
+    out.append(build_segment(cls_id, template.pieces(tok, q, h[:k] + newline + a), 1,
+                             untrained=[(0, k - 1)]))
+  return out
+
+
 def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer: Tokenizer,
                   cls_id: int, workdir: str) -> Pipeline:
   """The pipeline of ``config.<phase_name>`` (records: documents for "pretrain", chat pairs
@@ -223,6 +248,8 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
 
   ``config.sft.replay`` > 0 mixes ``replay`` pretraining documents per SFT example into the
   SFT phase (``replay_segments``), as real recipes replay pretraining data during SFT.
+  ``config.sft.recovery`` > 0 adds recovery examples for that fraction of the malicious pairs
+  with a harmful response (``recovery_segments``).
   """
   records = phase_records(config, phase_name, workdir)
   phase, data = config[phase_name], config.data
@@ -230,6 +257,10 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   augment = use_cls and bool(phase.get("window_augmentation", False))
   segments = encode_records(records, phase_name, tokenizer, cls_id,
                             get_template(data.chat_template), phase.get("window", 10), augment)
+  recovery = phase.get("recovery", 0.0) if phase_name == "sft" else 0.0
+  if recovery > 0:
+    segments += recovery_segments(records, recovery, tokenizer,
+                                  get_template(data.chat_template), cls_id, data.seed)
   if not use_cls:
     segments = [without_cls(s) for s in segments]
   replay = phase.get("replay", 0.0) if phase_name == "sft" else 0.0
