@@ -106,7 +106,7 @@ def default_config() -> ml_collections.ConfigDict:
       model_mode="classify",  # "classify" ([CLS] of the conversation) | "generate"
       model_threshold=0.5))
   c.overhead = ml_collections.ConfigDict(dict(  # n_prompts=0: no timing
-      n_prompts=16, new_tokens=128, repeats=5, schedules="first,periodic,every,annealing"))
+      n_prompts=16, new_tokens=128, repeats=15, schedules="first,periodic,every,annealing"))
   c.baseline_workdir = ""    # implicit-alignment baseline (trained with use_cls=False)
   c.train_baseline = True    # if baseline_workdir is "": train one into DIR/baseline_no_cls
   c.baseline_steps = 0       # its SFT steps (0: as the main run's)
@@ -130,7 +130,7 @@ def quick_config() -> ml_collections.ConfigDict:
   # reached, the continuation is harmful anyway); 2 prompts keep the run short.
   c.gcg.update(n_prompts=2, steps=100, search_width=128, topk=128, n_suffix=20)
   c.templates.n_prompts = 3
-  c.overhead.update(n_prompts=16, new_tokens=64, repeats=5)
+  c.overhead.update(n_prompts=16, new_tokens=64, repeats=15)
   return c
 
 
