@@ -67,7 +67,9 @@ def get_config(arg=None):
   # the model had never seen one end, wrote its reason and went back to the harmful steps
   # (leak after prefill 5/10/20/40: 31/6/88/38%). Recovery examples show it: the first 5-40
   # tokens of a pair's harmful response (never LM targets), a newline, its refusal and EOS, for
-  # this fraction of the malicious pairs (0.5 is untuned: the demo above was trained without).
+  # this fraction of the malicious pairs. With 0.5 (SFT retrained from the same pretraining
+  # checkpoint) the leak fell to 0/0/0/0%; the same recipe deepens the no-[CLS] baseline a
+  # little (prefill 5/10 100/100% -> 50/62%), as Qi et al.'s augmentation does.
   c.sft.recovery = 0.5
 
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=2, async_save=True))
