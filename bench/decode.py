@@ -16,6 +16,8 @@ import dataclasses
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bench import common
@@ -178,3 +180,20 @@ def step_flops(cfg: ModelConfig, context: int) -> dict:
   head = 2 * d * cfg.vocab_size
   return dict(token_row=layers + head, cls_row=layers,
               ratio=(2 * layers + head) / (layers + head))
+
+
+def read_bandwidth(reps: int = 5, mib: int = 512) -> float:
+  """Best bytes/s of a jitted reduction over an f32 array larger than any cache: the rate at
+  which a decode step can stream weights that it reads once."""
+  x = jnp.ones((mib * 2 ** 18,), jnp.float32)
+  f = jax.jit(jnp.sum)
+  times = common.interleaved({"read": lambda: f(x).block_until_ready()}, reps)
+  return x.nbytes / times["read"]
+
+
+def weight_bytes(cfg: ModelConfig) -> int:
+  """Bytes of the weights one decode step reads in full: every layer and the LM head (the
+  input embedding is a gather of B rows)."""
+  d, hd = cfg.d_model, cfg.dim_per_head
+  per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.d_ff
+  return 4 * (cfg.n_layers * per_layer + d * cfg.vocab_size)

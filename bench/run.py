@@ -50,8 +50,8 @@ def settings(quick: bool) -> dict:
                 big_reps={1: 1, 4: 1}, big_hf_reps={1: 0, 4: 0},
                 big_schedules=("every", "annealing"), train_batch=2, train_seq=64,
                 train_reps=1, gcg_steps=1, gcg_reps=1, gcg_width=64, gcg_topk=32)
-  return dict(new_tokens=128, demo_batches=(1, 16), demo_reps=3, big_batches=(1, 16),
-              big_reps={1: 2, 16: 2}, big_hf_reps={1: 1, 16: 0},
+  return dict(new_tokens=128, demo_batches=(1, 16), demo_reps=15, big_batches=(1, 16),
+              big_reps={1: 5, 16: 4}, big_hf_reps={1: 3, 16: 2},
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
               train_reps=2, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256)
 
@@ -80,6 +80,10 @@ def run_decode(names, s, demo, big_cfg, big_params, big_hf, device):
                      models=dict(demo=decode.model_info(decode.demo_workload(demo, 1)) | dict(
                          source=demo.source), m100=big_info),
                      threads=common.n_threads(), timing="interleaved best-of-N")
+  bandwidth = decode.read_bandwidth()
+  floor_ms = {k: 1e3 * decode.weight_bytes(cfg) / bandwidth
+              for k, cfg in (("demo", demo.cfg), ("m100", big_cfg))}
+  progress(f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
   out = {}
   for sched in decode.SCHEDULES:
     name = f"gate_overhead_{sched}"
@@ -119,7 +123,14 @@ def run_decode(names, s, demo, big_cfg, big_params, big_hf, device):
                                   for c in cases},
                     greedy_agreement_gate_off_vs_hf={
                         f"{c['model']}_b{c['batch']}": c["greedy_agreement_off_vs_hf"]
-                        for c in cases}),
+                        for c in cases},
+                    # A step reads every weight once: at the measured read bandwidth that
+                    # takes floor ms, whatever the implementation (ours and HF alike).
+                    read_bandwidth_gb_s=bandwidth / 1e9,
+                    weight_read_floor_ms_per_step=floor_ms,
+                    ms_per_step={f"{c['model']}_b{c['batch']}": dict(
+                        ours=1e3 * c["times_s"][ours] / c["new_tokens"],
+                        hf=1e3 * c["times_s"]["hf"] / c["new_tokens"]) for c in cases}),
         ratio=min(big), target=TARGETS[name], higher_is_better=True, device=device)
   return out, cases
 
