@@ -8,8 +8,9 @@ the logits of token ``t + 1``. When some row re-evaluates at this step (``gate.p
 forward carries a second query row, ``[CLS]`` restricted to that row's window; it writes the
 ``[CLS]`` slot of re-evaluating rows (so token ``t`` and all later tokens read the new signal)
 and the scratch slot of the others. The loop is two nested loops rather than one loop with a
-``lax.cond`` between the two forwards: the outer one takes a two-row step, then the inner one
-takes plain one-row steps until some row is due again (a conditional would copy the whole KV
+``lax.cond`` between the two forwards: the outer one takes a two-row step (at step 1 even when
+no row is due: its [CLS] row then only writes the scratch slot), then the inner one takes plain
+one-row steps until some row is due again (a conditional would copy the whole KV
 cache in and out of its branches on every step). So a step without re-evaluation runs exactly
 the plain decoder's step. The loop stops when every row has hit EOS, its budget (forced
 tokens + ``max_new_tokens``) or, at ``high`` reliance, the end of the refusal prefix.
@@ -257,9 +258,9 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
     cache = st.cache.set_keys(slot, jnp.where(active, Role.RESPONSE, Role.PAD), q_pos)
     return st.step + 1, active, slot, q_pos, cache
 
-  def advance(st: LoopState, n, active, cache, lm, **evals) -> LoopState:
-    """Choose token n from the logits ``lm`` and record it."""
-    token, eos, finished, gstate = choose(evals.pop("gate", st.gate), lm, n, active)
+  def advance(st: LoopState, n, active, cache, lm, gstate, **evals) -> LoopState:
+    """Choose token n from the logits ``lm`` and record it (``evals``: updated traces)."""
+    token, eos, finished, gstate = choose(gstate, lm, n, active)
     write = active & ~eos
     return st.replace(
         step=n, cache=cache, token=token,
@@ -271,7 +272,7 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
   def token_step(st: LoopState) -> LoopState:
     n, active, slot, q_pos, cache = step_inputs(st)
     lm, kv = _token_step(cfg, params, cache, st.token, q_pos, slot)
-    return advance(st, n, active, cache.replace(kv=kv), lm)
+    return advance(st, n, active, cache.replace(kv=kv), lm, st.gate)
 
   def token_cls_step(st: LoopState) -> LoopState:
     """A step with the [CLS] row: rows due re-evaluate, the others write the scratch slot."""
@@ -284,7 +285,7 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
         jnp.where(due, cls_pos, cache.positions[:, CLS_SLOT])))
     k = jnp.minimum(st.n_evals, n_max)
     return advance(
-        st, n, active, cache, lm, gate=gate_lib.update(gate, st.gate, due, prob, n),
+        st, n, active, cache, lm, gate_lib.update(gate, st.gate, due, prob, n),
         probs=st.probs.at[rows, k].set(jnp.where(due, prob, st.probs[rows, k])),
         eval_steps=st.eval_steps.at[rows, k].set(jnp.where(due, n, st.eval_steps[rows, k])),
         n_evals=st.n_evals + due)
