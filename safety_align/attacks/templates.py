@@ -14,13 +14,13 @@ items broken by any template.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
 from safety_align.attacks.base import Attack, fits
+from safety_align.data import json_files
 
 SLOT = "{prompt}"
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -43,13 +43,7 @@ def load_file(path: str) -> list[tuple[str, str]]:
   if not path.endswith(".json"):
     raise ValueError(f"Template file {path} must end with .txt (one template) or .json "
                      "(a list of templates).")
-  with open(path) as f:
-    try:
-      entries = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"Template file {path} is not valid JSON: {e}") from e
-  if not isinstance(entries, list):
-    raise ValueError(f"Template file {path} must hold a JSON list of templates.")
+  entries = json_files.read_json_list(path, "templates")
   out = []
   for i, e in enumerate(entries):
     if isinstance(e, dict):

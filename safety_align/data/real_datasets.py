@@ -31,14 +31,13 @@ import csv
 import dataclasses
 import glob
 import hashlib
-import json
 import os
 import re
 from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from safety_align.data import tfds_builders
+from safety_align.data import json_files
 
 SPLIT = "train"
 _LABEL = tfds.features.ClassLabel(names=("benign", "malicious"))
@@ -60,7 +59,7 @@ def _record(prompt: str, label: int, *, response: str = "", target: str = "",
 # Row readers: every error names file:line.
 
 
-_jsonl = tfds_builders.iter_jsonl
+_jsonl = json_files.iter_jsonl
 
 
 def _get(obj: dict, key: str, where: str, types=(str,)):
@@ -266,13 +265,7 @@ class Alpaca(_ManualBuilder):
 
   def _records(self, manual_dir):
     path = os.path.join(manual_dir, "alpaca_data.json")
-    with open(path, encoding="utf-8") as f:
-      try:
-        items = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from None
-    if not isinstance(items, list):
-      raise ValueError(f"{path}: expected a JSON list of objects, got {type(items).__name__}.")
+    items = json_files.read_json_list(path)
     for i, item in enumerate(items):
       where = f"{path}: item {i}"
       if not isinstance(item, dict):

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 
 import tensorflow_datasets as tfds
 
-from safety_align.data import corpus
+from safety_align.data import corpus, json_files
 
 KINDS = ("pretrain", "sft")
 _FORMAT_OF_KIND = {"pretrain": "documents", "sft": "chat"}
@@ -107,28 +106,10 @@ def _expected(fmt: str) -> str:
   return f"one JSON object per line with keys {keys}"
 
 
-def iter_jsonl(path: str, expected: str = ""):
-  """``(where, object)`` for each non-blank line of a JSONL file; errors name file:line and,
-  when given, the ``expected`` format."""
-  hint = f"; expected {expected}" if expected else ""
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_no}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: malformed JSON ({e.msg}){hint}.") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
-      yield where, obj
-
-
 def read_jsonl(path: str, fmt: str) -> list[dict]:
   """Parse and check one JSONL file of ``fmt`` ("documents" | "chat"); errors name file:line."""
   records = []
-  for where, obj in iter_jsonl(path, _expected(fmt)):
+  for where, obj in json_files.iter_jsonl(path, _expected(fmt)):
     for key in _REQUIRED[fmt]:
       if key not in obj:
         raise ValueError(f"{where}: missing key {key!r}; expected {_expected(fmt)}.")
