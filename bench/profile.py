@@ -22,7 +22,7 @@ from bench import common, decode, models, train
 from safety_align import masks
 from safety_align.decode import decoder as dec
 from safety_align.decode.cache import Cache, response_mask, window_mask
-from safety_align.model import KVCache, Transformer
+from safety_align.model import KVCache, Transformer, unroll_layers
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small model only.")
@@ -52,14 +52,16 @@ def fake_cache(cfg, b, s, prompt):
   roles[:, 2 + prompt:2 + prompt + 16] = masks.Role.RESPONSE
   roles[:, 0] = masks.Role.CLS
   pos = np.maximum(np.arange(s)[None] - 2, 0).repeat(b, 0).astype(np.int32)
-  kv = KVCache(k=jax.random.normal(jax.random.key(1), (cfg.n_layers, b, cfg.n_kv_heads, s,
-                                                        cfg.dim_per_head)) * 0.1,
-               v=jax.random.normal(jax.random.key(2), (cfg.n_layers, b, cfg.n_kv_heads, s,
-                                                        cfg.dim_per_head)) * 0.1)
+  keys = iter(jax.random.split(jax.random.key(1), 2 * cfg.n_layers))
+  layers = lambda: tuple(jax.random.normal(next(keys), (b, cfg.n_kv_heads, s, cfg.dim_per_head))
+                         * 0.1 for _ in range(cfg.n_layers))
+  kv = KVCache(k=layers(), v=layers())  # per-layer buffers: the decoder's unrolled layout
   return Cache(kv=kv, roles=jnp.asarray(roles), positions=jnp.asarray(pos))
 
 
 def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
+  w = decode.random_workload(name, cfg, params, b, prompt)
+  cfg, params = unroll_layers(cfg, params)  # as the decoder runs
   s = 2 + prompt + new_tokens
   cache = fake_cache(cfg, b, s, prompt)
   token = jnp.full((b,), 5, jnp.int32)
@@ -81,23 +83,22 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
   q = jnp.ones((b, cfg.n_kv_heads, g, cfg.dim_per_head))  # [B, Hkv, T*G, Dh], T = 1
   mask = response_mask(cache, q_pos)[:, None]
 
-  def attn(q, k, v, m):
+  def attn(q, ks, vs, m):
     def one(k, v):  # k, v [B, Hkv, S, Dh]
       sc = jnp.einsum("bkqd,bksd->bkqs", q, k) / 8.0
       sc = jnp.where(m[:, None], sc, -jnp.inf)
       return jnp.einsum("bkqs,bksd->bkqd", jax.nn.softmax(sc, -1), v)
-    return jax.vmap(one)(k, v)
+    return [one(k, v) for k, v in zip(ks, vs)]
   attn_fn = jax.jit(attn)
   # Cache write as the model does it (scatter into [B, S] rows), all layers.
   rows = jnp.arange(b)[:, None]
   wi = jnp.full((b, 1), slot)
-  newk = jnp.ones((cfg.n_layers, b, 1, cfg.n_kv_heads, cfg.dim_per_head))
+  newk = jnp.ones((b, 1, cfg.n_kv_heads, cfg.dim_per_head))
 
-  def write(ck, k):  # ck [L, B, Hkv, S, Dh]; k [L, B, T, Hkv, Dh]
-    return jax.vmap(lambda c, x: c.at[rows, :, wi].set(x))(ck, k)
+  def write(ck, k):  # ck: per-layer [B, Hkv, S, Dh]; k [B, T, Hkv, Dh]
+    return tuple(c.at[rows, :, wi].set(k) for c in ck)
   write_fn = jax.jit(write, donate_argnums=0)
-  ck = jnp.array(cache.kv.k)
-  holder = {"ck": ck}
+  holder = {"ck": tuple(jnp.array(c) for c in cache.kv.k)}
 
   def do_write():
     holder["ck"] = write_fn(holder["ck"], newk)
@@ -112,7 +113,6 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
       window_mask=best(lambda: win_fn(cache)),
       cache_write_all_layers=best(do_write))
   # The real loop: per-step time of the whole decode (prefill amortised).
-  w = decode.random_workload(name, cfg, params, b, prompt)
   off = decode.ours(w, "off", new_tokens)
   t_loop = best(off, reps=2) / new_tokens
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))

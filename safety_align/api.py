@@ -21,7 +21,7 @@ from safety_align import checkpoint
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer, check_vocab
 from safety_align.decode import Decoder, GateConfig, Prompts, bucket, make_sampler
-from safety_align.model import ModelConfig, Transformer
+from safety_align.model import ModelConfig, Transformer, unroll_layers
 
 CLS_PARAMS = ("cls_embed", "cls_head")
 
@@ -72,13 +72,14 @@ class SafetyModel:
       d, dtype = model_config.d_model, model_config.weight_dtype
       params = {**params, "cls_embed": jnp.zeros((d,), dtype),
                 "cls_head": {"kernel": jnp.zeros((d, 2), dtype), "bias": jnp.zeros((2,), dtype)}}
-    self.config = model_config
-    self.params = params
+    # Inference runs the layers unrolled: slice a scanned stack into per-layer weights once
+    # here rather than in every decode call.
+    self.config, self.params = unroll_layers(model_config, params)
     self.tokenizer = tokenizer
     self.template = template
     self.gate_defaults = gate_defaults
     self.batch_size = batch_size
-    self.decoder = Decoder(model_config, eos_ids=[tokenizer.eos_id] if eos_ids is None
+    self.decoder = Decoder(self.config, eos_ids=[tokenizer.eos_id] if eos_ids is None
                            else eos_ids, max_length=max_length, pad_id=tokenizer.pad_id)
 
   def _prompts(self, prompts: Sequence[str]) -> Prompts:

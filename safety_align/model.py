@@ -103,19 +103,27 @@ class ModelConfig:
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer: ``k``, ``v`` [L, B, n_kv_heads, S, head_dim].
+  """Keys and values of every layer, laid out as the layers are.
 
+  Scanned layers (``scan_layers``): one stacked ``k``, ``v`` [L, B, n_kv_heads, S, head_dim]
+  that rides the layer scan's carry. Unrolled layers: ``k``, ``v`` are tuples of L per-layer
+  [B, n_kv_heads, S, head_dim] buffers, so each layer writes and reads its own buffer in place
+  (XLA:CPU copies a layer's part out of a stacked cache on every step).
   Heads before slots: each (row, kv head) is one contiguous [S, head_dim] matrix, so attention
   over the cache is a plain batched matmul with no per-step transpose of the cache.
   """
 
-  k: Array
-  v: Array
+  k: Array | tuple[Array, ...]
+  v: Array | tuple[Array, ...]
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, length: int) -> "KVCache":
-    shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.dim_per_head)
-    return cls(k=jnp.zeros(shape, cfg.compute_dtype), v=jnp.zeros(shape, cfg.compute_dtype))
+    shape = (batch, cfg.n_kv_heads, length, cfg.dim_per_head)
+    if cfg.scan_layers:
+      zeros = lambda: jnp.zeros((cfg.n_layers,) + shape, cfg.compute_dtype)
+    else:
+      zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.n_layers))
+    return cls(k=zeros(), v=zeros())
 
 
 CACHE_AXES = ("cache_layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
@@ -164,8 +172,9 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask, cache=None, layer=None, write_index=None):
-    """``cache``: None, or every layer's (k, v) [L, B, Hkv, S, Dh], updated in place at
-    (``layer``, ``write_index``) and returned; this layer attends over its slice."""
+    """``cache``: None; this layer's (k, v) [B, Hkv, S, Dh] (``layer`` None); or every layer's
+    stacked (k, v) [L, B, Hkv, S, Dh]. The new keys and values are written in place at
+    (``layer``,) ``write_index``, the cache is returned and this layer attends over its part."""
     cfg = self.cfg
     hd = cfg.dim_per_head
     q = _dense(cfg, (cfg.n_heads, hd), ("embed", "heads", "head_dim"), "q_proj", cfg.qkv_bias)(x)
@@ -181,11 +190,12 @@ class Attention(nn.Module):
     # query groups folded into the row axis: q [B, Hkv, T*G, Dh]. Both attention products are
     # then plain batched matmuls over (B, Hkv).
     if cache is not None:
-      rows = jnp.arange(b)[:, None]
       # Advanced indices split by a slice: the update is indexed [B, T, Hkv, Dh], as k, v are.
-      cache = tuple(c.at[layer, rows, :, write_index].set(n.astype(c.dtype))
-                    for c, n in zip(cache, (k, v)))
-      k, v = cache[0][layer], cache[1][layer]
+      at = (jnp.arange(b)[:, None], slice(None), write_index)
+      if layer is not None:
+        at = (layer,) + at
+      cache = tuple(c.at[at].set(n.astype(c.dtype)) for c, n in zip(cache, (k, v)))
+      k, v = cache if layer is None else (cache[0][layer], cache[1][layer])
     else:
       k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     qg = q.reshape(b, t, cfg.n_kv_heads, groups, hd).transpose(0, 2, 1, 3, 4)
@@ -222,9 +232,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-norm decoder layer. Signature fits ``nn.scan``: carry (x, cache) and the layer index.
 
-  The cache (every layer's, or None) rides in the carry rather than being scanned over, so
-  each step's new keys and values are written into it in place: scanning it as a per-layer
-  input and output would rebuild the whole cache on every forward.
+  Scanned, the cache (every layer's, or None) rides in the carry rather than being scanned
+  over, so each step's new keys and values are written into it in place: scanning it as a
+  per-layer input and output would rebuild the whole cache on every forward. Unrolled, the
+  carry holds this layer's own cache buffers and ``layer`` is None.
   """
 
   cfg: ModelConfig
@@ -305,13 +316,16 @@ class Transformer(nn.Module):
     """Same as ``__call__`` from input embeddings x [B, T, D] (for gradients w.r.t. inputs)."""
     cfg = self.cfg
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
-    carry = (x, (cache.k, cache.v) if cache is not None else None)
     if cfg.scan_layers:
-      carry, _ = self.layers(carry, jnp.arange(cfg.n_layers), positions, mask, write_index)
+      carry = (x, (cache.k, cache.v) if cache is not None else None)
+      (x, new), _ = self.layers(carry, jnp.arange(cfg.n_layers), positions, mask, write_index)
     else:
+      new = []
       for i, layer in enumerate(self.layers):
-        carry, _ = layer(carry, i, positions, mask, write_index)
-    x, new = carry
+        kv = (cache.k[i], cache.v[i]) if cache is not None else None
+        (x, kv), _ = layer((x, kv), None, positions, mask, write_index)
+        new.append(kv)
+      new = tuple(zip(*new)) if cache is not None else None
     h = self.final_norm(x)
     head = self.embed.T if cfg.tie_embeddings else self.lm_head
     lm_h = h if lm_rows is None else h[:, lm_rows]
@@ -333,6 +347,21 @@ def forward_batch(model: Transformer, params, batch, phase: str):
   positions = masks.cls_positions(mask, batch["roles"], batch["positions"])
   lm_logits, cls_logits, _ = model.apply({"params": params}, batch["tokens"], positions, mask)
   return lm_logits, cls_logits
+
+
+def unroll_layers(cfg: ModelConfig, params) -> tuple[ModelConfig, Any]:
+  """The same model with its layers unrolled: the config with ``scan_layers=False`` and the
+  parameters with each layer's slice of the stacked ``layers`` as its own ``layer_{i}`` tree
+  (unchanged if already unrolled). Decoding runs this way: in a scanned decode XLA:CPU copies
+  each layer's weights out of the stacked arrays at every step, and an unrolled model also
+  keeps one cache buffer per layer (``KVCache``)."""
+  if not cfg.scan_layers:
+    return cfg, params
+  params = dict(params)
+  stacked = params.pop("layers")
+  for i in range(cfg.n_layers):
+    params[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+  return dataclasses.replace(cfg, scan_layers=False), params
 
 
 def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> Any:

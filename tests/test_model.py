@@ -197,7 +197,6 @@ def test_lm_rows_limits_lm_logits_only(tied):
   mask = jnp.broadcast_to(jnp.pad(jnp.tril(jnp.ones((6, 6), bool)), ((0, 0), (0, 4))),
                           (2, 6, 10))
   cache = KVCache.zeros(cfg, 2, 10)
-  assert cache.k.shape == (cfg.n_layers, 2, cfg.n_kv_heads, 10, cfg.dim_per_head)
   write = jnp.broadcast_to(jnp.arange(6), (2, 6))
   model = Transformer(cfg)
   lm, cls, kv = model.apply({"params": params}, tokens, positions, mask, cache, write)
@@ -209,5 +208,35 @@ def test_lm_rows_limits_lm_logits_only(tied):
   np.testing.assert_allclose(np.asarray(lm3), np.asarray(lm[:, :3]), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(last), np.asarray(lm[:, -1:]), rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(np.asarray(cls3), np.asarray(cls))
-  np.testing.assert_array_equal(np.asarray(kv3.k), np.asarray(kv.k))
-  np.testing.assert_array_equal(np.asarray(kv3.v), np.asarray(kv.v))
+  jax.tree.map(np.testing.assert_array_equal, kv3, kv)
+
+
+def test_unrolled_model_and_per_layer_cache_match_scanned():
+  """``unroll_layers`` gives the same logits, and per-layer cache buffers the same keys and
+  values as the scanned model's stacked cache."""
+  from safety_align.model import KVCache, unroll_layers  # pylint: disable=g-import-not-at-top
+  cfg = tiny_model_config(scan_layers=True, n_layers=3)
+  params = _params(cfg)
+  flat_cfg, flat_params = unroll_layers(cfg, params)
+  assert not flat_cfg.scan_layers and "layers" not in flat_params
+  assert unroll_layers(flat_cfg, flat_params) == (flat_cfg, flat_params)
+  rng = np.random.default_rng(1)
+  tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (2, 5)), jnp.int32)
+  positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  mask = jnp.broadcast_to(jnp.pad(jnp.tril(jnp.ones((5, 5), bool)), ((0, 0), (0, 3))),
+                          (2, 5, 8))
+  write = jnp.broadcast_to(jnp.arange(5), (2, 5))
+  stacked = KVCache.zeros(cfg, 2, 8)
+  per_layer = KVCache.zeros(flat_cfg, 2, 8)
+  assert stacked.k.shape == (3, 2, cfg.n_kv_heads, 8, cfg.dim_per_head)
+  assert [k.shape for k in per_layer.k] == [(2, cfg.n_kv_heads, 8, cfg.dim_per_head)] * 3
+  lm, cls, kv = Transformer(cfg).apply({"params": params}, tokens, positions, mask, stacked,
+                                       write)
+  lm_f, cls_f, kv_f = Transformer(flat_cfg).apply({"params": flat_params}, tokens, positions,
+                                                  mask, per_layer, write)
+  np.testing.assert_allclose(lm_f, lm, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(cls_f, cls, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.stack(kv_f.k), kv.k, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(np.stack(kv_f.v), kv.v, atol=1e-5, rtol=1e-5)
+  assert np.abs(np.asarray(kv.k)[:, :, :, :5]).min() > 0  # written
+  assert np.all(np.asarray(kv.k)[:, :, :, 5:] == 0)  # untouched

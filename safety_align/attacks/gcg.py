@@ -184,7 +184,7 @@ def build_layout(cfg: ModelConfig, prompt_pieces: Pieces, target_ids: Sequence[i
 
 @functools.partial(jax.jit, static_argnames="cfg")
 def prefill(cfg: ModelConfig, params, layout: Layout) -> KVCache:
-  """The prefix run once into a [L, 1, Hkv, S, Dh] cache (block slots still empty)."""
+  """The prefix run once into a batch-1 cache (block slots still empty)."""
   p, s = layout.prefix_tokens.shape[1], layout.block_mask.shape[-1]
   _, _, cache = Transformer(cfg).apply(
       {"params": params}, layout.prefix_tokens, layout.prefix_positions, layout.prefix_mask,
@@ -202,7 +202,8 @@ def _block_metrics(cfg: ModelConfig, params, cache: KVCache, layout: Layout, x: 
   b, t = x.shape[:2]
   p = layout.prefix_tokens.shape[1]
   rows = lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:])
-  kv = jax.tree.map(lambda a: jnp.broadcast_to(a, (a.shape[0], b) + a.shape[2:]), cache)
+  # The batch axis is the 4th from the end in both cache layouts (stacked or per layer).
+  kv = jax.tree.map(lambda a: jnp.broadcast_to(a, a.shape[:-4] + (b,) + a.shape[-3:]), cache)
   lm, cls, _ = Transformer(cfg).apply(
       {"params": params}, x, rows(layout.block_positions), rows(layout.block_mask), kv,
       rows(jnp.arange(p, p + t)[None]), method=Transformer.forward_embedded)

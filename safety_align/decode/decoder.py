@@ -36,7 +36,7 @@ from safety_align.decode import sampling
 from safety_align.decode.cache import (CLS_SLOT, PROMPT_SLOT, SCRATCH_SLOT, Cache, Prompts,
                                        bucket, prefill_inputs, response_mask, window_mask)
 from safety_align.masks import Role
-from safety_align.model import KVCache, ModelConfig, Transformer
+from safety_align.model import KVCache, ModelConfig, Transformer, unroll_layers
 
 
 @flax.struct.dataclass
@@ -221,7 +221,11 @@ def _token_cls_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot, 
 def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, seed, insertion,
             sampler, eos_ids, gate: gate_lib.GateArrays, *, cfg: ModelConfig, pad_id: int,
             with_cls: bool, n_newline: int, return_logits: bool):
-  """The whole decode (prefill + loop) of a bucketed batch; see ``Decoder.__call__``."""
+  """The whole decode (prefill + loop) of a bucketed batch; see ``Decoder.__call__``.
+
+  The layers run unrolled (``unroll_layers``: a scanned model's weights are sliced out of the
+  stack once here, before the loops, not at every step)."""
+  cfg, params = unroll_layers(cfg, params)
   b, p = tokens.shape
   n_max = forced.shape[1]
   rows = jnp.arange(b)
