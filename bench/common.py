@@ -44,13 +44,15 @@ def torch_sync():
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, *,
                 reps_of: dict[str, int] | None = None,
-                prior: dict[str, float] | None = None) -> dict[str, float]:
+                prior: dict[str, float] | None = None,
+                samples: dict[str, list[float]] | None = None) -> dict[str, float]:
   """Best-of-``reps`` wall time (s) of each no-argument function, run interleaved (one of each
   per round, the order rotating) so machine load drifts hit every side alike. Each function
   must block until its work is done. ``warmup`` untimed rounds first (compilation).
   ``reps_of`` lowers the rounds of some functions (expensive baselines: they run in the
   first rounds only); ``prior`` holds times already taken (e.g. an uncompiled baseline's
-  first call), which count in the minimum."""
+  first call), which count in the minimum. ``samples``, if given, receives every timed
+  round's time per function (for paired comparisons)."""
   names = list(fns)
   reps_of = reps_of or {}
   for _ in range(warmup):
@@ -65,7 +67,10 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, *
         continue
       t0 = time.perf_counter()
       fns[name]()
-      best[name] = min(best[name], time.perf_counter() - t0)
+      elapsed = time.perf_counter() - t0
+      best[name] = min(best[name], elapsed)
+      if samples is not None:
+        samples.setdefault(name, []).append(elapsed)
   return best
 
 

@@ -24,7 +24,7 @@ from bench import common
 from safety_align.decode import Decoder, GateConfig, Prompts
 from safety_align.decode.sampling import Greedy
 from safety_align.masks import Role
-from safety_align.model import ModelConfig, count_params
+from safety_align.model import ModelConfig, count_params, unroll_layers
 
 SCHEDULES = ("first", "periodic", "every", "annealing")
 BENIGN = ["How do I bake bread at home?", "Tell me a story about a brave cat.",
@@ -73,11 +73,12 @@ def gate(schedule: str) -> GateConfig:
 
 def ours(w: Workload, schedule: str, new_tokens: int):
   """A closure decoding ``w`` under ``schedule`` (returns the host-side DecodeOutput)."""
-  decoder = Decoder(w.cfg, eos_ids=[], pad_id=0)
+  cfg, params = unroll_layers(w.cfg, w.params)  # once, as ``SafetyModel`` does at load
+  decoder = Decoder(cfg, eos_ids=[], pad_id=0)
   g = gate(schedule)
 
   def run():
-    return decoder(w.params, w.prompts, max_new_tokens=new_tokens, gate=g, sampler=Greedy(),
+    return decoder(params, w.prompts, max_new_tokens=new_tokens, gate=g, sampler=Greedy(),
                    refusal_ids=w.refusal_ids, newline_ids=w.newline_ids)
   return run
 
@@ -137,12 +138,15 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
         raise RuntimeError(f"{name}: lengths {out.lengths}, expected all {new_tokens}.")
       if out.refused.any():
         raise RuntimeError(f"{name}: the gate inserted a refusal in a timing run.")
+  rounds = {}
   times = common.interleaved(
       {k: _blocking(f) for k, f in fns.items()}, reps, warmup=0,
       reps_of={"hf": reps if hf_reps is None else hf_reps},
-      prior={"hf": first["hf"]} if "hf" in first else None)
+      prior={"hf": first["hf"]} if "hf" in first else None, samples=rounds)
   b = len(w.prompts)
   res = dict(model=w.name, batch=b, new_tokens=new_tokens, times_s=times,
+             overhead_paired_median={s: paired_overhead(rounds[s], rounds["off"])
+                                     for s in schedules},
              first_call_s=first,
              evaluations_per_row={s: int(outputs[s].n_evals[0]) for s in schedules},
              tokens_per_s={k: b * new_tokens / t for k, t in times.items()},
@@ -154,6 +158,12 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
     res["greedy_agreement_off_vs_hf"] = agreement(outputs["off"].tokens[:, :new_tokens],
                                                   hf_tokens)
   return res
+
+
+def paired_overhead(gated: list[float], off: list[float]) -> float:
+  """Median over timing rounds of gated / off - 1, each round's two runs back to back: a
+  drift of the machine's speed between rounds (this machine drifts by 10-20%) cancels."""
+  return float(np.median(np.asarray(gated) / np.asarray(off)) - 1)
 
 
 def _blocking(fn):
@@ -197,3 +207,32 @@ def weight_bytes(cfg: ModelConfig) -> int:
   d, hd = cfg.d_model, cfg.dim_per_head
   per_layer = d * hd * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * d * cfg.d_ff
   return 4 * (cfg.n_layers * per_layer + d * cfg.vocab_size)
+
+
+def matmul_floor_s(cfg: ModelConfig, batch: int, reps: int = 5, steps: int = 16) -> float:
+  """Seconds per decode step of the step's weight matmuls alone, at ``batch`` rows: every
+  layer's q, k, v, o, gate, up and down projections (distinct random weights per layer, as
+  the model reads them) and the LM head, chained in a jitted loop of ``steps`` steps. No
+  attention, norms, sampling or cache: the part of a step that XLA's matmul kernels bound."""
+  d, hd, f = cfg.d_model, cfg.dim_per_head, cfg.d_ff
+  shapes = [(d, cfg.n_heads * hd), (d, cfg.n_kv_heads * hd), (d, cfg.n_kv_heads * hd),
+            (cfg.n_heads * hd, d), (d, f), (d, f), (f, d)]
+  keys = iter(jax.random.split(jax.random.key(0), cfg.n_layers * len(shapes) + 1))
+  layers = [[jax.random.normal(next(keys), s) * 0.02 for s in shapes]
+            for _ in range(cfg.n_layers)]
+  head = jax.random.normal(next(keys), (d, cfg.vocab_size)) * 0.02
+
+  @jax.jit
+  def run(layers, head, x):
+    def step(_, x):
+      for wq, wk, wv, wo, wg, wu, wd in layers:
+        q, k, v = x @ wq, x @ wk, x @ wv
+        x = x + (q @ wo) * 1e-3 + ((x @ wg) * (x @ wu)) @ wd * 1e-3
+        x = x + (k.sum() + v.sum()) * 1e-6
+      return x + (x @ head).max(-1, keepdims=True) * 1e-6
+    return jax.lax.fori_loop(0, steps, step, x)
+
+  x = jnp.ones((batch, d), jnp.float32)
+  times = common.interleaved({"matmuls": lambda: run(layers, head, x).block_until_ready()},
+                             reps)
+  return times["matmuls"] / steps

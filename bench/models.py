@@ -30,9 +30,11 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def m100_config(**overrides) -> ModelConfig:
-  """A ~125M-parameter Llama-style config (~75M non-embedding)."""
+  """A ~125M-parameter Llama-style config (~75M non-embedding). Layers unrolled: on the CPU
+  the scanned stack's train step is 15-20% slower (XLA:CPU copies each layer's weights out of
+  the stack in the forward and the backward), and 12 layers compile quickly."""
   values = dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4,
-                d_ff=2048, tie_embeddings=False, scan_layers=True)
+                d_ff=2048, tie_embeddings=False, scan_layers=False)
   values.update(overrides)
   return ModelConfig(**values)
 

@@ -87,7 +87,8 @@ class Prompts:
 
 @flax.struct.dataclass
 class Cache:
-  """``kv`` (k, v [L, B, Hkv, S, Dh]) and the key metadata ``roles``, ``positions`` [B, S]."""
+  """``kv`` (the model's ``KVCache``: per-layer [B, Hkv, S, Dh] buffers as the decoder runs) and
+  the key metadata ``roles``, ``positions`` [B, S]."""
 
   kv: KVCache
   roles: jax.Array
