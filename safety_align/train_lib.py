@@ -65,10 +65,25 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` as one scalar factor, g * min(1, max_norm / ||g||).
+
+  The same clipping (and the same empty state), but a multiply by a scalar fuses into
+  AdamW's moment updates, where optax's per-element select-and-divide is written out as a
+  clipped copy of the gradients: on XLA:CPU that copy made the 125M model's optimizer update
+  2.2x slower (7.5 vs 5.5 GB accessed, ``bench/train.py`` optimizer_update_s).
+  """
+  def update(updates, state, params=None):
+    del params
+    factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))  # norm 0: 1
+    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(phase_cfg) -> optax.GradientTransformation:
   """AdamW + clipping (+ ``optax.MultiSteps`` gradient accumulation)."""
   tx = optax.chain(
-      optax.clip_by_global_norm(phase_cfg.grad_clip),
+      clip_by_global_norm(phase_cfg.grad_clip),
       optax.adamw(learning_rate_schedule(phase_cfg), b1=phase_cfg.b1, b2=phase_cfg.b2,
                   weight_decay=phase_cfg.weight_decay, mask=decay_mask))
   if phase_cfg.grad_accum > 1:

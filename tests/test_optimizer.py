@@ -1,0 +1,69 @@
+"""The optimizer: our scalar-factor global-norm clipping against optax's."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import tiny
+from safety_align import train_lib
+
+
+def _grads(scale):
+  rng = np.random.default_rng(0)
+  return {"w": jnp.asarray(rng.standard_normal((4, 3)) * scale, jnp.float32),
+          "b": jnp.asarray(rng.standard_normal((3,)) * scale, jnp.float32)}
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01, 1.0, 100.0])
+def test_clip_matches_optax(scale):
+  """Below the threshold (and at zero norm) the gradients pass unchanged; above, they are
+  scaled to the threshold's norm, as optax.clip_by_global_norm does."""
+  grads = _grads(scale)
+  ours, _ = train_lib.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  ref, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  for k in grads:
+    np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=0)
+  norm = float(optax.global_norm(ours))
+  assert norm == pytest.approx(min(float(optax.global_norm(grads)), 1.0), rel=1e-6)
+  if scale <= 0.01:
+    jax.tree.map(np.testing.assert_array_equal, ours, grads)
+
+
+def test_optimizer_state_layout_unchanged():
+  """The state tree is optax's own (clip state empty), so saved optimizer states load."""
+  cfg = tiny.phase_config(steps=10, batch_size=2, cls_weight=0.1, lr=1e-3, split="pretrain")
+  params = _grads(1.0)
+  ours = train_lib.make_optimizer(cfg).init(params)
+  ref = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                    optax.adamw(train_lib.learning_rate_schedule(cfg),
+                                mask=train_lib.decay_mask)).init(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(ref)
+
+
+def _update_bytes(tx, params) -> float:
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def update(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  compiled = jax.jit(update).lower(params, tx.init(params), grads).compile()
+  cost = compiled.cost_analysis()
+  return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
+
+
+def test_clipping_fuses_into_the_adamw_update():
+  """The compiled update makes 11 passes over the parameter bytes: the norm reads the
+  gradients; the two moment updates read a moment and the gradients each and write the
+  moment; the parameter update reads both moments and the parameters and writes them.
+  optax's clipping adds a clipped gradient copy (one write, and both moment updates read it
+  besides the norm's read): 15 passes."""
+  cfg = tiny.phase_config(steps=10, batch_size=2, cls_weight=0.1, lr=1e-3, split="pretrain")
+  params = {f"w{i}": jnp.ones((256, 512), jnp.float32) for i in range(4)}
+  nbytes = sum(x.nbytes for x in params.values())
+  ours = _update_bytes(train_lib.make_optimizer(cfg), params)
+  with_optax_clip = _update_bytes(optax.chain(
+      optax.clip_by_global_norm(cfg.grad_clip),
+      optax.adamw(train_lib.learning_rate_schedule(cfg), mask=train_lib.decay_mask)), params)
+  assert ours <= 11.5 * nbytes < with_optax_clip
