@@ -51,9 +51,9 @@ def settings(quick: bool) -> dict:
                 big_schedules=("every", "annealing"), train_batch=2, train_seq=64,
                 train_reps=1, gcg_steps=1, gcg_reps=1, gcg_width=64, gcg_topk=32)
   return dict(new_tokens=128, demo_batches=(1, 16), demo_reps=25, big_batches=(1, 16),
-              big_reps={1: 10, 16: 7}, big_hf_reps={1: 3, 16: 2},
+              big_reps={1: 14, 16: 7}, big_hf_reps={1: 3, 16: 2},
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
-              train_reps=2, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256)
+              train_reps=4, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256)
 
 
 def progress(msg: str) -> None:
