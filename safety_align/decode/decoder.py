@@ -223,8 +223,9 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
             with_cls: bool, n_newline: int, return_logits: bool):
   """The whole decode (prefill + loop) of a bucketed batch; see ``Decoder.__call__``.
 
-  The layers run unrolled (``unroll_layers``: a scanned model's weights are sliced out of the
-  stack once here, before the loops, not at every step)."""
+  The layers run unrolled (``unroll_layers``): a scanned model's weights are sliced out of the
+  stack once here, before the loops, not at every step. That slice is a transient copy of the
+  weights; ``SafetyModel`` passes weights unrolled at load, so it makes none."""
   cfg, params = unroll_layers(cfg, params)
   b, p = tokens.shape
   n_max = forced.shape[1]
