@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 
 def n_threads() -> int:
@@ -40,6 +41,13 @@ def torch_sync():
   import torch  # pylint: disable=g-import-not-at-top
   if torch.cuda.is_available() and torch_device() == "cuda":
     torch.cuda.synchronize()
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+  """Median over timing rounds of num / den, each round's two runs back to back (samples of
+  ``interleaved``): a drift of the machine's speed between rounds (10-20% on this machine)
+  cancels, where a ratio of best-of-N times does not."""
+  return float(np.median(np.asarray(num) / np.asarray(den)))
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, *,

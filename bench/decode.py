@@ -145,7 +145,7 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
       prior={"hf": first["hf"]} if "hf" in first else None, samples=rounds)
   b = len(w.prompts)
   res = dict(model=w.name, batch=b, new_tokens=new_tokens, times_s=times,
-             overhead_paired_median={s: paired_overhead(rounds[s], rounds["off"])
+             overhead_paired_median={s: common.paired_ratio(rounds[s], rounds["off"]) - 1
                                      for s in schedules},
              first_call_s=first,
              evaluations_per_row={s: int(outputs[s].n_evals[0]) for s in schedules},
@@ -158,12 +158,6 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
     res["greedy_agreement_off_vs_hf"] = agreement(outputs["off"].tokens[:, :new_tokens],
                                                   hf_tokens)
   return res
-
-
-def paired_overhead(gated: list[float], off: list[float]) -> float:
-  """Median over timing rounds of gated / off - 1, each round's two runs back to back: a
-  drift of the machine's speed between rounds (this machine drifts by 10-20%) cancels."""
-  return float(np.median(np.asarray(gated) / np.asarray(off)) - 1)
 
 
 def _blocking(fn):

@@ -179,10 +179,7 @@ def measure(cfg: ModelConfig, params, hf_model, *, batch: int, seq_len: int, rep
              # (memory-bound) optimizer update; HF's step over that floor bounds the ratio.
              optimizer_update_s=optimizer_s, step_floor_s=floor_s,
              ratio_bound_at_floor=times["hf"] / floor_s if "hf" in times else None,
-             # Median over rounds of HF's step / ours, the two back to back in each round:
-             # robust to the machine's drift between rounds (best-of-N is not, at 1-2 s steps).
-             speedup_paired_median=(float(np.median(np.asarray(rounds["hf"])
-                                                    / np.asarray(rounds["ours"])))
+             speedup_paired_median=(common.paired_ratio(rounds["hf"], rounds["ours"])
                                     if "hf" in rounds else None),
              # XLA counts a scanned layer stack's body once (``cfg.scan_layers``).
              xla_cost_analysis=cost, ours_first_step_incl_compile_s=compile_s)

@@ -126,9 +126,6 @@ class KVCache:
     return cls(k=zeros(), v=zeros())
 
 
-CACHE_AXES = ("cache_layers", "cache_batch", "cache_kv_heads", "cache_length", "cache_head_dim")
-
-
 def _init(cfg: ModelConfig, axes, scale: float | None = None):
   return nn.with_logical_partitioning(
       nn.initializers.normal(cfg.init_scale if scale is None else scale), axes)

@@ -37,12 +37,6 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("act_head_dim", None),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
-    # decoding cache (sharded like the activations it stores)
-    ("cache_layers", None),
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_length", None),
-    ("cache_kv_heads", "tensor"),
-    ("cache_head_dim", None),
 )
 
 
