@@ -51,6 +51,9 @@ class ModelConfig:
   scan_layers: bool = False
   remat: str = "none"
   init_scale: float = 0.02
+  # Text -> [CLS] attention through a learned per-head gate, zero at import (``Attention``):
+  # an imported model then generates exactly as its source until training opens the gate.
+  cls_attention_gate: bool = False
 
   def __post_init__(self):
     for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -168,10 +171,18 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache=None, layer=None, write_index=None):
+  def __call__(self, x, positions, mask, cache=None, layer=None, write_index=None,
+               cls_edges=None):
     """``cache``: None; this layer's (k, v) [B, Hkv, S, Dh] (``layer`` None); or every layer's
     stacked (k, v) [L, B, Hkv, S, Dh]. The new keys and values are written in place at
-    (``layer``,) ``write_index``, the cache is returned and this layer attends over its part."""
+    (``layer``,) ``write_index``, the cache is returned and this layer attends over its part.
+
+    ``cls_edges`` [B, T, S] bool (with ``cfg.cls_attention_gate``): the text -> [CLS] entries
+    of ``mask`` (at most one per row). Their weight passes through a per-head gate ``g``
+    (``cls_gate``, zero-initialised as LLaMA-Adapter's gating): with ``o_text`` the
+    attention over the row's other keys, ``w`` the weight the [CLS] key has in the joint
+    softmax and ``v_cls`` its value, ``out = o_text + g * w * (v_cls - o_text)``; ``g = 1``
+    is ordinary attention, ``g = 0`` ignores [CLS] exactly."""
     cfg = self.cfg
     hd = cfg.dim_per_head
     q = _dense(cfg, (cfg.n_heads, hd), ("embed", "heads", "head_dim"), "q_proj", cfg.qkv_bias)(x)
@@ -199,17 +210,40 @@ class Attention(nn.Module):
     qg = qg.reshape(b, cfg.n_kv_heads, t * groups, hd)
     scores = jnp.einsum("bkqd,bksd->bkqs", qg, k.astype(q.dtype)).astype(jnp.float32)
     scores = scores.reshape(b, cfg.n_kv_heads, t, groups, -1) / jnp.sqrt(jnp.float32(hd))
-    scores = jnp.where(mask[:, None, :, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.compute_dtype)
+    if cfg.cls_attention_gate:
+      if cls_edges is None:
+        raise ValueError("model.cls_attention_gate needs cls_edges (the text -> [CLS] "
+                         "entries of the mask).")
+      mask = mask & ~cls_edges
+    text_scores = jnp.where(mask[:, None, :, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(text_scores, axis=-1).astype(cfg.compute_dtype)
     probs = probs.reshape(b, cfg.n_kv_heads, t * groups, -1)
     out = jnp.einsum("bkqs,bksd->bkqd", probs, v.astype(cfg.compute_dtype))
-    out = out.reshape(b, cfg.n_kv_heads, t, groups, hd).transpose(0, 2, 1, 3, 4)
-    out = out.reshape(b, t, cfg.n_heads, hd)
+    out = out.reshape(b, cfg.n_kv_heads, t, groups, hd)
+    if cfg.cls_attention_gate:
+      out = self._gate_cls(out, scores, text_scores, cls_edges, v)
+    out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.n_heads, hd)
     out = nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
         name="o_proj")(out)
     return out, cache
+
+  def _gate_cls(self, o_text, scores, text_scores, cls_edges, v):
+    """``o_text + g * w * (v_cls - o_text)`` (see ``__call__``); all [B, Hkv, T, G, Dh]."""
+    cfg = self.cfg
+    gate = self.param("cls_gate", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                ("heads",)),
+                      (cfg.n_heads,), cfg.weight_dtype)
+    slot = jnp.argmax(cls_edges, axis=-1)  # [B, T]: the row's [CLS] key (if any)
+    has_cls = jnp.any(cls_edges, axis=-1)[:, None, :, None]  # [B, 1, T, 1]
+    s_cls = jnp.take_along_axis(scores, slot[:, None, :, None, None], axis=-1)[..., 0]
+    # The [CLS] key's joint-softmax weight: e^s / (e^s + sum_text e^s_i).
+    w = jnp.where(has_cls, jax.nn.sigmoid(s_cls - jax.nn.logsumexp(text_scores, axis=-1)), 0.)
+    v_cls = jnp.take_along_axis(v, slot[:, None, :, None], axis=2)  # [B, Hkv, T, Dh]
+    g = gate.astype(jnp.float32).reshape(cfg.n_kv_heads, -1)[None, :, None]  # [1, Hkv, 1, G]
+    mix = (g * w).astype(o_text.dtype)[..., None]
+    return o_text + mix * (v_cls[:, :, :, None].astype(o_text.dtype) - o_text)
 
 
 class MLP(nn.Module):
@@ -238,10 +272,11 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, carry, layer, positions, mask, write_index):
+  def __call__(self, carry, layer, positions, mask, write_index, cls_edges):
     x, cache = carry
     h, cache = Attention(self.cfg, name="attn")(
-        RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache, layer, write_index)
+        RMSNorm(self.cfg, name="attn_norm")(x), positions, mask, cache, layer, write_index,
+        cls_edges)
     x = x + h
     x = x + MLP(self.cfg, name="mlp")(RMSNorm(self.cfg, name="mlp_norm")(x))
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
@@ -282,7 +317,8 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(
           block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers,
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.n_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     else:
       self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.n_layers)]
@@ -304,23 +340,37 @@ class Transformer(nn.Module):
     return x.astype(cfg.compute_dtype)
 
   def __call__(self, tokens, positions, mask, cache: KVCache | None = None, write_index=None,
-               lm_rows: slice | None = None):
+               lm_rows: slice | None = None, cls_keys=None):
+    """``cls_keys`` [B, S] bool: which keys are [CLS] (only read with
+    ``cfg.cls_attention_gate``; default without a cache: the [CLS] tokens themselves)."""
+    is_cls = tokens == self.cfg.cls_id
+    if cls_keys is None and cache is None:
+      cls_keys = is_cls
     return self.forward_embedded(self.embed_tokens(tokens), positions, mask, cache, write_index,
-                                 lm_rows)
+                                 lm_rows, cls_queries=is_cls, cls_keys=cls_keys)
 
   def forward_embedded(self, x, positions, mask, cache: KVCache | None = None,
-                       write_index=None, lm_rows: slice | None = None):
-    """Same as ``__call__`` from input embeddings x [B, T, D] (for gradients w.r.t. inputs)."""
+                       write_index=None, lm_rows: slice | None = None, cls_queries=None,
+                       cls_keys=None):
+    """Same as ``__call__`` from input embeddings x [B, T, D] (for gradients w.r.t. inputs);
+    with ``cfg.cls_attention_gate``, ``cls_queries`` [B, T] and ``cls_keys`` [B, S] bool
+    say which rows and keys are [CLS]."""
     cfg = self.cfg
+    cls_edges = None
+    if cfg.cls_attention_gate:
+      if cls_queries is None or cls_keys is None:
+        raise ValueError("model.cls_attention_gate needs cls_queries and cls_keys.")
+      cls_edges = mask & cls_keys[:, None, :] & ~cls_queries[:, :, None]
     x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
     if cfg.scan_layers:
       carry = (x, (cache.k, cache.v) if cache is not None else None)
-      (x, new), _ = self.layers(carry, jnp.arange(cfg.n_layers), positions, mask, write_index)
+      (x, new), _ = self.layers(carry, jnp.arange(cfg.n_layers), positions, mask, write_index,
+                                cls_edges)
     else:
       new = []
       for i, layer in enumerate(self.layers):
         kv = (cache.k[i], cache.v[i]) if cache is not None else None
-        (x, kv), _ = layer((x, kv), None, positions, mask, write_index)
+        (x, kv), _ = layer((x, kv), None, positions, mask, write_index, cls_edges)
         new.append(kv)
       new = tuple(zip(*new)) if cache is not None else None
     h = self.final_norm(x)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -28,7 +29,7 @@ from absl import logging
 from safety_align import checkpoint, losses, sharding
 from safety_align.data import pipeline as data_pipeline
 from safety_align.model import ModelConfig, Transformer, forward_batch, init_params
-from safety_align.masks import check_phase
+from safety_align.masks import Role, check_phase
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -80,12 +81,61 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+CLS_PARAM_NAMES = ("cls_embed", "cls_head", "cls_gate")  # what the [CLS] branch adds
+
+
+def param_path(path) -> str:
+  """A ``tree_map_with_path`` key path as ``"layers/attn/q_proj/kernel"``."""
+  return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def trainable_mask(params, pattern: str):
+  """Tree of bools: the parameters whose path matches the regex ``pattern`` (``re.search``;
+  "" = all). Raises if it matches none."""
+  if not pattern:
+    return jax.tree.map(lambda _: True, params)
+  regex = re.compile(pattern)
+  mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(param_path(p))),
+                                          params)
+  if not any(jax.tree.leaves(mask)):
+    names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    raise ValueError(f"config.<phase>.trainable={pattern!r} matches no parameter; paths look "
+                     f"like {names[:4]}.")
+  return mask
+
+
+def scale_by_path(factor) -> optax.GradientTransformation:
+  """Multiply each update by ``factor(path)`` (0 freezes a parameter exactly: no step and no
+  weight decay)."""
+  def update(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda p, u: u * jnp.asarray(factor(param_path(p)), u.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(phase_cfg) -> optax.GradientTransformation:
-  """AdamW + clipping (+ ``optax.MultiSteps`` gradient accumulation)."""
+  """AdamW + clipping (+ ``optax.MultiSteps`` gradient accumulation).
+
+  ``phase_cfg.trainable`` (a regex over parameter paths, "" = all) freezes the rest, and
+  ``phase_cfg.cls_lr_scale`` multiplies the learning rate of the parameters the [CLS]
+  branch adds (freshly initialised in an imported model, so they need a larger step than
+  the pretrained weights' fine-tuning rate)."""
+  pattern = phase_cfg.get("trainable", "")
+  regex = re.compile(pattern) if pattern else None
+  cls_scale = phase_cfg.get("cls_lr_scale", 1.0)
+
+  def factor(path: str) -> float:
+    if regex is not None and not regex.search(path):
+      return 0.0
+    return cls_scale if set(path.split("/")) & set(CLS_PARAM_NAMES) else 1.0
+
   tx = optax.chain(
       clip_by_global_norm(phase_cfg.grad_clip),
       optax.adamw(learning_rate_schedule(phase_cfg), b1=phase_cfg.b1, b2=phase_cfg.b2,
                   weight_decay=phase_cfg.weight_decay, mask=decay_mask))
+  if regex is not None or cls_scale != 1.0:
+    tx = optax.chain(tx, scale_by_path(factor))
   if phase_cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=phase_cfg.grad_accum)
   return tx
@@ -139,8 +189,23 @@ class Trainer:
     return losses.total_loss(lm_logits, cls_logits, batch, self.phase,
                              self.phase_cfg.cls_weight)
 
+  def _grads(self, params, batch):
+    """(metrics, gradients); frozen parameters get zeros, their gradient never computed."""
+    if not self.phase_cfg.get("trainable", ""):
+      (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch)
+      return metrics, grads
+    mask = trainable_mask(params, self.phase_cfg.trainable)
+    train = jax.tree.map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+    merge = lambda t: jax.tree.map(lambda m, a, b: a if m else b, mask, t, frozen,  # noqa: E731
+                                   is_leaf=lambda x: x is None)
+    (_, metrics), grads = jax.value_and_grad(
+        lambda t: self._loss(merge(t), batch), has_aux=True)(train)
+    return metrics, jax.tree.map(lambda m, g, p: g if m else jnp.zeros_like(p), mask, grads,
+                                 params, is_leaf=lambda x: x is None)
+
   def _train_step(self, state: TrainState, batch):
-    (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(state.params, batch)
+    metrics, grads = self._grads(state.params, batch)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -225,8 +290,7 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
     progress(f"{phase}: resumed from step {start} (data position {meta['data_position']})")
   total = phase_cfg.steps * phase_cfg.grad_accum
   preemption = _Preemption()
-  tokens_per_step = phase_cfg.batch_size * config.data.seq_len
-  t0, last_log, step = time.time(), time.time(), start
+  t0, last_log, step, real_tokens = time.time(), time.time(), start, 0
   try:
     for step in range(start, total):
       if preemption.requested:
@@ -236,13 +300,16 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
                     force=True)
         ckpt.wait()
         return None
-      state, metrics = trainer.step(state, pipeline.batch(step))
+      batch = pipeline.batch(step)
+      real_tokens += int(np.count_nonzero(batch["roles"] != Role.PAD))
+      state, metrics = trainer.step(state, batch)
       done = step + 1
       if done % config.log_every_steps == 0 or done == total:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
-        n_logged = min(config.log_every_steps, done - start) or 1
-        values["tokens_per_s"] = tokens_per_step * n_logged / max(now - last_log, 1e-9)
+        # Real (non-padding) tokens of this host's rows, not packed slots.
+        values["tokens_per_s"] = real_tokens / max(now - last_log, 1e-9)
+        real_tokens = 0
         eta = (now - t0) / (done - start) * (total - done)
         log.write(phase, done, values)
         progress(f"{phase} step {done}/{total}  loss {values['loss']:.4f}  "

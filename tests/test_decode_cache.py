@@ -36,10 +36,18 @@ def _params(cfg):
   return nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
 
 
-@pytest.fixture(scope="module")
-def setup():
-  cfg = tiny_model_config()
-  return cfg, _params(cfg), Decoder(cfg, eos_ids=[EOS], max_length=64)
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "cls_gate"])
+def setup(request):
+  """The tiny model; ``cls_gate``: with the text -> [CLS] attention gate, set part-open
+  (per-head values in (0.2, 1.2)) so both of its terms matter."""
+  cfg = tiny_model_config(cls_attention_gate=request.param)
+  params = _params(cfg)
+  if request.param:
+    rng = np.random.default_rng(1)
+    for i in range(cfg.n_layers):
+      attn = params[f"layer_{i}"]["attn"]
+      attn["cls_gate"] = jnp.asarray(rng.uniform(0.2, 1.2, cfg.n_heads), jnp.float32)
+  return cfg, params, Decoder(cfg, eos_ids=[EOS], max_length=64)
 
 
 @functools.partial(jax.jit, static_argnums=0)

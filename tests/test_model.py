@@ -240,3 +240,46 @@ def test_unrolled_model_and_per_layer_cache_match_scanned():
   np.testing.assert_allclose(np.stack(kv_f.v), kv.v, atol=1e-5, rtol=1e-5)
   assert np.abs(np.asarray(kv.k)[:, :, :, :5]).min() > 0  # written
   assert np.all(np.asarray(kv.k)[:, :, :, 5:] == 0)  # untouched
+
+
+def _with_gate(params, value):
+  """Unrolled params with every layer's [CLS] attention gate set to ``value``."""
+  out = dict(params)
+  for name, layer in params.items():
+    if name.startswith("layer_"):
+      attn = dict(layer["attn"], cls_gate=jnp.full_like(layer["attn"]["cls_gate"], value))
+      out[name] = dict(layer, attn=attn)
+  return out
+
+
+def test_cls_attention_gate_closed_is_blind_and_open_is_ordinary_attention():
+  gated = tiny_model_config(cls_attention_gate=True)
+  params = _params(gated)
+  assert all(np.all(params[f"layer_{i}"]["attn"]["cls_gate"] == 0) for i in range(2))
+  b = _batch([chat_segment(windows=[(0, 1, 1)]), chat_segment(label=0)])
+  roles = np.asarray(b["roles"][0])
+  text = (roles != Role.CLS) & (roles != Role.PAD)
+  closed, cls_closed = forward_batch(Transformer(gated), params, b, "sft")
+  blind, _ = forward_batch(Transformer(gated), params, _without_cls(b), "sft")
+  # Closed (the import's init): no text row reads [CLS], the response rows included.
+  np.testing.assert_array_equal(np.asarray(closed[0])[text], np.asarray(blind[0])[text])
+  # Open: ordinary joint attention, as the ungated model computes it with the same weights.
+  plain_params = {k: ({**v, "attn": {n: w for n, w in v["attn"].items() if n != "cls_gate"}}
+                      if k.startswith("layer_") else v) for k, v in params.items()}
+  opened, cls_open = forward_batch(Transformer(gated), _with_gate(params, 1.0), b, "sft")
+  ref, cls_ref = forward_batch(Transformer(tiny_model_config()), plain_params, b, "sft")
+  scale = np.abs(np.asarray(ref)).max()
+  np.testing.assert_allclose(np.asarray(opened), np.asarray(ref), rtol=0, atol=1e-5 * scale)
+  response = roles == Role.RESPONSE
+  assert np.abs(np.asarray(opened[0])[response] - np.asarray(closed[0])[response]).max() > 1e-3
+  # Main [CLS] rows (they read only the query) are never gated: the gate does not move them.
+  window = np.asarray(b["cls_window"][0])
+  is_cls = (roles == Role.CLS) & (window[:, 0] > window[:, 1])
+  np.testing.assert_allclose(np.asarray(cls_closed[0])[is_cls], np.asarray(cls_open[0])[is_cls],
+                             rtol=0, atol=1e-5)
+  # The gate gets a gradient from the LM loss at zero (it can open).
+  def lm_loss(p):
+    logits, _ = forward_batch(Transformer(gated), p, b, "sft")
+    return jnp.sum(jnp.where(jnp.asarray(response)[None, :, None], logits, 0.) ** 2)
+  grad = jax.grad(lm_loss)(params)
+  assert np.abs(np.asarray(grad["layer_0"]["attn"]["cls_gate"])).max() > 0

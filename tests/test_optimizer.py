@@ -67,3 +67,44 @@ def test_clipping_fuses_into_the_adamw_update():
       optax.clip_by_global_norm(cfg.grad_clip),
       optax.adamw(train_lib.learning_rate_schedule(cfg), mask=train_lib.decay_mask)), params)
   assert ours <= 11.5 * nbytes < with_optax_clip
+
+
+def _train_steps(phase_updates, n=3):
+  """Params after ``n`` SFT steps of the tiny model on one fixed batch."""
+  from conftest import chat_segment, packed, tiny_model_config
+  from safety_align import sharding
+  cfg = tiny.phase_config(steps=10, batch_size=1, cls_weight=0.5, lr=1e-2, split="sft")
+  cfg.grad_clip = 1e9  # the frozen zeros change the global norm; compare unclipped steps
+  for k, v in phase_updates.items():
+    cfg[k] = v
+  model_cfg = tiny_model_config(scan_layers=True)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices=jax.devices()[:1])
+  trainer = train_lib.Trainer(model_cfg, cfg, "sft", mesh)
+  state = trainer.init_state(jax.random.key(0))
+  start = jax.tree.map(np.asarray, state.params)
+  batch = packed([chat_segment(), chat_segment(label=0, query=(13, 14))], seq_len=32)
+  for _ in range(n):
+    state, _ = trainer.step(state, batch)
+  return start, jax.tree.map(np.asarray, state.params)
+
+
+def test_trainable_subset_freezes_the_rest_exactly():
+  """``trainable``: unmatched parameters stay bit-for-bit; matched ones take the same steps
+  as under full training (Adam is per parameter); ``cls_lr_scale`` scales the [CLS] steps."""
+  paths = lambda t: {train_lib.param_path(p): x  # noqa: E731
+                     for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  start, full = map(paths, _train_steps({}, n=1))
+  subset = paths(_train_steps({"trainable": "cls_|mlp"}, n=1)[1])
+  subset3 = paths(_train_steps({"trainable": "cls_|mlp"}, n=3)[1])
+  for name, x in subset.items():
+    if "cls_" in name or "mlp" in name:
+      np.testing.assert_allclose(x, full[name], rtol=1e-5, atol=1e-6)
+      assert not np.array_equal(subset3[name], x), name
+    else:
+      np.testing.assert_array_equal(subset3[name], start[name])
+  _, scaled = _train_steps({"cls_lr_scale": 0.0})
+  scaled = paths(scaled)
+  np.testing.assert_array_equal(scaled["cls_embed"], start["cls_embed"])
+  assert not np.array_equal(scaled["embed"], start["embed"])
+  with pytest.raises(ValueError, match="matches no parameter"):
+    _train_steps({"trainable": "no_such_param"})

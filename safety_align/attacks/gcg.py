@@ -188,7 +188,7 @@ def prefill(cfg: ModelConfig, params, layout: Layout) -> KVCache:
   p, s = layout.prefix_tokens.shape[1], layout.block_mask.shape[-1]
   _, _, cache = Transformer(cfg).apply(
       {"params": params}, layout.prefix_tokens, layout.prefix_positions, layout.prefix_mask,
-      KVCache.zeros(cfg, 1, s), jnp.arange(p)[None])
+      KVCache.zeros(cfg, 1, s), jnp.arange(p)[None], cls_keys=jnp.zeros((1, s), bool))
   return cache
 
 
@@ -204,9 +204,11 @@ def _block_metrics(cfg: ModelConfig, params, cache: KVCache, layout: Layout, x: 
   rows = lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:])
   # The batch axis is the 4th from the end in both cache layouts (stacked or per layer).
   kv = jax.tree.map(lambda a: jnp.broadcast_to(a, a.shape[:-4] + (b,) + a.shape[-3:]), cache)
+  is_cls = rows(layout.block_tokens == cfg.cls_id)
   lm, cls, _ = Transformer(cfg).apply(
       {"params": params}, x, rows(layout.block_positions), rows(layout.block_mask), kv,
-      rows(jnp.arange(p, p + t)[None]), method=Transformer.forward_embedded)
+      rows(jnp.arange(p, p + t)[None]), method=Transformer.forward_embedded,
+      cls_queries=is_cls, cls_keys=jnp.pad(is_cls, ((0, 0), (p, 0))))
   logits = lm[:, layout.target_rows]  # [B, R, V]
   logp = jax.nn.log_softmax(logits, axis=-1)
   ce = -jnp.mean(jnp.take_along_axis(logp, layout.target_ids[None, :, None], -1)[..., 0], -1)

@@ -182,11 +182,13 @@ def _prefill(cfg: ModelConfig, params, tokens, roles, lengths, s_len: int, with_
   toks, rls, positions, mask = prefill_inputs(cfg.cls_id, tokens, roles, lengths, with_cls)
   t = p + 2
   write = jnp.broadcast_to(jnp.arange(t), (b, t))
+  pad = ((0, 0), (0, s_len - t))
+  key_roles = jnp.pad(rls, pad)
   lm, cls, kv = Transformer(cfg).apply(
       {"params": params}, toks, positions, jnp.pad(mask, ((0, 0), (0, 0), (0, s_len - t))),
-      KVCache.zeros(cfg, b, s_len), write, lm_rows=slice(-1, None))
-  pad = ((0, 0), (0, s_len - t))
-  cache = Cache(kv=kv, roles=jnp.pad(rls, pad), positions=jnp.pad(positions, pad))
+      KVCache.zeros(cfg, b, s_len), write, lm_rows=slice(-1, None),
+      cls_keys=key_roles == Role.CLS)
+  cache = Cache(kv=kv, roles=key_roles, positions=jnp.pad(positions, pad))
   return cache, lm[:, 0], jax.nn.softmax(cls[:, CLS_SLOT])[:, 1]
 
 
@@ -195,7 +197,7 @@ def _token_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot):
   b = token.shape[0]
   lm, _, kv = Transformer(cfg).apply(
       {"params": params}, token[:, None], q_pos[:, None], response_mask(cache, q_pos)[:, None],
-      cache.kv, jnp.full((b, 1), slot))
+      cache.kv, jnp.full((b, 1), slot), cls_keys=cache.roles == Role.CLS)
   return lm[:, 0], kv
 
 
@@ -212,7 +214,8 @@ def _token_cls_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot, 
       jnp.stack([token, jnp.full((b,), cfg.cls_id, jnp.int32)], axis=1),
       jnp.stack([q_pos, cls_pos], axis=1),
       jnp.stack([response_mask(cache, q_pos), cls_mask], axis=1),
-      cache.kv, jnp.stack([jnp.full((b,), slot), self_slot], axis=1), lm_rows=slice(0, 1))
+      cache.kv, jnp.stack([jnp.full((b,), slot), self_slot], axis=1), lm_rows=slice(0, 1),
+      cls_keys=cache.roles == Role.CLS)
   return lm[:, 0], jax.nn.softmax(cls[:, 1])[:, 1], kv, cls_pos
 
 
