@@ -13,9 +13,12 @@ CORE = [
     "chex>=0.1.88,<0.2",
     "absl-py>=2.0,<3",
     "tokenizers>=0.20,<1",
+    "jinja2>=3.1.6,<4",  # models' own chat templates (3.1.6: sandbox fixes)
     "safetensors>=0.4,<1",
+    "gguf>=0.17,<1",  # llama.cpp's reader: convert import_gguf
     "importlib_resources>=6",  # etils (tfds) imports it without declaring it
     "numpy>=1.26,<3",
+    "pyyaml>=6,<7",  # data/package_data.py reads the wheels' YAML seed files
     "tensorboardX>=2.6,<3",
     "matplotlib>=3.8,<4",
 ]
@@ -40,6 +43,7 @@ setup(
             "pytest>=8,<10",
             "torch==2.13.0",
             "transformers>=4.45,<6",
+            "accelerate>=1.0,<2",  # transformers loads GGUF files with it
             "safetensors>=0.4,<1",
             "nbclient>=0.10,<1",
             "nbformat>=5.9,<6",

@@ -154,6 +154,34 @@ def test_config_errors(llama_dir, tmp_path, changes, message):
   assert not os.path.exists(tmp_path / "out")
 
 
+JINJA = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+
+
+@pytest.mark.parametrize("where", ["none", "string", "list", "jinja_file"])
+def test_chat_template_stored_inline(llama_dir, tmp_path, where):
+  """The checkpoint's own Jinja template goes into config.json; the family's name without one."""
+  src = edit_config(llama_dir, str(tmp_path / "src"))
+  config = {"string": dict(chat_template=JINJA),
+            "list": dict(chat_template=[{"name": "tool_use", "template": "x"},
+                                        {"name": "default", "template": JINJA}])}.get(where, {})
+  with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+    json.dump(dict(config, bos_token="<s>", eos_token="</s>"), f)
+  if where == "jinja_file":
+    with open(os.path.join(src, "chat_template.jinja"), "w") as f:
+      f.write(JINJA)
+  convert.import_hf(src, str(tmp_path / "out"))
+  with open(tmp_path / "out" / "config.json") as f:
+    assert json.load(f)["chat_template"] == ("llama2" if where == "none" else JINJA)
+
+
+def test_out_never_overwrites_the_source(llama_dir, tmp_path):
+  with pytest.raises(ValueError, match=r"is the source .* or inside it"):
+    convert.import_hf(llama_dir, os.path.join(llama_dir, "converted"))
+  with pytest.raises(FileExistsError, match=r"exists and is not an empty directory"):
+    convert.import_hf(llama_dir, os.path.dirname(llama_dir))
+  assert not os.path.exists(os.path.join(llama_dir, "converted"))
+
+
 def test_missing_tensor(llama_dir, tmp_path):
   src = edit_config(llama_dir, str(tmp_path / "src"))
   tensors = load_file(os.path.join(src, "model.safetensors"))
@@ -177,3 +205,35 @@ def test_check_parity(llama_dir, tmp_path):
   assert m["rel_diff"] < 1e-4 and 0 <= m["kl_max"] < 1e-8, m
   bad = check_parity.compare(np.array([[4.0, 0, 0, 0]]), np.array([[0, 0, 0, 4.0]]))
   assert bad["max_abs_diff"] == 4.0 and bad["rel_diff"] == 1.0 and bad["kl_max"] > 1.0
+
+
+def test_import_generates_as_its_source_until_the_cls_gate_opens(llama_dir, tmp_path):
+  """A fresh [CLS] is read by no text token (the zero-initialised attention gate), so the
+  imported model's gate="off" decoding is the source's greedy decoding, token for token;
+  the gate values travel through export and re-import."""
+  import safety_align as sa  # pylint: disable=g-import-not-at-top
+  a, out, b = (str(tmp_path / n) for n in ("a", "out", "b"))
+  cfg = convert.import_hf(llama_dir, a, scan_layers=False)
+  assert cfg.cls_attention_gate
+  model = sa.load(a)
+  prompts = ["how do I bake bread at home", "tell me a story"]
+  ours = [g.tokens for g in model.generate(prompts, max_new_tokens=12, gate="off")]
+  hf = transformers.AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+  for prompt, tokens in zip(prompts, ours):
+    ids = list(model._prompts([prompt]).ids[0])  # pylint: disable=protected-access
+    with torch.no_grad():
+      ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids)),
+                        max_new_tokens=12, do_sample=False, eos_token_id=None,
+                        pad_token_id=0)[0, len(ids):].tolist()
+    assert tokens == ref[:len(tokens)]
+    assert len(tokens) == 12 or ref[len(tokens)] == model.tokenizer.eos_id  # stopped at EOS
+  convert.export_hf(a, out)
+  cls = load_file(os.path.join(out, convert.CLS_FILE))
+  assert cls["cls_gate"].shape == (cfg.n_layers, cfg.n_heads) and not cls["cls_gate"].any()
+  cls["cls_gate"] = np.full_like(cls["cls_gate"], 0.5)
+  save_file(cls, os.path.join(out, convert.CLS_FILE))
+  convert.import_hf(out, b)
+  _, params, _ = convert.load_converted(b)
+  np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["cls_gate"]), 0.5)
+  opened = [g.tokens for g in sa.load(b).generate(prompts, max_new_tokens=12, gate="off")]
+  assert opened != ours  # response tokens now read [CLS]
