@@ -82,13 +82,13 @@ class SafetyModel:
     self.decoder = Decoder(self.config, eos_ids=[tokenizer.eos_id] if eos_ids is None
                            else eos_ids, max_length=max_length, pad_id=tokenizer.pad_id)
 
-  def _prompts(self, prompts: Sequence[str]) -> Prompts:
+  def _prompts(self, prompts: Sequence[str], system: str | None = None) -> Prompts:
     if isinstance(prompts, str):
       raise TypeError("prompts must be a list of strings, not one string.")
     for i, p in enumerate(prompts):
       if not p:
         raise ValueError(f"Prompt {i} is empty: there is no query to classify or answer.")
-    return Prompts.from_pieces([self.template.prompt_pieces(self.tokenizer, p)
+    return Prompts.from_pieces([self.template.prompt_pieces(self.tokenizer, p, system=system)
                                 for p in prompts])
 
   def _chunks(self, n: int):
@@ -104,13 +104,15 @@ class SafetyModel:
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                gate: str | GateConfig = "annealing",
-               prefill: Sequence[str] | None = None) -> list[Generation]:
+               prefill: Sequence[str] | None = None,
+               system: str | None = None) -> list[Generation]:
     """Responses to ``prompts``.
 
     ``gate``: a schedule name (``off``, ``first``, ``periodic``, ``every``, ``annealing``)
     applied to ``gate_defaults``, or a full ``GateConfig``. ``prefill``: per prompt, text
-    forced at the start of the response (the prefill attack). Sampling is reproducible: prompt
-    i draws from (seed, i, step), whatever the batching.
+    forced at the start of the response (the prefill attack). ``system``: a system message,
+    rendered by the chat template as TEMPLATE tokens ([CLS] reads only the QUERY). Sampling is
+    reproducible: prompt i draws from (seed, i, step), whatever the batching.
     """
     if gate == "off" and self.has_cls_head:
       gate = dataclasses.replace(self.gate_defaults, schedule="first", reliance="low")
@@ -119,7 +121,7 @@ class SafetyModel:
     if gate.enabled:
       self._require_cls(f"gate={gate.schedule!r}")
     sampler = make_sampler(temperature, top_k, top_p)
-    encoded = self._prompts(prompts)
+    encoded = self._prompts(prompts, system)
     if prefill is not None and len(prefill) != len(encoded):
       raise ValueError(f"{len(prefill)} prefills for {len(encoded)} prompts.")
     forced = [self.tokenizer.encode(p) for p in prefill] if prefill else None

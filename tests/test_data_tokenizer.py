@@ -71,9 +71,8 @@ def test_load_errors_and_config_tokens(tok, tmp_path):
     Tokenizer.load(path, bos_token="<bos>")
 
 
-@pytest.mark.parametrize("name", ["demo", "chatml"])
-def test_template_pieces_roles(tok, name):
-  template = templates.get_template(name)
+def test_template_pieces_roles(tok):
+  template = templates.get_template("demo")
   prompt, response = "How do I kill a stuck process?", "Use kill with the process id."
   pieces = template.example_pieces(tok, prompt, response)
   roles = [role for _, role in pieces]
@@ -81,6 +80,16 @@ def test_template_pieces_roles(tok, name):
   text = [tok.decode(ids, skip_special_tokens=False) for ids, _ in pieces]
   assert text == ["<s>", template.opening, prompt, template.closing, response + "</s>"]
   assert template.prompt_pieces(tok, prompt) == pieces[:-1]
+
+
+def test_chatml_adds_no_bos(tok):
+  """ChatML models (SmolLM2, Qwen2) start with the template's own marker: no BOS prepended."""
+  prompt, response = "How do I kill a stuck process?", "Use kill with the process id."
+  pieces = templates.get_template("chatml").example_pieces(tok, prompt, response)
+  assert [r for _, r in pieces] == [Role.TEMPLATE, Role.QUERY, Role.TEMPLATE, Role.RESPONSE]
+  assert [tok.decode(i, skip_special_tokens=False) for i, _ in pieces] == [
+      "<|im_start|>user\n", prompt, "<|im_end|>\n<|im_start|>assistant\n",
+      response + "<|im_end|>"]
 
 
 def test_template_without_bos(tok):

@@ -16,7 +16,7 @@ import numpy as np
 
 from safety_align.data import corpus, mixtures, tfds_builders
 from safety_align.data.packing import Segment, build_segment, pack, without_cls
-from safety_align.data.templates import ChatTemplate, get_template
+from safety_align.data.templates import Template, get_template
 from safety_align.data.tokenizer import Tokenizer, check_vocab, train_bpe
 from safety_align.masks import Role
 
@@ -44,40 +44,37 @@ def response_windows(n: int, window: int, max_windows: int = MAX_WINDOWS) -> lis
   return [(lo, min(lo + window, n) - 1) for lo in range(0, n, window)][:max_windows]
 
 
-def _sft_segments(query: Sequence[int], response: Sequence[int], harmful: Sequence[int],
-                  label: int, tok: Tokenizer, template: ChatTemplate, cls_id: int,
-                  window: int, augment: bool) -> list[Segment]:
-  windows = ([(lo, hi, 0) for lo, hi in response_windows(len(response), window)]
-             if augment else [])
-  out = [build_segment(cls_id, template.pieces(tok, query, response), label, windows=windows)]
-  if augment and harmful:
-    pieces = template.pieces(tok, query, harmful)
-    n_resp = len(harmful) + 1  # with EOS
-    out.append(build_segment(
-        cls_id, pieces, 1, windows=[(lo, hi, 1) for lo, hi in response_windows(len(harmful),
-                                                                               window)],
-        untrained=[(0, n_resp - 1)]))
-  return out
+def _n_response(pieces: Sequence[tuple[Sequence[int], Role]]) -> int:
+  return sum(len(ids) for ids, role in pieces if role == Role.RESPONSE)
 
 
-def encode_sft(record: dict, tok: Tokenizer, template: ChatTemplate, cls_id: int,
+def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
                window: int = 10, augment: bool = False) -> list[Segment]:
-  """The segments of one chat record.
+  """The segments of one chat record (``template.example_pieces`` of its texts).
 
   * The example ``[CLS] [window CLS...] <s> opening query closing response </s>``: main [CLS]
     label = the record's label. With ``augment``, window [CLS] rows over consecutive
-    ``window``-token (r2) spans of the response, labelled 0 (answers and refusals are both
-    harmless text).
+    ``window``-token (r2) spans of the response (before its end-of-turn token), labelled 0
+    (answers and refusals are both harmless text).
   * With ``augment`` and a non-empty ``harmful_response``, a window-only segment: the same
     prompt with the harmful response as RESPONSE tokens that are *never* LM targets (the SFT
     model must not learn to write them), main label 1 and window rows labelled 1.
 
   At most ``MAX_WINDOWS`` window rows per segment.
   """
+  main = template.example_pieces(tok, record["prompt"], record["response"])
+  windows = ([(lo, hi, 0) for lo, hi in response_windows(_n_response(main) - 1, window)]
+             if augment else [])
+  out = [build_segment(cls_id, main, record["label"], windows=windows)]
   harmful = record.get("harmful_response", "")
-  return _sft_segments(tok.encode(record["prompt"]), tok.encode(record["response"]),
-                       tok.encode(harmful) if harmful else [], record["label"], tok, template,
-                       cls_id, window, augment)
+  if augment and harmful:
+    pieces = template.example_pieces(tok, record["prompt"], harmful)
+    n_resp = _n_response(pieces)  # with the end of turn
+    out.append(build_segment(
+        cls_id, pieces, 1, windows=[(lo, hi, 1) for lo, hi in response_windows(n_resp - 1,
+                                                                               window)],
+        untrained=[(0, n_resp - 1)]))
+  return out
 
 
 class Pipeline:
@@ -163,18 +160,14 @@ class Pipeline:
 
 
 def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: int,
-                   template: ChatTemplate | None = None, window: int = 10,
+                   template: Template | None = None, window: int = 10,
                    augment: bool = False) -> list[Segment]:
-  """``encode_pretrain`` (kind "pretrain") or ``encode_sft`` ("sft") of many records, with the
-  texts tokenised in one ``encode_batch`` per field."""
+  """``encode_pretrain`` (kind "pretrain", the texts tokenised in one ``encode_batch``) or
+  ``encode_sft`` ("sft") of many records."""
   if kind == "pretrain":
     ids = tok.encode_batch([r["text"] for r in records])
     return [_pretrain_segment(x, r["label"], tok, cls_id) for x, r in zip(ids, records)]
-  queries = tok.encode_batch([r["prompt"] for r in records])
-  responses = tok.encode_batch([r["response"] for r in records])
-  harmful = tok.encode_batch([r.get("harmful_response", "") for r in records])
-  return [seg for q, a, h, r in zip(queries, responses, harmful, records)
-          for seg in _sft_segments(q, a, h, r["label"], tok, template, cls_id, window, augment)]
+  return [seg for r in records for seg in encode_sft(r, tok, template, cls_id, window, augment)]
 
 
 def phase_records(config: ml_collections.ConfigDict, phase_name: str,
@@ -211,7 +204,7 @@ def replay_segments(records: Sequence[dict], n: int, tok: Tokenizer, seed: int) 
 
 
 def recovery_segments(records: Sequence[dict], fraction: float, tok: Tokenizer,
-                      template: ChatTemplate, cls_id: int, seed: int) -> list[Segment]:
+                      template: Template, cls_id: int, seed: int) -> list[Segment]:
   """Recovery examples for ``round(fraction * n)`` of the ``n`` malicious records with a
   ``harmful_response`` (a seeded draw): the query, then as RESPONSE the first ``k`` tokens of
   the harmful response (``k`` uniform in [5, 40], at most its length - 1; never LM targets),
