@@ -21,6 +21,9 @@ CORE = [
     "pyyaml>=6,<7",  # data/package_data.py reads the wheels' YAML seed files
     "tensorboardX>=2.6,<3",
     "matplotlib>=3.8,<4",
+    "fastapi>=0.115,<1",  # python -m safety_align.serve
+    "uvicorn>=0.30,<1",
+    "pydantic>=2.7,<3",  # the server's request schema (v2 API)
 ]
 
 setup(
@@ -48,6 +51,8 @@ setup(
             "nbclient>=0.10,<1",
             "nbformat>=5.9,<6",
             "ipykernel>=6.29,<8",
+            "openai>=1.40,<4",  # tests/test_serve.py drives the server with the official client
+            "httpx>=0.27,<1",
         ],
         # make bench also installs nanogcg==0.3.0 with --no-deps: it pins transformers<=4.47.1
         # but runs on 5.x through bench/nanogcg_compat.py.

@@ -12,6 +12,9 @@ gate-off time, minus 1). Benchmarks:
   vs ``LlamaForCausalLM.generate`` on the same ~125M weights; ratio = the worse batch size.
 * ``train_step_vs_hf``: tokens/s of one ``Trainer`` step vs transformers + AdamW, ~125M.
 * ``gcg_vs_nanogcg``: steps/s of our GCG vs nanoGCG on the demo-size model.
+* ``serve_concurrency_speedup``: ``python -m safety_align.serve`` on the demo-size model, 16
+  concurrent streaming clients vs the same 16 requests one after another (wall time); time to
+  first token at 1 and 16 clients.
 * GPU only: ``train_mfu_1b``, model FLOP utilisation of a ~1.1B training step.
 
 ``--quick`` shrinks every size and repetition (a smoke run of the code paths, ~minutes).
@@ -35,13 +38,16 @@ DECODE = ("gate_overhead_first", "gate_overhead_periodic", "gate_overhead_every"
           "gate_overhead_annealing", "decode_vs_hf", "decode_gate_on_vs_hf")
 TRAIN = ("train_step_vs_hf",)
 GCG = ("gcg_vs_nanogcg",)
+SERVE = ("serve_concurrency_speedup",)
+SERVE_WINDOW_MS = 15.0  # the server's default batching window
 GPU_ONLY = ("train_mfu_1b",)
-ALL = DECODE + TRAIN + GCG + GPU_ONLY
+ALL = DECODE + TRAIN + GCG + SERVE + GPU_ONLY
 
 # Targets (the issue's): overheads at most, speed ratios at least.
 TARGETS = dict(gate_overhead_first=0.05, gate_overhead_periodic=0.1, gate_overhead_every=0.3,
                gate_overhead_annealing=0.05, decode_vs_hf=3.0, decode_gate_on_vs_hf=2.5,
-               train_step_vs_hf=1.5, gcg_vs_nanogcg=2.0, train_mfu_1b=0.4)
+               train_step_vs_hf=1.5, gcg_vs_nanogcg=2.0, train_mfu_1b=0.4,
+               serve_concurrency_speedup=4.0)
 
 
 def settings(quick: bool) -> dict:
@@ -49,11 +55,13 @@ def settings(quick: bool) -> dict:
     return dict(new_tokens=16, demo_batches=(1, 4), demo_reps=1, big_batches=(1, 4),
                 big_reps={1: 1, 4: 1}, big_hf_reps={1: 0, 4: 0},
                 big_schedules=("every", "annealing"), train_batch=2, train_seq=64,
-                train_reps=1, gcg_steps=1, gcg_reps=1, gcg_width=64, gcg_topk=32)
+                train_reps=1, gcg_steps=1, gcg_reps=1, gcg_width=64, gcg_topk=32,
+                serve_clients=4, serve_tokens=16, serve_rounds=1)
   return dict(new_tokens=128, demo_batches=(1, 16), demo_reps=25, big_batches=(1, 16),
               big_reps={1: 14, 16: 7}, big_hf_reps={1: 3, 16: 2},
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
-              train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256)
+              train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256,
+              serve_clients=16, serve_tokens=64, serve_rounds=5)
 
 
 def progress(msg: str) -> None:
@@ -193,6 +201,25 @@ def run_gcg(s, demo, device):
       target=TARGETS["gcg_vs_nanogcg"], higher_is_better=True, device=device)
 
 
+def run_serve(s, demo, cache_dir, device):
+  from bench import decode, serve  # pylint: disable=g-import-not-at-top
+  clients = s["serve_clients"]
+  os.makedirs(cache_dir, exist_ok=True)
+  progress(f"serve: {clients} clients, {s['serve_tokens']} tokens, {s['serve_rounds']} rounds")
+  r = serve.measure(serve.demo_workdir(demo, cache_dir), decode.BENIGN, clients=clients,
+                    max_tokens=s["serve_tokens"], rounds=s["serve_rounds"],
+                    window_ms=SERVE_WINDOW_MS, log_path=os.path.join(cache_dir, "serve.log"))
+  return common_result(
+      config=dict(model=demo.source, clients=clients, max_tokens=s["serve_tokens"],
+                  rounds=s["serve_rounds"], greedy=True, gate="annealing (server default)",
+                  max_batch=clients, batch_window_ms=SERVE_WINDOW_MS, stream=True,
+                  ratio="median over rounds of sequential wall time / concurrent wall time",
+                  ttft="request sent to first content chunk (the whole decode: streaming "
+                  "replays a finished generation)"),
+      values=r, ratio=r["speedup_paired_median"], target=TARGETS["serve_concurrency_speedup"],
+      higher_is_better=True, device=device)
+
+
 def common_result(**kw):
   from bench import common  # pylint: disable=g-import-not-at-top
   return common.Result(**kw)
@@ -213,7 +240,7 @@ def main(argv):
   device = common.device_name()
   progress(f"device {device}, {common.n_threads()} threads, quick={FLAGS.quick}")
   cache_dir = os.path.join(tempfile.gettempdir(), "safety_align_bench")
-  demo = models.demo_model(cache_dir) if names & set(DECODE + GCG) else None
+  demo = models.demo_model(cache_dir) if names & set(DECODE + GCG + SERVE) else None
   big_cfg = big_params = big_hf = None
   if names & set(DECODE + TRAIN):
     big_cfg = models.quick_config() if FLAGS.quick else models.m100_config()
@@ -232,6 +259,8 @@ def main(argv):
     results["train_step_vs_hf"] = run_train(s, big_cfg, big_params, big_hf, device)
   if "gcg_vs_nanogcg" in names:
     results["gcg_vs_nanogcg"] = run_gcg(s, demo, device)
+  if "serve_concurrency_speedup" in names:
+    results["serve_concurrency_speedup"] = run_serve(s, demo, cache_dir, device)
   if "train_mfu_1b" in names and common.on_gpu() and not FLAGS.quick:
     del big_hf
     results["train_mfu_1b"] = run_mfu_1b(device)

@@ -1,0 +1,185 @@
+"""Serving benchmark: batched concurrent requests vs the same requests one after another.
+
+The server (``python -m safety_align.serve``, a subprocess on a free localhost port) serves
+the demo-size model; the client streams chat completions over HTTP (httpx). Each round sends
+``n`` requests one after another, then the same ``n`` from ``n`` concurrent clients; the
+speedup is the median over rounds of sequential wall time / concurrent wall time (the same
+work: greedy, so identical responses). Time to first token is the time from sending a
+request to its first content chunk (streaming replays a finished generation, so this is the
+whole decode plus the batching window). Warm-up rounds first compile every batch bucket.
+
+``write_workdir`` and ``Server`` are also what ``tests/test_serve.py`` serves with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+
+from bench import common, models
+import safety_align as sa
+from safety_align import checkpoint
+
+READY = re.compile(r"Uvicorn running on (http://\S+)")
+
+
+def write_workdir(out: str, cfg, params, tokenizer, chat_template: str, seq_len: int) -> str:
+  """A loadable directory (as ``convert.import_hf`` writes one) holding ``params``; ``out``
+  must not exist yet."""
+  os.makedirs(out)
+  tokenizer.save(os.path.join(out, checkpoint.TOKENIZER_FILE))
+  tokenizer.save_special_tokens(os.path.join(out, "tokenizer_config.json"))
+  model = dataclasses.asdict(cfg)
+  checkpoint.save_params(out, "import", params, dict(step=0, phase="import", model=model))
+  with open(os.path.join(out, checkpoint.CONFIG_FILE), "w") as f:
+    json.dump(dict(model=model, chat_template=chat_template, data=dict(seq_len=seq_len)), f)
+  return out
+
+
+class Server:
+  """``python -m safety_align.serve`` on a free port of 127.0.0.1, its log in ``log_path``.
+
+  A context manager: entering waits until it listens (``url``), leaving stops it (SIGTERM,
+  then SIGKILL after ``stop_timeout`` s).
+  """
+
+  def __init__(self, workdir: str, log_path: str, *flags: str, start_timeout: float = 120.0,
+               stop_timeout: float = 30.0):
+    self.workdir, self.log_path, self.flags = workdir, log_path, flags
+    self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+    self.proc: subprocess.Popen | None = None
+    self.url = ""
+
+  def __enter__(self) -> "Server":
+    self._log = open(self.log_path, "w")  # pylint: disable=consider-using-with
+    self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
+        [sys.executable, "-m", "safety_align.serve", f"--workdir={self.workdir}",
+         "--host=127.0.0.1", "--port=0", *self.flags],
+        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + self.start_timeout
+    while not self.url:
+      if self.proc.poll() is not None or time.monotonic() > deadline:
+        self.__exit__()
+        raise RuntimeError(f"The server did not start; its log ends:\n{self.log()[-3000:]}")
+      found = READY.search(self.log())
+      self.url = found.group(1) if found else ""
+      time.sleep(0.05)
+    return self
+
+  def log(self) -> str:
+    with open(self.log_path) as f:
+      return f.read()
+
+  def stop(self) -> int:
+    """SIGTERM and wait; returns the exit code (SIGKILL past ``stop_timeout``: -9)."""
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+      try:
+        self.proc.wait(self.stop_timeout)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    return self.proc.returncode
+
+  def __exit__(self, *exc) -> None:
+    self.stop()
+    self._log.close()
+
+
+async def _stream(client, url: str, body: dict) -> dict:
+  """One streamed chat completion: seconds to the first content chunk and to the end."""
+  t0 = time.perf_counter()
+  first, n = None, 0
+  async with client.stream("POST", f"{url}/v1/chat/completions",
+                           json=body | dict(stream=True)) as r:
+    r.raise_for_status()
+    async for line in r.aiter_lines():
+      if not line.startswith("data: {"):
+        continue
+      choices = json.loads(line[len("data: "):])["choices"]
+      if choices and choices[0]["delta"].get("content") is not None and first is None:
+        first = time.perf_counter() - t0
+      n += bool(choices and choices[0]["finish_reason"] is None)
+  return dict(ttft=first, total=time.perf_counter() - t0, tokens=n)
+
+
+async def _rounds(url: str, bodies: list[dict], rounds: int, warmup_sizes) -> dict:
+  async with httpx.AsyncClient(timeout=120.0) as client:
+    async def calls() -> int:
+      return (await client.get(f"{url}/health")).json()["batches"]
+
+    for b in bodies:  # compile every prompt bucket alone, then every batch bucket
+      await _stream(client, url, b)
+    for size in warmup_sizes:
+      await asyncio.gather(*[_stream(client, url, b) for b in bodies[:size]])
+    seq, conc = [], []
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      one = [await _stream(client, url, b) for b in bodies]
+      seq.append(dict(wall=time.perf_counter() - t0, requests=one))
+      before = await calls()
+      t0 = time.perf_counter()
+      many = await asyncio.gather(*[_stream(client, url, b) for b in bodies])
+      conc.append(dict(wall=time.perf_counter() - t0, requests=many,
+                       calls=await calls() - before))
+  return dict(sequential=seq, concurrent=conc)
+
+
+def _percentiles_ms(xs) -> dict:
+  return dict(p50=float(np.percentile(xs, 50) * 1e3), p99=float(np.percentile(xs, 99) * 1e3))
+
+
+def measure(workdir: str, prompts: list[str], *, clients: int, max_tokens: int, rounds: int,
+            window_ms: float, log_path: str) -> dict:
+  """Serve ``workdir`` and time ``clients`` requests sequentially and concurrently; then, in
+  this process, the decoder alone on the same prompts (one call vs one call each: the bound
+  batching sets on the server's speedup, less its per-request costs)."""
+  texts = [prompts[i % len(prompts)] for i in range(clients)]
+  bodies = [dict(messages=[dict(role="user", content=t)], max_tokens=max_tokens,
+                 temperature=0.0) for t in texts]
+  sizes = [1 << k for k in range(clients.bit_length()) if 1 << k < clients] + [clients]
+  with Server(workdir, log_path, f"--max_batch={clients}",
+              f"--batch_window_ms={window_ms}") as server:
+    out = asyncio.run(_rounds(server.url, bodies, rounds, sizes))
+  model = sa.load(workdir)
+  gen = lambda ps: model.generate(ps, max_new_tokens=max_tokens)  # noqa: E731  (as served)
+  decode_s = common.interleaved(dict(one_by_one=lambda: [gen([t]) for t in texts],
+                                     batched=lambda: gen(texts)), reps=rounds)
+  seq, conc = out["sequential"], out["concurrent"]
+  tokens = sum(r["tokens"] for r in conc[0]["requests"])
+  return dict(
+      speedup_paired_median=float(np.median([s["wall"] / c["wall"]
+                                             for s, c in zip(seq, conc)])),
+      requests_per_s=dict(sequential=clients / min(s["wall"] for s in seq),
+                          concurrent=clients / min(c["wall"] for c in conc)),
+      tokens_per_request=tokens / clients,
+      ttft_ms={"clients_1": _percentiles_ms([r["ttft"] for s in seq for r in s["requests"]]),
+               f"clients_{clients}": _percentiles_ms([r["ttft"] for c in conc
+                                                      for r in c["requests"]])},
+      wall_s=dict(sequential=[s["wall"] for s in seq], concurrent=[c["wall"] for c in conc]),
+      decode_calls_per_concurrent_round=[c["calls"] for c in conc],
+      decoder_only_s=decode_s,
+      decoder_only_speedup=decode_s["one_by_one"] / decode_s["batched"])
+
+
+def demo_workdir(demo, cache_dir: str) -> str:
+  """A directory the server loads the demo model from: ``runs/tiny`` if trained, else the
+  random-init model written into ``cache_dir``."""
+  if demo.source == models.DEMO_WORKDIR:
+    return demo.source
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  out = os.path.join(cache_dir, "serve_workdir")
+  shutil.rmtree(out, ignore_errors=True)
+  return write_workdir(out, demo.cfg, demo.params, demo.tokenizer, "demo",
+                       tiny.get_config().data.seq_len)
