@@ -38,6 +38,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict(dict(
       source="jsonl", data_dir="", manual_dir="", tokenizer=os.path.join(arg, "tokenizer.json"),
       chat_template=imported.get("chat_template", "llama2"), seq_len=2048, seed=0,
+      overlong="drop",  # SFT examples > seq_len: "drop" | "truncate_response" | "error"
       wiki_threshold=0.5,
       mixture=ml_collections.ConfigDict(dict(n_malicious=14800, n_benign=14800, n_lima=-1,
                                              lima_safety_filter=True))))

@@ -13,7 +13,9 @@ import ml_collections
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise ValueError(f"configs/llama2_7b.py takes no variant, got {arg!r}; override fields "
+                     "with --config.<field>=... instead.")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.init_from = ""  # the `convert import_hf` output folder
@@ -33,6 +35,7 @@ def get_config(arg=None):
       tokenizer="",           # the converted checkpoint's tokenizer.json
       chat_template="llama2",
       seq_len=2048,
+      overlong="drop",        # SFT examples > seq_len: "drop" | "truncate_response" | "error"
       seed=0,
   ))
 

@@ -53,6 +53,7 @@ def get_config(arg=None):
       tokenizer="",           # REQUIRED: <init_from>/tokenizer.json
       chat_template="llama2",
       seq_len=2048,
+      overlong="drop",        # SFT examples > seq_len: "drop" | "truncate_response" | "error"
       seed=0,                 # mixture sampling and batch order
       wiki_threshold=0.5,     # unsafe_score >= threshold -> malicious (wiki_labeled.jsonl)
       mixture=ml_collections.ConfigDict(dict(

@@ -38,6 +38,7 @@ def get_config(arg=None):
       tokenizer="",           # path to tokenizer.json; "" = train a BPE on the demo corpus
       chat_template="demo",
       seq_len=256,
+      overlong="drop",        # SFT examples > seq_len: "drop" | "truncate_response" | "error"
       seed=0,
   ))
 
@@ -75,9 +76,12 @@ def get_config(arg=None):
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=100, keep=2, async_save=True))
   c.log_every_steps = 10
 
+  if arg not in (None, "", "smoke"):
+    raise ValueError(f"configs/tiny.py: unknown variant {arg!r}; expected '' or 'smoke'.")
   if arg == "smoke":
     c.model.update(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128)
     c.data.seq_len = 128
+    c.data.overlong = "truncate_response"  # 128 tokens cut a third of the examples' answers
     for phase in (c.pretrain, c.sft):
       phase.update(steps=6, batch_size=4, warmup_steps=2)
     c.checkpoint.every_steps = 2

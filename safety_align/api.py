@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from safety_align import checkpoint
 from safety_align.data import templates
@@ -81,15 +84,29 @@ class SafetyModel:
     self.batch_size = batch_size
     self.decoder = Decoder(self.config, eos_ids=[tokenizer.eos_id] if eos_ids is None
                            else eos_ids, max_length=max_length, pad_id=tokenizer.pad_id)
+    self.loaded_from: dict | None = None  # set by ``load``: path, phase, step, steps
 
-  def _prompts(self, prompts: Sequence[str], system: str | None = None) -> Prompts:
-    if isinstance(prompts, str):
-      raise TypeError("prompts must be a list of strings, not one string.")
+  def _prompts(self, prompts: Sequence[str], system: str | None = None,
+               budget: Sequence[int] | int = 0) -> Prompts:
+    """The encoded prompts, checked to fit the context with ``budget`` response tokens."""
+    prompts = _texts("prompts", prompts)
+    if system is not None and not isinstance(system, str):
+      raise TypeError(f"system must be a string or None, got {type(system).__name__}.")
     for i, p in enumerate(prompts):
       if not p:
         raise ValueError(f"Prompt {i} is empty: there is no query to classify or answer.")
-    return Prompts.from_pieces([self.template.prompt_pieces(self.tokenizer, p, system=system)
-                                for p in prompts])
+    encoded = Prompts.from_pieces([self.template.prompt_pieces(self.tokenizer, p, system=system)
+                                   for p in prompts])
+    limit = self.decoder.max_length
+    over = np.nonzero(encoded.lengths + budget > limit)[0] if limit is not None else []
+    if len(over):
+      i, extra = over[0], np.broadcast_to(budget, encoded.lengths.shape)[over[0]]
+      response = f" + {extra} response tokens" if extra else ""
+      raise ValueError(
+          f"Prompt {i} ({encoded.lengths[i]} tokens){response} exceeds the model's maximum "
+          f"length of {limit} tokens; shorten the prompt"
+          + (" or lower max_new_tokens." if extra else "."))
+    return encoded
 
   def _chunks(self, n: int):
     return [range(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
@@ -114,6 +131,9 @@ class SafetyModel:
     rendered by the chat template as TEMPLATE tokens ([CLS] reads only the QUERY). Sampling is
     reproducible: prompt i draws from (seed, i, step), whatever the batching.
     """
+    for name, value in dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed).items():
+      check_arg(name, value)
     if gate == "off" and self.has_cls_head:
       gate = dataclasses.replace(self.gate_defaults, schedule="first", reliance="low")
     elif not isinstance(gate, GateConfig):
@@ -121,11 +141,16 @@ class SafetyModel:
     if gate.enabled:
       self._require_cls(f"gate={gate.schedule!r}")
     sampler = make_sampler(temperature, top_k, top_p)
-    encoded = self._prompts(prompts, system)
-    if prefill is not None and len(prefill) != len(encoded):
-      raise ValueError(f"{len(prefill)} prefills for {len(encoded)} prompts.")
-    forced = [self.tokenizer.encode(p) for p in prefill] if prefill else None
+    prompts = _texts("prompts", prompts)
+    n_prompts = len(prompts)
+    prefill = None if prefill is None else _texts("prefill", prefill)
+    if prefill is not None and len(prefill) != n_prompts:
+      raise ValueError(f"{len(prefill)} prefills for {n_prompts} prompts: give one string per "
+                       "prompt ('' for none).")
     tok = self.tokenizer
+    forced = [tok.encode(p) for p in prefill] if prefill else None
+    budget = max_new_tokens + np.array([len(f) for f in forced or [[]] * n_prompts])
+    encoded = self._prompts(prompts, system, budget)
     out = []
     for rows in self._chunks(len(encoded)):
       res = self.decoder(
@@ -162,6 +187,51 @@ class SafetyModel:
                        "`python -m safety_align.convert import_hf` and train it.")
 
 
+def _texts(name: str, values) -> list[str]:
+  """``values`` as a list of strings; a TypeError says what was passed instead."""
+  if isinstance(values, str):
+    raise TypeError(f"{name} must be a list of strings, not one string: wrap it, "
+                    f"{name}=[{values[:40]!r}].")
+  try:
+    values = list(values)
+  except TypeError:
+    raise TypeError(f"{name} must be a list of strings, got {type(values).__name__}.") from None
+  for i, v in enumerate(values):
+    if not isinstance(v, str):
+      raise TypeError(f"{name}[{i}] is {type(v).__name__}, not str: {name} must be a list of "
+                      "strings.")
+  return values
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+# generate()'s numeric arguments: (type test, range test, what is expected).
+_ARGS = {
+    "max_new_tokens": (_is_int, lambda v: v >= 1, "an integer >= 1"),
+    "temperature": (_is_number, lambda v: math.isfinite(v) and v >= 0,
+                    "a finite number >= 0 (0 = greedy)"),
+    "top_k": (_is_int, lambda v: v >= 0, "an integer >= 0 (0 = no limit)"),
+    "top_p": (_is_number, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "seed": (_is_int, lambda v: True, "an integer"),
+}
+
+
+def check_arg(name: str, value) -> None:
+  """Raise (TypeError: wrong type, ValueError: out of range) unless ``value`` is what
+  ``generate``'s numeric argument ``name`` takes; the generate CLI checks its flags with it."""
+  is_type, in_range, expected = _ARGS[name]
+  if not is_type(value):
+    raise TypeError(f"{name} must be {expected}, got {value!r}.")
+  if not in_range(value):
+    raise ValueError(f"{name} must be {expected}, got {value!r}.")
+
+
 def _select(prompts: Prompts, rows) -> Prompts:
   return Prompts(ids=tuple(prompts.ids[i] for i in rows),
                  roles=tuple(prompts.roles[i] for i in rows))
@@ -183,14 +253,39 @@ def _max_length(config: dict[str, Any]) -> int | None:
           or config.get("hf_config", {}).get("max_position_embeddings"))
 
 
-def load(path: str, **kwargs) -> SafetyModel:
-  """A training workdir (its latest checkpoint) or an ``import_hf`` directory, with its
-  tokenizer and chat template. ``kwargs`` go to ``SafetyModel`` (e.g. ``gate_defaults``)."""
-  model_config, params, extra = checkpoint.load_for_inference(path)
+def load(path: str, phase: str | None = None, **kwargs) -> SafetyModel:
+  """A training workdir or an ``import_hf`` directory, with its tokenizer and chat template.
+
+  ``phase``: whose newest intact checkpoint to load. ``None``: a workdir's last phase
+  (``config.phases``; refused while it has no checkpoint, e.g. a pretraining model whose SFT
+  phase has not run: ``phase="pretrain"`` asks for it), an import directory's "import".
+  ``SafetyModel.loaded_from`` (and a log line) says what was loaded. ``kwargs`` go to
+  ``SafetyModel`` (e.g. ``gate_defaults``).
+  """
+  if phase is not None and (not isinstance(phase, str) or not phase):
+    raise TypeError(f"phase must be a phase name such as 'sft' or 'pretrain', or None; got "
+                    f"{phase!r}.")
+  phase = checkpoint.serving_phase(path) if phase is None else phase
+  model_config, params, extra = checkpoint.load_for_inference(path, phase)
   tokenizer = Tokenizer.load(extra["tokenizer_path"])
   eos_ids = extra.get("special_tokens", {}).get("eos_ids") or [tokenizer.eos_id]
   kwargs.setdefault("max_length", _max_length(extra.get("config", {})))
   kwargs.setdefault("eos_ids", eos_ids)
   kwargs.setdefault("uses_cls", extra.get("config", {}).get("use_cls", True))
-  return SafetyModel(model_config, params, tokenizer,
-                     templates.get_template(extra["chat_template"]), **kwargs)
+  model = SafetyModel(model_config, params, tokenizer,
+                      templates.get_template(extra["chat_template"]), **kwargs)
+  model.loaded_from = _loaded_from(path, extra)
+  return model
+
+
+def _loaded_from(path: str, extra: dict) -> dict:
+  """``{"path", "phase", "step", "steps"}`` (``steps``: the phase's configured length, None for
+  an import); logs it, and warns if the phase is unfinished."""
+  phase, step = extra["phase"], extra["step"]
+  phase_cfg = extra["config"].get(phase) or {}
+  steps = phase_cfg["steps"] * phase_cfg.get("grad_accum", 1) if "steps" in phase_cfg else None
+  logging.info("Loaded %s: phase %s, step %s.", path, phase, step)
+  if steps is not None and step < steps:
+    logging.warning("%s: the %s phase is unfinished (step %d of %d): serving its latest "
+                    "checkpoint.", path, phase, step, steps)
+  return dict(path=os.path.abspath(path), phase=phase, step=step, steps=steps)

@@ -402,8 +402,14 @@ def export_hf(workdir: str, out: str, *, dtype: str = "", family: str = "",
               max_shard_bytes: int = 5 * 10**9) -> None:
   """Write ``workdir`` (an ``import_hf`` output or a training workdir) as an HF checkpoint.
 
-  ``dtype`` "" keeps the stored parameter dtype; ``family`` "" uses the recorded one.
+  ``dtype`` "" keeps the stored parameter dtype; ``family`` "" uses the recorded one. ``out``
+  may not be ``workdir`` or inside it (its config.json and tokenizer files would be replaced).
   """
+  real_out, real_src = os.path.realpath(out), os.path.realpath(workdir)
+  if os.path.commonpath([real_out, real_src]) == real_src:
+    raise ValueError(f"--out={out} is the workdir {workdir} or inside it; export never writes "
+                     "into its input (its config.json would be replaced): pass a new "
+                     "directory.")
   cfg, params, meta = load_converted(workdir)
   family = family or meta.get("family") or hf_weights.infer_family(cfg)
   if family not in hf_weights.FAMILIES:

@@ -1,24 +1,55 @@
 """``python -m safety_align.generate --workdir=DIR --prompt="..." [--gate=annealing]``.
 
 Prints the response, whether the gate refused (and at which response token), and the [CLS]
-trace: P(malicious) at each evaluation (step 0 is the query's classification).
+trace: P(malicious) at each evaluation (step 0 is the query's classification). The numeric
+flags are checked by the Python API's own checks, so both give the same errors.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 
 from safety_align import api
 from safety_align.decode import SCHEDULES
 
+
+class _ApiNumber(flags.ArgumentParser):
+  """A number flag checked by ``api.check_arg`` (the wording of ``SafetyModel.generate``)."""
+
+  syntactic_help = "a number"
+
+  def __init__(self, name: str):
+    self.name = name
+
+  def parse(self, argument):
+    value = argument
+    if isinstance(argument, str):
+      for kind in (int, float):
+        try:
+          value = kind(argument)
+          break
+        except ValueError:
+          continue
+    api.check_arg(self.name, value)
+    return value
+
+
+def _number(name: str, default, help_: str):
+  return flags.DEFINE(_ApiNumber(name), name, default, help_)
+
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or import_hf directory.")
+_PHASE = flags.DEFINE_string("phase", "", "Phase to load ('' = the run's last phase; "
+                             "'pretrain' asks for the pretraining model).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's request.")
 _GATE = flags.DEFINE_enum("gate", "annealing", SCHEDULES, "Re-classification schedule.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate after the prefill.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k most likely tokens (0 = all).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_MAX_NEW = _number("max_new_tokens", 64, "Tokens to generate after the prefill.")
+_TEMPERATURE = _number("temperature", 0.0, "0 = greedy.")
+_TOP_K = _number("top_k", 0, "Sample from the k most likely tokens (0 = all).")
+_TOP_P = _number("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
+_SEED = _number("seed", 0, "Sampling seed.")
 _PREFILL = flags.DEFINE_string("prefill", "", "Text forced at the start of the response.")
 
 
@@ -38,10 +69,16 @@ def report(model: api.SafetyModel, prompt: str, *, prefill: str = "", **settings
 
 def main(argv):
   del argv
-  model = api.load(_WORKDIR.value)
-  print(report(model, _PROMPT.value, prefill=_PREFILL.value, gate=_GATE.value,
-               max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
-               top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value))
+  try:
+    model = api.load(_WORKDIR.value, phase=_PHASE.value or None)
+    source = model.loaded_from
+    print(f"loaded {source['path']}: phase {source['phase']}, step {source['step']}",
+          file=sys.stderr)
+    print(report(model, _PROMPT.value, prefill=_PREFILL.value, gate=_GATE.value,
+                 max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value,
+                 top_k=_TOP_K.value, top_p=_TOP_P.value, seed=_SEED.value))
+  except (ValueError, OSError) as e:  # a bad prompt or workdir: the sentence, no traceback
+    sys.exit(f"generate: {e}")
 
 
 if __name__ == "__main__":

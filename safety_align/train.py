@@ -1,15 +1,20 @@
 """``python -m safety_align.train --config=configs/tiny.py --workdir=DIR [--config.x.y=v]``.
 
-Trains the phases of ``config.phases`` in order, resuming from the latest checkpoint in DIR.
+Trains the phases of ``config.phases`` in order, resuming from the newest intact checkpoint in
+DIR. A config, data or checkpoint problem ends with one sentence (exit status 1), SIGTERM and
+Ctrl-C save and stop with one line (status 0 and 130).
 """
 
 from __future__ import annotations
+
+import re
+import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from safety_align import train_lib
+from safety_align import checkpoint, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -22,6 +27,31 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's rank.")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", "", "Persistent XLA compilation cache directory ('' = off).")
+# Errors that are the user's to fix: printed as their sentence, not a traceback.
+_USER_ERRORS = (ValueError, OSError, checkpoint.NonFiniteError)
+_OVERRIDE = re.compile(r"^--?config\.([^=]+)")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with an unknown ``--config.<field>`` or a config file's own error
+  (e.g. an unknown variant) as one sentence, not ml_collections' traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+      root = root.__cause__ or root.__context__
+    sys.exit(f"train: {root if 'Error whilst parsing config file' in str(e) else e}")
+  except (AttributeError, KeyError):
+    spec = next((a.split("=", 1)[1] for a in argv if re.match(r"^--?config=", a)), None)
+    if spec is None:
+      raise
+    config = flags.FLAGS["config"].parser.parse(spec)
+    problems = [p for p in (train_lib.unknown_key(config, m.group(1))
+                            for m in map(_OVERRIDE.match, argv) if m) if p]
+    if not problems:
+      raise
+    sys.exit(f"train: {problems[0]}")
 
 
 def main(argv):
@@ -39,8 +69,19 @@ def main(argv):
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
   train_lib.progress(f"JAX devices: {jax.devices()} (process {jax.process_index()} of "
                      f"{jax.process_count()})")
-  train_lib.train(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_lib.train(_CONFIG.value, _WORKDIR.value)
+  except train_lib.Interrupted as e:
+    print(f"train: {e}", file=sys.stderr)
+    sys.exit(130)
+  except KeyboardInterrupt:  # before the loop: nothing of this run was saved
+    print("train: interrupted before training started; rerun the same command to resume "
+          "from the newest checkpoint.", file=sys.stderr)
+    sys.exit(130)
+  except _USER_ERRORS as e:
+    logging.info("train failed", exc_info=True)  # the traceback, with --verbosity=0
+    sys.exit(f"train: {e}")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -3,12 +3,14 @@
 A run is one or two phases (``config.phases``, e.g. ``"pretrain,sft"``). Each phase has its
 own data, steps, λ and schedule, and its own checkpoints under ``WORKDIR/checkpoints/<phase>``;
 the SFT phase starts from the pretraining phase's final parameters with a fresh optimiser. A
-run resumes from the latest checkpoint of the phase it stopped in; the batch of step ``k`` is a
-pure function of ``(seed, k)``, so a resumed run sees exactly the data it would have seen.
+run resumes from the newest intact checkpoint of the phase it stopped in; the batch of step
+``k`` is a pure function of ``(seed, k)``, so a resumed run sees exactly the data it would have
+seen. A non-finite loss or gradient norm stops the phase before anything from it is saved.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import os
@@ -24,7 +26,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import logging
 
 from safety_align import checkpoint, losses, sharding
 from safety_align.data import pipeline as data_pipeline
@@ -32,6 +33,7 @@ from safety_align.model import ModelConfig, Transformer, forward_batch, init_par
 from safety_align.masks import Role, check_phase
 
 SCHEDULES = ("cosine", "step", "constant")
+FINITE = "all_finite"  # metrics key: whether the step's loss and gradient norm are finite
 
 
 @flax.struct.dataclass
@@ -209,6 +211,7 @@ class Trainer:
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
+    metrics[FINITE] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def step(self, state: TrainState, batch: dict[str, np.ndarray]):
@@ -224,30 +227,84 @@ def _global_array(local: np.ndarray, sharding_: jax.sharding.NamedSharding) -> j
   return jax.make_array_from_process_local_data(sharding_, local)
 
 
+class Interrupted(KeyboardInterrupt):
+  """Training stopped by SIGINT (Ctrl-C) after saving; the message says where."""
+
+
 class _Preemption:
-  """Turns SIGTERM (TPU preemption) into a flag the loop checks at step boundaries."""
+  """Turns SIGTERM (TPU preemption) and SIGINT (Ctrl-C) into a flag the loop checks at step
+  boundaries, where it saves and stops. A second Ctrl-C interrupts at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self.signal: signal.Signals | None = None
+    self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.signal = signal.Signals(signum)
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, self._previous[signal.SIGINT])
 
   def restore(self):
-    signal.signal(signal.SIGTERM, self._previous)
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+
+class _FiniteGuard:
+  """Checks the steps' ``FINITE`` flags (loss and gradient norm) on host at the log and save
+  points, so nothing syncs every step and no non-finite state is ever saved."""
+
+  def __init__(self, phase: str, ckpt: checkpoint.PhaseCheckpointer):
+    self.phase, self.ckpt, self.pending = phase, ckpt, []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self.pending.append((step, {k: metrics[k] for k in (FINITE, "loss", "grad_norm")}))
+
+  def check(self) -> None:
+    """Raise ``NonFiniteError`` naming the first bad step and the last good checkpoint."""
+    flags = jax.device_get([m[FINITE] for _, m in self.pending])
+    bad = next(((s, m) for (s, m), ok in zip(self.pending, flags) if not ok), None)
+    self.pending.clear()
+    if bad is None:
+      return
+    step, metrics = bad
+    self.ckpt.wait()
+    last = self.ckpt.latest_step()
+    good = ("none yet: rerunning starts the phase over" if last is None else
+            f"step {last} ({self.ckpt.step_dir(last)}), where rerunning resumes")
+    raise checkpoint.NonFiniteError(
+        f"{self.phase} step {step}: loss {float(metrics['loss'])}, grad_norm "
+        f"{float(metrics['grad_norm'])}: training stopped, nothing saved after it. Last good "
+        f"checkpoint: {good}. Lower config.{self.phase}.lr or check that step's data.")
 
 
 class MetricsLog:
-  """metrics.jsonl + TensorBoard summaries (process 0 only)."""
+  """metrics.jsonl + TensorBoard summaries (process 0 only); one row per phase and step."""
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.path = os.path.join(workdir, "metrics.jsonl")
+      self.file = open(self.path, "a")
+
+  def rewind(self, phase: str, step: int) -> None:
+    """Drop the rows of ``phase`` after ``step``: a run resuming there logs them again. Torn
+    lines (a kill mid-write) go too."""
+    if not self.enabled:
+      return
+    self.file.close()
+    with open(self.path) as f:
+      lines = f.readlines()
+    keep = [line for line in lines if _row_before(line, phase, step)]
+    if len(keep) != len(lines):
+      with open(self.path + ".tmp", "w") as f:
+        f.writelines(keep)
+      os.replace(self.path + ".tmp", self.path)
+    self.file = open(self.path, "a")
 
   def write(self, phase: str, step: int, values: dict[str, float]):
     if not self.enabled:
@@ -263,11 +320,21 @@ class MetricsLog:
       self.file.close()
 
 
+def _row_before(line: str, phase: str, step: int) -> bool:
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    return False
+  return row.get("phase") != phase or row.get("step", 0) <= step
+
+
 def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipeline,
               mesh, log: MetricsLog, init_params_=None):
-  """Train one phase to ``config.<phase>.steps``, resuming from its latest checkpoint.
+  """Train one phase to ``config.<phase>.steps``, resuming from its newest intact checkpoint.
 
-  Returns the final params, or ``None`` if stopped early by SIGTERM (after saving).
+  Returns the final params, or ``None`` if stopped early by SIGTERM (after saving). Raises
+  ``Interrupted`` after saving on SIGINT, ``checkpoint.NonFiniteError`` on a non-finite loss
+  or gradient norm (saving nothing from that step on).
   """
   phase_cfg = config[phase]
   model_cfg = ModelConfig.from_config(config.model)
@@ -276,36 +343,46 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
       workdir, phase, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   model_meta = model_cfg.architecture()
-  start = ckpt.latest_step()
-  if start is None:
-    state = trainer.init_state(jax.random.key(config.seed), init_params_)
-    start = 0
-  else:
-    meta = ckpt.restore_meta(start)
-    checkpoint.check_compatible(meta["model"], model_meta)
-    params, opt_state, meta = ckpt.restore(start, trainer.abstract_params, trainer.abstract_opt)
-    state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32),
-                                           sharding.replicated(mesh)),
-                       params=params, opt_state=opt_state)
-    progress(f"{phase}: resumed from step {start} (data position {meta['data_position']})")
   total = phase_cfg.steps * phase_cfg.grad_accum
-  preemption = _Preemption()
-  t0, last_log, step, real_tokens = time.time(), time.time(), start, 0
+  preemption = None
   try:
+    restored = ckpt.restore_latest(
+        trainer.abstract_params, trainer.abstract_opt,
+        lambda meta: checkpoint.check_compatible(meta.get("model", {}), model_meta))
+    if restored is None:
+      state = trainer.init_state(jax.random.key(config.seed), init_params_)
+      start = 0
+    else:
+      start, params, opt_state, meta = restored
+      state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32),
+                                             sharding.replicated(mesh)),
+                         params=params, opt_state=opt_state)
+      progress(f"{phase}: resumed from step {start} (data position {meta['data_position']})")
+    log.rewind(phase, start)
+    guard = _FiniteGuard(phase, ckpt)
+    preemption = _Preemption()
+    t0, last_log, step, real_tokens = time.time(), time.time(), start, 0
     for step in range(start, total):
-      if preemption.requested:
-        logging.warning("%s: SIGTERM at step %d: saving and exiting.", phase, step)
+      if preemption.signal is not None:
+        guard.check()
         if ckpt.latest_step() != step:
           ckpt.save(step, state.params, state.opt_state, _meta(step, phase, model_meta),
                     force=True)
         ckpt.wait()
+        message = (f"{phase}: {preemption.signal.name} at step {step}/{total}: saved "
+                   f"{ckpt.step_dir(step)}; rerun the same command to resume.")
+        if preemption.signal == signal.SIGINT:
+          raise Interrupted(message)
+        progress(message)
         return None
       batch = pipeline.batch(step)
       real_tokens += int(np.count_nonzero(batch["roles"] != Role.PAD))
       state, metrics = trainer.step(state, batch)
       done = step + 1
+      guard.add(done, metrics)
       if done % config.log_every_steps == 0 or done == total:
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        guard.check()
+        values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != FINITE}
         now = time.time()
         # Real (non-padding) tokens of this host's rows, not packed slots.
         values["tokens_per_s"] = real_tokens / max(now - last_log, 1e-9)
@@ -317,18 +394,26 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
                  f"cls_acc {values['cls_accuracy']:.3f}  {values['tokens_per_s']:.0f} tok/s  "
                  f"ETA {eta:.0f}s")
         last_log = now
-      ckpt.save(done, state.params, state.opt_state, _meta(done, phase, model_meta),
-                force=done == total)
+      if done == total or ckpt.should_save(done):
+        guard.check()
+        ckpt.save(done, state.params, state.opt_state, _meta(done, phase, model_meta),
+                  force=done == total)
     ckpt.wait()
   finally:
-    preemption.restore()
+    if preemption is not None:
+      preemption.restore()
     ckpt.close()
   return state.params
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Run every phase of ``config`` in ``workdir``; returns the final params (or None if
-  stopped by SIGTERM)."""
+  stopped by SIGTERM).
+
+  The config is checked and every phase's data prepared before any training, so a bad
+  setting or record fails at once. Raises ``Interrupted`` (after saving) on SIGINT.
+  """
+  check_config(config)
   model_cfg = ModelConfig.from_config(config.model)
   phases = phase_names(config)
   os.makedirs(workdir, exist_ok=True)
@@ -336,12 +421,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checkpoint.write_config(workdir, config)
   tokenizer = data_pipeline.load_tokenizer(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
-  log = MetricsLog(workdir)
+  pipes = {phase: data_pipeline.make_pipeline(config, phase, tokenizer, model_cfg.cls_id,
+                                              workdir) for phase in phases}
   params = _initial_params(config, model_cfg)
+  log = MetricsLog(workdir)
   try:
     for phase in phases:
-      pipe = data_pipeline.make_pipeline(config, phase, tokenizer, model_cfg.cls_id, workdir)
-      params = run_phase(config, workdir, phase, pipe, mesh, log, init_params_=params)
+      params = run_phase(config, workdir, phase, pipes[phase], mesh, log, init_params_=params)
       if params is None:
         return None
   finally:
@@ -349,13 +435,67 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return params
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raise, before any work, on a setting that would fail late or train silently wrong:
+  non-positive steps, batch sizes, lengths or intervals, a global batch the data-parallel
+  devices do not divide, an unknown over-length policy."""
+  for phase in phase_names(config):
+    if phase not in config:
+      raise ValueError(f"config.phases names {phase!r}, but the config has no {phase!r} "
+                       f"block: add config.{phase} or drop it from config.phases.")
+    for key in ("steps", "batch_size", "grad_accum"):
+      _check_positive(f"{phase}.{key}", config[phase].get(key, 1))
+  for key in ("data.seq_len", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep"):
+    node = config
+    for k in key.split("."):
+      node = node[k]
+    _check_positive(key, node)
+  policy = config.data.get("overlong", "drop")
+  if policy not in data_pipeline.OVERLONG:
+    raise ValueError(f"config.data.overlong={policy!r}: expected one of "
+                     f"{data_pipeline.OVERLONG}.")
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(dict(config.mesh),
+                                                           jax.device_count())))
+  n_data = shape["data"] * shape["fsdp"]
+  for phase in phase_names(config):
+    batch = config[phase].batch_size
+    if batch % n_data:
+      raise ValueError(
+          f"config.{phase}.batch_size={batch} is not divisible by the {n_data} data-parallel "
+          f"devices (mesh data={shape['data']} x fsdp={shape['fsdp']} of "
+          f"{jax.device_count()} devices): use a multiple of {n_data}, or set config.mesh.")
+
+
+def unknown_key(config: ml_collections.ConfigDict, path: str) -> str | None:
+  """Why the override ``--config.<path>`` names no field of ``config`` (None if it does), with
+  the close matches."""
+  node, seen = config, ["config"]
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"--config.{path}: {'.'.join(seen)} is a value, not a group of fields."
+    if key not in node:
+      keys = sorted(node.keys())
+      close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+      hint = (f"did you mean {' or '.join('.'.join(seen + [c]) for c in close)}?" if close
+              else f"it has {', '.join(keys)}.")
+      return f"--config.{path}: {'.'.join(seen)} has no field {key!r}; {hint}"
+    node, seen = node[key], seen + [key]
+  return None
+
+
+def _check_positive(key: str, value) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.{key}={value!r}: expected a whole number >= 1.")
+
+
 def _initial_params(config, model_cfg: ModelConfig):
   """Params of ``config.init_from`` (an import_hf output or a workdir), or None (random)."""
   if not config.init_from:
     return None
-  saved_cfg, params, _ = checkpoint.load_for_inference(config.init_from,
-                                                       config.get("init_phase", ""))
+  saved_cfg, params, extra = checkpoint.load_for_inference(config.init_from,
+                                                           config.get("init_phase", ""))
   checkpoint.check_compatible(saved_cfg.architecture(), model_cfg.architecture())
+  progress(f"init_from {config.init_from}: phase {extra['phase']}, step {extra['step']}")
   return jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype), params)
 
 

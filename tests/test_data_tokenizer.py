@@ -33,8 +33,9 @@ def test_special_ids(tok):
   assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
   assert tok.vocab_size == 512
   assert 1 not in tok.encode("hello")  # no BOS / EOS added
-  for marker in MARKERS:
-    assert len(tok.encode(marker)) == 1
+  for marker in MARKERS:  # one token as template text; ordinary text in a user's text
+    assert len(tok.encode(marker, parse_special=True)) == 1
+    assert len(tok.encode(marker)) > 1 and tok.decode(tok.encode(marker)) == marker
 
 
 def test_decode_never_crashes(tok):
@@ -65,7 +66,7 @@ def test_load_errors_and_config_tokens(tok, tmp_path):
   with open(tmp_path / "tokenizer_config.json", "w") as f:  # Qwen2-like: no BOS, no PAD
     json.dump({"bos_token": None, "eos_token": {"content": "<|im_end|>"}, "pad_token": None}, f)
   qwen = Tokenizer.load(path)
-  assert qwen.bos_id is None and qwen.eos_id == qwen.pad_id == tok.encode("<|im_end|>")[0]
+  assert qwen.bos_id is None and qwen.eos_id == qwen.pad_id == tok.hf.token_to_id("<|im_end|>")
   os.remove(tmp_path / "tokenizer_config.json")
   with pytest.raises(ValueError, match="bos_token='<bos>'"):
     Tokenizer.load(path, bos_token="<bos>")

@@ -8,5 +8,7 @@ from safety_align import evaluate
 
 
 def get_config(arg=None):
-  del arg
+  if arg:
+    raise ValueError(f"configs/eval/default.py takes no variant, got {arg!r}; override fields "
+                     "with --config.<field>=... instead.")
   return evaluate.default_config()

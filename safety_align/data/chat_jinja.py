@@ -14,6 +14,10 @@ each token takes the role of the characters it covers (offsets of the one tokeni
 that mixes template and user characters is QUERY (RESPONSE for the assistant's), so ``[CLS]``
 reads all of the query and the model learns to write all of the answer. A template that
 transforms the content (``| trim``) is matched by its text around the contents instead.
+
+Special tokens come only from the template: a ``<|im_start|>`` or ``</s>`` inside a message's
+content is tokenised as text (where HF would read it as the special token); without one, the
+ids are exactly HF's.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import jinja2.meta
 import jinja2.nodes
 import jinja2.sandbox
 import numpy as np
+import tokenizers
 
 from safety_align.data.tokenizer import Tokenizer
 from safety_align.masks import Role
@@ -40,7 +45,8 @@ Pieces = list[tuple[list[int], Role]]
 # Message i's content renders as chr(_OPEN + i) + content + _CLOSE in the marked rendering.
 _CLOSE = "\U000f0000"
 _OPEN = 0xF0001
-_ANY_MARKER = re.compile("[\U000f0000-\U000f00ff]")
+_STAND_IN, _N_STAND_INS = 0xF0100, 0xF00  # template special tokens while contents are text
+_ANY_MARKER = re.compile("[\U000f0000-\U000f0fff]")
 _MARKED = re.compile("([\U000f0001-\U000f00ff])(.*?)\U000f0000", re.DOTALL)
 _CONTENT_ROLES = {"user": Role.QUERY, "assistant": Role.RESPONSE}  # the rest is TEMPLATE
 
@@ -95,6 +101,45 @@ def _adds_bos(source: str) -> bool:
 @functools.lru_cache(maxsize=16)
 def _special_ids(hf) -> frozenset[int]:
   return frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
+
+
+@functools.lru_cache(maxsize=16)
+def _stand_in_tokenizer(hf):
+  """(copy of ``hf`` that reads special-token strings as text, {special id: stand-in},
+  {stand-in id: special id}). A stand-in is a private-use character repeated as long as the
+  token's text, added as a plain token matched as the special one is (same strip flags), so
+  the template's special tokens split the text where HF splits it, with the same offsets."""
+  specials = sorted((i, t) for i, t in hf.get_added_tokens_decoder().items() if t.special)
+  if len(specials) > _N_STAND_INS:
+    raise ValueError(f"The tokenizer has {len(specials)} special tokens; at most "
+                     f"{_N_STAND_INS} are supported.")
+  copy = tokenizers.Tokenizer.from_str(hf.to_str())
+  copy.encode_special_tokens = True
+  stand_in = {i: chr(_STAND_IN + k) * len(t.content) for k, (i, t) in enumerate(specials)}
+  copy.add_tokens([tokenizers.AddedToken(stand_in[i], single_word=t.single_word, lstrip=t.lstrip,
+                                         rstrip=t.rstrip, normalized=t.normalized,
+                                         special=False) for i, t in specials])
+  return copy, stand_in, {copy.token_to_id(x): i for i, x in stand_in.items()}
+
+
+def _tokenize(hf, text: str, spans: list[tuple[int, int, int]]) -> tuple[list[int], list]:
+  """(ids, character offsets) of ``text``, HF's one tokenisation, except that special-token
+  strings inside message contents (``spans``) are read as text: users and data never insert
+  special tokens, only the template does."""
+  enc = hf.encode(text, add_special_tokens=False)
+  specials = _special_ids(hf)
+  found = [(i, s, e) for i, (s, e) in zip(enc.ids, enc.offsets)
+           if i in specials and hf.id_to_token(i) in text[s:e]]  # not an <unk> of a character
+  if not any(a < e and s < b for _, s, e in found for _, a, b in spans):
+    return list(enc.ids), enc.offsets
+  copy, stand_in, back = _stand_in_tokenizer(hf)
+  chars = list(text)
+  for i, s, e in found:
+    if not any(a < e and s < b for _, a, b in spans):  # the template's: keep it special
+      start = text.index(hf.id_to_token(i), s, e)
+      chars[start:start + len(stand_in[i])] = stand_in[i]
+  enc = copy.encode("".join(chars), add_special_tokens=False)
+  return [back.get(i, i) for i in enc.ids], enc.offsets
 
 
 def _messages(prompt: str, system: str | None, response: str | None = None) -> list[dict]:
@@ -196,7 +241,7 @@ class JinjaTemplate:
     a token's span is its character offsets, at least one character long."""
     for m in messages:
       if _ANY_MARKER.search(m["content"]):
-        raise ValueError(f"The {m['role']} message contains characters U+F0000..U+F00FF, which "
+        raise ValueError(f"The {m['role']} message contains characters U+F0000..U+F0FFF, which "
                          "mark contents while the chat template renders: remove them.")
     text = self._render(tok, messages, add_generation_prompt)
     marked = self._render(tok, [dict(m, content=chr(_OPEN + i) + m["content"] + _CLOSE)
@@ -205,16 +250,16 @@ class JinjaTemplate:
     char_roles = np.full(len(text), int(Role.TEMPLATE))
     for i, s, e in spans:
       char_roles[s:e] = _CONTENT_ROLES.get(messages[i]["role"], Role.TEMPLATE)
-    enc = tok.hf.encode(text, add_special_tokens=False)
-    offsets = np.array(enc.offsets, np.int64).reshape(-1, 2)
+    ids, offsets = _tokenize(tok.hf, text, spans)
+    offsets = np.array(offsets, np.int64).reshape(-1, 2)
     offsets[:, 1] = np.maximum(offsets[:, 1], np.minimum(offsets[:, 0] + 1, len(text)))
-    roles = np.full(len(enc.ids), int(Role.TEMPLATE))
+    roles = np.full(len(ids), int(Role.TEMPLATE))
     for role in (Role.RESPONSE, Role.QUERY):  # QUERY wins a token that covers both
       covered = np.concatenate([[0], np.cumsum(char_roles == role)])
       roles[covered[offsets[:, 1]] > covered[offsets[:, 0]]] = role
-    if enc.ids and enc.ids[0] == tok.bos_id and _adds_bos(self.source):
+    if ids and ids[0] == tok.bos_id and _adds_bos(self.source):
       roles[0] = Role.BOS
-    return list(enc.ids), roles, offsets, spans
+    return ids, roles, offsets, spans
 
   def _example(self, tok: Tokenizer, messages: list[dict]):
     """(ids, roles, index where the answer's end of turn starts) of a conversation ending with

@@ -9,11 +9,12 @@ def iter_jsonl(path: str, expected: str = ""):
   """``(where, object)`` for each non-blank line of a JSONL file; errors name file:line and,
   when given, the ``expected`` format."""
   hint = f"; expected {expected}" if expected else ""
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, 1):
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, 1):
+      where = f"{path}:{line_no}"
+      line = _decode(raw, path, line_no)
       if not line.strip():
         continue
-      where = f"{path}:{line_no}"
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
@@ -23,14 +24,26 @@ def iter_jsonl(path: str, expected: str = ""):
       yield where, obj
 
 
+def _decode(raw: bytes, path: str, line_no: int = 1) -> str:
+  """``raw`` (the file from line ``line_no`` on) as text; errors name file:line and column."""
+  try:
+    return raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+  except UnicodeDecodeError as e:
+    line = line_no + raw.count(b"\n", 0, e.start)
+    column = e.start - raw.rfind(b"\n", 0, e.start)
+    raise ValueError(f"{path}:{line}: byte 0x{raw[e.start]:02x} at column {column} is not "
+                     "valid UTF-8: save the file as UTF-8.") from None
+
+
 def read_json_list(path: str, what: str = "objects") -> list:
   """The JSON list in file ``path``; errors name file:line (malformed JSON) or the type found
   (``what``: what the list should hold, for the message)."""
-  with open(path, encoding="utf-8") as f:
-    try:
-      items = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from None
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    items = json.loads(_decode(raw, path))
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from None
   if not isinstance(items, list):
     raise ValueError(f"{path}: expected a JSON list of {what}, got {type(items).__name__}.")
   return items

@@ -13,14 +13,16 @@ from typing import Iterator, Sequence
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from safety_align.data import corpus, mixtures, tfds_builders
-from safety_align.data.packing import Segment, build_segment, pack, without_cls
+from safety_align.data.packing import Segment, build_segment, pack, truncate, without_cls
 from safety_align.data.templates import Template, get_template
 from safety_align.data.tokenizer import Tokenizer, check_vocab, train_bpe
 from safety_align.masks import Role
 
 MAX_WINDOWS = 8  # window [CLS] rows per segment at most
+OVERLONG = ("drop", "truncate_response", "error")  # config.data.overlong: SFT examples > seq_len
 
 
 def _pretrain_segment(ids: Sequence[int], label: int, tok: Tokenizer, cls_id: int) -> Segment:
@@ -228,6 +230,48 @@ def recovery_segments(records: Sequence[dict], fraction: float, tok: Tokenizer,
   return out
 
 
+def fit_examples(segments: Sequence[Segment], seq_len: int, policy: str,
+                 tok: Tokenizer) -> list[Segment]:
+  """SFT examples longer than ``seq_len`` by ``policy`` (``OVERLONG``), reported in one log line.
+
+  "drop" leaves them out; "truncate_response" cuts the response of those whose prompt fits
+  (window rows past the cut lose their label) and drops the rest; "error" raises. A query is
+  never cut: its [CLS] label is about the whole query.
+  """
+  if policy not in OVERLONG:
+    raise ValueError(f"config.data.overlong={policy!r}: expected one of {OVERLONG}.")
+  over = [i for i, s in enumerate(segments) if len(s) > seq_len]
+  if not over:
+    return list(segments)
+  longest = max(len(segments[i]) for i in over)
+  first = segments[over[0]]
+  query = tok.decode(first.tokens[first.roles == Role.QUERY])
+  what = (f"{len(over)} of {len(segments)} SFT examples are longer than config.data.seq_len="
+          f"{seq_len} tokens (the longest {longest}; e.g. the query {query[:60]!r})")
+  if policy == "error":
+    raise ValueError(f"{what}: raise config.data.seq_len, or set config.data.overlong to "
+                     "'drop' or 'truncate_response'.")
+  out, cut = [], 0
+  for s in segments:
+    if len(s) <= seq_len:
+      out.append(s)
+    elif policy == "truncate_response" and _prompt_length(s) < seq_len:
+      out.append(truncate(s, seq_len))
+      cut += 1
+  if not out:
+    raise ValueError(f"{what}, which leaves no example: raise config.data.seq_len.")
+  done = [f"cut the response of {cut}"] * bool(cut) + [f"dropped {len(over) - cut}"] * bool(
+      len(over) - cut)
+  logging.warning("%s: %s (config.data.overlong=%r).", what, ", ".join(done), policy)
+  return out
+
+
+def _prompt_length(segment: Segment) -> int:
+  """Tokens before the first response token ([CLS] rows included)."""
+  response = np.flatnonzero(segment.roles == Role.RESPONSE)
+  return int(response[0]) if len(response) else len(segment)
+
+
 def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer: Tokenizer,
                   cls_id: int, workdir: str) -> Pipeline:
   """The pipeline of ``config.<phase_name>`` (records: documents for "pretrain", chat pairs
@@ -254,6 +298,8 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   if recovery > 0:
     segments += recovery_segments(records, recovery, tokenizer,
                                   get_template(data.chat_template), cls_id, data.seed)
+  if phase_name == "sft":
+    segments = fit_examples(segments, data.seq_len, data.get("overlong", "drop"), tokenizer)
   if not use_cls:
     segments = [without_cls(s) for s in segments]
   replay = phase.get("replay", 0.0) if phase_name == "sft" else 0.0

@@ -46,8 +46,9 @@ class ChatTemplate:
              response_ids: Sequence[int] | None = None) -> Pieces:
     """The pieces from already tokenised query (and response) ids."""
     out = [([tok.bos_id], Role.BOS)] if tok.bos_id is not None else []
-    out += [(tok.encode(self.opening), Role.TEMPLATE), (list(query_ids), Role.QUERY),
-            (tok.encode(self.closing), Role.TEMPLATE)]
+    out += [(tok.encode(self.opening, parse_special=True), Role.TEMPLATE),
+            (list(query_ids), Role.QUERY),
+            (tok.encode(self.closing, parse_special=True), Role.TEMPLATE)]
     if response_ids is not None:
       out.append((list(response_ids) + [tok.eos_id], Role.RESPONSE))
     return out

@@ -98,7 +98,14 @@ class LocalJsonl(tfds.core.GeneratorBasedBuilder):
 
 
 def _jsonl_path(source_dir: str, split: str) -> str:
-  return os.path.join(source_dir, f"{split}.jsonl")
+  """``<source_dir>/<split>.jsonl``; raises if ``split`` leads outside ``source_dir``."""
+  path = os.path.join(source_dir, f"{split}.jsonl")
+  root = os.path.realpath(source_dir)
+  if os.path.commonpath([root, os.path.realpath(path)]) != root:
+    raise ValueError(f"Split {split!r} names {path}, outside the data directory {source_dir}: "
+                     "a split (config.<phase>.split) is a .jsonl file name inside "
+                     "config.data.data_dir, without the extension.")
+  return path
 
 
 def _expected(fmt: str) -> str:
@@ -113,7 +120,7 @@ def read_jsonl(path: str, fmt: str) -> list[dict]:
     for key in _REQUIRED[fmt]:
       if key not in obj:
         raise ValueError(f"{where}: missing key {key!r}; expected {_expected(fmt)}.")
-    if obj["label"] not in (0, 1) or isinstance(obj["label"], float):
+    if type(obj["label"]) is not int or obj["label"] not in (0, 1):  # not True, not 1.0
       raise ValueError(f"{where}: label must be 0 (benign) or 1 (malicious), got "
                        f"{obj['label']!r}.")
     texts = [k for k in _REQUIRED[fmt] if k != "label"]
@@ -122,8 +129,10 @@ def read_jsonl(path: str, fmt: str) -> list[dict]:
     for k, v in record.items():
       if not isinstance(v, str):
         raise ValueError(f"{where}: {k!r} must be a string, got {type(v).__name__}.")
-    record["label"] = int(obj["label"])
+    record["label"] = obj["label"]
     records.append(record)
+  if not records:
+    raise ValueError(f"{path} has no records (it is empty or blank); expected {_expected(fmt)}.")
   return records
 
 

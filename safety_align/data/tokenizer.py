@@ -2,11 +2,14 @@
 
 The same file format real checkpoints ship (Llama-2, Mistral, Qwen2), so the demo and a
 converted checkpoint go through one code path. The ``[CLS]`` id is ``model vocab_size``: it is
-outside the tokenizer, never produced by ``encode`` and dropped by ``decode``.
+outside the tokenizer, never produced by ``encode`` and dropped by ``decode``. ``encode`` reads
+special-token strings as text (a user's ``</s>`` is not EOS); only chat-template text is
+encoded with ``parse_special=True``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Iterable, Sequence
@@ -75,13 +78,23 @@ class Tokenizer:
       json.dump(dict(bos_token=name(self.bos_id), eos_token=name(self.eos_id), pad_token=pad),
                 f, indent=2)
 
-  def encode(self, text: str) -> list[int]:
-    """Token ids of ``text``; no BOS / EOS added."""
-    return self.hf.encode(text, add_special_tokens=False).ids
+  def encode(self, text: str, *, parse_special: bool = False) -> list[int]:
+    """Token ids of ``text``; no BOS / EOS added. Special-token strings in ``text`` (a user's
+    ``</s>`` or ``<|im_start|>``) are ordinary text unless ``parse_special`` (template text
+    only: special tokens come from the chat template, never from users or data)."""
+    hf = self.hf if parse_special else self.text_hf
+    return hf.encode(text, add_special_tokens=False).ids
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """``encode`` of many texts at once (parallel in Rust)."""
-    return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+    return [e.ids for e in self.text_hf.encode_batch(list(texts), add_special_tokens=False)]
+
+  @functools.cached_property
+  def text_hf(self) -> tokenizers.Tokenizer:
+    """A copy of ``hf`` that reads special-token strings as text (``encode_special_tokens``)."""
+    hf = tokenizers.Tokenizer.from_str(self.hf.to_str())
+    hf.encode_special_tokens = True
+    return hf
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
     """Text of ``ids``. Ids outside the vocabulary (e.g. ``[CLS]``) are dropped; bytes that
