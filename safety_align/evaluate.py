@@ -48,15 +48,15 @@ from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSet
 from safety_align.attacks.decoding import DecodingAttack, sweep
 from safety_align.attacks.direct import DirectAttack
 from safety_align.attacks.gcg_attack import GCGAttack
-from safety_align.attacks.prefill import PrefillAttack
+from safety_align.attacks.prefill import PrefillAttack, TargetPrefillAttack
 from safety_align.attacks.templates import TemplateAttack, load_templates
-from safety_align.data import corpus
+from safety_align.data import corpus, json_files
 from safety_align.decode import SCHEDULES, GateConfig
 
 ATTACK_NAMES = ("direct", "prefill_5", "prefill_10", "prefill_20", "prefill_40",
                 "prefill_deep", "decoding", "gcg", "gcg_adaptive", "templates")
-KNOWN = ("direct, prefill_<k> (k tokens, e.g. prefill_5), prefill_deep, decoding, gcg, "
-         "gcg_adaptive, templates")
+KNOWN = ("direct, prefill_<k> (k tokens, e.g. prefill_5), prefill_deep, prefill_target, "
+         "decoding, gcg, gcg_adaptive, templates")
 GATED = tuple(s for s in SCHEDULES if s != GATE_OFF)
 EVAL_DIR, CACHE_DIR = "eval", "cache"
 BASELINE_DIR = "baseline_no_cls"
@@ -72,6 +72,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.n_malicious = 0          # held-out malicious prompts (0: all of them)
   c.n_benign = 0             # held-out benign prompts for over-refusal (0: all)
   c.data_seed = -1           # seed of corpus.sft_pairs("test"); -1: the workdir's data.seed
+  c.held_out_dir = ""        # "" = the demo corpus' test split; else a folder of JSONL files
+                             # (see held_out_files), e.g. make demo-real's WORKDIR/eval_data
   c.max_new_tokens = 64      # response tokens after any prefill
   c.batch_size = 32          # prompts per decoding batch
   c.seed = 0                 # sampling seed (decoding attack)
@@ -100,7 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
       names="",              # run only these (comma-separated; "" = all)
       n_prompts=0))
   c.judge = ml_collections.ConfigDict(dict(
-      harm="markers",        # "markers" (corpus.HARM_MARKERS) | "model" | "either"
+      harm="markers",        # "markers" (corpus.HARM_MARKERS) | "model" | "either" |
+                             # "not_refused" (real text without a harm judge: no refusal)
       refusals="gcg",        # refusal-substring list for over-refusal: "gcg" | "harmbench"
       model_workdir="",      # Llama-Guard-style judge model (sa.load-able)
       model_mode="classify",  # "classify" ([CLS] of the conversation) | "generate"
@@ -157,6 +160,8 @@ def build_attack(name: str, cfg) -> base.Attack:
   """The attack called ``name`` (see ``KNOWN``), configured from the evaluation config."""
   if name == "direct":
     return DirectAttack()
+  if name == "prefill_target":
+    return TargetPrefillAttack()
   if name == "prefill_deep":
     return PrefillAttack(cfg.prefill.deep_tokens, deep=True, keep=cfg.prefill.deep_keep,
                          min_tokens=cfg.prefill.deep_min_tokens)
@@ -197,7 +202,7 @@ def validate(cfg) -> None:
   if cfg.judge.harm not in judges.HARM_JUDGES:
     raise ValueError(f"Unknown judge.harm {cfg.judge.harm!r}: expected one of "
                      f"{judges.HARM_JUDGES}.")
-  if cfg.judge.harm != "markers" and not cfg.judge.model_workdir:
+  if cfg.judge.harm in ("model", "either") and not cfg.judge.model_workdir:
     raise ValueError(f"judge.harm={cfg.judge.harm!r} needs judge.model_workdir.")
   for field in ("max_new_tokens", "batch_size"):
     if cfg[field] < 1:
@@ -297,13 +302,13 @@ class Judge:
 
 def make_judge(cfg) -> Judge:
   model_judge = None
-  if cfg.judge.harm != "markers":
+  if cfg.judge.harm in ("model", "either"):
     import safety_align as sa  # pylint: disable=g-import-not-at-top
     require_checkpoint(cfg.judge.model_workdir, "judge.model_workdir")
     model_judge = judges.ModelJudge(sa.load(cfg.judge.model_workdir), cfg.judge.model_mode,
                                     cfg.judge.model_threshold)
-  return Judge(judges.make_harm_judge(cfg.judge.harm, model_judge),
-               judges.refusal_strings(cfg.judge.refusals))
+  refusals = judges.refusal_strings(cfg.judge.refusals)
+  return Judge(judges.make_harm_judge(cfg.judge.harm, model_judge, refusals), refusals)
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -334,6 +339,27 @@ def held_out(seed: int) -> tuple[list[Item], list[str], list[dict]]:
       pairs.append(p)
   return ([Item.from_pair(p) for p in pairs if p["label"] == 1],
           [p["prompt"] for p in pairs if p["label"] == 0], pairs)
+
+
+HELD_OUT_FILES = ("malicious.jsonl", "benign.jsonl", "classifier.jsonl")
+
+
+def held_out_files(directory: str) -> tuple[list[Item], list[str], list[dict]]:
+  """(malicious items, benign prompts, classifier pairs) from ``directory``:
+  ``malicious.jsonl`` ``{"prompt", "harmful_response", "target"}`` (the prefill source and
+  the GCG target), ``benign.jsonl`` ``{"prompt"}`` (over-refusal) and ``classifier.jsonl``
+  ``{"prompt", "label"}``."""
+  rows = {}
+  for name in HELD_OUT_FILES:
+    path = os.path.join(directory, name)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"held_out_dir={directory} has no {name}: it needs "
+                              f"{', '.join(HELD_OUT_FILES)} (make demo-real writes them).")
+    rows[name] = [r for _, r in json_files.iter_jsonl(path)]
+  items = [Item(r["prompt"], r["harmful_response"], r.get("target", ""))
+           for r in rows["malicious.jsonl"]]
+  return (items, [r["prompt"] for r in rows["benign.jsonl"]],
+          [dict(prompt=r["prompt"], label=int(r["label"])) for r in rows["classifier.jsonl"]])
 
 
 # ------------------------------------------------------------------------------- the runner
@@ -756,7 +782,8 @@ def run(workdir: str, eval_config: ml_collections.ConfigDict) -> str:
   seed = cfg.data_seed
   if seed < 0:
     seed = checkpoint.read_config(workdir).get("data", {}).get("seed", 0)
-  items, benign, pairs = held_out(seed)
+  items, benign, pairs = (held_out_files(cfg.held_out_dir) if cfg.held_out_dir
+                          else held_out(seed))
   gate = gate_config(cfg, cfg.gate_on)
   model = sa.load(workdir, gate_defaults=gate, batch_size=cfg.batch_size)
   if not model.has_cls_head:

@@ -42,3 +42,20 @@ class PrefillAttack(Attack):
       if n and fits(model, item.prompt, n, settings.max_new_tokens):
         out.append((i, "", item.prompt, tok.decode(ids[:n])))
     return out
+
+
+class TargetPrefillAttack(Attack):
+  """AdvBench-style prefill: the response is forced to start with the item's compliant
+  opening (``target``, e.g. "Sure, here is a script that ..."); items without one are left
+  out."""
+
+  name = "prefill_target"
+
+  def config(self):
+    return {}
+
+  def queries(self, model, items, settings):
+    tok = model.tokenizer
+    return [(i, "", item.prompt, item.target) for i, item in enumerate(items)
+            if item.target and fits(model, item.prompt, len(tok.encode(item.target)),
+                                    settings.max_new_tokens)]
