@@ -8,20 +8,26 @@ import json
 def iter_jsonl(path: str, expected: str = ""):
   """``(where, object)`` for each non-blank line of a JSONL file; errors name file:line and,
   when given, the ``expected`` format."""
-  hint = f"; expected {expected}" if expected else ""
   with open(path, "rb") as f:
-    for line_no, raw in enumerate(f, 1):
-      where = f"{path}:{line_no}"
-      line = _decode(raw, path, line_no)
-      if not line.strip():
-        continue
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: malformed JSON ({e.msg}){hint}.") from None
-      if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
-      yield where, obj
+    yield from jsonl_objects((_decode(raw, path, n) for n, raw in enumerate(f, 1)), path,
+                             expected)
+
+
+def jsonl_objects(lines, source: str, expected: str = ""):
+  """``(where, object)`` for each non-blank one of ``lines`` (JSONL text lines, in order) of
+  ``source``; errors name ``source:line`` and, when given, the ``expected`` format."""
+  hint = f"; expected {expected}" if expected else ""
+  for line_no, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    where = f"{source}:{line_no}"
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{where}: malformed JSON ({e.msg}){hint}.") from None
+    if not isinstance(obj, dict):
+      raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
+    yield where, obj
 
 
 def _decode(raw: bytes, path: str, line_no: int = 1) -> str:

@@ -53,7 +53,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 import yaml
 
-from safety_align.data import real_datasets
+from safety_align.data import json_files, real_datasets
 from safety_align.data.real_splits import normalise_prompt
 
 PINS = {"pyrit": "1.1.0", "uncensorbench": "0.3.7", "weighted-safety-refusal": "0.1.1",
@@ -205,17 +205,7 @@ def _json_list(member: Member, drop: tuple[str, ...] = ()) -> Iterator[tuple[str
 
 
 def _jsonl(member: Member) -> Iterator[tuple[str, dict]]:
-  for line_no, line in enumerate(member.text.split("\n"), 1):
-    if not line.strip():
-      continue
-    where = f"{member.where}:{line_no}"
-    try:
-      obj = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{where}: malformed JSON ({e.msg}).") from None
-    if not isinstance(obj, dict):
-      raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}.")
-    yield where, obj
+  return json_files.jsonl_objects(member.text.split("\n"), member.where)
 
 
 def _seeds(member: Member) -> Iterator[tuple[str, dict, dict]]:
