@@ -17,18 +17,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 
+from safety_align import attention as attention_lib
 from safety_align import masks
 
 Array = jax.Array
 NUM_CLASSES = 2  # benign (0), malicious (1)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_ATTENTION = ("dense",) + attention_lib.IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +57,10 @@ class ModelConfig:
   # Text -> [CLS] attention through a learned per-head gate, zero at import (``Attention``):
   # an imported model then generates exactly as its source until training opens the gate.
   cls_attention_gate: bool = False
+  # How training forwards compute the [CLS] masks (``attention.py``): "dense" builds the
+  # [B, T, T] mask; "blockwise" (pure JAX) and "flash" (fused GPU kernel) never hold [T, T].
+  # Decoding always runs dense (its query rows are one or two). Parameters are the same.
+  attention: str = "dense"
 
   def __post_init__(self):
     for field in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff"):
@@ -71,11 +78,13 @@ class ModelConfig:
         raise ValueError(f"model.{field}={getattr(self, field)!r}: expected one of {list(_DTYPES)}.")
     if self.remat not in _REMAT_POLICIES:
       raise ValueError(f"model.remat={self.remat!r}: expected one of {_REMAT_POLICIES}.")
+    if self.attention not in _ATTENTION:
+      raise ValueError(f"model.attention={self.attention!r}: expected one of {_ATTENTION}.")
 
   def architecture(self) -> dict[str, Any]:
-    """The fields that fix the parameter tree (not dtypes, remat or init)."""
+    """The fields that fix the parameter tree (not dtypes, remat, init or attention)."""
     return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-            if f.name not in ("dtype", "param_dtype", "remat", "init_scale")}
+            if f.name not in ("dtype", "param_dtype", "remat", "init_scale", "attention")}
 
   @property
   def cls_id(self) -> int:
@@ -166,7 +175,8 @@ def _dense(cfg: ModelConfig, features, axes, name, use_bias=False):
 
 
 class Attention(nn.Module):
-  """Grouped-query attention over an explicit boolean mask, optionally through a KV cache."""
+  """Grouped-query attention over an explicit boolean mask, optionally through a KV cache, or
+  over a ``masks.MaskSpec`` (training, no cache) by ``cfg.attention`` (``attention.py``)."""
 
   cfg: ModelConfig
 
@@ -182,7 +192,10 @@ class Attention(nn.Module):
     (``cls_gate``, zero-initialised as LLaMA-Adapter's gating): with ``o_text`` the
     attention over the row's other keys, ``w`` the weight the [CLS] key has in the joint
     softmax and ``v_cls`` its value, ``out = o_text + g * w * (v_cls - o_text)``; ``g = 1``
-    is ordinary attention, ``g = 0`` ignores [CLS] exactly."""
+    is ordinary attention, ``g = 0`` ignores [CLS] exactly.
+
+    ``mask`` a ``masks.MaskSpec``: the structured path (no cache; ``cls_edges`` unused, the
+    spec says which rows read [CLS])."""
     cfg = self.cfg
     hd = cfg.dim_per_head
     q = _dense(cfg, (cfg.n_heads, hd), ("embed", "heads", "head_dim"), "q_proj", cfg.qkv_bias)(x)
@@ -194,6 +207,11 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("act_batch", "act_length", "act_heads", "act_head_dim"))
     b, t, _, _ = q.shape
     groups = cfg.n_heads // cfg.n_kv_heads
+    if isinstance(mask, masks.MaskSpec):  # no cache (Transformer.forward_embedded checks)
+      gate = self._cls_gate() if cfg.cls_attention_gate else None
+      out = attention_lib.attend(q.reshape(b, t, cfg.n_kv_heads, groups, hd), k, v, mask,
+                                 cfg.attention, gate)
+      return self._out_proj(out.reshape(b, t, cfg.n_heads, hd)), None
     # Heads-major layout [B, Hkv, S, Dh] for keys/values (the cache's own layout), and the
     # query groups folded into the row axis: q [B, Hkv, T*G, Dh]. Both attention products are
     # then plain batched matmuls over (B, Hkv).
@@ -223,18 +241,24 @@ class Attention(nn.Module):
     if cfg.cls_attention_gate:
       out = self._gate_cls(out, scores, text_scores, cls_edges, v)
     out = out.transpose(0, 2, 1, 3, 4).reshape(b, t, cfg.n_heads, hd)
-    out = nn.DenseGeneral(
+    return self._out_proj(out), cache
+
+  def _out_proj(self, out):
+    cfg = self.cfg
+    return nn.DenseGeneral(
         cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
         name="o_proj")(out)
-    return out, cache
+
+  def _cls_gate(self):
+    return self.param("cls_gate", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                                ("heads",)),
+                      (self.cfg.n_heads,), self.cfg.weight_dtype)
 
   def _gate_cls(self, o_text, scores, text_scores, cls_edges, v):
     """``o_text + g * w * (v_cls - o_text)`` (see ``__call__``); all [B, Hkv, T, G, Dh]."""
     cfg = self.cfg
-    gate = self.param("cls_gate", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                                ("heads",)),
-                      (cfg.n_heads,), cfg.weight_dtype)
+    gate = self._cls_gate()
     slot = jnp.argmax(cls_edges, axis=-1)  # [B, T]: the row's [CLS] key (if any)
     has_cls = jnp.any(cls_edges, axis=-1)[:, None, :, None]  # [B, 1, T, 1]
     s_cls = jnp.take_along_axis(scores, slot[:, None, :, None, None], axis=-1)[..., 0]
@@ -297,6 +321,8 @@ class Transformer(nn.Module):
   Call: ``(tokens [B, T] int, positions [B, T] int, mask [B, T, S] bool, cache=None,
   write_index=None [B, T] int, lm_rows=None)`` -> ``(lm_logits [B, T', V] f32, cls_logits
   [B, T, 2] f32, cache)``. ``S`` is ``T`` without a cache and the cache length with one.
+  Without a cache ``mask`` may instead be a ``masks.MaskSpec`` (``positions`` then with the
+  [CLS] rows placed, ``masks.structured_cls_positions``): ``cfg.attention`` computes it.
   ``cls_logits`` are computed at every position; only rows holding ``[CLS]`` are meaningful.
   ``lm_rows`` (a ``slice`` of query rows): compute ``lm_logits`` for those rows only (``T'``
   = their number), e.g. the decoder's token row but not its [CLS] row, or the prompt's last
@@ -343,6 +369,9 @@ class Transformer(nn.Module):
                lm_rows: slice | None = None, cls_keys=None):
     """``cls_keys`` [B, S] bool: which keys are [CLS] (only read with
     ``cfg.cls_attention_gate``; default without a cache: the [CLS] tokens themselves)."""
+    chex.assert_rank([tokens, positions], 2)
+    chex.assert_type([tokens, positions], int)
+    chex.assert_equal_shape([tokens, positions])
     is_cls = tokens == self.cfg.cls_id
     if cls_keys is None and cache is None:
       cls_keys = is_cls
@@ -356,8 +385,22 @@ class Transformer(nn.Module):
     with ``cfg.cls_attention_gate``, ``cls_queries`` [B, T] and ``cls_keys`` [B, S] bool
     say which rows and keys are [CLS]."""
     cfg = self.cfg
+    chex.assert_rank([x, positions], [3, 2])
+    chex.assert_type(positions, int)
+    chex.assert_equal_shape_prefix([x, positions], 2)
+    structured = isinstance(mask, masks.MaskSpec)
+    if structured:
+      chex.assert_equal_shape([positions, mask.roles])
+      if cache is not None:
+        raise ValueError("A MaskSpec describes a training forward: decode with a dense mask.")
+      if cfg.attention == "dense":
+        mask, structured = mask.dense(), False
+    else:
+      chex.assert_rank(mask, 3)
+      chex.assert_type(mask, bool)
+      chex.assert_equal_shape_prefix([mask, positions], 2)
     cls_edges = None
-    if cfg.cls_attention_gate:
+    if cfg.cls_attention_gate and not structured:
       if cls_queries is None or cls_keys is None:
         raise ValueError("model.cls_attention_gate needs cls_queries and cls_keys.")
       cls_edges = mask & cls_keys[:, None, :] & ~cls_queries[:, :, None]
@@ -385,13 +428,19 @@ class Transformer(nn.Module):
 
 
 def forward_batch(model: Transformer, params, batch, phase: str):
-  """Training forward of a packed batch (``data/packing.py``) under ``phase``'s mask.
+  """Training forward of a packed batch (``data/packing.py``) under ``phase``'s mask, by
+  ``model.cfg.attention``: "dense" builds the [B, T, T] mask, the others a ``MaskSpec``.
 
   Returns (lm_logits [B, T, V], cls_logits [B, T, 2]).
   """
-  mask = masks.attention_mask(batch["roles"], batch["segment_ids"], batch["positions"],
-                              batch["cls_window"], phase)
-  positions = masks.cls_positions(mask, batch["roles"], batch["positions"])
+  spec = masks.MaskSpec.from_batch(batch, phase)
+  chex.assert_equal_shape([batch["tokens"], spec.roles])
+  if model.cfg.attention == "dense":
+    mask = spec.dense()
+    positions = masks.cls_positions(mask, spec.roles, spec.positions)
+  else:
+    mask = spec
+    positions = masks.structured_cls_positions(spec, attention_lib.CLS_CHUNK)
   lm_logits, cls_logits, _ = model.apply({"params": params}, batch["tokens"], positions, mask)
   return lm_logits, cls_logits
 

@@ -1,5 +1,7 @@
 """Mask semantics, token by token, against a direct reading of METHOD.md section 3."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,38 +10,63 @@ import pytest
 
 from conftest import chat_segment, packed
 from safety_align import masks
+from safety_align.decode.cache import prefill_inputs
 from safety_align.masks import Role
 from safety_align.model import Transformer, init_params
 
 TEXT = {Role.BOS, Role.TEMPLATE, Role.QUERY, Role.RESPONSE}
 
 
+@dataclasses.dataclass
+class Tok:
+  """One token as METHOD.md describes it: its slot, role, segment, position, and for a
+  [CLS] row its window (None: the segment's main [CLS]) and whether it sees the QUERY."""
+
+  index: int
+  role: Role
+  seg: int
+  pos: int
+  window: tuple[int, int] | None = None
+  sees_query: bool = False
+
+
+def reads(q: Tok, k: Tok, phase: str) -> bool:
+  """METHOD.md sections 3 and 5, stated once: does query token q attend to key token k?"""
+  if q.index == k.index and q.role in (Role.CLS, Role.PAD):
+    return True  # [CLS] reads itself; PAD only itself
+  if q.seg == 0 or q.seg != k.seg:
+    return False
+  if q.role in TEXT and k.role in TEXT:
+    return k.pos <= q.pos  # ordinary causal attention, as without [CLS]
+  if q.role == Role.CLS and k.role in TEXT:
+    if q.window is None:  # the main [CLS]: the document (pretrain), the query (SFT)
+      return phase == "pretrain" or k.role == Role.QUERY
+    lo, hi = q.window  # a window row (rules 1-3); never PAD, BOS, TEMPLATE (rule 4)
+    return (k.role == Role.QUERY and q.sees_query) or (
+        k.role == Role.RESPONSE and lo <= k.pos <= hi)
+  if q.role == Role.RESPONSE and k.role == Role.CLS:
+    return phase == "sft" and k.window is None  # the implicit path
+  return False
+
+
+def reference_position(q: Tok, keys, phase) -> int:
+  """A [CLS] row's position: one past the last text position it reads."""
+  seen = [k.pos for k in keys if k.role in TEXT and reads(q, k, phase)]
+  return max(seen, default=-1) + 1
+
+
+def batch_tokens(b, row=0):
+  roles, seg, pos, win = (b[k][row] for k in ("roles", "segment_ids", "positions",
+                                              "cls_window"))
+  return [Tok(i, Role(int(roles[i])), int(seg[i]), int(pos[i]),
+              None if win[i, 0] > win[i, 1] else (int(win[i, 0]), int(win[i, 1])))
+          for i in range(len(roles))]
+
+
 def reference_mask(b, phase):
   """The rules written as loops over (query, key) pairs."""
-  roles, seg, pos, win = b["roles"][0], b["segment_ids"][0], b["positions"][0], b["cls_window"][0]
-  t = len(roles)
-  out = np.zeros((t, t), bool)
-  for q in range(t):
-    for k in range(t):
-      rq, rk = Role(roles[q]), Role(roles[k])
-      if q == k and rq in (Role.CLS, Role.PAD):
-        out[q, k] = True
-        continue
-      if seg[q] == 0 or seg[q] != seg[k]:
-        continue
-      main_q = win[q, 0] > win[q, 1]
-      if rq in TEXT and rk in TEXT:
-        out[q, k] = pos[k] <= pos[q]
-      elif rq == Role.CLS and rk in TEXT:
-        if not main_q:
-          out[q, k] = rk == Role.RESPONSE and win[q, 0] <= pos[k] <= win[q, 1]
-        elif phase == "pretrain":
-          out[q, k] = True
-        else:
-          out[q, k] = rk == Role.QUERY
-      elif rq == Role.RESPONSE and rk == Role.CLS:
-        out[q, k] = phase == "sft" and win[k, 0] > win[k, 1]
-  return out
+  toks = batch_tokens(b)
+  return np.array([[reads(q, k, phase) for k in toks] for q in toks])
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "sft"])
@@ -84,6 +111,59 @@ def test_cls_position_is_one_past_the_last_token_it_sees():
     assert pos[0] == expected_main
     assert pos[1] == 10  # window over response tokens 1..2 = positions 8..9
     np.testing.assert_array_equal(pos[2:12], np.arange(10))
+
+
+def test_cls_positions_match_reference():
+  b = packed([chat_segment(windows=[(0, 1, 1), (1, 3, 0)]), chat_segment(query=(13,))],
+             seq_len=32)
+  toks = batch_tokens(b)
+  for phase in masks.PHASES:
+    spec = masks.MaskSpec.from_batch({k: jnp.asarray(v) for k, v in b.items()}, phase)
+    pos = np.asarray(masks.cls_positions(spec.dense(), spec.roles, spec.positions))[0]
+    want = [reference_position(q, toks, phase) if q.role == Role.CLS else q.pos for q in toks]
+    np.testing.assert_array_equal(pos, want)
+
+
+def _decode_cache():
+  """A decode-time cache row: ``[CLS]``, scratch, a left-padded prompt, 4 response tokens."""
+  roles = np.array([[Role.PAD, Role.BOS, Role.TEMPLATE, Role.QUERY, Role.QUERY, Role.QUERY,
+                     Role.TEMPLATE]], np.int32)
+  ids = np.where(roles == Role.PAD, 0, 7).astype(np.int32)
+  _, rls, pos, prompt = prefill_inputs(64, jnp.asarray(ids), jnp.asarray(roles),
+                                       jnp.array([6]), True)
+  rls = np.concatenate([np.asarray(rls), np.full((1, 4), Role.RESPONSE, np.int32)], axis=1)
+  pos = np.concatenate([np.asarray(pos), np.arange(6, 10, dtype=np.int32)[None]], axis=1)
+  keys = [Tok(i, Role(int(r)), int(r != Role.PAD), int(p)) for i, (r, p) in
+          enumerate(zip(rls[0], pos[0]))]
+  return rls, pos, np.asarray(prompt[0]), keys
+
+
+def test_prompt_pass_matches_reference():
+  rls, pos, prompt, keys = _decode_cache()
+  n = prompt.shape[0]
+  np.testing.assert_array_equal(prompt, [[reads(q, k, "sft") for k in keys[:n]]
+                                         for q in keys[:n]])
+  assert pos[0, 0] == reference_position(keys[0], keys[:n], "sft") == 5
+
+
+def test_decode_token_row_matches_reference():
+  rls, pos, _, keys = _decode_cache()
+  for slot in range(len(keys) - 4, len(keys)):  # each response token, fed at its slot
+    q = Tok(slot, Role.RESPONSE, 1, int(pos[0, slot]))
+    got = masks.decode_token_row(jnp.asarray(rls), jnp.asarray(pos), jnp.array([q.pos]))
+    np.testing.assert_array_equal(np.asarray(got[0]), [reads(q, k, "sft") for k in keys])
+
+
+@pytest.mark.parametrize("sees_query,lo,hi", [(False, 7, 8), (True, 6, 6), (True, 3, 2),
+                                              (False, -100, 100)])
+@pytest.mark.parametrize("self_slot", [0, 1])
+def test_window_row_matches_reference(sees_query, lo, hi, self_slot):
+  rls, pos, _, keys = _decode_cache()
+  q = Tok(self_slot, Role.CLS, 1, 0, (lo, hi), sees_query)
+  got, position = masks.window_row(jnp.asarray(rls), jnp.asarray(pos), jnp.array([sees_query]),
+                                   jnp.array([lo]), jnp.array([hi]), jnp.array([self_slot]))
+  np.testing.assert_array_equal(np.asarray(got[0]), [reads(q, k, "sft") for k in keys])
+  assert int(position[0]) == reference_position(q, keys, "sft")
 
 
 def test_window_visible_never_shows_pad_bos_template():

@@ -171,10 +171,22 @@ def test_untrained_response_tokens_are_not_targets():
     ("n_kv_heads", 3, "n_kv_heads=3 does not divide model.n_heads=4"),
     ("dtype", "float8", "model.dtype='float8'"),
     ("remat", "sometimes", "model.remat='sometimes'"),
+    ("attention", "sparse", "model.attention='sparse'"),
 ])
 def test_bad_config_values_name_the_field(field, value, match):
   with pytest.raises(ValueError, match=match):
     tiny_model_config(**{field: value})
+
+
+def test_attention_implementation_changes_no_parameter():
+  """model.attention is how training computes the masks: the parameter tree and the
+  architecture (what checkpoints are checked against) are the same for every choice."""
+  base = tiny_model_config()
+  shapes = lambda cfg: jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: _params(cfg)))
+  for impl in ("blockwise", "flash"):
+    cfg = tiny_model_config(attention=impl)
+    assert cfg.architecture() == base.architecture()
+    assert shapes(cfg) == shapes(base)
 
 
 def test_unknown_model_field_is_named():

@@ -103,8 +103,8 @@ class Cache:
 
 def prefill_inputs(cls_id: int, tokens, roles, lengths, with_cls: bool):
   """The prefill rows ``[CLS] scratch prompt``: tokens, roles, positions [B, 2+P] and the
-  SFT-phase mask [B, 2+P, 2+P] (``masks.attention_mask``, as in training) with ``[CLS]``
-  placed by ``masks.cls_positions``. Without ``with_cls`` slot 0 is padding."""
+  SFT-phase mask [B, 2+P, 2+P] (``masks.prompt_mask``, as in training) with ``[CLS]``
+  placed one past the last token it reads. Without ``with_cls`` slot 0 is padding."""
   b, p = tokens.shape
   head_tokens = jnp.tile(jnp.array([cls_id if with_cls else 0, 0], jnp.int32), (b, 1))
   head_roles = jnp.tile(jnp.array([Role.CLS if with_cls else Role.PAD, Role.PAD], jnp.int32),
@@ -114,28 +114,16 @@ def prefill_inputs(cls_id: int, tokens, roles, lengths, with_cls: bool):
   first = p - lengths[:, None]  # column of the first real prompt token
   positions = jnp.concatenate(
       [jnp.zeros((b, 2), jnp.int32), jnp.maximum(jnp.arange(p)[None] - first, 0)], axis=1)
-  segment_ids = (roles != Role.PAD).astype(jnp.int32)
-  window = jnp.broadcast_to(jnp.array(masks.EMPTY_WINDOW, jnp.int32), (b, 2 + p, 2))
-  mask = masks.attention_mask(roles, segment_ids, positions, window, "sft")
-  positions = masks.cls_positions(mask, roles, positions)
-  return tokens, roles, positions.astype(jnp.int32), mask
+  mask, positions = masks.prompt_mask(roles, positions)
+  return tokens, roles, positions, mask
 
 
 def response_mask(cache: Cache, q_positions):
-  """[B, S] keys a RESPONSE token at ``q_positions`` [B] reads: causal text, and [CLS]."""
-  r = cache.roles
-  text = (r != Role.PAD) & (r != Role.CLS) & (cache.positions <= q_positions[:, None])
-  return text | (r == Role.CLS)
+  """[B, S] keys a RESPONSE token at ``q_positions`` [B] reads (``masks.decode_token_row``)."""
+  return masks.decode_token_row(cache.roles, cache.positions, q_positions)
 
 
 def window_mask(cache: Cache, sees_query, lo, hi, self_slot):
-  """The row of a re-evaluating ``[CLS]``: (mask [B, S], position [B]).
-
-  ``lo``, ``hi`` [B] are inclusive RESPONSE *positions*; the row reads what
-  ``masks.window_visible`` allows (rule 4: never PAD, BOS, TEMPLATE, CLS) and its own slot
-  ``self_slot`` [B]; its position is one past the last position it reads.
-  """
-  seen = masks.window_visible(cache.roles, cache.positions, sees_query=sees_query, lo=lo, hi=hi)
-  position = jnp.max(jnp.where(seen, cache.positions, -1), axis=-1) + 1
-  slots = jnp.arange(cache.roles.shape[1])[None]
-  return seen | (slots == self_slot[:, None]), position.astype(jnp.int32)
+  """The row of a re-evaluating ``[CLS]`` writing ``self_slot`` [B]: (mask [B, S], position
+  [B]) (``masks.window_row``; ``lo``, ``hi`` [B] inclusive RESPONSE positions)."""
+  return masks.window_row(cache.roles, cache.positions, sees_query, lo, hi, self_slot)
