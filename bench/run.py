@@ -21,7 +21,15 @@ gate-off time, minus 1). Benchmarks:
 * ``serve_concurrency_speedup``: ``python -m safety_align.serve`` on the demo-size model, 16
   concurrent streaming clients vs the same 16 requests one after another (wall time); time to
   first token at 1 and 16 clients.
-* GPU only: ``train_mfu_1b``, model FLOP utilisation of a ~1.1B training step.
+* ``train_memory_vs_seq``: compiled peak memory (XLA's memory analysis, nothing run) of a
+  ~125M training step at 8,192 tokens per batch as T = 1k, 2k, 4k, 8k rows; ratio =
+  mem(8k) / mem(1k) with ``model.attention="blockwise"``, dense side by side.
+* ``attention_train_speedup``: the training step at T = 2,048 on a small model, dense time over
+  blockwise time, measured in one interleaved run.
+* GPU only (on a CPU written not measured, with the reason): ``train_mfu_1b``, model FLOP
+  utilisation of a ~1.1B bf16 training step; ``gpu_1b_decode_vs_hf`` and
+  ``gpu_1b_gate_overhead_{every,annealing}``, ``run_decode``'s on the ~1.1B model;
+  ``demo_tiny_wall_gpu``, the wall time of ``make demo-tiny``'s command over its budget.
 
 ``--quick`` shrinks every size and repetition (a smoke run of the code paths, ~minutes).
 """
@@ -48,14 +56,19 @@ SERVE = ("serve_concurrency_speedup",)
 SERVE_WINDOW_MS = 15.0  # the server's default batching window
 SMOLLM2 = ("smollm2_gate_overhead_every", "smollm2_gate_overhead_annealing",
            "smollm2_decode_vs_hf", "smollm2_decode_gate_on_vs_hf")
-GPU_ONLY = ("train_mfu_1b",)
-ALL = DECODE + SMOLLM2 + TRAIN + GCG + SERVE + GPU_ONLY
+ATTENTION = ("train_memory_vs_seq", "attention_train_speedup")
+GPU_DECODE = ("gpu_1b_decode_vs_hf", "gpu_1b_gate_overhead_every",
+              "gpu_1b_gate_overhead_annealing")
+GPU_ONLY = ("train_mfu_1b",) + GPU_DECODE + ("demo_tiny_wall_gpu",)
+ALL = DECODE + SMOLLM2 + TRAIN + GCG + SERVE + ATTENTION + GPU_ONLY
+DEMO_BUDGET_S = 600.0  # make demo-tiny on a GPU: train both phases and evaluate within this
 
 # Targets (the issue's): overheads at most, speed ratios at least.
 TARGETS = dict(gate_overhead_first=0.05, gate_overhead_periodic=0.1, gate_overhead_every=0.3,
                gate_overhead_annealing=0.05, decode_vs_hf=3.0, decode_gate_on_vs_hf=2.5,
                train_step_vs_hf=1.5, gcg_vs_nanogcg=2.0, train_mfu_1b=0.4,
-               serve_concurrency_speedup=4.0)
+               serve_concurrency_speedup=4.0, train_memory_vs_seq=1.3,
+               attention_train_speedup=1.0, demo_tiny_wall_gpu=1.0)
 
 
 def settings(quick: bool) -> dict:
@@ -65,14 +78,16 @@ def settings(quick: bool) -> dict:
                 big_schedules=("every", "annealing"), train_batch=2, train_seq=64,
                 train_reps=1, gcg_steps=1, gcg_reps=1, gcg_width=64, gcg_topk=32,
                 serve_clients=4, serve_tokens=16, serve_rounds=1, smollm2_tokens=8,
-                smollm2_batches=(1,), smollm2_reps={1: 1}, smollm2_hf_reps={1: 0})
+                smollm2_batches=(1,), smollm2_reps={1: 1}, smollm2_hf_reps={1: 0},
+                mem_tokens=2048, mem_seqs=(256, 2048), speed_seq=512, speed_reps=1)
   return dict(new_tokens=128, demo_batches=(1, 16), demo_reps=25, big_batches=(1, 16),
               big_reps={1: 14, 16: 7}, big_hf_reps={1: 3, 16: 2},
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
               train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256,
               serve_clients=16, serve_tokens=64, serve_rounds=5, smollm2_tokens=64,
               smollm2_batches=(1, 16), smollm2_reps={1: 3, 16: 2},
-              smollm2_hf_reps={1: 2, 16: 1})
+              smollm2_hf_reps={1: 2, 16: 1}, mem_tokens=8192,
+              mem_seqs=(1024, 2048, 4096, 8192), speed_seq=2048, speed_reps=3)
 
 
 def progress(msg: str) -> None:
@@ -214,19 +229,112 @@ def run_smollm2(names, s, cache_dir, device):
                         speed_model="smollm2", prefix="smollm2_")
 
 
-def not_measured(names, reason: str, device: str) -> dict:
+LOWER_IS_BETTER = ("gate_overhead", "train_memory_vs_seq", "demo_tiny_wall_gpu")
+
+
+def not_measured(names, reason: str, device: str,
+                 config: dict | None = None) -> dict:
   """Entries ``names`` without a measurement: ratio None, ``values.not_measured`` the reason."""
   from bench import common  # pylint: disable=g-import-not-at-top
   progress(f"not measured {names}: {reason}")
   out = {}
   for name in names:
-    base = name.removeprefix("smollm2_")
-    out[name] = common.Result(config=dict(model="SmolLM2-135M-Instruct with [CLS]"),
-                              values=dict(not_measured=reason), ratio=None,
-                              target=TARGETS[base],
-                              higher_is_better=not base.startswith("gate_overhead"),
-                              device=device)
+    base = name.removeprefix("smollm2_").removeprefix("gpu_1b_")
+    out[name] = common.Result(
+        config=config or dict(model="SmolLM2-135M-Instruct with [CLS]"),
+        values=dict(not_measured=reason), ratio=None, target=TARGETS[base],
+        higher_is_better=not base.startswith(LOWER_IS_BETTER), device=device)
   return out
+
+
+def run_attention_memory(s, device):
+  """``train_memory_vs_seq``: compiled memory per T at a fixed token count, each attention
+  this checkout has; not measured (why) without blockwise."""
+  from bench import attention, common, models  # pylint: disable=g-import-not-at-top
+  cfg = models.m100_config(scan_layers=True)
+  config = dict(model="m100_config (scan_layers=True, remat none, float32)", phase=
+                attention.PHASE, tokens_per_batch=s["mem_tokens"], seq_lens=s["mem_seqs"],
+                devices=1, memory="XLA memory_analysis of the compiled step (aot.step_memory): "
+                "peak = arguments + outputs - aliased + temp; compiled only, nothing run",
+                ratio=f"blockwise peak(T={s['mem_seqs'][-1]}) / peak(T={s['mem_seqs'][0]})")
+  why = attention.unsupported("blockwise")
+  attentions = [a for a in attention.ATTENTIONS if attention.unsupported(a) is None]
+  progress(f"train memory vs T: {attentions} at {s['mem_tokens']} tokens, T={s['mem_seqs']}")
+  mem = attention.memory_vs_seq(cfg, tokens=s["mem_tokens"], seq_lens=s["mem_seqs"],
+                                attentions=attentions)
+  first, last = s["mem_seqs"][0], s["mem_seqs"][-1]
+  growth = {a: m[last]["peak"] / m[first]["peak"] for a, m in mem.items()}
+  values = dict(compiled=mem, growth=growth,
+                peak_gib={a: {t: common.fmt(c["peak"] / 2**30) for t, c in m.items()}
+                          for a, m in mem.items()})
+  if why is not None:
+    values["not_measured"] = f"blockwise: {why}; dense measured alone"
+  return common_result(config=config, values=values, ratio=growth.get("blockwise"),
+                       target=TARGETS["train_memory_vs_seq"], higher_is_better=False,
+                       device=device)
+
+
+def run_attention_speed(s, device):
+  """``attention_train_speedup``: dense step time over blockwise, same run and data."""
+  from bench import attention, models  # pylint: disable=g-import-not-at-top
+  cfg = models.quick_config(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                            d_ff=768)
+  config = dict(model="quick_config (d_model 256, 4 layers, vocab 4096, float32)",
+                phase=attention.PHASE, batch=1, seq_len=s["speed_seq"],
+                data="packed SFT rows of 256-token [CLS] examples (bench/attention.sft_rows)",
+                ratio="median over interleaved rounds of dense step / blockwise step")
+  why = attention.unsupported("blockwise")
+  if why is not None:
+    return not_measured(["attention_train_speedup"], f"blockwise: {why}", device,
+                        config)["attention_train_speedup"]
+  progress(f"attention train step: dense vs blockwise at T={s['speed_seq']}")
+  r = attention.step_times(cfg, models.random_params(cfg), batch=1, seq_len=s["speed_seq"],
+                           reps=s["speed_reps"], attentions=("dense", "blockwise"))
+  return common_result(config=config, values=r, ratio=r["paired_dense_over_blockwise"],
+                       target=TARGETS["attention_train_speedup"], higher_is_better=True,
+                       device=device)
+
+
+def run_gpu_decode(names, s, device):
+  """``GPU_DECODE``: ``run_decode``'s entries on the ~1.1B model (float32, the HF logits
+  guard as for the others)."""
+  from bench import common, decode, models  # pylint: disable=g-import-not-at-top
+  cfg = models.b1_config()
+  params = models.random_params(cfg)
+  hf = models.to_hf(cfg, params, torch_device=common.torch_device())
+  err = models.check_logits(cfg, params, hf)
+  if err > 1e-3:
+    return not_measured([n for n in GPU_DECODE if n in names], f"our ~1.1B model and its HF "
+                        f"export disagree (max rel. logits error {err:.2e})", device)
+  cases = []
+  for b in s["big_batches"]:
+    progress(f"decode: ~1.1B model, batch {b}")
+    w = decode.random_workload("b1", cfg, params, b, prompt_len=32)
+    cases.append(decode.measure(w, hf, new_tokens=s["new_tokens"], reps=s["big_reps"][b],
+                                schedules=("every", "annealing"), hf_reps=s["big_hf_reps"][b]))
+  info = decode.model_info(decode.random_workload("b1", cfg, params, 1, prompt_len=32))
+  base_config = decode_config(s["new_tokens"], dict(b1=info | dict(hf_logits_max_rel_error=err)))
+  return decode_entries(names, cases, dict(b1=cfg), base_config, device, speed_model="b1",
+                        prefix="gpu_1b_")
+
+
+def run_demo_wall(device):
+  """``demo_tiny_wall_gpu``: ``make demo-tiny``'s command in a fresh workdir, timed."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = tempfile.mkdtemp(prefix="demo_tiny_")
+  progress(f"demo-tiny wall time (workdir {workdir})")
+  t0 = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "safety_align.demo", "--config=configs/tiny.py",
+                         f"--workdir={workdir}"], capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  if proc.returncode:
+    raise RuntimeError(f"demo-tiny failed (status {proc.returncode}): {proc.stderr[-2000:]}")
+  return common_result(
+      config=dict(command="python -m safety_align.demo --config=configs/tiny.py",
+                  budget_s=DEMO_BUDGET_S, ratio="wall time / budget_s"),
+      values=dict(wall_s=wall), ratio=wall / DEMO_BUDGET_S,
+      target=TARGETS["demo_tiny_wall_gpu"], higher_is_better=False, device=device)
 
 
 def run_train(s, big_cfg, big_params, big_hf, device):
@@ -246,12 +354,13 @@ def run_train(s, big_cfg, big_params, big_hf, device):
 
 def run_mfu_1b(device):
   from bench import models, train  # pylint: disable=g-import-not-at-top
-  cfg = models.b1_config()
+  cfg = models.b1_config(dtype="bfloat16")
   params = models.random_params(cfg)
-  progress("train: ~1.1B model MFU (GPU)")
+  progress("train: ~1.1B bf16 model MFU (GPU)")
   r = train.measure(cfg, params, None, batch=8, seq_len=2048, reps=3, with_hf=False)
   mfu = r["mfu_vs_measured_peak"]["ours"]
-  return common_result(config=dict(batch=8, seq_len=2048, model="b1_config", remat=cfg.remat),
+  return common_result(config=dict(batch=8, seq_len=2048, model="b1_config", remat=cfg.remat,
+                                   dtype="bfloat16 compute, float32 params"),
                        values=r, ratio=mfu, target=TARGETS["train_mfu_1b"],
                        higher_is_better=True, device=device)
 
@@ -331,9 +440,23 @@ def main(argv):
     results["gcg_vs_nanogcg"] = run_gcg(s, demo, device)
   if "serve_concurrency_speedup" in names:
     results["serve_concurrency_speedup"] = run_serve(s, demo, cache_dir, device)
-  if "train_mfu_1b" in names and common.on_gpu() and not FLAGS.quick:
+  if "train_memory_vs_seq" in names:
+    results["train_memory_vs_seq"] = run_attention_memory(s, device)
+  if "attention_train_speedup" in names:
+    results["attention_train_speedup"] = run_attention_speed(s, device)
+  gpu_names = [n for n in GPU_ONLY if n in names]
+  if gpu_names and (not common.on_gpu() or FLAGS.quick):
+    results.update(not_measured(gpu_names, "GPU-only benchmark: this run's device is "
+                                f"{device}{' (--quick)' if FLAGS.quick else ''}", device,
+                                dict(gpu_only=True)))
+  elif gpu_names:
     del big_hf
-    results["train_mfu_1b"] = run_mfu_1b(device)
+    if "train_mfu_1b" in names:
+      results["train_mfu_1b"] = run_mfu_1b(device)
+    if names & set(GPU_DECODE):
+      results.update(run_gpu_decode(names, s, device))
+    if "demo_tiny_wall_gpu" in names:
+      results["demo_tiny_wall_gpu"] = run_demo_wall(device)
   common.write_results(FLAGS.out, results)
   print()
   print(common.table(results))

