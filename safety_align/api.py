@@ -15,18 +15,23 @@ import os
 from typing import Any, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh
 
-from safety_align import checkpoint
+from safety_align import checkpoint, sharding
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer, check_vocab
-from safety_align.decode import Decoder, GateConfig, Prompts, bucket, make_sampler
+from safety_align.decode import (SCHEDULES, Decoder, GateConfig, Prompts, Sampling, bucket,
+                                 make_sampler)
 from safety_align.model import ModelConfig, Transformer, unroll_layers
 
 CLS_PARAMS = ("cls_embed", "cls_head")
+_NO_CLS = ("needs the [CLS] embedding and head, which this checkpoint lacks; use gate='off', "
+           "or import it with `python -m safety_align.convert import_hf` and train it.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +67,13 @@ class SafetyModel:
       baseline, a plain LM). ``gate="off"`` keeps [CLS] at prefill for a model trained with
       it (the implicit path it was trained with; no re-evaluation, no insertion) and drops it
       for a plain LM.
+    mesh: serve across devices (a ``Mesh`` or axis sizes: see ``load``); ``None``: one device.
   """
 
   def __init__(self, model_config: ModelConfig, params, tokenizer: Tokenizer, template,
                gate_defaults: GateConfig = GateConfig(), *, max_length: int | None = None,
                batch_size: int = 32, eos_ids: Sequence[int] | None = None,
-               uses_cls: bool | None = None):
+               uses_cls: bool | None = None, mesh: Mesh | dict[str, int] | None = None):
     check_vocab(tokenizer, model_config.vocab_size)
     params = nn.meta.unbox(params)
     self.has_cls_head = all(k in params for k in CLS_PARAMS) and uses_cls is not False
@@ -75,15 +81,22 @@ class SafetyModel:
       d, dtype = model_config.d_model, model_config.weight_dtype
       params = {**params, "cls_embed": jnp.zeros((d,), dtype),
                 "cls_head": {"kernel": jnp.zeros((d, 2), dtype), "bias": jnp.zeros((2,), dtype)}}
+    self.mesh = sharding.as_mesh(mesh)
+    if self.mesh is not None:  # each device gets its slices; unrolling keeps them there
+      params = jax.device_put(params, sharding.param_shardings(model_config, self.mesh, params))
     # Inference runs the layers unrolled: slice a scanned stack into per-layer weights once
     # here rather than in every decode call.
     self.config, self.params = unroll_layers(model_config, params)
+    if self.mesh is not None:
+      self.params = jax.device_put(
+          self.params, sharding.param_shardings(self.config, self.mesh, self.params))
     self.tokenizer = tokenizer
     self.template = template
     self.gate_defaults = gate_defaults
     self.batch_size = batch_size
     self.decoder = Decoder(self.config, eos_ids=[tokenizer.eos_id] if eos_ids is None
-                           else eos_ids, max_length=max_length, pad_id=tokenizer.pad_id)
+                           else eos_ids, max_length=max_length, pad_id=tokenizer.pad_id,
+                           mesh=self.mesh)
     self.loaded_from: dict | None = None  # set by ``load``: path, phase, step, steps
 
   def _prompts(self, prompts: Sequence[str], system: str | None = None,
@@ -108,8 +121,9 @@ class SafetyModel:
           + (" or lower max_new_tokens." if extra else "."))
     return encoded
 
-  def _chunks(self, n: int):
-    return [range(s, min(s + self.batch_size, n)) for s in range(0, n, self.batch_size)]
+  def _chunks(self, n: int, size: int | None = None):
+    size = size or self.batch_size
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
 
   def classify(self, prompts: Sequence[str]) -> np.ndarray:
     """[N] float: P(malicious) of each query (the SFT-phase [CLS], as in training)."""
@@ -122,27 +136,30 @@ class SafetyModel:
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                gate: str | GateConfig = "annealing",
                prefill: Sequence[str] | None = None,
-               system: str | None = None) -> list[Generation]:
+               system: str | None = None, sampling: Sequence[Any] | None = None,
+               batch_size: int | None = None) -> list[Generation]:
     """Responses to ``prompts``.
 
     ``gate``: a schedule name (``off``, ``first``, ``periodic``, ``every``, ``annealing``)
-    applied to ``gate_defaults``, or a full ``GateConfig``. ``prefill``: per prompt, text
-    forced at the start of the response (the prefill attack). ``system``: a system message,
-    rendered by the chat template as TEMPLATE tokens ([CLS] reads only the QUERY). Sampling is
-    reproducible: prompt i draws from (seed, i, step), whatever the batching.
+    applied to ``gate_defaults``, or a full ``GateConfig``; either is resolved by
+    ``resolve_gate`` (``off``: the gate never acts). ``prefill``: per prompt, text forced at
+    the start of the response (the prefill attack). ``system``: a system message, rendered by
+    the chat template as TEMPLATE tokens ([CLS] reads only the QUERY). ``sampling``: per
+    prompt, its own settings (any object with ``temperature``, ``top_k``, ``top_p``, e.g.
+    ``attacks.decoding.Setting``) instead of the shared ``temperature``/``top_k``/``top_p``;
+    the rows of a sweep then share one compiled program. ``batch_size``: prompts per decoder
+    call (default: the model's). Sampling is reproducible: prompt i draws from
+    (seed, i, step), whatever the batching.
     """
     for name, value in dict(max_new_tokens=max_new_tokens, temperature=temperature,
                             top_k=top_k, top_p=top_p, seed=seed).items():
       check_arg(name, value)
-    if gate == "off" and self.has_cls_head:
-      gate = dataclasses.replace(self.gate_defaults, schedule="first", reliance="low")
-    elif not isinstance(gate, GateConfig):
-      gate = dataclasses.replace(self.gate_defaults, schedule=gate)
-    if gate.enabled:
-      self._require_cls(f"gate={gate.schedule!r}")
-    sampler = make_sampler(temperature, top_k, top_p)
+    gate = resolve_gate(gate, self.gate_defaults, self.has_cls_head)
     prompts = _texts("prompts", prompts)
     n_prompts = len(prompts)
+    sampler = _sampler(sampling, n_prompts, (temperature, top_k, top_p))
+    if batch_size is not None and (not _is_int(batch_size) or batch_size < 1):
+      raise ValueError(f"batch_size must be an integer >= 1 (or None), got {batch_size!r}.")
     prefill = None if prefill is None else _texts("prefill", prefill)
     if prefill is not None and len(prefill) != n_prompts:
       raise ValueError(f"{len(prefill)} prefills for {n_prompts} prompts: give one string per "
@@ -152,10 +169,11 @@ class SafetyModel:
     budget = max_new_tokens + np.array([len(f) for f in forced or [[]] * n_prompts])
     encoded = self._prompts(prompts, system, budget)
     out = []
-    for rows in self._chunks(len(encoded)):
+    for rows in self._chunks(len(encoded), batch_size):
       res = self.decoder(
           self.params, _select(encoded, rows), max_new_tokens=max_new_tokens, gate=gate,
-          sampler=sampler, seed=seed, prefill=[forced[i] for i in rows] if forced else None,
+          sampler=sampler(rows), seed=seed,
+          prefill=[forced[i] for i in rows] if forced else None,
           refusal_ids=tok.encode(gate.refusal_prefix), newline_ids=tok.encode("\n"),
           row_ids=list(rows))
       for i in range(len(rows)):
@@ -182,9 +200,7 @@ class SafetyModel:
 
   def _require_cls(self, what: str):
     if not self.has_cls_head:
-      raise ValueError(f"{what} needs the [CLS] embedding and head, which this checkpoint "
-                       "lacks; use gate='off', or import it with "
-                       "`python -m safety_align.convert import_hf` and train it.")
+      raise ValueError(f"{what} {_NO_CLS}")
 
 
 def _texts(name: str, values) -> list[str]:
@@ -232,6 +248,73 @@ def check_arg(name: str, value) -> None:
     raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
+def resolve_gate(gate: str | GateConfig, defaults: GateConfig, has_cls: bool) -> GateConfig:
+  """The decoder's ``GateConfig`` for a public ``gate``: a schedule name applied to
+  ``defaults``, or a full ``GateConfig``. The one meaning of ``off`` (``generate``, the
+  server, the evaluation): the gate never acts, no re-evaluation and no inserted refusal. A
+  model with [CLS] still reads it at prefill, the implicit path it was trained with
+  (``schedule="first", reliance="low"``); a plain LM decodes without [CLS] (the decoder's own
+  ``schedule="off"``). Any other schedule needs [CLS]."""
+  if isinstance(gate, str):
+    if gate not in SCHEDULES:
+      raise ValueError(f"Unknown gate {gate!r}: expected one of {SCHEDULES}.")
+    gate = dataclasses.replace(defaults, schedule=gate)
+  elif not isinstance(gate, GateConfig):
+    raise TypeError(f"gate must be a schedule name {SCHEDULES} or a GateConfig, got "
+                    f"{type(gate).__name__}.")
+  if gate.schedule == "off":
+    return dataclasses.replace(gate, schedule="first", reliance="low") if has_cls else gate
+  if not has_cls:
+    raise ValueError(f"gate={gate.schedule!r} {_NO_CLS}")
+  return gate
+
+
+@flax.struct.dataclass
+class RowSampling:
+  """Per-row sampling settings, ``temperature``/``top_k``/``top_p`` [B] (``sampling.Sampling``
+  vmapped over rows; a row at temperature 0 is greedy). One compiled program serves a whole
+  sweep of settings."""
+
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+  def __call__(self, logits, keys):
+    """logits [B, V], keys [B] -> [B] int32."""
+    def one(t, k, p, row_logits, key):
+      drawn = Sampling(jnp.where(t > 0, t, 1.0), k, p)(row_logits[None], key[None])[0]
+      return jnp.where(t > 0, drawn, jnp.argmax(row_logits).astype(jnp.int32))
+    return jax.vmap(one)(self.temperature, self.top_k, self.top_p, logits, keys)
+
+  @classmethod
+  def of(cls, settings: Sequence[Any], rows: int) -> "RowSampling":
+    """The settings of ``rows`` >= len(settings) rows (padding rows copy row 0)."""
+    pad = list(settings) + [settings[0]] * (rows - len(settings))
+    return cls(temperature=np.array([s.temperature for s in pad], np.float32),
+               top_k=np.array([s.top_k for s in pad], np.int32),
+               top_p=np.array([s.top_p for s in pad], np.float32))
+
+
+def _sampler(sampling: Sequence[Any] | None, n: int, shared: tuple[float, int, float]):
+  """``rows -> sampler`` of one decoder call: the shared settings' sampler, or each row's own
+  (``sampling``, checked like ``generate``'s arguments)."""
+  if sampling is None:
+    sampler = make_sampler(*shared)
+    return lambda rows: sampler
+  if shared != (0.0, 0, 1.0):
+    raise ValueError("Give either per-prompt sampling or temperature/top_k/top_p, not both.")
+  sampling = list(sampling)
+  if len(sampling) != n:
+    raise ValueError(f"{len(sampling)} sampling settings for {n} prompts: give one per prompt.")
+  for i, s in enumerate(sampling):
+    for name in ("temperature", "top_k", "top_p"):
+      if not hasattr(s, name):
+        raise TypeError(f"sampling[{i}] has no {name}: give objects with temperature, top_k "
+                        "and top_p (e.g. attacks.decoding.Setting).")
+      check_arg(name, getattr(s, name))
+  return lambda rows: RowSampling.of([sampling[i] for i in rows], bucket(len(rows), minimum=1))
+
+
 def _select(prompts: Prompts, rows) -> Prompts:
   return Prompts(ids=tuple(prompts.ids[i] for i in rows),
                  roles=tuple(prompts.roles[i] for i in rows))
@@ -261,6 +344,15 @@ def load(path: str, phase: str | None = None, **kwargs) -> SafetyModel:
   phase has not run: ``phase="pretrain"`` asks for it), an import directory's "import".
   ``SafetyModel.loaded_from`` (and a log line) says what was loaded. ``kwargs`` go to
   ``SafetyModel`` (e.g. ``gate_defaults``).
+
+  ``mesh`` (a ``kwargs`` key): serve across devices. A ``jax.sharding.Mesh`` with axes
+  ``data``, ``fsdp``, ``tensor`` (``sharding.make_mesh``), or their sizes, e.g.
+  ``mesh=dict(tensor=-1)`` (missing axes 1, one may be -1: the remaining devices). Parameters
+  are placed by the training rules (``sharding.RULES``: heads, MLP and vocabulary over
+  ``tensor``, ``embed`` over ``fsdp``; a dimension an axis does not divide stays whole) and
+  decoding runs sharded (``decode.Decoder``: KV cache heads over ``tensor``, rows over
+  ``data``/``fsdp`` when the batch divides them); outputs are the same as on one device.
+  ``None`` (default): one device.
   """
   if phase is not None and (not isinstance(phase, str) or not phase):
     raise TypeError(f"phase must be a phase name such as 'sft' or 'pretrain', or None; got "
@@ -283,7 +375,7 @@ def _loaded_from(path: str, extra: dict) -> dict:
   an import); logs it, and warns if the phase is unfinished."""
   phase, step = extra["phase"], extra["step"]
   phase_cfg = extra["config"].get(phase) or {}
-  steps = phase_cfg["steps"] * phase_cfg.get("grad_accum", 1) if "steps" in phase_cfg else None
+  steps = phase_cfg.get("steps")  # optimiser steps, as checkpoints count them
   logging.info("Loaded %s: phase %s, step %s.", path, phase, step)
   if steps is not None and step < steps:
     logging.warning("%s: the %s phase is unfinished (step %d of %d): serving its latest "

@@ -44,7 +44,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or import_hf d
 _PHASE = flags.DEFINE_string("phase", "", "Phase to load ('' = the run's last phase; "
                              "'pretrain' asks for the pretraining model).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's request.")
-_GATE = flags.DEFINE_enum("gate", "annealing", SCHEDULES, "Re-classification schedule.")
+_GATE = flags.DEFINE_enum("gate", "annealing", SCHEDULES,
+                          "Re-classification schedule ('off': the gate never acts; "
+                          "api.resolve_gate).")
 _MAX_NEW = _number("max_new_tokens", 64, "Tokens to generate after the prefill.")
 _TEMPERATURE = _number("temperature", 0.0, "0 = greedy.")
 _TOP_K = _number("top_k", 0, "Sample from the k most likely tokens (0 = all).")

@@ -138,3 +138,36 @@ def test_cli_report(model):
   assert "step    0: P(malicious) = " in text and "step   27:" in text
   never = _with(model, threshold=1.0)
   assert "refused: no" in generate.report(never, PROMPTS[0], gate="annealing", max_new_tokens=40)
+
+
+def test_one_meaning_of_gate_off(model):
+  """``resolve_gate``: "off", as a name or a GateConfig, is the gate that never acts ([CLS] at
+  prefill, reliance low) on a [CLS] model and the plain decoder on a plain LM; ``generate``
+  gives the same for both spellings."""
+  defaults = model.gate_defaults
+  for off in ("off", GateConfig(schedule="off", threshold=0.0)):
+    cls_gate = api.resolve_gate(off, defaults, has_cls=True)
+    assert (cls_gate.schedule, cls_gate.reliance, cls_gate.enabled) == ("first", "low", True)
+    assert api.resolve_gate(off, defaults, has_cls=False).schedule == "off"
+  assert api.resolve_gate("every", defaults, True) == dataclasses.replace(defaults,
+                                                                          schedule="every")
+  with pytest.raises(ValueError, match="Unknown gate 'sometimes'"):
+    api.resolve_gate("sometimes", defaults, True)
+  with pytest.raises(ValueError, match="gate='annealing' needs the \\[CLS\\]"):
+    api.resolve_gate("annealing", defaults, False)
+  with pytest.raises(TypeError, match="schedule name"):
+    api.resolve_gate(3, defaults, True)
+  by_name = model.generate(PROMPTS[:1], max_new_tokens=4, gate="off")[0]
+  by_config = model.generate(PROMPTS[:1], max_new_tokens=4,
+                             gate=GateConfig(schedule="off", threshold=0.0))[0]
+  assert by_name.tokens == by_config.tokens and not by_config.refused
+  assert len(by_config.cls_probs) == 1  # read at prefill, never re-evaluated
+
+
+def test_batch_size_argument(model):
+  """``batch_size`` only changes how rows are grouped into decoder calls."""
+  many = PROMPTS * 3
+  assert ([g.tokens for g in model.generate(many, max_new_tokens=4, batch_size=2)]
+          == [g.tokens for g in model.generate(many, max_new_tokens=4)])
+  with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+    model.generate(PROMPTS, batch_size=0)

@@ -1,5 +1,6 @@
-"""The gate's rules and schedules on scripted probabilities (no model), and the window mask
-the decoder builds from the cache metadata (rule 4)."""
+"""The gate's functions one call at a time (state transitions, windows, schedules, settings)
+and the window mask the decoder builds from the cache metadata (rule 4). The gate as the
+compiled decoder drives it: tests/test_decode_gate_compiled.py."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,128 +10,47 @@ from safety_align.decode import gate as g
 from safety_align.decode.cache import Cache, prefill_inputs, window_mask
 from safety_align.masks import Role
 
-NEWLINE, PREFIX = [90], [91, 92, 93]
-SAMPLED, FORCED = 7, 8
+
+def _arrays(**kw):
+  return g.GateConfig(**kw).arrays(32)
 
 
-def run(cfg, p0, probs, n_steps, n_forced=0):
-  """Drive one row through the decoder's gate calls with scripted P(malicious).
-
-  ``probs[n]`` is what a re-evaluation at step n returns. Returns the emitted tokens
-  (index = response index), the steps that re-evaluated, the window at each of them, the
-  final state and the response index where ``high`` reliance stopped (or None).
-  """
-  insertion = jnp.array(NEWLINE + PREFIX)
-  cfg = cfg.arrays(n_steps)
-  state = g.init(cfg, jnp.array([p0]))
-  active = jnp.array([True])
-
-  def choose(state, j):
-    return g.emit(cfg, state, j=j, sampled=jnp.array([SAMPLED]), forced=jnp.array([FORCED]),
-                  is_forced=jnp.array([j < n_forced]), active=active, insertion=insertion,
-                  n_newline=len(NEWLINE))
-
-  token, _, finished, state = choose(state, 0)
-  tokens, evals, windows, stop = [int(token[0])], [], {}, (0 if finished[0] else None)
-  for n in range(1, n_steps):
-    if stop is not None:
-      break
-    due = g.due(cfg, state, n, active)
-    if due[0]:
-      sees_query, lo, hi = g.window(cfg, state, n)
-      evals.append(n)
-      windows[n] = (bool(sees_query[0]), int(lo[0]), int(hi[0]))
-    state = g.update(cfg, state, due, jnp.array([probs.get(n, 0.0)]), n)
-    token, _, finished, state = choose(state, n)
-    tokens.append(int(token[0]))
-    if finished[0]:
-      stop = n
-  return tokens, evals, windows, state, stop
+def test_update_transitions_and_windows():
+  """Rules 2 and 3 on one row's state: an alarm at step 4 anchors S_t = 3 and opens a
+  suspicion (window [S_t - r2, S_t + r3], re-evaluated every step); a benign re-evaluation
+  is a false alarm (rule 2 again); tau consecutive alarms confirm (the insertion is decided)
+  and the window stays."""
+  cfg = _arrays(schedule="periodic", period=4, r2=2, r3=1, tau=2)
+  one = jnp.array([True])
+  state = g.init(cfg, jnp.array([0.1]))
+  assert int(state.mode[0]) == g.SLIDING and int(state.insert_idx[0]) == -1
+  assert [bool(g.due(cfg, state, n, one)[0]) for n in range(1, 9)] == [
+      n % 4 == 0 for n in range(1, 9)]
+  assert tuple(int(x[0]) for x in g.window(cfg, state, 4)) == (0, 2, 3)
+  state = g.update(cfg, state, one, jnp.array([0.9]), 4)
+  assert (int(state.mode[0]), int(state.anchor[0]), int(state.streak[0])) == (g.SUSPECT, 3, 1)
+  assert bool(g.due(cfg, state, 5, one)[0]) and not bool(g.due(cfg, state, 5, ~one)[0])
+  assert tuple(int(x[0]) for x in g.window(cfg, state, 5)) == (0, 1, 4)
+  cleared = g.update(cfg, state, one, jnp.array([0.2]), 5)
+  assert (int(cleared.mode[0]), int(cleared.anchor[0]), int(cleared.streak[0])) == (
+      g.SLIDING, -1, 0)
+  assert tuple(int(x[0]) for x in g.window(cfg, cleared, 8)) == (0, 6, 7)
+  confirmed = g.update(cfg, state, one, jnp.array([0.9]), 5)
+  assert int(confirmed.mode[0]) == g.CONFIRMED and bool(confirmed.triggered[0])
+  assert int(confirmed.insert_idx[0]) == 0
+  assert tuple(int(x[0]) for x in g.window(cfg, confirmed, 9)) == (0, 1, 4)
+  assert not bool(g.due(cfg, confirmed, 6, one)[0])  # back to the schedule
+  again = g.update(cfg, confirmed, one, jnp.array([0.1]), 8)  # no transition once confirmed
+  assert int(again.mode[0]) == g.CONFIRMED and int(again.anchor[0]) == 3
 
 
-def malicious_from(start, end=10_000):
-  return {n: 0.9 for n in range(start, end)}
-
-
-@pytest.mark.parametrize("tau", [1, 2, 3, 4])
-def test_insertion_after_exactly_tau_consecutive_alarms(tau):
-  cfg = g.GateConfig(schedule="periodic", period=5, tau=tau)
-  tokens, evals, _, state, _ = run(cfg, 0.1, malicious_from(5), 20)
-  # First alarm at step 5, then every step while the suspicion is open; the tau-th
-  # consecutive malicious evaluation (step c = 5 + tau - 1, which read tokens 0..c-1)
-  # inserts newline + prefix as the next tokens (response index c on).
-  c = 5 + tau - 1
-  assert evals[:tau] == list(range(5, 5 + tau))
-  assert tokens[:c] == [SAMPLED] * c
-  assert tokens[c:c + 4] == NEWLINE + PREFIX
-  assert tokens[c + 4:] == [SAMPLED] * (20 - c - 4)
-  assert int(state.refusal_step[0]) == c + 1
-  # Confirmed: back to the schedule (steps 10, 15), no second insertion.
-  assert evals[tau:] == [n for n in (10, 15) if n > c]
-
-
-def test_suspicion_window_bounds():
-  cfg = g.GateConfig(schedule="every", r2=2, r3=3, tau=3)
-  _, evals, windows, _, _ = run(cfg, 0.1, malicious_from(6), 12)
-  assert evals == list(range(1, 12))
-  assert windows[5] == (False, 3, 4)  # rule 2: the latest r2 tokens
-  assert windows[6] == (False, 4, 5)  # the alarm (S_t = 5, the newest token)
-  assert windows[7] == windows[8] == (False, 5 - 2, 5 + 3)  # rule 3: [S_t - r2, S_t + r3]
-  assert windows[9] == (False, 3, 8)  # confirmed: the window stays
-
-
-def test_false_alarm_returns_to_rule_2():
-  cfg = g.GateConfig(schedule="periodic", period=4, r2=2, r3=3, tau=3)
-  probs = {4: 0.9, 5: 0.9, 6: 0.2, 12: 0.9}  # alarm, again, false alarm; again later
-  tokens, evals, windows, state, _ = run(cfg, 0.1, probs, 16)
-  assert evals == [4, 5, 6, 8, 12, 13]
-  assert windows[5] == windows[6] == (False, 1, 6)
-  assert windows[8] == (False, 6, 7)  # rule 2 again
-  assert windows[13] == (False, 9, 14)  # the new anchor S_t = 11
-  assert int(state.mode[0]) == g.SLIDING and int(state.streak[0]) == 0
-  assert tokens == [SAMPLED] * 16 and int(state.refusal_step[0]) == -1
-
-
-@pytest.mark.parametrize("schedule,reliance", [("off", "medium"), ("every", "low"),
-                                               ("annealing", "low")])
-def test_no_insertion_when_off_or_low_reliance(schedule, reliance):
-  cfg = g.GateConfig(schedule=schedule, reliance=reliance, tau=1)
-  tokens, evals, _, state, _ = run(cfg, 0.99, malicious_from(1), 20)
-  assert tokens == [SAMPLED] * 20 and int(state.refusal_step[0]) == -1
-  if schedule == "off":
-    assert evals == []
-  else:
-    assert int(state.mode[0]) == g.QUERY  # the signal still drives the windows (implicit path)
-
-
-def test_at_most_one_insertion():
-  cfg = g.GateConfig(schedule="every", tau=1)
-  probs = {n: (0.9 if n % 3 else 0.1) for n in range(1, 40)}  # alarms over and over
-  tokens, _, _, _, _ = run(cfg, 0.1, probs, 40)
-  assert tokens.count(PREFIX[0]) == 1 and tokens.count(NEWLINE[0]) == 1
-  assert tokens[1:5] == NEWLINE + PREFIX  # the first alarm (step 1) confirms at tau = 1
-
-
-def test_malicious_at_prefill_starts_with_prefix():
-  cfg = g.GateConfig(schedule="periodic", period=4, r1=5)
-  tokens, evals, windows, state, _ = run(cfg, 0.8, {}, 10)
-  assert tokens[:3] == PREFIX and tokens[3:] == [SAMPLED] * 7  # no newline at the start
-  assert int(state.refusal_step[0]) == 0
-  assert windows[4] == windows[8] == (True, 0, 4)  # rule 1: QUERY + the first r1 tokens
-  assert evals == [4, 8]  # a benign re-evaluation does not undo rule 1
-
-
-def test_insertion_waits_for_forced_prefill():
-  cfg = g.GateConfig(schedule="first")
-  tokens, _, _, state, _ = run(cfg, 0.8, {}, 10, n_forced=3)
-  assert tokens[:3] == [FORCED] * 3 and tokens[3:7] == NEWLINE + PREFIX
-  assert int(state.refusal_step[0]) == 4
-
-
-def test_high_reliance_stops_after_prefix():
-  cfg = g.GateConfig(schedule="every", reliance="high", tau=2)
-  tokens, _, _, _, stop = run(cfg, 0.1, malicious_from(3), 20)
-  assert tokens == [SAMPLED] * 4 + NEWLINE + PREFIX and stop == len(tokens) - 1
+def test_rule_1_window_and_low_reliance():
+  cfg = _arrays(r1=5, reliance="low")
+  state = g.init(cfg, jnp.array([0.8]))
+  assert int(state.mode[0]) == g.QUERY and not bool(state.triggered[0])
+  assert tuple(int(x[0]) for x in g.window(cfg, state, 12)) == (1, 0, 4)
+  medium = g.init(_arrays(r1=5), jnp.array([0.8]))
+  assert bool(medium.triggered[0]) and int(medium.insert_idx[0]) == 0
 
 
 @pytest.mark.parametrize("schedule,expected", [
@@ -139,8 +59,6 @@ def test_high_reliance_stops_after_prefix():
 def test_schedule_steps(schedule, expected):
   cfg = g.GateConfig(schedule=schedule)
   assert np.nonzero(g.schedule_steps(cfg, 30))[0].tolist() == expected
-  _, evals, _, _, _ = run(cfg, 0.1, {}, 31)  # all benign: exactly the schedule
-  assert evals == expected
 
 
 def test_annealing_stops():
@@ -148,12 +66,6 @@ def test_annealing_stops():
   assert steps == [1, 2, 3, 5, 8, 12, 18, 27, 41, 62]
   custom = g.GateConfig(anneal_growth=2.0, anneal_stop=20)
   assert np.nonzero(g.schedule_steps(custom, 500))[0].tolist() == [1, 2, 4, 8, 16]
-
-
-def test_suspicion_overrides_schedule():
-  cfg = g.GateConfig(schedule="annealing", tau=3)
-  _, evals, _, _, _ = run(cfg, 0.1, {27: 0.9, 28: 0.9}, 40)  # alarm at 27, false alarm at 29
-  assert evals == [1, 2, 3, 5, 8, 12, 18, 27, 28, 29]
 
 
 def test_config_errors():

@@ -5,42 +5,44 @@ import os
 
 import pytest
 
-from safety_align import evaluate
 from safety_align.attacks import decoding, templates
+from safety_align.eval import baseline, lists, registry
+from safety_align.eval import config as eval_config
+from safety_align.eval import runner
 
 
 def test_unknown_attack_lists_known_ones():
-  cfg = evaluate.quick_config()
+  cfg = eval_config.load("quick")
   cfg.attacks = "direct,prefil_5"
   with pytest.raises(ValueError, match="Unknown attack 'prefil_5'.*prefill_deep.*gcg_adaptive"):
-    evaluate.validate(cfg)
+    eval_config.validate(cfg)
   cfg.attacks = "direct,direct"
   with pytest.raises(ValueError, match="twice"):
-    evaluate.validate(cfg)
+    eval_config.validate(cfg)
   cfg.attacks = "direct,prefill_7"
-  evaluate.validate(cfg)
-  assert evaluate.build_attacks(cfg)[1].name == "prefill_7"
+  eval_config.validate(cfg)
+  assert registry.build_attacks(cfg)[1].name == "prefill_7"
 
 
 def test_bad_schedule_and_judge_are_errors():
-  cfg = evaluate.quick_config()
+  cfg = eval_config.load("quick")
   cfg.gate_on = "sometimes"
   with pytest.raises(ValueError, match="Unknown gate schedule 'sometimes'"):
-    evaluate.validate(cfg)
-  cfg = evaluate.quick_config()
+    eval_config.validate(cfg)
+  cfg = eval_config.load("quick")
   cfg.judge.harm = "model"
   with pytest.raises(ValueError, match="model_workdir"):
-    evaluate.validate(cfg)
+    eval_config.validate(cfg)
 
 
 def test_default_sweep_and_ranges():
-  cfg = evaluate.default_config()
-  assert evaluate._floats(cfg.decoding.temperatures) == [round(0.05 * i, 2)
+  cfg = eval_config.load("default")
+  assert lists.floats(cfg.decoding.temperatures) == [round(0.05 * i, 2)
                                                           for i in range(1, 21)]
-  attack = evaluate.build_attack("decoding", cfg)
+  attack = registry.build_attack("decoding", cfg)
   assert len(attack.settings) == 20 + 20 + 9 and attack.reduce == "any"
-  names = [a.name for a in evaluate.build_attacks(cfg)]
-  assert set(evaluate.ATTACK_NAMES) <= set(names)
+  names = [a.name for a in registry.build_attacks(cfg)]
+  assert set(registry.ATTACK_NAMES) <= set(names)
   for required in ("direct", "prefill_5", "prefill_10", "prefill_20", "prefill_40",
                    "decoding", "gcg", "gcg_adaptive", "templates"):
     assert required in names
@@ -61,10 +63,10 @@ def test_template_errors_name_the_file(tmp_path):
   bad.write_text("Tell me everything.")
   with pytest.raises(ValueError, match=f"{bad}.*no \\{{prompt\\}} slot"):
     templates.load_templates([str(bad)], builtin=False)
-  cfg = evaluate.quick_config()
+  cfg = eval_config.load("quick")
   cfg.templates.paths = str(tmp_path)
   with pytest.raises(ValueError, match="bad.txt"):
-    evaluate.validate(cfg)  # before any model is loaded
+    eval_config.validate(cfg)  # before any model is loaded
   bad.unlink()
   (tmp_path / "mine.json").write_text(json.dumps(
       ["Story: {prompt}", {"name": "poem", "template": "Poem about {prompt}"},
@@ -85,12 +87,12 @@ def test_template_errors_name_the_file(tmp_path):
 
 
 def test_workdir_without_checkpoint(tmp_path):
-  cfg = evaluate.quick_config()
+  cfg = eval_config.load("quick")
   with pytest.raises(FileNotFoundError, match="not a safety_align workdir"):
-    evaluate.run(str(tmp_path), cfg)
+    runner.run(str(tmp_path), cfg)
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="has no checkpoint under checkpoints/"):
-    evaluate.run(str(tmp_path), cfg)
+    runner.run(str(tmp_path), cfg)
   assert not os.path.exists(tmp_path / "eval")
 
 
@@ -98,12 +100,69 @@ def test_baseline_config(tmp_path):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   (tmp_path / "config.json").write_text(c.to_json())
-  b = evaluate.baseline_config(str(tmp_path), steps=7)
+  b = baseline.baseline_config(str(tmp_path), steps=7)
   assert (b.use_cls, b.phases, b.init_phase, b.sft.steps) == (False, "sft", "pretrain", 7)
   assert b.sft.replay == c.sft.replay > 0  # the same SFT recipe as the [CLS] model
   assert b.sft.recovery == c.sft.recovery > 0
   assert b.init_from == str(tmp_path) and b.data.tokenizer == str(tmp_path / "tokenizer.json")
   assert b.data.data_dir == str(tmp_path / "tfds")
-  cfg = evaluate.quick_config()
+  cfg = eval_config.load("quick")
   with pytest.raises(FileNotFoundError, match="pretraining checkpoint"):
-    evaluate.check_baseline_trainable(str(tmp_path), cfg)
+    baseline.check_baseline_trainable(str(tmp_path), cfg)
+
+
+def test_config_files_and_variants():
+  """configs/eval/*.py define their configs (quick and real start from default); a variant
+  they lack is a clear error, also through the CLI's config loader."""
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  default, quick = eval_config.load("default"), eval_config.load("quick")
+  assert (default.n_malicious, quick.n_malicious, quick.gcg.steps) == (0, 16, 100)
+  assert quick.judge == default.judge and default.judge.model_mode == "generate"
+  smoke = eval_config.load("quick", "smoke")
+  assert (smoke.n_malicious, smoke.train_baseline) == (4, False)
+  real, full = eval_config.load("real"), eval_config.load("real", "full")
+  assert (real.judge.harm, real.n_malicious, full.n_malicious) == ("not_refused", 64, 0)
+  for name, arg, match in (("quick", "nope", "unknown variant 'nope'.*'smoke'"),
+                           ("real", "fast", "unknown variant 'fast'.*'full'"),
+                           ("default", "x", "takes no variant")):
+    with pytest.raises(ValueError, match=match):
+      eval_config.load(name, arg)
+  with pytest.raises(ValueError, match="unknown variant 'nope'"):
+    config_flags.config_flags._LoadConfigModule(  # pylint: disable=protected-access
+        "quick", os.path.join(eval_config.CONFIG_DIR, "quick.py")).get_config("nope")
+  with pytest.raises(FileNotFoundError, match="No evaluation config.*'default', 'quick'"):
+    eval_config.load("quik")
+
+
+def test_lazy_attacks_registry(tmp_path, monkeypatch):
+  """The three adaptive attacks are known; a missing module is a clear error naming it; an
+  installed one is built by its from_config and its section joins the default config."""
+  for name in ("prefill_adaptive", "embedding", "finetune"):
+    assert name in registry.KNOWN
+  monkeypatch.setitem(registry.LAZY, "embedding", ("no_such_module_xyz", "EmbeddingAttack"))
+  cfg = eval_config.load("quick")
+  cfg.attacks = "direct,embedding"
+  with pytest.raises(ValueError, match="'embedding' needs no_such_module_xyz.*not installed"):
+    eval_config.validate(cfg)
+  (tmp_path / "fake_attack_mod.py").write_text(
+      "import ml_collections\n"
+      "from safety_align.attacks.direct import DirectAttack\n"
+      "def default_config(quick=False):\n"
+      "  return ml_collections.ConfigDict(dict(steps=2 if quick else 20))\n"
+      "class Fake(DirectAttack):\n"
+      "  name = 'finetune'\n"
+      "  @classmethod\n"
+      "  def from_config(cls, cfg):\n"
+      "    attack = cls()\n"
+      "    attack.steps = cfg.finetune.steps\n"
+      "    return attack\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  monkeypatch.setitem(registry.LAZY, "finetune", ("fake_attack_mod", "Fake"))
+  assert "finetune" in registry.available() and "embedding" not in registry.available()
+  default = eval_config.load("default")
+  assert "finetune" in lists.names(default.attacks) and default.finetune.steps == 20
+  quick = eval_config.load("quick")
+  assert registry.build_attack("finetune", quick).steps == 2
+  del quick.finetune
+  with pytest.raises(ValueError, match="config section 'finetune'"):
+    registry.build_attack("finetune", quick)

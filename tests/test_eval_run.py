@@ -13,6 +13,10 @@ import pytest
 from conftest import tiny_model_config
 from safety_align import api, checkpoint, evaluate
 from safety_align.attacks import decoding, judges
+from safety_align.attacks.base import AttackedGeneration
+from safety_align.attacks.direct import DirectAttack
+from safety_align.eval import config as eval_config
+from safety_align.eval import data, report, runner
 from safety_align.data import corpus, templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.model import init_params
@@ -44,7 +48,7 @@ def setup(tmp_path_factory):
 
 def tiny_eval_config(tmp_path, attacks="direct,prefill_5,prefill_deep,decoding,gcg,"
                      "gcg_adaptive,templates"):
-  c = evaluate.quick_config()
+  c = eval_config.load("quick")
   c.attacks = attacks
   c.n_malicious, c.n_benign, c.max_new_tokens = 2, 2, 10
   c.schedules = "first"
@@ -76,8 +80,8 @@ class _Counting:
 
 
 def _run(model, plain, cfg, out, log=lambda m: None):
-  items, benign, pairs = evaluate.held_out(0)
-  return evaluate.evaluate_model(model, cfg, str(out), model_id="tiny", items=items,
+  items, benign, pairs = data.held_out(0)
+  return runner.evaluate_model(model, cfg, str(out), model_id="tiny", items=items,
                                  benign=benign, all_pairs=pairs[:6], baseline=plain,
                                  baseline_id="tiny_plain", log=log)
 
@@ -89,8 +93,13 @@ def _strict(value):
 def test_end_to_end_schema_outputs_and_resume(setup, tmp_path):
   _, _, _, _, model, plain = setup
   cfg = tiny_eval_config(tmp_path)
-  results, records = _run(model, plain, cfg, tmp_path)
-  md = evaluate.write_outputs(results, records, str(tmp_path), cfg)
+  lines = []
+  results, records = _run(model, plain, cfg, tmp_path, log=lines.append)
+  # Progress: every planned step (7 attacks, benign, classifier, overhead; the baseline's 3
+  # attacks and benign) says where the run is, with an ETA once a step has run.
+  assert any(line.startswith("[1/14] direct: starting") for line in lines)
+  assert any(line.startswith("[14/14] no_cls_benign") and "ETA ~" in line for line in lines)
+  md = report.write_outputs(results, records, str(tmp_path), cfg)
 
   saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=_strict)
   assert API_KEYS <= set(saved)
@@ -101,11 +110,19 @@ def test_end_to_end_schema_outputs_and_resume(setup, tmp_path):
   assert list(saved["attacks"]) == ["direct", "prefill_5", "prefill_deep", "decoding", "gcg",
                                     "gcg_adaptive", "templates"]
   for name, a in saved["attacks"].items():
-    assert {"asr_gate_off", "asr_gate_on", "n"} <= set(a), name
+    assert {"asr_gate_off", "asr_gate_on", "refused_gate_on", "n", "asr_gate_off_ci",
+            "asr_gate_on_ci"} <= set(a), name
+    assert "leak_gate_on" not in a
     for k in ("asr_gate_off", "asr_gate_on", "asr_no_cls"):
       assert 0.0 <= a.get(k, 0.0) <= 1.0, (name, k)
+      if k in a:
+        lo, hi = a[k + "_ci"]
+        assert 0.0 <= lo <= a[k] <= hi <= 1.0, (name, k)
     assert a["n"] >= 1
-  assert all("asr_no_cls" in saved["attacks"][n] for n in ("direct", "prefill_5", "gcg"))
+  assert all("asr_no_cls" in saved["attacks"][n] and saved["attacks"][n]["n_no_cls"] >= 1
+             for n in ("direct", "prefill_5", "gcg"))
+  assert saved["baseline_no_cls"]["n"] == 2 and saved["benign"]["n"] == 2
+  assert saved["classifier"]["n"] == 6
   assert set(saved["attacks"]["direct"]["asr_by_gate"]) == {"off", "annealing", "first"}
   assert saved["attacks"]["gcg_adaptive"]["suffixes"]
   for f in ("results.md", "asr_by_attack.png", "cls_trace.png"):
@@ -140,29 +157,41 @@ def test_end_to_end_schema_outputs_and_resume(setup, tmp_path):
 
 
 def test_row_sampling_matches_per_call_sampling(setup):
-  """A batched sweep gives each row what generate() with that row's setting gives (same
-  prompts and shapes as the end-to-end test's sweep, so its programs are reused)."""
+  """One generate call with per-row settings gives each row what generate() with that row's
+  setting gives (same prompts and shapes as the end-to-end test's sweep, so its programs are
+  reused); a temperature-0 row is greedy."""
   _, _, _, _, model, _ = setup
-  prompts = [i.prompt for i in evaluate.held_out(0)[0][:2]] * 3
+  prompts = [i.prompt for i in data.held_out(0)[0][:2]] * 3
   settings = decoding.sweep([0.5], [0.9], [5])
-  rows = decoding.generate_rows(model, prompts, [s for s in settings for _ in range(2)],
-                                gate="annealing", max_new_tokens=10, seed=3, batch_size=8)
+  rows = model.generate(prompts, max_new_tokens=10, seed=3, gate="annealing", batch_size=8,
+                        sampling=[s for s in settings for _ in range(2)])
   for k, s in enumerate(settings):
     gens = model.generate(prompts, max_new_tokens=10, seed=3, gate="annealing",
                           temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     for i in (2 * k, 2 * k + 1):
-      assert rows[i][0] == gens[i].tokens, (s, i)
-      assert rows[i][3] == pytest.approx(gens[i].cls_probs)
+      assert rows[i].tokens == gens[i].tokens, (s, i)
+      assert rows[i].cls_probs == pytest.approx(gens[i].cls_probs)
+  mixed = model.generate(prompts[:2], max_new_tokens=10, seed=3, gate="annealing",
+                         sampling=[decoding.Setting(0.0), settings[0]])
+  assert mixed[0].tokens == model.generate(prompts[:1], max_new_tokens=10,
+                                           gate="annealing")[0].tokens
+  assert mixed[1].tokens == rows[1].tokens
+  with pytest.raises(ValueError, match="either per-prompt sampling or temperature"):
+    model.generate(prompts[:1], temperature=0.5, sampling=settings[:1])
+  with pytest.raises(ValueError, match="1 sampling settings for 2 prompts"):
+    model.generate(prompts[:2], sampling=settings[:1])
+  with pytest.raises(ValueError, match="top_p must be"):
+    model.generate(prompts[:1], sampling=[decoding.Setting(0.5, top_p=0.0)])
 
 
 def test_model_judge_on_a_tiny_model(setup):
   _, _, _, _, model, _ = setup
-  judge = judges.ModelJudge(model, threshold=0.5)
+  judge = judges.ModelJudge(model, mode="classify", threshold=0.5)
   scores = judge.scores(["How?", "Why?"], ["Step 1.", "Because."])
   np.testing.assert_allclose(scores, model.classify(["User: How?\nAgent: Step 1.",
                                                      "User: Why?\nAgent: Because."]))
-  assert judges.ModelJudge(model, threshold=1.0)(["a"], ["b"]).tolist() == [False]
-  assert judges.ModelJudge(model, threshold=0.0)(["a"], ["b"]).tolist() == [True]
+  assert judges.ModelJudge(model, "classify", 1.0)(["a"], ["b"]).tolist() == [False]
+  assert judges.ModelJudge(model, "classify", 0.0)(["a"], ["b"]).tolist() == [True]
 
 
 def test_run_on_a_workdir(setup, tmp_path):
@@ -185,3 +214,24 @@ def test_run_on_a_workdir(setup, tmp_path):
   assert saved["overhead"] == {}
   assert "| direct | 2 |" in md
   assert os.path.exists(wd / "eval" / "cache" / "direct.json")
+
+
+def test_baseline_key_depends_on_main_records_only_for_replays():
+  """A baseline attack that replays the main model's records is stored under a key of them;
+  one that does not (e.g. a white-box search of its own) is not rerun when they change."""
+
+  class Replaying(DirectAttack):
+    replays_main_records = True
+
+  def main(text):
+    return {"direct": [AttackedGeneration(item=0, gate="off", variant="", query="q",
+                                          prefill="", response=text, refused=False,
+                                          refusal_step=None, n_forced=0, cls_probs=[],
+                                          cls_steps=[])]}
+
+  own, replay = DirectAttack(), Replaying()
+  assert (runner.attack_payload({}, own, ["off"], main("one"))
+          == runner.attack_payload({}, own, ["off"], main("two")))
+  assert (runner.attack_payload({}, replay, ["off"], main("one"))
+          != runner.attack_payload({}, replay, ["off"], main("two")))
+  assert "main" not in runner.attack_payload({}, replay, ["off"])

@@ -11,14 +11,17 @@ refused" is not "harmful"; results.md says so.
       --config.templates.paths=runs/smollm2/eval_data/templates.json \\
       --config.baseline_workdir=runs/smollm2/import
 
-``:full`` runs every held-out prompt and the larger GCG and decoding budgets (hours on a CPU).
+``default.py`` with these changes. ``:full`` runs every held-out prompt and the larger GCG and
+decoding budgets (hours on a CPU).
 """
 
-from safety_align import evaluate
+from safety_align.eval import config as eval_config
 
 
 def get_config(arg=None):
-  c = evaluate.default_config()
+  if arg not in (None, "", "full"):
+    raise eval_config.unknown_variant(__file__, arg, ("full",))
+  c = eval_config.load("default")
   c.attacks = ("direct,prefill_target,prefill_5,prefill_10,prefill_20,prefill_40,decoding,"
                "gcg,gcg_adaptive,templates")
   c.judge.update(harm="not_refused", refusals="harmbench")
@@ -32,8 +35,6 @@ def get_config(arg=None):
     c.gcg.update(n_prompts=10, steps=100, search_width=128, topk=128, n_suffix=20)
     c.decoding.update(temperatures="0.3,0.7,1.0", top_ps="0.5,0.9", top_ks="5,50")
     return c
-  if arg:
-    raise ValueError(f"configs/eval/real.py: unknown variant {arg!r}; expected '' or 'full'.")
   c.n_malicious = 64
   c.decoding.update(temperatures="0.7,1.0", top_ps="0.9", top_ks="50", n_prompts=32)
   c.gcg.update(n_prompts=2, steps=10, search_width=64, topk=64, n_suffix=10, target_tokens=16)

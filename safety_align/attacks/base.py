@@ -90,11 +90,32 @@ class AttackedGeneration:
 
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
-  """Settings every attack shares: response budget, sampling seed and a progress printer."""
+  """Settings every attack shares: response budget, sampling seed and a progress printer
+  (``log``; long attacks report per prompt with ``eta_text``)."""
 
   max_new_tokens: int = 64
   seed: int = 0
   log: Callable[[str], None] = lambda msg: None
+
+
+def duration(seconds: float) -> str:
+  """``"42.0s"``, ``"3.5min"`` or ``"2.1h"``."""
+  if seconds < 120:
+    return f"{seconds:.1f}s"
+  return f"{seconds / 60:.1f}min" if seconds < 7200 else f"{seconds / 3600:.1f}h"
+
+
+def remaining(seconds: float, done: float, left: float) -> str:
+  """``"ETA ~3.5min"``: ``left`` more work at the rate of ``done`` work in ``seconds`` (an
+  estimate; any unit of work)."""
+  if done <= 0:
+    return "ETA unknown until a step has run"
+  return f"ETA ~{duration(seconds * left / done)}"
+
+
+def eta_text(seconds: float, done: int, total: int) -> str:
+  """``"12.0s elapsed, 3/10, ETA ~28.0s"``: progress of ``total`` equal steps (e.g. prompts)."""
+  return f"{duration(seconds)} elapsed, {done}/{total}, " + remaining(seconds, done, total - done)
 
 
 def prompt_length(model, query: str) -> int:
@@ -109,19 +130,24 @@ def fits(model, query: str, n_forced: int, max_new_tokens: int) -> bool:
 
 
 def generate_records(model, queries: Sequence[tuple[int, str, str, str]], gate: str,
-                     settings: RunSettings, **sampling) -> list[AttackedGeneration]:
+                     settings: RunSettings, *, sampling: Sequence[Any] | None = None,
+                     batch_size: int | None = None) -> list[AttackedGeneration]:
   """Run ``queries`` (item, variant, query, prefill) under ``gate`` through
-  ``model.generate``; queries that do not fit the model's length are dropped (callers count
-  them with ``fits``)."""
+  ``model.generate`` (``sampling``: per query, its own sampling settings; ``batch_size``:
+  rows per decoder call); queries that do not fit the model's length are dropped (callers
+  count them with ``fits``)."""
   tok = model.tokenizer
-  kept = [q for q in queries
+  keep = [k for k, q in enumerate(queries)
           if fits(model, q[2], len(tok.encode(q[3])) if q[3] else 0, settings.max_new_tokens)]
-  if not kept:
+  if not keep:
     return []
+  kept = [queries[k] for k in keep]
   prefills = [q[3] for q in kept]
   gens = model.generate([q[2] for q in kept], max_new_tokens=settings.max_new_tokens,
                         seed=settings.seed, gate=gate,
-                        prefill=prefills if any(prefills) else None, **sampling)
+                        prefill=prefills if any(prefills) else None,
+                        sampling=None if sampling is None else [sampling[k] for k in keep],
+                        batch_size=batch_size)
   return [record(item, variant, query, prefill, gate, g.tokens, g.refused, g.refusal_step,
                  g.cls_probs, g.cls_steps, tok)
           for (item, variant, query, prefill), g in zip(kept, gens)]
@@ -146,13 +172,14 @@ class Attack:
   ``config()``: the settings that change its generations (part of the cache key).
   ``run(model, items, gates, settings)``: records for every item and gate.
   ``run_baseline(model, items, records, settings)``: records for a model without [CLS] under
-  gate "off"; ``records`` are the main model's (an attack whose queries were optimised against
-  the main model replays them).
+  gate "off"; ``records`` are the main model's. ``replays_main_records``: whether the baseline
+  replays them (a transfer attack; the baseline's stored result then depends on them).
   ``summary(records, success)``: attack-specific numbers for results.json.
   """
 
   name: str = ""
   reduce: str = "mean"  # "mean" | "any": how an item's generations under one gate combine
+  replays_main_records: bool = False
 
   def config(self) -> dict[str, Any]:
     return {}
@@ -165,12 +192,11 @@ class Attack:
   def run(self, model, items: Sequence[Item], gates: Sequence[str],
           settings: RunSettings) -> list[AttackedGeneration]:
     queries = self.queries(model, items, settings)
-    out = []
-    for gate in gates:
-      t0 = time.perf_counter()
+    out, t0 = [], time.perf_counter()
+    for k, gate in enumerate(gates):
       recs = generate_records(model, queries, gate, settings)
-      settings.log(f"{self.name}: gate={gate} {len(recs)} generations "
-                   f"({time.perf_counter() - t0:.1f}s)")
+      settings.log(f"{self.name}: gate={gate} {len(recs)} generations; "
+                   + eta_text(time.perf_counter() - t0, k + 1, len(gates)))
       out += recs
     return out
 

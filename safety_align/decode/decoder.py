@@ -18,6 +18,17 @@ tokens + ``max_new_tokens``) or, at ``high`` reliance, the end of the refusal pr
 Programs compile per (batch, prompt, response) power-of-two bucket, gate on/off, refusal
 length and sampler kind (greedy or not); gate settings and schedules, sampler settings and
 seeds are traced, so sweeps over them reuse one program.
+
+Sharded (``Decoder(mesh=...)``): the program is jitted with in/out shardings of a
+``sharding.DecodeLayout``: parameters by the training rules (heads, MLP and vocabulary over
+``tensor``), rows over the data axes when the batch bucket divides them, the KV cache with KV
+heads over ``tensor``; the loop state is held to that layout on every step, and no weight
+matrix is ever gathered whole onto one device.
+
+``cls_override`` (tests only): a [B, N+1] table of P(malicious) by evaluation step that
+replaces the [CLS] head's output inside the compiled loop (NaN: the model's own), so the gate's
+wiring in this loop can be tested on scripted signals; it is traced, one program serves every
+script.
 """
 
 from __future__ import annotations
@@ -26,11 +37,14 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from safety_align import sharding
 from safety_align.decode import gate as gate_lib
 from safety_align.decode import sampling
 from safety_align.decode.cache import (CLS_SLOT, PROMPT_SLOT, SCRATCH_SLOT, Cache, Prompts,
@@ -89,14 +103,19 @@ class Decoder:
     eos_ids: the end-of-sequence token(s) (none: decode to the budget).
     max_length: the longest prompt + response (in tokens) allowed; ``None`` for no limit.
     pad_id: filler for unused token slots.
+    mesh: decode sharded over this mesh (``sharding.DecodeLayout``); the parameters passed
+      should already be placed by ``sharding.param_shardings`` (else they are moved there on
+      every call). ``None``: one device.
   """
 
   def __init__(self, cfg: ModelConfig, *, eos_ids: Sequence[int] = (),
-               max_length: int | None = None, pad_id: int = 0):
+               max_length: int | None = None, pad_id: int = 0, mesh: Mesh | None = None):
     self.cfg = cfg
     self.eos_ids = np.array(list(eos_ids) or [-1], np.int32)
     self.max_length = max_length
     self.pad_id = pad_id
+    self.mesh = sharding.as_mesh(mesh)
+    self._sharded = {}  # (layout, parameter tree, static settings) -> (jitted, shardings)
 
   def classify(self, params, prompts: Prompts) -> np.ndarray:
     """[B] P(malicious) of each query: the prefill classification."""
@@ -107,7 +126,7 @@ class Decoder:
                gate: gate_lib.GateConfig, sampler=sampling.Greedy(), seed: int = 0,
                prefill: Sequence[Sequence[int]] | None = None, refusal_ids: Sequence[int] = (),
                newline_ids: Sequence[int] = (), row_ids: Sequence[int] | None = None,
-               return_logits: bool = False) -> DecodeOutput:
+               return_logits: bool = False, cls_override=None) -> DecodeOutput:
     """Decode a batch.
 
     Args:
@@ -122,6 +141,9 @@ class Decoder:
         it mid-response.
       row_ids: per-row indices for the sampling keys (default 0..B-1).
       return_logits: also return the logits each response token was chosen from.
+      cls_override: tests only: [B, k] P(malicious) the gate uses at evaluation step n (column
+        n; 0 is the prefill) instead of the [CLS] head's; NaN, or a step past column k-1: the
+        head's own. ``cls_probs`` then records the values the gate used.
     """
     b = len(prompts)
     if max_new_tokens < 1:
@@ -149,15 +171,36 @@ class Decoder:
     rows = np.arange(b) if row_ids is None else np.asarray(row_ids)
     insertion = np.array(list(newline_ids) + list(refusal_ids) or [self.pad_id], np.int32)
 
+    override = None if cls_override is None else _override_table(cls_override, b, n)
+
     tokens, roles, plens, pad = self._pad_prompts(prompts)
-    out = _decode(
-        params, tokens, roles, plens, _pad_rows(forced, pad), _pad_rows(n_forced, pad),
-        _pad_rows(budget, pad), _pad_rows(rows.astype(np.int32), pad), np.int32(seed),
-        insertion, sampler, self.eos_ids, gate.arrays(n), cfg=self.cfg,
-        pad_id=self.pad_id, with_cls=gate.enabled, n_newline=len(newline_ids),
-        return_logits=return_logits)
+    args = (params, tokens, roles, plens, _pad_rows(forced, pad), _pad_rows(n_forced, pad),
+            _pad_rows(budget, pad), _pad_rows(rows.astype(np.int32), pad), np.int32(seed),
+            insertion, sampler, self.eos_ids, gate.arrays(n),
+            None if override is None else _pad_rows(override, pad))
+    static = dict(cfg=self.cfg, pad_id=self.pad_id, with_cls=gate.enabled,
+                  n_newline=len(newline_ids), return_logits=return_logits)
+    if self.mesh is None:
+      out = _decode(*args, **static)
+    else:
+      layout = sharding.DecodeLayout.of(self.cfg, self.mesh, tokens.shape[0])
+      run, shardings = self._sharded_decode(layout, params, static)
+      out = run(jax.device_put(params, shardings), *args[1:])
     out = jax.tree.map(lambda x: np.asarray(x)[:b], jax.device_get(out))
     return DecodeOutput(refused=out["refusal_step"] >= 0, **out)
+
+  def _sharded_decode(self, layout: sharding.DecodeLayout, params, static: dict):
+    """(``_decode`` with the ``static`` settings, jitted with ``layout``'s shardings for
+    ``params``' tree, the parameters' shardings)."""
+    key = (layout, jax.tree.structure(params), tuple(static.items()))
+    if key not in self._sharded:
+      shardings = sharding.param_shardings(self.cfg, layout.mesh, params, layout.rules)
+      rows, rep = layout.rows, layout.replicated
+      self._sharded[key] = jax.jit(
+          functools.partial(_decode_impl, **static, layout=layout),
+          in_shardings=(shardings,) + (rows,) * 7 + (rep,) * 5 + (rows,),
+          out_shardings=rows), shardings
+    return self._sharded[key]
 
   def _pad_prompts(self, prompts: Prompts):
     """Prompts padded to the batch and length buckets: (tokens, roles, lengths, added rows)."""
@@ -219,22 +262,41 @@ def _token_cls_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot, 
   return lm[:, 0], jax.nn.softmax(cls[:, 1])[:, 1], kv, cls_pos
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "pad_id", "with_cls", "n_newline",
-                                             "return_logits"))
-def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, seed, insertion,
-            sampler, eos_ids, gate: gate_lib.GateArrays, *, cfg: ModelConfig, pad_id: int,
-            with_cls: bool, n_newline: int, return_logits: bool):
+def _decode_impl(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, seed,
+                 insertion, sampler, eos_ids, gate: gate_lib.GateArrays, cls_override=None, *,
+                 cfg: ModelConfig, pad_id: int, with_cls: bool, n_newline: int,
+                 return_logits: bool, layout: sharding.DecodeLayout | None = None):
   """The whole decode (prefill + loop) of a bucketed batch; see ``Decoder.__call__``.
+
+  Shapes: tokens, roles [B, P] int32 (left-padded prompts), lengths, n_forced, budget, row_ids
+  [B] int32, forced [B, N] int32, cls_override None or [B, N+1] float32. ``layout``: hold the
+  cache and the per-row state to it (sharded decoding), None on one device.
 
   The layers run unrolled (``unroll_layers``): a scanned model's weights are sliced out of the
   stack once here, before the loops, not at every step. That slice is a transient copy of the
   weights; ``SafetyModel`` passes weights unrolled at load, so it makes none."""
+  chex.assert_rank([tokens, roles, lengths, forced, n_forced, budget, row_ids],
+                   [2, 2, 1, 2, 1, 1, 1])
+  chex.assert_type([tokens, roles, lengths, forced, n_forced, budget, row_ids], jnp.int32)
+  chex.assert_equal_shape([tokens, roles])
+  chex.assert_equal_shape_prefix([tokens, lengths, forced, n_forced, budget, row_ids], 1)
+  if cls_override is not None:
+    chex.assert_shape(cls_override, (tokens.shape[0], forced.shape[1] + 1))
+    chex.assert_type(cls_override, jnp.float32)
   cfg, params = unroll_layers(cfg, params)
   b, p = tokens.shape
   n_max = forced.shape[1]
   rows = jnp.arange(b)
   cache, lm, p0 = _prefill(cfg, params, tokens, roles, lengths, PROMPT_SLOT + p + n_max,
                            with_cls)
+
+  def scripted(prob, n):
+    """The gate's P(malicious) at evaluation step n: ``cls_override``'s where it has one."""
+    if cls_override is None:
+      return prob
+    return jnp.where(jnp.isnan(cls_override[:, n]), prob, cls_override[:, n])
+
+  p0 = scripted(p0, 0)
   gstate = gate_lib.init(gate, p0)
 
   def choose(gstate, lm, n, active):
@@ -256,6 +318,7 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
       n_evals=jnp.full((b,), int(with_cls), jnp.int32),
       logits=jnp.zeros((b, n_max, lm.shape[-1]), jnp.float32).at[:, 0].set(lm)
       if return_logits else None)
+  state = _laid_out(layout, state)
 
   def step_inputs(st: LoopState):
     """Response index n of the token to choose, active rows, slot and position of the token
@@ -270,12 +333,12 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
     """Choose token n from the logits ``lm`` and record it (``evals``: updated traces)."""
     token, eos, finished, gstate = choose(gstate, lm, n, active)
     write = active & ~eos
-    return st.replace(
+    return _laid_out(layout, st.replace(
         step=n, cache=cache, token=token,
         done=st.done | (active & (eos | finished | (n + 1 >= budget))),
         tokens=st.tokens.at[:, n].set(jnp.where(write, token, st.tokens[:, n])),
         length=jnp.where(write, n + 1, st.length), gate=gstate,
-        logits=st.logits.at[:, n].set(lm) if return_logits else None, **evals)
+        logits=st.logits.at[:, n].set(lm) if return_logits else None, **evals))
 
   def token_step(st: LoopState) -> LoopState:
     n, active, slot, q_pos, cache = step_inputs(st)
@@ -289,6 +352,7 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
     sees_query, lo, hi = gate_lib.window(gate, st.gate, n)
     lm, prob, kv, cls_pos = _token_cls_step(cfg, params, cache, st.token, q_pos, slot, due,
                                             sees_query, lo + lengths, hi + lengths)
+    prob = scripted(prob, n)
     cache = cache.replace(kv=kv, positions=cache.positions.at[:, CLS_SLOT].set(
         jnp.where(due, cls_pos, cache.positions[:, CLS_SLOT])))
     k = jnp.minimum(st.n_evals, n_max)
@@ -314,6 +378,35 @@ def _decode(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, s
   return dict(tokens=st.tokens, lengths=st.length, refusal_step=st.gate.refusal_step,
               cls_probs=st.probs, cls_steps=st.eval_steps, n_evals=st.n_evals,
               logits=st.logits)
+
+
+_STATIC = ("cfg", "pad_id", "with_cls", "n_newline", "return_logits")
+_decode = jax.jit(_decode_impl, static_argnames=_STATIC + ("layout",))
+
+
+def _laid_out(layout: sharding.DecodeLayout | None, st: LoopState) -> LoopState:
+  """``st`` held to ``layout``: the cache's K/V on ``layout.kv``, every other array with a
+  row axis on ``layout.rows`` (the scalar step replicated). Unchanged without a layout."""
+  if layout is None:
+    return st
+  kv = jax.lax.with_sharding_constraint(st.cache.kv, layout.kv)
+  rest = jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, layout.rows if x.ndim else
+                                                 layout.replicated),
+      st.replace(cache=st.cache.replace(kv=None)))
+  return rest.replace(cache=rest.cache.replace(kv=kv))
+
+
+def _override_table(table, b: int, n: int) -> np.ndarray:
+  """``cls_override`` as [b, n+1] float32, NaN past its columns; a clear error if malformed."""
+  table = np.asarray(table, np.float32)
+  if table.ndim != 2 or table.shape[0] != b or not 1 <= table.shape[1] <= n + 1:
+    raise ValueError(f"cls_override must be [{b}, k] with 1 <= k <= {n + 1} (one column per "
+                     f"evaluation step, 0 = the prefill), got shape {table.shape}.")
+  if np.any((table < 0) | (table > 1)):
+    raise ValueError("cls_override holds probabilities: values in [0, 1], or NaN for the "
+                     "model's own.")
+  return np.pad(table, ((0, 0), (0, n + 1 - table.shape[1])), constant_values=np.nan)
 
 
 def _pad_rows(x: np.ndarray, pad: int) -> np.ndarray:

@@ -22,9 +22,9 @@ from typing import Sequence
 
 from absl import logging
 
-from safety_align.api import Generation, SafetyModel
+from safety_align.api import Generation, SafetyModel, resolve_gate
 from safety_align.data.chat_jinja import Pieces
-from safety_align.decode import GateConfig, Prompts, bucket, make_sampler
+from safety_align.decode import Prompts, bucket, make_sampler
 
 
 class ServerClosing(RuntimeError):
@@ -50,7 +50,7 @@ class DecodeKey:
 
   def run(self, model: SafetyModel, jobs: Sequence["Job"]) -> list[Generation]:
     tok = model.tokenizer
-    gate = gate_config(model, self.gate)
+    gate = resolve_gate(self.gate, model.gate_defaults, model.has_cls_head)
     out = model.decoder(
         model.params, Prompts.from_pieces([j.pieces for j in jobs]),
         max_new_tokens=max(j.max_new_tokens for j in jobs), gate=gate,
@@ -104,14 +104,6 @@ class Job:
   @property
   def n_prompt(self) -> int:
     return sum(len(ids) for ids, _ in self.pieces)
-
-
-def gate_config(model: SafetyModel, schedule: str) -> GateConfig:
-  """The gate of ``SafetyModel.generate(gate=schedule)``: ``off`` keeps the trained [CLS] at
-  prefill (no re-evaluation, no insertion) for a model that has one."""
-  if schedule == "off" and model.has_cls_head:
-    return dataclasses.replace(model.gate_defaults, schedule="first", reliance="low")
-  return dataclasses.replace(model.gate_defaults, schedule=schedule)
 
 
 def decode_key(*, gate: str, temperature: float, top_k: int, top_p: float, seed: int | None,

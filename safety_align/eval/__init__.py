@@ -1,0 +1,23 @@
+"""The attack evaluation (METHOD.md sections 6-7), run by ``python -m safety_align.evaluate``.
+
+Modules: ``registry`` (attack name -> constructor), ``config`` (loading ``configs/eval/*.py``,
+checks, gates), ``data`` (held-out prompts), ``judging`` (harm and refusal of a generation),
+``metrics`` (ASR with Wilson intervals, over-refusal, classifier), ``store`` (``ResultStore``:
+resumable results), ``baseline`` (the no-[CLS] baseline), ``timing`` (gate overhead),
+``progress`` (ETA), ``runner`` (the suite per model) and ``report`` (markdown and plots).
+"""
+
+from safety_align.eval.baseline import baseline_config
+from safety_align.eval.config import gate_config, gates_for, load, validate
+from safety_align.eval.data import held_out, held_out_files
+from safety_align.eval.judging import Judge, make_judge
+from safety_align.eval.metrics import classifier_metrics, wilson
+from safety_align.eval.registry import ATTACK_NAMES, KNOWN, build_attack, build_attacks
+from safety_align.eval.report import write_outputs
+from safety_align.eval.runner import EVAL_DIR, evaluate_defence, evaluate_model, run
+from safety_align.eval.store import ResultStore
+
+__all__ = ["ATTACK_NAMES", "EVAL_DIR", "KNOWN", "Judge", "ResultStore", "baseline_config",
+           "build_attack", "build_attacks", "classifier_metrics", "evaluate_defence",
+           "evaluate_model", "gate_config", "gates_for", "held_out", "held_out_files", "load",
+           "make_judge", "run", "validate", "wilson", "write_outputs"]

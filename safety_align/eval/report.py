@@ -1,0 +1,231 @@
+"""The report: ``results.json`` (strict JSON), ``results.md`` (tables with Wilson 95%
+intervals and ``n``) and the plots ``asr_by_attack.png`` and ``cls_trace.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from safety_align.attacks.base import GATE_OFF, AttackedGeneration
+from safety_align.eval.lists import names
+
+
+def clean(x):
+  """NaN/inf -> None (strict JSON), recursively."""
+  if isinstance(x, dict):
+    return {k: clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [clean(v) for v in x]
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  return x
+
+
+def _missing(x) -> bool:
+  return x is None or (isinstance(x, float) and not math.isfinite(x))
+
+
+def pct(x) -> str:
+  return "–" if _missing(x) else f"{100 * x:.1f}"
+
+
+def pct_ci(x, ci) -> str:
+  """``"12.5 [3.5, 36.0]"`` (percent, Wilson 95% interval)."""
+  if _missing(x):
+    return "–"
+  return pct(x) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+def asr_line(entry: dict, gate_on: str, gated: bool = True) -> str:
+  """One attack's log line: ASR (with interval) gate off and on, refusal, n."""
+  line = f"ASR gate off {pct_ci(entry['asr_gate_off'], entry['asr_gate_off_ci'])}%"
+  if gated:
+    line += (f", {gate_on} {pct_ci(entry['asr_gate_on'], entry['asr_gate_on_ci'])}%, "
+             f"refused {pct(entry['refused_gate_on'])}%")
+  return line + f" (n={entry['n']})"
+
+
+def results_markdown(results: dict, records: dict, cfg) -> str:
+  """The human-readable tables."""
+  gate_on = results["gate_on"]
+  schedules = [s for s in names(cfg.schedules) if s != gate_on]
+  has_bl = "baseline_no_cls" in results
+  not_refused = results["judge"] == "not_refused"
+  what = ("not refused (no harm judge for real text: a response without a refusal string "
+          "counts, harmful or not)" if not_refused else
+          "harm anywhere in the text the model wrote (before or after an inserted refusal; "
+          "never the forced prefill)")
+  lines = [f"# Attack evaluation: {results['model']}", "",
+           f"{results['n_malicious']} held-out malicious prompts, {results['n_benign']} benign; "
+           f"harm judge: {results['judge']}; gate on = {gate_on}. ASR in %, with Wilson 95% "
+           f"intervals; success = {what}. `refused` = the gate inserted its refusal or the "
+           f"model wrote a refusal string (under {gate_on}). `n` = attacked prompts.", "",
+           "| attack | n | gate off | " + f"{gate_on} | " + "".join(f"{s} | " for s in schedules)
+           + ("no [CLS] | " if has_bl else "") + "refused |",
+           "|---" * (5 + len(schedules) + has_bl) + "|"]
+  for name, a in results["attacks"].items():
+    row = [name, str(a["n"]), pct_ci(a["asr_gate_off"], a["asr_gate_off_ci"]),
+           pct_ci(a["asr_gate_on"], a["asr_gate_on_ci"])]
+    row += [pct_ci(a["asr_by_gate"].get(s), a["asr_ci_by_gate"].get(s)) for s in schedules]
+    row += [pct_ci(a.get("asr_no_cls"), a.get("asr_no_cls_ci"))
+            + (f" (n={a['n_no_cls']})" if "n_no_cls" in a else "")] if has_bl else []
+    row += [pct(a["refused_gate_on"])]
+    lines.append("| " + " | ".join(row) + " |")
+  b = results["benign"]
+  lines += ["", f"## Over-refusal on {b['n']} held-out benign prompts (%, Wilson 95%)", "",
+            "| gate | over-refusal | n |", "|---|---|---|"]
+  lines += [f"| {g} | {pct_ci(v, b['over_refusal_ci_by_gate'].get(g))} | {b['n']} |"
+            for g, v in b["over_refusal_by_gate"].items()]
+  if has_bl:
+    bl = results["baseline_no_cls"]
+    lines.append(f"| no [CLS] baseline (off) | {pct_ci(bl['over_refusal'], bl['over_refusal_ci'])}"
+                 f" | {bl['n']} |")
+  c = results["classifier"]
+  if c.get("auroc") is not None:
+    lines += ["", f"## First classification on {c['n']} held-out prompts "
+              f"({c['n_malicious']} malicious, {c['n_benign']} benign)", "",
+              "| AUROC | accuracy | F1 |", "|---|---|---|",
+              f"| {c['auroc']:.3f} | {pct_ci(c['accuracy'], c['accuracy_ci'])}% | "
+              f"{c['f1']:.3f} |"]
+  if results.get("overhead"):
+    s, setup = results["overhead_seconds"], results["overhead_setup"]
+    lines += ["", f"## Gate overhead ({setup['n_prompts']} prompts x {setup['new_tokens']} "
+              f"tokens, best of {setup['repeats']}; vs {setup['baseline']})", "",
+              "| schedule | seconds | overhead |", "|---|---|---|",
+              f"| off | {s[GATE_OFF]:.3f} | – |"]
+    lines += [f"| {k} | {s[k]:.3f} | {v:+.1%} |" for k, v in results["overhead"].items()]
+  extras = _notes(results, records, gate_on, has_bl)
+  if extras:
+    lines += ["", "## Notes", ""] + extras
+  return "\n".join(lines) + "\n"
+
+
+def _notes(results: dict, records: dict, gate_on: str, has_bl: bool) -> list[str]:
+  extras = []
+  for name in ("gcg", "gcg_adaptive"):
+    a = results["attacks"].get(name, {})
+    if "search_success" in a:
+      extras.append(f"- {name}: search reached its target (gate off) on "
+                    f"{pct(a['search_success'])}% of prompts, mean {a['mean_steps']:.0f} "
+                    f"steps, {a['mean_search_seconds']:.1f}s; final first-classification "
+                    f"P(malicious) {a['mean_cls_prob']:.3f}.")
+  per = results["attacks"].get("templates", {}).get("asr_by_template", {})
+  if per:
+    extras.append("- templates, ASR per template (off / on): " + ", ".join(
+        f"{n} {pct(v)}/{pct(per.get(gate_on, {}).get(n))}"
+        for n, v in per.get(GATE_OFF, {}).items()))
+  if results.get("judge_unparsed"):
+    extras.append(f"- the judge model gave {results['judge_unparsed']} verdicts that were "
+                  "neither 'safe' nor 'unsafe' (counted not harmful).")
+  if has_bl:
+    extras.append("- no [CLS]: the same SFT without [CLS], gate off "
+                  f"({results['baseline_no_cls']['model']}).")
+  example = _example(records, gate_on)
+  return extras + ([example] if example else [])
+
+
+def _example(records: dict, gate_on: str) -> str:
+  """One prefill attack, gate off vs on, as text."""
+  for name in ("prefill_10", "prefill_5", "prefill_20", "prefill_40", "direct"):
+    recs = records.get(name) or []
+    on = [r for r in recs if r.gate == gate_on and r.refused]
+    if on:
+      r = on[0]
+      off = next((x for x in recs if x.gate == GATE_OFF and x.item == r.item), None)
+      clip = lambda s: s.replace("\n", " ")[:200]  # noqa: E731
+      return (f"- example ({name}): prompt {r.query!r}, prefill {r.prefill!r}\n"
+              f"  - gate off: {clip(off.response) if off else '–'!r}\n"
+              f"  - {gate_on}: {clip(r.response)!r} (refusal at token {r.refusal_step})")
+  return ""
+
+
+def plot(results: dict, records: dict, out_dir: str, cfg) -> list[str]:
+  """asr_by_attack.png (with the Wilson intervals) and cls_trace.png; the paths written."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  gate_on = results["gate_on"]
+  attacks = results["attacks"]
+  series = [("gate off", "asr_gate_off", "asr_gate_off_ci"),
+            (f"gate on ({gate_on})", "asr_gate_on", "asr_gate_on_ci")]
+  series += [(s, s, s) for s in names(cfg.schedules) if s != gate_on]
+  if "baseline_no_cls" in results:
+    series.append(("no [CLS] baseline", "asr_no_cls", "asr_no_cls_ci"))
+
+  def get(a, field, ci_field):
+    if field in a:
+      return a[field], a.get(ci_field)
+    return a["asr_by_gate"].get(field), a["asr_ci_by_gate"].get(ci_field)
+
+  fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(attacks) + 2), 4))
+  width = 0.8 / len(series)
+  for k, (label, field, ci_field) in enumerate(series):
+    vals = [get(a, field, ci_field) for a in attacks.values()]
+    ys = np.array([np.nan if _missing(v) else 100 * v for v, _ in vals])
+    err = np.array([[y - 100 * c[0], 100 * c[1] - y] if c and not np.isnan(y) else [0, 0]
+                    for y, (_, c) in zip(ys, vals)]).T.reshape(2, -1)
+    ax.bar(np.arange(len(attacks)) + (k - (len(series) - 1) / 2) * width, ys, width,
+           yerr=err, capsize=2, label=label)
+  ax.set_xticks(np.arange(len(attacks)), list(attacks), rotation=30, ha="right")
+  ax.set_ylabel("attack success rate (%, Wilson 95%)")
+  ax.set_ylim(0, 105)
+  ax.set_title(f"ASR by attack ({results['n_malicious']} held-out malicious prompts)")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  paths = [os.path.join(out_dir, "asr_by_attack.png")]
+  fig.savefig(paths[0], dpi=120)
+  plt.close(fig)
+
+  traces = pick_traces(records, gate_on, cfg.n_traces)
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for k, (name, r) in enumerate(traces):
+    color = f"C{k}"
+    ax.plot(r.cls_steps, r.cls_probs, "o-", color=color, ms=3,
+            label=f"{name} #{r.item}" + (" (refused)" if r.refused else ""))
+    if r.refused:
+      ax.axvline(r.refusal_step, color=color, ls="--", lw=1)
+    if r.n_forced:
+      ax.axvspan(0, r.n_forced, color=color, alpha=0.06)
+  ax.axhline(cfg.gate.threshold, color="gray", lw=0.8, ls=":")
+  ax.set_xlabel("response tokens (step); dashed: refusal inserted; shaded: prefill")
+  ax.set_ylabel("P(malicious)")
+  ax.set_ylim(-0.02, 1.02)
+  ax.set_title(f"[CLS] re-evaluations under {gate_on}")
+  if traces:
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  paths.append(os.path.join(out_dir, "cls_trace.png"))
+  fig.savefig(paths[1], dpi=120)
+  plt.close(fig)
+  return paths
+
+
+def pick_traces(records: dict, gate_on: str, n: int) -> list[tuple[str, AttackedGeneration]]:
+  """Up to ``n`` gated generations with re-evaluations, mid-response refusals first."""
+  cands = [(name, r) for name, recs in records.items() if not name.startswith("no_cls")
+           and name != "benign" for r in recs if r.gate == gate_on and len(r.cls_steps) > 1]
+  cands.sort(key=lambda x: (not (x[1].refused and (x[1].refusal_step or 0) > 0),
+                            not x[0].startswith("prefill")))
+  first = {}  # one per attack first, then the rest in order
+  for name, r in cands:
+    first.setdefault(name, r)
+  out = list(first.items())[:n]
+  out += [c for c in cands if all(c[1] is not o[1] for o in out)][:n - len(out)]
+  return out
+
+
+def write_outputs(results: dict, records: dict, out_dir: str, cfg) -> str:
+  """results.json, results.md and (``cfg.plots``) the plots; returns the markdown."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "results.json"), "w") as f:
+    json.dump(clean(results), f, indent=2)
+  md = results_markdown(results, records, cfg)
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(md)
+  if cfg.plots:
+    plot(results, records, out_dir, cfg)
+  return md

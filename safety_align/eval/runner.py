@@ -1,0 +1,282 @@
+"""The runner: one model-like object through the suite (``evaluate_defence``: attacks, benign
+prompts, classifier, overhead), the [CLS] model with its no-[CLS] baseline
+(``evaluate_model``), and ``run`` on a workdir (what ``python -m safety_align.evaluate`` does).
+
+``evaluate_defence`` takes any object with ``generate``, ``classify``, ``has_cls_head``,
+``tokenizer``, ``template`` and ``decoder`` (``SafetyModel``, or a defence wrapping one), so
+extra defences are evaluated exactly as the [CLS] model is: their entries go to
+``results["baselines"][name]`` with the same keys (``attacks``, ``benign``, ``classifier``,
+``overhead``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from safety_align import checkpoint
+from safety_align.attacks import base
+from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSettings
+from safety_align.attacks.direct import DirectAttack
+from safety_align.eval import baseline as baseline_lib
+from safety_align.eval import config as config_lib
+from safety_align.eval import data, metrics, registry, report
+from safety_align.eval.judging import Judge, make_judge
+from safety_align.eval.lists import names
+from safety_align.eval.progress import Progress, attack_cost
+from safety_align.eval.store import ResultStore, key, require_checkpoint
+from safety_align.eval.timing import timing
+
+EVAL_DIR, STORE_DIR = "eval", "cache"
+
+
+@dataclasses.dataclass
+class Suite:
+  """What every model of one evaluation shares: config, held-out data, judge, store, attacks,
+  run settings and progress."""
+
+  cfg: Any
+  items: list[Item]
+  benign: list[str]
+  pairs: list[dict]
+  judge: Judge
+  store: ResultStore
+  attacks: list[base.Attack]
+  settings: RunSettings
+  progress: Progress
+
+  @property
+  def log(self) -> Callable[[str], None]:
+    return self.settings.log
+
+  def common(self, model_id: str) -> dict:
+    """The part of every stored result's key that every step shares."""
+    cfg = self.cfg
+    return dict(model=model_id, items=[dataclasses.astuple(i) for i in self.items],
+                max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, gate=dict(cfg.gate))
+
+  def gates(self, attack: str, gated: bool) -> list[str]:
+    return config_lib.gates_for(self.cfg, attack) if gated else [GATE_OFF]
+
+  def benign_gates(self, gated: bool) -> list[str]:
+    cfg = self.cfg
+    return ([GATE_OFF, cfg.gate_on] + [s for s in names(cfg.schedules) if s != cfg.gate_on]
+            if gated else [GATE_OFF])
+
+  def step(self, name: str, payload, compute: Callable[[], Any]):
+    """``store.get`` with progress lines around it."""
+    stored = self.store.has(name, payload)
+    self.progress.start(name)
+    out = self.store.get(name, payload, compute)
+    self.progress.finish(name, stored)
+    return out
+
+
+def make_suite(cfg, out_dir: str, items: Sequence[Item], benign: Sequence[str],
+               pairs: Sequence[dict] = (), *, log: Callable[[str], None],
+               judge: Judge | None = None) -> Suite:
+  config_lib.validate(cfg)
+  items = list(items)[:cfg.n_malicious or None]
+  benign = list(benign)[:cfg.n_benign or None]
+  pairs = list(pairs) or ([{"prompt": i.prompt, "label": 1} for i in items]
+                          + [{"prompt": p, "label": 0} for p in benign])
+  return Suite(cfg=cfg, items=items, benign=benign, pairs=pairs, judge=judge or make_judge(cfg),
+               store=ResultStore(os.path.join(out_dir, STORE_DIR), log),
+               attacks=registry.build_attacks(cfg),
+               settings=RunSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, log=log),
+               progress=Progress(log))
+
+
+def plan(suite: Suite, prefix: str, attacks: Sequence[base.Attack], gated: bool,
+         classifier: bool, overhead: bool) -> None:
+  """Enter one model's steps in the progress plan (costs: ``progress.attack_cost``)."""
+  cfg, p = suite.cfg, suite.progress
+  for a in attacks:
+    p.plan(prefix + a.name, attack_cost(a, len(suite.items), len(suite.gates(a.name, gated)),
+                                        cfg.max_new_tokens))
+  p.plan(prefix + "benign", len(suite.benign) * len(suite.benign_gates(gated))
+         * cfg.max_new_tokens)
+  if classifier:
+    p.plan(prefix + "classifier", len(suite.pairs))
+  if overhead:
+    o = cfg.overhead
+    p.plan(prefix + "overhead", o.n_prompts * o.new_tokens * (o.repeats + 1)
+           * (len(names(o.schedules)) + 1))
+
+
+def _to_json(records: Sequence[AttackedGeneration]) -> list[dict]:
+  return [r.to_json() for r in records]
+
+
+def _from_json(rows: Sequence[dict]) -> list[AttackedGeneration]:
+  return [AttackedGeneration.from_json(d) for d in rows]
+
+
+def attack_payload(common: dict, attack: base.Attack, gates: Sequence[str],
+                   main_records: dict[str, list[AttackedGeneration]] | None = None) -> dict:
+  """What an attack's stored records depend on: the shared part, its settings and gates, and
+  the main model's records only for a baseline run that replays them
+  (``attack.replays_main_records``)."""
+  payload = dict(common, attack=attack.config(), gates=list(gates))
+  if main_records is not None and attack.replays_main_records:
+    payload["main"] = key(_to_json(main_records[attack.name]))
+  return payload
+
+
+def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
+                     attacks: Sequence[base.Attack] | None = None, gated: bool | None = None,
+                     main_records: dict[str, list[AttackedGeneration]] | None = None,
+                     overhead: bool | None = None) -> tuple[dict, dict]:
+  """One model-like object through the suite (module doc). ``prefix``: of its stored results'
+  names; ``gated``: run the gates (default: iff it has [CLS]), else gate off only;
+  ``main_records``: the [CLS] model's records, given to ``attack.run_baseline`` (a baseline
+  may replay them) instead of running ``attack.run``. Returns ({"attacks", "benign",
+  "classifier", "overhead", ...}, records by attack name and "benign")."""
+  cfg, log = suite.cfg, suite.log
+  attacks = suite.attacks if attacks is None else list(attacks)
+  gated = model.has_cls_head if gated is None else gated
+  overhead = bool(gated and model.has_cls_head and cfg.overhead.n_prompts) \
+      if overhead is None else overhead
+  if prefix + "benign" not in suite.progress.planned:
+    plan(suite, prefix, attacks, gated, model.has_cls_head, overhead)
+  common = suite.common(model_id)
+  out: dict[str, Any] = dict(attacks={})
+  records: dict[str, list[AttackedGeneration]] = {}
+
+  def run_attack(attack, gates):
+    t0 = time.perf_counter()
+    log(f"{prefix}{attack.name}: running under gates {gates}")
+    if main_records is None:
+      recs = attack.run(model, suite.items, gates, suite.settings)
+    else:
+      recs = attack.run_baseline(model, suite.items, main_records[attack.name], suite.settings)
+    return dict(records=_to_json(recs), seconds=time.perf_counter() - t0)
+
+  for attack in attacks:
+    gates = suite.gates(attack.name, gated)
+    payload = attack_payload(common, attack, gates, main_records)
+    stored = suite.step(prefix + attack.name, payload,
+                        lambda a=attack, g=gates: run_attack(a, g))
+    recs = records[attack.name] = _from_json(stored["records"])
+    entry = out["attacks"][attack.name] = metrics.attack_summary(
+        attack, recs, suite.items, suite.judge, gates, cfg.gate_on, stored["seconds"])
+    log(f"{prefix}{attack.name}: " + report.asr_line(entry, cfg.gate_on, gated))
+
+  gates = suite.benign_gates(gated)
+  benign_items = [Item(p, "") for p in suite.benign]
+  stored = suite.step(prefix + "benign", dict(common, items=suite.benign, gates=gates),
+                      lambda: dict(records=_to_json(DirectAttack().run(
+                          model, benign_items, gates, suite.settings))))
+  records["benign"] = _from_json(stored["records"])
+  out["benign"] = metrics.over_refusal(records["benign"], suite.judge, gates, cfg.gate_on)
+
+  out["classifier"] = dict(auroc=None, accuracy=None, f1=None, n=0)
+  if model.has_cls_head:
+    prompts = [p["prompt"] for p in suite.pairs]
+    probs = suite.step(prefix + "classifier", dict(model=model_id, prompts=prompts),
+                       lambda: model.classify(prompts).tolist())
+    out["classifier"] = metrics.classifier_metrics(
+        np.array(probs), np.array([p["label"] for p in suite.pairs]), cfg.gate.threshold)
+  out["overhead"] = {}
+  if overhead:
+    o = cfg.overhead
+    prompts = [p["prompt"] for p in suite.pairs][:o.n_prompts]
+    seconds = suite.step(prefix + "overhead", dict(model=model_id, overhead=dict(o),
+                                                   prompts=prompts, gate=dict(cfg.gate)),
+                         lambda: timing(model, prompts, names(o.schedules),
+                                        new_tokens=o.new_tokens, repeats=o.repeats, log=log))
+    out["overhead"] = {s: seconds[s] / seconds[GATE_OFF] - 1 for s in names(o.schedules)}
+    out["overhead_seconds"] = seconds
+    out["overhead_setup"] = dict(n_prompts=len(prompts), new_tokens=o.new_tokens,
+                                 repeats=o.repeats, baseline="plain decoding, no [CLS]")
+  return out, records
+
+
+def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[Item],
+                   benign: Sequence[str], all_pairs: Sequence[dict] = (), baseline=None,
+                   baseline_id: str = "", log: Callable[[str], None] | None = None,
+                   judge: Judge | None = None) -> tuple[dict, dict]:
+  """The suite on a loaded [CLS] model and optionally its no-[CLS] baseline (gate off; its
+  ASR goes into each attack's entry as ``asr_no_cls``), storing under ``out_dir/cache``.
+  Returns (results.json dict, records by entry; the baseline's prefixed ``no_cls_``)."""
+  log = log or logger(time.time())
+  suite = make_suite(cfg, out_dir, items, benign, all_pairs, log=log, judge=judge)
+  chosen = names(cfg.baseline_attacks)
+  unknown = sorted(set(chosen) - {a.name for a in suite.attacks})
+  if unknown and baseline is not None:
+    raise ValueError(f"baseline_attacks {unknown} are not in attacks={cfg.attacks!r}.")
+  baseline_attacks = [a for a in suite.attacks if not chosen or a.name in chosen]
+  plan(suite, "", suite.attacks, True, model.has_cls_head,
+       bool(model.has_cls_head and cfg.overhead.n_prompts))
+  if baseline is not None:
+    plan(suite, "no_cls_", baseline_attacks, False, False, False)
+
+  results: dict[str, Any] = dict(model=model_id, n_malicious=len(suite.items),
+                                 n_benign=len(suite.benign), gate_on=cfg.gate_on,
+                                 judge=cfg.judge.harm)
+  main, records = evaluate_defence(model, suite, model_id=model_id)
+  results.update(main)
+  if baseline is not None:
+    bl, bl_records = evaluate_defence(baseline, suite, model_id=baseline_id, prefix="no_cls_",
+                                      attacks=baseline_attacks, gated=False,
+                                      main_records=records, overhead=False)
+    for name, a in bl["attacks"].items():
+      results["attacks"][name].update(asr_no_cls=a["asr_gate_off"],
+                                      asr_no_cls_ci=a["asr_gate_off_ci"], n_no_cls=a["n"])
+    b = bl["benign"]
+    results["baseline_no_cls"] = dict(model=baseline_id, over_refusal=b["over_refusal_gate_off"],
+                                      over_refusal_ci=b["over_refusal_gate_off_ci"], n=b["n"])
+    records.update({f"no_cls_{k}": v for k, v in bl_records.items()})
+  results["judge_unparsed"] = suite.judge.unparsed
+  return results, records
+
+
+def logger(t0: float) -> Callable[[str], None]:
+  def log(msg: str) -> None:
+    print(f"[evaluate {time.time() - t0:6.1f}s] {msg}", flush=True)
+  return log
+
+
+def run(workdir: str, eval_config) -> str:
+  """Evaluate the model in ``workdir``; writes ``workdir/eval/*`` and returns results.md."""
+  import safety_align as sa  # pylint: disable=g-import-not-at-top
+  t0 = time.time()
+  log = logger(t0)
+  cfg = eval_config
+  config_lib.validate(cfg)
+  model_id = require_checkpoint(workdir)
+  baseline_lib.check_baseline_trainable(workdir, cfg)
+  judge = make_judge(cfg)
+  seed = cfg.data_seed
+  if seed < 0:
+    seed = checkpoint.read_config(workdir).get("data", {}).get("seed", 0)
+  items, benign, pairs = (data.held_out_files(cfg.held_out_dir) if cfg.held_out_dir
+                          else data.held_out(seed))
+  gate = config_lib.gate_config(cfg, cfg.gate_on)
+  model = sa.load(workdir, gate_defaults=gate, batch_size=cfg.batch_size)
+  if not model.has_cls_head:
+    raise ValueError(f"{workdir} holds a model without [CLS] (use_cls=False): evaluate the "
+                     "[CLS] model, and give this one as baseline_workdir.")
+  log(f"model {model_id}; {min(len(items), cfg.n_malicious or len(items))} malicious, "
+      f"{min(len(benign), cfg.n_benign or len(benign))} benign prompts")
+  baseline_dir = baseline_lib.resolve_baseline(workdir, cfg, log)
+  baseline, baseline_id = None, ""
+  if baseline_dir:
+    baseline_id = require_checkpoint(baseline_dir, "baseline")
+    baseline = sa.load(baseline_dir, gate_defaults=gate, batch_size=cfg.batch_size)
+    if baseline.has_cls_head:
+      log(f"warning: baseline {baseline_dir} has a [CLS] head; it is run with gate off.")
+  out_dir = os.path.join(workdir, EVAL_DIR)
+  results, records = evaluate_model(model, cfg, out_dir, model_id=model_id, items=items,
+                                    benign=benign, all_pairs=pairs, baseline=baseline,
+                                    baseline_id=baseline_id, log=log, judge=judge)
+  results["model"] = os.path.abspath(workdir)
+  results["seconds"] = time.time() - t0
+  md = report.write_outputs(results, records, out_dir, cfg)
+  log(f"wrote {out_dir}/results.json, results.md"
+      + (", asr_by_attack.png, cls_trace.png" if cfg.plots else ""))
+  return md
