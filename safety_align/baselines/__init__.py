@@ -1,0 +1,20 @@
+"""Competitor baselines, each a model-like object the evaluation's attacks run unchanged
+(``common.Defended``; gate "off": the undefended source model, any other gate: the defence on):
+
+* ``probe``: ADA-style linear probes on the source's hidden states, re-read every k tokens;
+* ``deep_alignment``: Qi et al.'s harmful-prefix -> refusal SFT augmentation;
+* ``safedecoding``: Xu et al.'s reweighting of the first tokens toward a safety expert.
+
+Each module has ``default_config()`` (its section of the evaluation config) and
+``build(source, section, train_data, log, folder)``, which trains what it needs into
+``folder`` (or loads it from there) and returns the model-like object.
+"""
+
+from safety_align.baselines import deep_alignment, probe, safedecoding
+
+BUILDERS = {"probe": probe.build, "deep_alignment": deep_alignment.build,
+            "safedecoding": safedecoding.build}
+SECTIONS = {"probe": probe.default_config, "deep_alignment": deep_alignment.default_config,
+            "safedecoding": safedecoding.default_config}
+
+__all__ = ["BUILDERS", "SECTIONS", "deep_alignment", "probe", "safedecoding"]

@@ -1,0 +1,174 @@
+"""What the competitor baselines share: the wrapper over the source ``SafetyModel``, what a
+``gate`` means for a baseline, token-level continuation through the source's decoder, and the
+folder of trained artefacts.
+
+A baseline is a model-like object that the evaluation's attacks run unchanged (``generate``,
+``classify``, ``has_cls_head``, ``tokenizer``, ``template``, ``decoder``, ``config``,
+``params``, ``gate_defaults``): ``Defended`` holds the source model and forwards all of it;
+each baseline overrides what it changes. ``gate``: ``"off"`` (or a ``GateConfig`` whose
+schedule is off) is the undefended source model, decoded as ``SafetyModel.generate(gate="off")``
+does; any other schedule name turns the baseline's defence on (which schedule does not matter:
+the baseline has its own). ``has_cls_head`` says whether ``classify`` works (the probe's);
+an evaluation runs the gated attacks of the others with ``evaluate_defence(gated=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from safety_align import api
+from safety_align.api import check_arg, load, resolve_gate
+from safety_align.decode import SCHEDULES, GateConfig, Prompts
+
+SETTINGS_FILE = "settings.json"
+
+
+class Defended:
+  """A baseline around ``source`` (a ``SafetyModel``); subclasses set ``name`` and override
+  ``generate`` (and ``classify`` with ``has_cls_head = True``)."""
+
+  name = ""
+  has_cls_head = False
+
+  def __init__(self, source):
+    self.source = source
+
+  @property
+  def tokenizer(self):
+    return self.source.tokenizer
+
+  @property
+  def template(self):
+    return self.source.template
+
+  @property
+  def decoder(self):
+    return self.source.decoder
+
+  @property
+  def config(self):
+    return self.source.config
+
+  @property
+  def params(self):
+    return self.source.params
+
+  @property
+  def gate_defaults(self):
+    return self.source.gate_defaults
+
+  @property
+  def batch_size(self):
+    return self.source.batch_size
+
+  def lm_logits(self, token_ids) -> np.ndarray:
+    return self.source.lm_logits(token_ids)
+
+  def classify(self, prompts: Sequence[str]) -> np.ndarray:
+    raise ValueError(f"The {self.name} baseline has no classifier (has_cls_head is False): "
+                     "evaluate it without the classifier step.")
+
+
+def defence_on(gate: str | GateConfig) -> bool:
+  """Whether ``gate`` turns a baseline's defence on (module doc)."""
+  if isinstance(gate, GateConfig):
+    return gate.enabled
+  if not isinstance(gate, str):
+    raise TypeError(f"gate must be a schedule name {SCHEDULES} or a GateConfig, got "
+                    f"{type(gate).__name__}.")
+  if gate not in SCHEDULES:
+    raise ValueError(f"Unknown gate {gate!r}: expected one of {SCHEDULES} ('off': the "
+                     "undefended source model; any other: the baseline's defence on).")
+  return gate != "off"
+
+
+def samplers(sampling: Sequence[Any] | None, n: int, temperature: float, top_k: int,
+             top_p: float) -> Callable[[Sequence[int]], Any]:
+  """``rows -> sampler`` for decoder calls over prompt indices ``rows``: the shared settings'
+  sampler, or each prompt's own (``sampling``), checked and built as ``SafetyModel.generate``
+  does."""
+  for name, value in dict(temperature=temperature, top_k=top_k, top_p=top_p).items():
+    check_arg(name, value)
+  return api._sampler(sampling, n, (temperature, top_k, top_p))  # pylint: disable=protected-access
+
+
+def temperatures(sampling: Sequence[Any] | None, n: int, temperature: float) -> np.ndarray:
+  """[n] each prompt's temperature (0: greedy)."""
+  if sampling is None:
+    return np.full(n, float(temperature))
+  return np.array([float(s.temperature) for s in sampling])
+
+
+def decode(model, prompts: Sequence[str], forced: Sequence[Sequence[int]], *,
+           max_new_tokens: int | Sequence[int], sampler_of, seed: int,
+           rows: Sequence[int] | None = None, system: str | None = None,
+           return_logits: bool = False) -> list[tuple[list[int], np.ndarray | None]]:
+  """Per prompt, (response tokens, forced ones included; the [N, V] logits each response
+  token was chosen from, if asked) of ``model`` (a ``SafetyModel``) decoding gate off after
+  the token-level prefix ``forced[i]`` (no text round trip). ``rows``: each prompt's index for
+  the sampling keys (and ``sampler_of``), so a continuation draws what the uncut decode
+  would have; ``max_new_tokens``: shared or per prompt (tokens after the prefix)."""
+  n = len(prompts)
+  rows = list(range(n)) if rows is None else list(rows)
+  budgets = np.broadcast_to(np.asarray(max_new_tokens), (n,))
+  gate = resolve_gate("off", model.gate_defaults, model.has_cls_head)
+  tok = model.tokenizer
+  out: list = [None] * n
+  # One decoder call per budget, chunked by the model's batch size.
+  for budget in np.unique(budgets):
+    idx = [i for i in range(n) if budgets[i] == budget]
+    for s in range(0, len(idx), model.batch_size):
+      chunk = idx[s:s + model.batch_size]
+      encoded = Prompts.from_pieces([model.template.prompt_pieces(tok, prompts[i], system=system)
+                                     for i in chunk])
+      res = model.decoder(model.params, encoded, max_new_tokens=int(budget), gate=gate,
+                          sampler=sampler_of([rows[i] for i in chunk]), seed=seed,
+                          prefill=[list(forced[i]) for i in chunk],
+                          refusal_ids=tok.encode(gate.refusal_prefix),
+                          newline_ids=tok.encode("\n"), row_ids=[rows[i] for i in chunk],
+                          return_logits=return_logits)
+      for j, i in enumerate(chunk):
+        out[i] = (res.response(j), res.logits[j] if return_logits else None)
+  return out
+
+
+def check_settings(folder: str, settings: dict) -> None:
+  """Record the settings a folder's artefacts are made with (creating the folder); raise if
+  it holds artefacts of other settings (never mixing two)."""
+  path = os.path.join(folder, SETTINGS_FILE)
+  settings = json.loads(json.dumps(settings))
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    if saved != settings:
+      diffs = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+      raise ValueError(f"{folder} holds artefacts made with other settings ({', '.join(diffs)} "
+                       "differ): give the baseline another folder, or delete this one.")
+    return
+  os.makedirs(folder, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(settings, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def load_source(source, **kwargs):
+  """``source`` as a ``SafetyModel``: a path (a workdir or import dir, through ``sa.load``
+  with ``kwargs``) or a model already loaded."""
+  if isinstance(source, str):
+    return load(source, **kwargs)
+  if not all(hasattr(source, a) for a in ("generate", "decoder", "params", "template")):
+    raise TypeError(f"source must be a workdir path or a SafetyModel, got "
+                    f"{type(source).__name__}.")
+  return source
+
+
+def source_id(source):
+  """What names ``source`` in a folder's settings: its absolute path, or what a loaded model
+  was loaded from (None for a model built in memory: its folder is then trusted as is)."""
+  if isinstance(source, str):
+    return os.path.abspath(source)
+  return getattr(source, "loaded_from", None)
