@@ -21,7 +21,7 @@ import numpy as np
 from bench import common, decode, models, train
 from safety_align import masks
 from safety_align.decode import decoder as dec
-from safety_align.decode.cache import Cache, response_mask, window_mask
+from safety_align.decode.cache import DecodeState, response_mask, window_mask
 from safety_align.model import KVCache, Transformer, unroll_layers
 
 FLAGS = flags.FLAGS
@@ -46,7 +46,7 @@ def cost(jitted, *args):
 
 
 def fake_cache(cfg, b, s, prompt):
-  """A decoding cache with ``prompt`` + a few response keys written (roles, positions)."""
+  """A ``DecodeState`` with ``prompt`` + a few response keys written (roles, positions)."""
   roles = np.zeros((b, s), np.int32)
   roles[:, 2:2 + prompt] = masks.Role.QUERY
   roles[:, 2 + prompt:2 + prompt + 16] = masks.Role.RESPONSE
@@ -56,7 +56,7 @@ def fake_cache(cfg, b, s, prompt):
   layers = lambda: tuple(jax.random.normal(next(keys), (b, cfg.n_kv_heads, s, cfg.dim_per_head))
                          * 0.1 for _ in range(cfg.n_layers))
   kv = KVCache(k=layers(), v=layers())  # per-layer buffers: the decoder's unrolled layout
-  return Cache(kv=kv, roles=jnp.asarray(roles), positions=jnp.asarray(pos))
+  return DecodeState(kv=kv, roles=jnp.asarray(roles), positions=jnp.asarray(pos))
 
 
 def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
@@ -112,7 +112,7 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
       response_mask=best(lambda: mask_fn(cache, q_pos)),
       window_mask=best(lambda: win_fn(cache)),
       cache_write_all_layers=best(do_write))
-  # The real loop: per-step time of the whole decode (prefill amortised).
+  # The real loop: per-step time of the whole decode (prompt pass amortised).
   off = decode.ours(w, "off", new_tokens)
   t_loop = best(off, reps=2) / new_tokens
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
@@ -122,7 +122,7 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
         f"GFLOP, {c['bytes accessed'] / 1e6:.0f} MB accessed; weights {weight_bytes / 1e6:.0f} "
         f"MB -> {weight_bytes / t_step / 1e9:.1f} GB/s)")
   print(f"  token + [CLS] row step   {t_cls * 1e3:8.2f} ms   (+{(t_cls / t_step - 1) * 100:.0f}%)")
-  print(f"  in the while loop        {t_loop * 1e3:8.2f} ms / token (gate off, incl. prefill)")
+  print(f"  in the while loop        {t_loop * 1e3:8.2f} ms / token (gate off, incl. prompt pass)")
   for k, v in parts.items():
     print(f"    {k:24s} {v * 1e3:8.3f} ms  ({v / t_step * 100:5.1f}% of the step)")
   return dict(step=t_step, cls_step=t_cls, loop=t_loop, parts=parts, cost=c)

@@ -64,9 +64,9 @@ class SafetyModel:
     batch_size: prompts per decoding batch.
     eos_ids: tokens that end a response (default: the tokenizer's EOS).
     uses_cls: whether the model was trained with [CLS] (``False``: the implicit-alignment
-      baseline, a plain LM). ``gate="off"`` keeps [CLS] at prefill for a model trained with
-      it (the implicit path it was trained with; no re-evaluation, no insertion) and drops it
-      for a plain LM.
+      baseline, a plain LM). ``gate="off"`` keeps [CLS] in the prompt pass for a model trained
+      with it (the implicit path it was trained with; no re-evaluation, no insertion) and drops
+      it for a plain LM.
     mesh: serve across devices (a ``Mesh`` or axis sizes: see ``load``); ``None``: one device.
   """
 
@@ -252,7 +252,7 @@ def resolve_gate(gate: str | GateConfig, defaults: GateConfig, has_cls: bool) ->
   """The decoder's ``GateConfig`` for a public ``gate``: a schedule name applied to
   ``defaults``, or a full ``GateConfig``. The one meaning of ``off`` (``generate``, the
   server, the evaluation): the gate never acts, no re-evaluation and no inserted refusal. A
-  model with [CLS] still reads it at prefill, the implicit path it was trained with
+  model with [CLS] still reads it in the prompt pass, the implicit path it was trained with
   (``schedule="first", reliance="low"``); a plain LM decodes without [CLS] (the decoder's own
   ``schedule="off"``). Any other schedule needs [CLS]."""
   if isinstance(gate, str):
@@ -351,14 +351,15 @@ def load(path: str, phase: str | None = None, **kwargs) -> SafetyModel:
   are placed by the training rules (``sharding.RULES``: heads, MLP and vocabulary over
   ``tensor``, ``embed`` over ``fsdp``; a dimension an axis does not divide stays whole) and
   decoding runs sharded (``decode.Decoder``: KV cache heads over ``tensor``, rows over
-  ``data``/``fsdp`` when the batch divides them); outputs are the same as on one device.
-  ``None`` (default): one device.
+  ``data``/``fsdp`` when the batch divides them); outputs are the same as on one device. Each
+  parameter is restored straight onto its devices' slices. ``None`` (default): one device.
   """
   if phase is not None and (not isinstance(phase, str) or not phase):
     raise TypeError(f"phase must be a phase name such as 'sft' or 'pretrain', or None; got "
                     f"{phase!r}.")
   phase = checkpoint.serving_phase(path) if phase is None else phase
-  model_config, params, extra = checkpoint.load_for_inference(path, phase)
+  kwargs["mesh"] = sharding.as_mesh(kwargs.get("mesh"))
+  model_config, params, extra = checkpoint.load_for_inference(path, phase, mesh=kwargs["mesh"])
   tokenizer = Tokenizer.load(extra["tokenizer_path"])
   eos_ids = extra.get("special_tokens", {}).get("eos_ids") or [tokenizer.eos_id]
   kwargs.setdefault("max_length", _max_length(extra.get("config", {})))

@@ -29,7 +29,9 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.sharding import Mesh
 
+from safety_align import sharding
 from safety_align.model import ModelConfig, init_params
 
 CONFIG_FILE = "config.json"
@@ -454,19 +456,28 @@ def _check_shapes(path: str, params, model_cfg: ModelConfig) -> None:
         f"parameters ({_few(diffs)}): restore the model block the run was trained with.")
 
 
-def load_for_inference(path: str, phase: str = "") -> tuple[ModelConfig, Any, dict]:
+def load_for_inference(path: str, phase: str = "", mesh: Mesh | None = None
+                       ) -> tuple[ModelConfig, Any, dict]:
   """(model config, params, extra) of a workdir or an ``import_hf`` directory.
 
   ``phase`` picks one phase's newest intact checkpoint ("" = the most trained one there is).
   ``config.json``'s model is checked against the parameters, naming the fields that differ.
+  ``mesh``: restore each parameter straight onto its ``sharding.param_shardings`` placement
+  (each device reads only its slices; no whole copy on one device), in ``config.json``'s
+  parameter dtype; ``None``: as saved, on the default device.
 
   ``extra`` carries ``tokenizer_path``, ``chat_template``, ``special_tokens`` (import_hf
   outputs), ``phase``, ``step`` and the saved ``config``.
   """
   config = read_config(path)
   model_cfg = ModelConfig.from_config(config["model"])
+  targets = None
+  if mesh is not None:
+    abstract = jax.eval_shape(lambda: nn.meta.unbox(init_params(model_cfg, jax.random.key(0))))
+    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                           abstract, sharding.param_shardings(model_cfg, mesh, abstract))
   params, meta, phase = latest_params(
-      path, (phase,) if phase else INFERENCE_PHASES,
+      path, (phase,) if phase else INFERENCE_PHASES, abstract_params=targets,
       check_meta=lambda m: _check_config_json(path, m.get("model"), model_cfg))
   _check_shapes(path, params, model_cfg)
   params = jax.tree.map(jax.numpy.asarray, params)

@@ -20,8 +20,8 @@ topics and phrasings never trained on; duplicates dropped) or of ``held_out_dir`
 * the gate's overhead: same prompts, same lengths (EOS disabled), plain decoding (no [CLS]) vs
   each schedule, compiled first, best of ``overhead.repeats``.
 
-Gate "off" means the gate never acts: a [CLS] model still reads [CLS] at prefill (its implicit
-path, as trained), without re-evaluation or insertion (``api.resolve_gate``).
+Gate "off" means the gate never acts: a [CLS] model still reads [CLS] in the prompt pass (its
+implicit path, as trained), without re-evaluation or insertion (``api.resolve_gate``).
 
 Resumable: each step's generations (attacks, the baseline's, the benign set, the classifier,
 the timing) are kept in ``DIR/eval/cache/<name>.json`` (``eval.store.ResultStore``) under a

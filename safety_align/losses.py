@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +53,12 @@ def lm_targets(tokens, roles, segment_ids, phase: str, lm_mask=None):
     prediction of token t+1 counts in ``L_lm`` for ``phase``.
   """
   check_phase(phase)
+  chex.assert_rank([tokens, roles, segment_ids], 2)
+  chex.assert_type([tokens, roles, segment_ids], int)
+  chex.assert_equal_shape([tokens, roles, segment_ids])
+  if lm_mask is not None:
+    chex.assert_type(lm_mask, bool)
+    chex.assert_equal_shape([tokens, lm_mask])
   targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
   next_roles = jnp.concatenate([roles[:, 1:], jnp.zeros_like(roles[:, :1])], axis=1)
   next_segment = jnp.concatenate(
@@ -135,6 +142,14 @@ def total_loss(lm_logits, cls_logits, batch, phase: str, objective: Objective | 
   """
   if not isinstance(objective, Objective):
     objective = Objective(cls_weight=objective, window_cls_weight=objective)
+  chex.assert_rank([lm_logits, cls_logits, batch["cls_labels"], batch["cls_window"]],
+                   [3, 3, 2, 3])
+  chex.assert_type([lm_logits, cls_logits, batch["cls_labels"], batch["cls_window"]],
+                   [float, float, int, int])
+  chex.assert_equal_shape_prefix([lm_logits, cls_logits, batch["tokens"], batch["cls_labels"],
+                                  batch["cls_window"]], 2)
+  chex.assert_axis_dimension(cls_logits, 2, 2)
+  chex.assert_axis_dimension(batch["cls_window"], 2, 2)
   targets, weights = lm_targets(batch["tokens"], batch["roles"], batch["segment_ids"], phase,
                                 batch.get("lm_mask"))
   lm_sum, n_tok = _lm_sum(lm_logits, targets, weights)

@@ -53,8 +53,8 @@ def test_gate_off_on_a_plain_lm_is_the_plain_lm(model):
 
 
 def test_gate_off_keeps_the_trained_cls_but_never_steers(model):
-  """On a [CLS] model, "off" = [CLS] at prefill (as trained), no re-evaluation, no insertion:
-  even a query classified malicious is answered."""
+  """On a [CLS] model, "off" = [CLS] in the prompt pass (as trained), no re-evaluation, no
+  insertion: even a query classified malicious is answered."""
   always = dataclasses.replace(model.gate_defaults, threshold=0.0)  # every query "malicious"
   m = api.SafetyModel(model.config, model.params, model.tokenizer, model.template, always,
                       max_length=96)
@@ -161,7 +161,7 @@ def test_one_meaning_of_gate_off(model):
   by_config = model.generate(PROMPTS[:1], max_new_tokens=4,
                              gate=GateConfig(schedule="off", threshold=0.0))[0]
   assert by_name.tokens == by_config.tokens and not by_config.refused
-  assert len(by_config.cls_probs) == 1  # read at prefill, never re-evaluated
+  assert len(by_config.cls_probs) == 1  # read in the prompt pass, never re-evaluated
 
 
 def test_batch_size_argument(model):

@@ -107,7 +107,7 @@ def test_first_classification_matches_training_forward(setup):
 
 def test_reevaluation_overwrites_cls_slot(setup):
   """Forced response x0..x4; periodic k=3 re-evaluates at step 3 over the rule-2 window
-  {x1, x2} in the pass that feeds x2. x0, x1 read the prefill [CLS]; x2, x3, x4 the new one."""
+  {x1, x2} in the pass that feeds x2. x0, x1 read the prompt-pass [CLS]; x2, x3, x4 the new one."""
   cfg, params, dec = setup
   response = [20, 21, 22, 23, 24]
   gate = GateConfig(schedule="periodic", period=3, r2=2, threshold=1.0, reliance="low")
@@ -138,7 +138,7 @@ def test_reevaluation_overwrites_cls_slot(setup):
 
 
 def test_batch_rows_decode_as_alone(setup):
-  """Rows of different lengths, one refused at prefill (θ between the rows' signals), one
+  """Rows of different lengths, one refused at the prompt pass (θ between the rows' signals), one
   with a forced prefill: each row decodes exactly as alone."""
   cfg, params, dec = setup
   queries = [(10, 11, 12, 13, 14, 15), QUERIES[1], (30, 31, 32, 33, 34)]  # 9..14 tokens

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from safety_align.decode import gate as g
-from safety_align.decode.cache import Cache, prefill_inputs, window_mask
+from safety_align.decode.cache import DecodeState, prompt_pass_inputs, window_mask
 from safety_align.masks import Role
 
 
@@ -78,15 +78,16 @@ def test_config_errors():
 
 
 def test_window_mask_never_reads_rule4_tokens():
-  """The decoder's [CLS] window row over real prefill metadata: with a window covering every
-  position, only QUERY (rule 1) and RESPONSE keys, and the row's own slot, are visible."""
+  """The decoder's [CLS] window row over real prompt-pass metadata: with a window covering
+  every position, only QUERY (rule 1) and RESPONSE keys, and the row's own slot, are visible."""
   ids = np.array([[0, 0, 1, 3, 4, 10, 11, 12, 5]], np.int32)  # pads BOS template query template
   roles = np.array([[0, 0, Role.BOS, Role.TEMPLATE, Role.TEMPLATE, Role.QUERY, Role.QUERY,
                      Role.QUERY, Role.TEMPLATE]], np.int32)
-  _, rls, pos, _ = prefill_inputs(64, jnp.asarray(ids), jnp.asarray(roles), jnp.array([7]), True)
+  _, rls, pos, _ = prompt_pass_inputs(64, jnp.asarray(ids), jnp.asarray(roles), jnp.array([7]),
+                                      True)
   rls = jnp.concatenate([rls, jnp.full((1, 4), Role.RESPONSE, jnp.int32)], axis=1)
   pos = jnp.concatenate([pos, jnp.arange(7, 11, dtype=jnp.int32)[None]], axis=1)
-  cache = Cache(kv=None, roles=rls, positions=pos)
+  cache = DecodeState(kv=None, roles=rls, positions=pos)
   roles_np = np.asarray(rls[0])
   for sees_query in (False, True):
     for self_slot in (0, 1):

@@ -132,9 +132,32 @@ def _assert_spec(stacked, unrolled):
   assert tuple(stacked) == tuple(unrolled)
 
 
-def test_load_on_a_mesh(tmp_path):
-  """``sa.load(path, mesh=...)`` of a scanned model's workdir: weights unrolled and split at
-  load, the same classifications and generations as on one device."""
+def test_restore_onto_the_mesh(setup, tmp_path):
+  """``load_for_inference(mesh=...)`` restores every parameter straight onto its
+  ``param_shardings`` placement (not onto one device), equal to the unsharded load."""
+  mesh = setup[0]
+  cfg = tiny_model_config(n_kv_heads=4, scan_layers=True)
+  (tmp_path / "config.json").write_text(json.dumps(dict(model=dataclasses.asdict(cfg))))
+  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(2)))
+  checkpoint.save_params(str(tmp_path), "sft", params, dict(step=0, phase="sft"))
+  _, whole, _ = checkpoint.load_for_inference(str(tmp_path), "sft")
+  _, split, _ = checkpoint.load_for_inference(str(tmp_path), "sft", mesh=mesh)
+  want = sharding.param_shardings(cfg, mesh, params)
+  jax.tree.map(lambda x, s: _assert_placed(x, s), split, want)
+  kernel = split["layers"]["mlp"]["down_proj"]["kernel"]  # [layers, d_ff, d_model]
+  assert kernel.addressable_shards[0].data.shape == (cfg.n_layers, cfg.d_ff // 4, cfg.d_model)
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)),
+               split, whole)
+  assert jax.tree.map(lambda x: x.dtype, split) == jax.tree.map(lambda x: x.dtype, whole)
+
+
+def _assert_placed(x, want):
+  assert x.sharding.is_equivalent_to(want, x.ndim), (x.sharding, want)
+
+
+def test_load_on_a_mesh(tmp_path, monkeypatch):
+  """``sa.load(path, mesh=...)`` of a scanned model's workdir: weights restored onto the mesh,
+  unrolled and split at load, the same classifications and generations as on one device."""
   template = templates.get_template("demo")
   tok = train_bpe(["how do I bake bread", "tell me a story about a cat"] * 4, 300,
                   str(tmp_path / "tokenizer.json"), template.special_tokens)
@@ -144,7 +167,11 @@ def test_load_on_a_mesh(tmp_path):
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(1))
   checkpoint.save_params(str(tmp_path), "sft", nn.meta.unbox(params), dict(step=0, phase="sft"))
   one = api.SafetyModel(cfg, params, tok, template, max_length=96)
+  restore, meshes = checkpoint.load_for_inference, []
+  monkeypatch.setattr(checkpoint, "load_for_inference",
+                      lambda *a, mesh=None: meshes.append(mesh) or restore(*a, mesh=mesh))
   split = api.load(str(tmp_path), mesh=dict(data=2, tensor=4))
+  assert meshes == [split.decoder.mesh]
   kernel = split.params["layer_1"]["mlp"]["down_proj"]["kernel"]  # [d_ff, d_model]
   assert kernel.addressable_shards[0].data.shape == (cfg.d_ff // 4, cfg.d_model)
   assert split.decoder.mesh.shape == dict(data=2, fsdp=1, tensor=4)

@@ -182,3 +182,23 @@ def test_window_cls_weight_config_checks():
           "cls_weight)") in train_lib.unknown_key(config, "sft.window_cls_weight")
   assert "has no field 'window_cls_wieght'" in train_lib.unknown_key(config,
                                                                      "sft.window_cls_wieght")
+
+
+def test_loss_entry_checks_ranks_dtypes_and_shapes():
+  """``total_loss`` / ``lm_targets`` refuse mismatched [B, T] inputs, wrong ranks and dtypes."""
+  batch = _micro_batches()[0]
+  lm_logits, cls_logits = _random_logits(batch)
+  losses.total_loss(lm_logits, cls_logits, batch, "sft", 0.5)
+  bad = [
+      ((lm_logits[:, :-1], cls_logits, batch), "shape"),  # T - 1 logits
+      ((lm_logits, cls_logits[..., :1], batch), "dimension"),  # one class
+      ((lm_logits.astype(jnp.int32), cls_logits, batch), "type"),
+      ((lm_logits, cls_logits, dict(batch, roles=batch["roles"][:, :-1])), "shape"),
+      ((lm_logits, cls_logits, dict(batch, tokens=batch["tokens"].astype(np.float32))), "type"),
+      ((lm_logits, cls_logits, dict(batch, lm_mask=batch["lm_mask"].astype(np.int32))), "type"),
+      ((lm_logits, cls_logits, dict(batch, segment_ids=batch["segment_ids"][0])), "rank"),
+      ((lm_logits, cls_logits, dict(batch, cls_window=batch["cls_window"][..., 0])), "rank"),
+  ]
+  for args, what in bad:
+    with pytest.raises(AssertionError, match=what):
+      losses.total_loss(*args, "sft", 0.5)

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import chat_segment, packed
 from safety_align import masks
-from safety_align.decode.cache import prefill_inputs
+from safety_align.decode.cache import prompt_pass_inputs
 from safety_align.masks import Role
 from safety_align.model import Transformer, init_params
 
@@ -129,8 +129,8 @@ def _decode_cache():
   roles = np.array([[Role.PAD, Role.BOS, Role.TEMPLATE, Role.QUERY, Role.QUERY, Role.QUERY,
                      Role.TEMPLATE]], np.int32)
   ids = np.where(roles == Role.PAD, 0, 7).astype(np.int32)
-  _, rls, pos, prompt = prefill_inputs(64, jnp.asarray(ids), jnp.asarray(roles),
-                                       jnp.array([6]), True)
+  _, rls, pos, prompt = prompt_pass_inputs(64, jnp.asarray(ids), jnp.asarray(roles),
+                                           jnp.array([6]), True)
   rls = np.concatenate([np.asarray(rls), np.full((1, 4), Role.RESPONSE, np.int32)], axis=1)
   pos = np.concatenate([np.asarray(pos), np.arange(6, 10, dtype=np.int32)[None]], axis=1)
   keys = [Tok(i, Role(int(r)), int(r != Role.PAD), int(p)) for i, (r, p) in

@@ -1,5 +1,6 @@
-"""Decoding with the safety gate: the KV cache layout (``cache``), samplers (``sampling``), the
-gate's rules and schedules (``gate``) and the compiled loop (``decoder``)."""
+"""Decoding with the safety gate: the decode state, KV cache and key metadata (``cache``),
+samplers (``sampling``), the gate's rules and schedules (``gate``) and the compiled loop
+(``decoder``)."""
 
 from safety_align.decode.cache import Prompts, bucket
 from safety_align.decode.decoder import DecodeOutput, Decoder

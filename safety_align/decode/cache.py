@@ -1,8 +1,9 @@
-"""The decoding cache: K/V of every layer plus the key-side metadata every mask is built from.
+"""The decoder's state (``DecodeState``): K/V of every layer plus the key-side metadata every
+mask is built from.
 
 Slot layout of a row (``S = 2 + P + N`` slots):
 
-* slot 0: the ``[CLS]`` slot (the prefill classification; each re-evaluation overwrites it,
+* slot 0: the ``[CLS]`` slot (the prompt-pass classification; each re-evaluation overwrites it,
   so later RESPONSE tokens read the newest signal);
 * slot 1: scratch, where the ``[CLS]`` query row of a row that does not re-evaluate writes (a
   PAD key: nobody reads it);
@@ -86,7 +87,7 @@ class Prompts:
 
 
 @flax.struct.dataclass
-class Cache:
+class DecodeState:
   """``kv`` (the model's ``KVCache``: per-layer [B, Hkv, S, Dh] buffers as the decoder runs) and
   the key metadata ``roles``, ``positions`` [B, S]."""
 
@@ -94,15 +95,15 @@ class Cache:
   roles: jax.Array
   positions: jax.Array
 
-  def set_keys(self, slot, roles, positions) -> "Cache":
+  def set_keys(self, slot, roles, positions) -> "DecodeState":
     """Metadata of the keys written at ``slot`` (scalar or [B]): roles, positions [B]."""
     rows = jnp.arange(self.roles.shape[0])
     return self.replace(roles=self.roles.at[rows, slot].set(roles),
                         positions=self.positions.at[rows, slot].set(positions))
 
 
-def prefill_inputs(cls_id: int, tokens, roles, lengths, with_cls: bool):
-  """The prefill rows ``[CLS] scratch prompt``: tokens, roles, positions [B, 2+P] and the
+def prompt_pass_inputs(cls_id: int, tokens, roles, lengths, with_cls: bool):
+  """The prompt-pass rows ``[CLS] scratch prompt``: tokens, roles, positions [B, 2+P] and the
   SFT-phase mask [B, 2+P, 2+P] (``masks.prompt_mask``, as in training) with ``[CLS]``
   placed one past the last token it reads. Without ``with_cls`` slot 0 is padding."""
   b, p = tokens.shape
@@ -118,12 +119,12 @@ def prefill_inputs(cls_id: int, tokens, roles, lengths, with_cls: bool):
   return tokens, roles, positions, mask
 
 
-def response_mask(cache: Cache, q_positions):
+def response_mask(cache: DecodeState, q_positions):
   """[B, S] keys a RESPONSE token at ``q_positions`` [B] reads (``masks.decode_token_row``)."""
   return masks.decode_token_row(cache.roles, cache.positions, q_positions)
 
 
-def window_mask(cache: Cache, sees_query, lo, hi, self_slot):
+def window_mask(cache: DecodeState, sees_query, lo, hi, self_slot):
   """The row of a re-evaluating ``[CLS]`` writing ``self_slot`` [B]: (mask [B, S], position
   [B]) (``masks.window_row``; ``lo``, ``hi`` [B] inclusive RESPONSE positions)."""
   return masks.window_row(cache.roles, cache.positions, sees_query, lo, hi, self_slot)

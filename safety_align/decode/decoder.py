@@ -1,7 +1,8 @@
-"""Batched, gated decoding: one prefill pass, then compiled ``lax.while_loop``s (METHOD.md 5).
+"""Batched, gated decoding: one prompt pass, then compiled ``lax.while_loop``s (METHOD.md 5).
 
-Prefill: ``[CLS]`` + the left-padded prompts in one forward under the SFT-phase mask (exactly
-the training mask), giving the first classification and the cache (``cache.py``).
+Prompt pass: ``[CLS]`` + the left-padded prompts in one forward under the SFT-phase mask
+(exactly the training mask), giving the first classification and the ``DecodeState``
+(``cache.py``).
 
 Step ``t`` feeds response token ``t`` (forced prefill, inserted refusal, or sampled) and yields
 the logits of token ``t + 1``. When some row re-evaluates at this step (``gate.py``), the same
@@ -47,8 +48,9 @@ from jax.sharding import Mesh
 from safety_align import sharding
 from safety_align.decode import gate as gate_lib
 from safety_align.decode import sampling
-from safety_align.decode.cache import (CLS_SLOT, PROMPT_SLOT, SCRATCH_SLOT, Cache, Prompts,
-                                       bucket, prefill_inputs, response_mask, window_mask)
+from safety_align.decode.cache import (CLS_SLOT, PROMPT_SLOT, SCRATCH_SLOT, DecodeState,
+                                       Prompts, bucket, prompt_pass_inputs, response_mask,
+                                       window_mask)
 from safety_align.masks import Role
 from safety_align.model import KVCache, ModelConfig, Transformer, unroll_layers
 
@@ -58,14 +60,14 @@ class LoopState:
   """State of the decoding loop. ``step`` t: response index of ``token``, the token fed next."""
 
   step: jax.Array
-  cache: Cache
+  cache: DecodeState
   token: jax.Array  # [B]
   done: jax.Array  # [B] bool
   tokens: jax.Array  # [B, N] response tokens
   length: jax.Array  # [B]
   gate: gate_lib.GateState
   probs: jax.Array  # [B, N+1] P(malicious) of each evaluation
-  eval_steps: jax.Array  # [B, N+1] step of each evaluation (0 = prefill)
+  eval_steps: jax.Array  # [B, N+1] step of each evaluation (0 = prompt pass)
   n_evals: jax.Array  # [B]
   logits: jax.Array | None  # [B, N, V] when requested
 
@@ -118,7 +120,7 @@ class Decoder:
     self._sharded = {}  # (layout, parameter tree, static settings) -> (jitted, shardings)
 
   def classify(self, params, prompts: Prompts) -> np.ndarray:
-    """[B] P(malicious) of each query: the prefill classification."""
+    """[B] P(malicious) of each query: the prompt-pass classification."""
     tokens, roles, lengths, _ = self._pad_prompts(prompts)
     return np.asarray(_classify(self.cfg, params, tokens, roles, lengths))[:len(prompts)]
 
@@ -142,7 +144,7 @@ class Decoder:
       row_ids: per-row indices for the sampling keys (default 0..B-1).
       return_logits: also return the logits each response token was chosen from.
       cls_override: tests only: [B, k] P(malicious) the gate uses at evaluation step n (column
-        n; 0 is the prefill) instead of the [CLS] head's; NaN, or a step past column k-1: the
+        n; 0 is the prompt pass) instead of the [CLS] head's; NaN, or a step past column k-1: the
         head's own. ``cls_probs`` then records the values the gate used.
     """
     b = len(prompts)
@@ -213,16 +215,16 @@ class Decoder:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _classify(cfg: ModelConfig, params, tokens, roles, lengths):
-  """[B] P(malicious) of the prefill [CLS] (no cache needed)."""
-  toks, _, positions, mask = prefill_inputs(cfg.cls_id, tokens, roles, lengths, True)
+  """[B] P(malicious) of the prompt-pass [CLS] (no cache needed)."""
+  toks, _, positions, mask = prompt_pass_inputs(cfg.cls_id, tokens, roles, lengths, True)
   _, cls_logits, _ = Transformer(cfg).apply({"params": params}, toks, positions, mask)
   return jax.nn.softmax(cls_logits[:, CLS_SLOT])[:, 1]
 
 
-def _prefill(cfg: ModelConfig, params, tokens, roles, lengths, s_len: int, with_cls: bool):
-  """Cache, next-token logits [B, V] and P(malicious) [B] after the prompt."""
+def _prompt_pass(cfg: ModelConfig, params, tokens, roles, lengths, s_len: int, with_cls: bool):
+  """``DecodeState``, next-token logits [B, V] and P(malicious) [B] after the prompt."""
   b, p = tokens.shape
-  toks, rls, positions, mask = prefill_inputs(cfg.cls_id, tokens, roles, lengths, with_cls)
+  toks, rls, positions, mask = prompt_pass_inputs(cfg.cls_id, tokens, roles, lengths, with_cls)
   t = p + 2
   write = jnp.broadcast_to(jnp.arange(t), (b, t))
   pad = ((0, 0), (0, s_len - t))
@@ -231,11 +233,11 @@ def _prefill(cfg: ModelConfig, params, tokens, roles, lengths, s_len: int, with_
       {"params": params}, toks, positions, jnp.pad(mask, ((0, 0), (0, 0), (0, s_len - t))),
       KVCache.zeros(cfg, b, s_len), write, lm_rows=slice(-1, None),
       cls_keys=key_roles == Role.CLS)
-  cache = Cache(kv=kv, roles=key_roles, positions=jnp.pad(positions, pad))
+  cache = DecodeState(kv=kv, roles=key_roles, positions=jnp.pad(positions, pad))
   return cache, lm[:, 0], jax.nn.softmax(cls[:, CLS_SLOT])[:, 1]
 
 
-def _token_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot):
+def _token_step(cfg: ModelConfig, params, cache: DecodeState, token, q_pos, slot):
   """One RESPONSE token per row: logits [B, V], new K/V."""
   b = token.shape[0]
   lm, _, kv = Transformer(cfg).apply(
@@ -244,7 +246,7 @@ def _token_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot):
   return lm[:, 0], kv
 
 
-def _token_cls_step(cfg: ModelConfig, params, cache: Cache, token, q_pos, slot, due,
+def _token_cls_step(cfg: ModelConfig, params, cache: DecodeState, token, q_pos, slot, due,
                     sees_query, lo, hi):
   """The token row and a window [CLS] row in one forward: (logits [B, V], P(malicious) [B],
   K/V, [CLS] positions [B]). Rows not ``due`` write their [CLS] row to the scratch slot. Row 0
@@ -266,7 +268,7 @@ def _decode_impl(params, tokens, roles, lengths, forced, n_forced, budget, row_i
                  insertion, sampler, eos_ids, gate: gate_lib.GateArrays, cls_override=None, *,
                  cfg: ModelConfig, pad_id: int, with_cls: bool, n_newline: int,
                  return_logits: bool, layout: sharding.DecodeLayout | None = None):
-  """The whole decode (prefill + loop) of a bucketed batch; see ``Decoder.__call__``.
+  """The whole decode (prompt pass + loop) of a bucketed batch; see ``Decoder.__call__``.
 
   Shapes: tokens, roles [B, P] int32 (left-padded prompts), lengths, n_forced, budget, row_ids
   [B] int32, forced [B, N] int32, cls_override None or [B, N+1] float32. ``layout``: hold the
@@ -287,8 +289,8 @@ def _decode_impl(params, tokens, roles, lengths, forced, n_forced, budget, row_i
   b, p = tokens.shape
   n_max = forced.shape[1]
   rows = jnp.arange(b)
-  cache, lm, p0 = _prefill(cfg, params, tokens, roles, lengths, PROMPT_SLOT + p + n_max,
-                           with_cls)
+  cache, lm, p0 = _prompt_pass(cfg, params, tokens, roles, lengths, PROMPT_SLOT + p + n_max,
+                               with_cls)
 
   def scripted(prob, n):
     """The gate's P(malicious) at evaluation step n: ``cls_override``'s where it has one."""
@@ -402,7 +404,7 @@ def _override_table(table, b: int, n: int) -> np.ndarray:
   table = np.asarray(table, np.float32)
   if table.ndim != 2 or table.shape[0] != b or not 1 <= table.shape[1] <= n + 1:
     raise ValueError(f"cls_override must be [{b}, k] with 1 <= k <= {n + 1} (one column per "
-                     f"evaluation step, 0 = the prefill), got shape {table.shape}.")
+                     f"evaluation step, 0 = the prompt pass), got shape {table.shape}.")
   if np.any((table < 0) | (table > 1)):
     raise ValueError("cls_override holds probabilities: values in [0, 1], or NaN for the "
                      "model's own.")

@@ -2,7 +2,7 @@
 
 Coordinates: response index ``j`` (0 = first response token, forced prefill tokens and the
 inserted refusal prefix included). "Step ``n``" is the moment ``n`` response tokens exist: the
-first classification (prefill) is step 0, a re-evaluation at step ``n`` reads tokens
+first classification (the prompt pass) is step 0, a re-evaluation at step ``n`` reads tokens
 ``0 .. n-1`` at most.
 
 Modes of a row (strategic attention, windows in response indices):
@@ -46,7 +46,7 @@ DEFAULT_REFUSAL = "Sorry, I cannot fulfill your request because"
 class GateConfig:
   """Settings of the gate.
 
-  ``schedule``: ``off`` (no [CLS] at all: the plain decoder), ``first`` (prefill only),
+  ``schedule``: ``off`` (no [CLS] at all: the plain decoder), ``first`` (prompt pass only),
   ``periodic`` (every ``period`` steps), ``every``, ``annealing`` (steps 1, then
   ``s <- ceil(anneal_growth * s)`` while ``s <= anneal_stop``: 1, 2, 3, 5, 8, 12, 18, 27, 41,
   62 by default, 10 re-evaluations in the first 64 steps and none after).
@@ -110,7 +110,7 @@ class GateArrays:
 
 
 def schedule_steps(cfg: GateConfig, n_max: int) -> np.ndarray:
-  """[n_max + 1] bool: whether the schedule re-evaluates at step n (step 0 is the prefill)."""
+  """[n_max + 1] bool: whether the schedule re-evaluates at step n (step 0 is the prompt pass)."""
   due = np.zeros(n_max + 1, bool)
   if cfg.schedule == "every":
     due[1:] = True
