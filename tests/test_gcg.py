@@ -1,4 +1,5 @@
-"""GCG on a tiny random model: cached-prefix parity, gradients, progress, adaptivity, filter."""
+"""GCG on a tiny random model: cached-prefix parity, gradients, progress, acceptance rules,
+adaptivity (first classification and the gate's window rows), filter."""
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from conftest import tiny_model_config
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.data.packing import build_segment, pack
+from safety_align.decode import GateConfig
 from safety_align.masks import Role
 from safety_align.model import Transformer, forward_batch, init_params
 
@@ -54,17 +56,27 @@ def setup(tok):
   return cfg, params, pieces, tok.encode("Sure, here is how")
 
 
-def _full_forward(cfg, params, pieces, suffix, target):
-  """(target cross-entropy, P(malicious)) from a training-layout forward (sft mask)."""
+def _full_forward(cfg, params, pieces, suffix, target, windows=()):
+  """(target cross-entropy, P(malicious), window rows' P(malicious) [W]) from a
+  training-layout forward (sft mask; ``windows``: (lo, hi) response-index window rows)."""
   prefix, closing = gcg_lib.split_prompt(pieces)
   seg = build_segment(cfg.cls_id, prefix + [(list(suffix), Role.QUERY)] + closing
-                      + [(list(target), Role.RESPONSE)], label=-1)
+                      + [(list(target), Role.RESPONSE)], label=-1,
+                      windows=[(lo, hi, -1) for lo, hi in windows])
   batch = pack([seg], 1, len(seg))
   forward = jax.jit(forward_batch, static_argnums=(0, 3))
   lm, cls = forward(Transformer(cfg), params, batch, "sft")
   logp = jax.nn.log_softmax(lm[0, -len(target) - 1:-1], axis=-1)
   ce = -jnp.mean(logp[jnp.arange(len(target)), jnp.array(target)])
-  return float(ce), float(jax.nn.softmax(cls[0, 0])[1])
+  probs = np.asarray(jax.nn.softmax(cls[0, :1 + len(windows)])[:, 1])
+  return float(ce), float(probs[0]), probs[1:]
+
+
+def _malicious_head(params):
+  """A head that calls the query malicious (P ~ 0.9) and is sensitive to what [CLS] reads."""
+  head = params["cls_head"]
+  return {**params, "cls_head": {"kernel": head["kernel"] * 2.0,
+                                 "bias": jnp.array([0.0, 2.2], jnp.float32)}}
 
 
 def test_cached_prefix_equals_full_forward(setup):
@@ -74,7 +86,7 @@ def test_cached_prefix_equals_full_forward(setup):
   cands = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(3, 4)).astype(np.int32)
   out = gcg_lib.candidate_metrics(cfg, params, cache, layout, cands, 0.0)
   for i, cand in enumerate(cands):
-    ce, p_mal = _full_forward(cfg, params, pieces, cand, target)
+    ce, p_mal, _ = _full_forward(cfg, params, pieces, cand, target)
     np.testing.assert_allclose(out.ce[i], ce, rtol=1e-5)
     np.testing.assert_allclose(out.p_malicious[i], p_mal, rtol=1e-5, atol=1e-6)
   # The adaptive loss adds cls_weight * -log P(benign).
@@ -109,27 +121,131 @@ def test_gcg_lowers_the_loss_without_recompiling(setup, tok):
   result = gcg_lib.gcg(cfg, params, tok, pieces, target, config)
   assert [f._cache_size() - b for f, b in zip(fns, before)] == [1, 1, 1]
   assert result.steps_run == 6 and len(result.losses) == 7
-  assert np.all(np.diff(result.losses) <= 0)
-  assert result.best_loss < result.losses[0]
+  # best_seen: the returned suffix is the last kept one, and the lowest loss recorded.
+  assert result.best_loss == result.losses[-1] == result.losses.min() < result.losses[0]
   assert len(result.suffix_ids) == 5 and result.suffix_text == tok.decode(result.suffix_ids)
   # The reported loss is the suffix's loss, re-evaluated from scratch.
-  ce, _ = _full_forward(cfg, params, pieces, result.suffix_ids, target)
+  ce, _, _ = _full_forward(cfg, params, pieces, result.suffix_ids, target)
   np.testing.assert_allclose(result.best_loss, ce, rtol=1e-4)
+
+
+def test_always_move_can_rise_and_returns_the_best_seen(setup, tok):
+  cfg, params, pieces, target = setup
+  config = gcg_lib.GCGConfig(steps=8, search_width=2, topk=16, n_suffix=5, early_stop=False,
+                             acceptance="always_move")
+  result = gcg_lib.gcg(cfg, params, tok, pieces, target, config)
+  assert np.any(np.diff(result.losses) > 0)  # moved to a worse candidate at least once
+  assert result.best_loss == result.losses.min()
+  ce, _, _ = _full_forward(cfg, params, pieces, result.suffix_ids, target)
+  np.testing.assert_allclose(ce, result.best_loss, rtol=1e-4)
+  with pytest.raises(ValueError, match="acceptance"):
+    gcg_lib.GCGConfig(acceptance="greedy")
+
+
+@pytest.mark.parametrize("acceptance", gcg_lib.ACCEPTANCE)
+def test_one_token_suffix_reaches_the_brute_force_optimum(setup, tok, acceptance):
+  cfg, params, pieces, target = setup
+  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=1)
+  cache = gcg_lib.prefill(cfg, params, layout)
+  query = gcg_lib.split_prompt(pieces)[0][-1][0]
+  allowed = np.nonzero(gcg_lib.allowed_tokens(tok, cfg.vocab_size, False))[0]
+  allowed = allowed[gcg_lib.retokenizes(tok, allowed[:, None], query)]
+  losses = gcg_lib.candidate_metrics(cfg, params, cache, layout, allowed[:, None], 0.0).loss
+  # Every allowed token is a top-k token; 2048 draws cover them all, so one step finds the best.
+  config = gcg_lib.GCGConfig(steps=1, search_width=2048, topk=len(allowed), n_suffix=1,
+                             early_stop=False, acceptance=acceptance)
+  result = gcg_lib.gcg(cfg, params, tok, pieces, target, config)
+  assert result.suffix_ids == (int(allowed[np.argmin(losses)]),)
+  np.testing.assert_allclose(result.best_loss, float(np.min(losses)), rtol=1e-5)
 
 
 def test_adaptive_gcg_lowers_p_malicious(setup, tok):
   cfg, params, pieces, target = setup
-  # A head that calls the query malicious (P ~ 0.9) and is sensitive to what [CLS] reads.
-  head = params["cls_head"]
-  params = {**params, "cls_head": {"kernel": head["kernel"] * 2.0,
-                                   "bias": jnp.array([0.0, 2.2], jnp.float32)}}
+  params = _malicious_head(params)
   config = gcg_lib.GCGConfig(steps=6, search_width=24, topk=16, n_suffix=5, early_stop=False,
                              cls_weight=2.0)
   plain = gcg_lib.gcg(cfg, params, tok, pieces, target, config)
   adaptive = gcg_lib.gcg(cfg, params, tok, pieces, target, config, adaptive=True)
   assert plain.cls_probs[0] == pytest.approx(adaptive.cls_probs[0]) and plain.cls_probs[0] > 0.5
-  assert adaptive.cls_probs[-1] < adaptive.cls_probs[0]
-  assert adaptive.cls_probs[-1] < plain.cls_probs[-1]
+  assert adaptive.cls_prob < adaptive.cls_probs[0]
+  assert adaptive.cls_prob < plain.cls_prob
+
+
+GATE = GateConfig(schedule="every", r1=2, r2=2)
+
+
+def test_gate_windows_follow_the_schedule():
+  w = gcg_lib.gate_windows(GateConfig(r1=3, r2=2), 6)  # annealing: steps 1, 2, 3, 5
+  rows = list(zip(np.asarray(w.sees_query).tolist(), np.asarray(w.lo).tolist(),
+                  np.asarray(w.hi).tolist()))
+  assert rows == [(False, 0, 0), (True, 0, 0), (False, 0, 1), (True, 0, 1), (False, 1, 2),
+                  (True, 0, 2), (False, 3, 4)]
+  assert not len(gcg_lib.gate_windows(GateConfig(schedule="first"), 6))
+
+
+def test_window_rows_match_training_layout_and_enter_the_loss(setup):
+  cfg, params, pieces, target = setup
+  params = _malicious_head(params)
+  windows = gcg_lib.gate_windows(GATE, len(target))
+  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=4, windows=windows)
+  cache = gcg_lib.prefill(cfg, params, layout)
+  suffix = np.array([40, 50, 60, 70], np.int32)
+  m = gcg_lib.candidate_metrics(cfg, params, cache, layout, suffix[None], 2.0, 0.5)
+  # Rule-2 rows (no QUERY) are exactly the SFT window-augmentation rows of training.
+  rule2 = ~np.asarray(windows.sees_query)
+  spans = list(zip(np.asarray(windows.lo)[rule2], np.asarray(windows.hi)[rule2]))
+  ce, p0, p_win = _full_forward(cfg, params, pieces, suffix, target, spans)
+  np.testing.assert_allclose(m.window_p[0, rule2], p_win, rtol=1e-5, atol=1e-6)
+  # Rule-1 rows also read the QUERY (suffix included): different from the rule-2 row of the
+  # same span.
+  assert not np.allclose(m.window_p[0, ~rule2], m.window_p[0, rule2][:(~rule2).sum()])
+  # loss = CE + cls_weight * (-log P_benign(first) + window_weight * mean -log P_benign(window)).
+  # (From float32 probabilities near 1, so to 5e-4: a wrong weight is off by whole units.)
+  hand = ce + 2.0 * (-np.log1p(-p0) + 0.5 * np.mean(-np.log1p(-np.asarray(m.window_p[0]))))
+  np.testing.assert_allclose(m.loss[0], hand, rtol=5e-4)
+  # The window term reaches the suffix's gradient (rule 1 reads it; rule 2 through the target).
+  _, g_off = gcg_lib.token_gradients(cfg, params, cache, layout, suffix, 2.0, 0.0)
+  _, g_on = gcg_lib.token_gradients(cfg, params, cache, layout, suffix, 2.0, 1.0)
+  assert np.abs(np.asarray(g_on - g_off)).max() > 1e-3
+
+
+def test_adaptive_gcg_with_the_gate_lowers_the_window_rows(setup, tok):
+  cfg, params, pieces, target = setup
+  params = _malicious_head(params)
+  config = gcg_lib.GCGConfig(steps=6, search_width=24, topk=16, n_suffix=5, early_stop=False,
+                             cls_weight=2.0, window_weight=4.0, window_schedule="every")
+  first_only = gcg_lib.gcg(cfg, params, tok, pieces, target, config, adaptive=True)
+  gated = gcg_lib.gcg(cfg, params, tok, pieces, target, config, adaptive=True, gate=GATE)
+  assert first_only.window_probs.max() == 0.0  # no window rows without a gate
+  assert gated.window_prob < gated.window_probs[0]
+  # Its reported window max is the one of its suffix's window rows, recomputed.
+  layout = gcg_lib.build_layout(cfg, pieces, target, 5, gcg_lib.gate_windows(GATE, len(target)))
+  m = gcg_lib.candidate_metrics(cfg, params, gcg_lib.prefill(cfg, params, layout), layout,
+                                np.array([gated.suffix_ids]), 0.0)
+  np.testing.assert_allclose(gated.window_prob, float(m.window_p.max()), rtol=1e-5)
+
+
+def test_plain_lm_layout_has_no_cls(setup, tok):
+  cfg, params, pieces, target = setup
+  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=4, use_cls=False)
+  assert not np.any(np.asarray(layout.block_tokens) == cfg.cls_id)
+  cache = gcg_lib.prefill(cfg, params, layout)
+  suffix = np.array([[40, 50, 60, 70]], np.int32)
+  m = gcg_lib.candidate_metrics(cfg, params, cache, layout, suffix, 0.0)
+  # The plain causal LM over the same tokens (no [CLS] anywhere).
+  prefix, closing = gcg_lib.split_prompt(pieces)
+  ids = [t for p, _ in prefix for t in p] + suffix[0].tolist() + [
+      t for p, _ in closing for t in p] + list(target)
+  n = len(ids)
+  lm, _, _ = Transformer(cfg).apply({"params": params}, jnp.array([ids]),
+                                    jnp.arange(n)[None], jnp.tril(jnp.ones((1, n, n), bool)))
+  logp = jax.nn.log_softmax(lm[0, n - len(target) - 1:-1], axis=-1)
+  ce = -np.mean(np.asarray(logp)[np.arange(len(target)), target])
+  np.testing.assert_allclose(m.ce[0], ce, rtol=1e-5)
+  assert np.isnan(m.p_malicious[0])
+  with pytest.raises(ValueError, match="needs a model with"):
+    gcg_lib.gcg(cfg, params, tok, pieces, target, gcg_lib.GCGConfig(steps=1), adaptive=True,
+                use_cls=False)
 
 
 def test_retokenization_filter(tok):

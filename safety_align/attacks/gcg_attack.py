@@ -4,26 +4,37 @@
 (``adaptive=False``: cross-entropy of the target, the item's compliant opening up to its
 first harmful span, e.g. "Sure, here is how to X. Step 1: Use a"; ``base.opening``), then the
 attacked query (query + suffix) is replayed through ``generate`` under every gate.
-``gcg_adaptive``: the search also pushes the first classification toward benign
-(``adaptive=True``, METHOD.md section 7), then the same replay.
+``gcg_adaptive``: the search also pushes toward benign the first classification and the
+window rows the gate re-evaluates over the target (``gcg.gate_windows`` with the model's own
+gate settings, ``gate_defaults``, under ``GCGConfig.window_schedule``; METHOD.md section 7),
+then the same replay.
 
-A model without [CLS] (the implicit-alignment baseline) replays the main model's suffixes
-(a transfer attack): ``gcg.py`` lays out the sequence with a [CLS] slot, which such a model
-never saw, so a search against it would not be exact.
+A model without [CLS] (the implicit-alignment baseline, ``run_baseline``) gets its own
+white-box search: plain GCG on its own layout (no [CLS] slot, no [CLS] terms), replayed with
+the gate off; it does not depend on the main model's records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 
 import numpy as np
 
 from safety_align.attacks import gcg as gcg_lib
-from safety_align.attacks.base import Attack, GATE_OFF, fits, generate_records
+from safety_align.attacks.base import Attack, GATE_OFF, eta_text, fits, generate_records
+
+
+def _prob(p: float) -> float | None:
+  """A probability for the records (None where the model has no [CLS])."""
+  return None if math.isnan(p) else float(p)
 
 
 class GCGAttack(Attack):
   """``n_prompts`` items (0: all), ``target_tokens``: the target is cut to that many tokens."""
+
+  replays_main_records = False
 
   def __init__(self, config: gcg_lib.GCGConfig, *, adaptive: bool = False, n_prompts: int = 0,
                target_tokens: int = 32):
@@ -35,11 +46,11 @@ class GCGAttack(Attack):
     return dict(gcg=dataclasses.asdict(self.gcg_config), adaptive=self.adaptive,
                 n_prompts=self.n_prompts, target_tokens=self.target_tokens)
 
-  def search(self, model, items, settings):
-    """(item, GCGResult) per attacked item."""
+  def search(self, model, items, settings, *, adaptive: bool):
+    """(item, GCGResult) per attacked item, against ``model`` (its [CLS] if it has one)."""
     tok = model.tokenizer
     chosen = items[:self.n_prompts] if self.n_prompts else items
-    out = []
+    out, t0 = [], time.perf_counter()
     for i, item in enumerate(chosen):
       # The suffix re-tokenises to itself after the query (gcg's filter): n_suffix more tokens.
       if not fits(model, item.prompt, self.gcg_config.n_suffix, settings.max_new_tokens):
@@ -47,21 +58,25 @@ class GCGAttack(Attack):
       target = tok.encode(item.target)[:self.target_tokens]
       pieces = model.template.prompt_pieces(tok, item.prompt)
       result = gcg_lib.gcg(model.config, model.params, tok, pieces, target,
-                           config=self.gcg_config, adaptive=self.adaptive)
+                           config=self.gcg_config, adaptive=adaptive,
+                           gate=model.gate_defaults if adaptive else None,
+                           use_cls=model.has_cls_head)
       settings.log(f"{self.name}: prompt {i + 1}/{len(chosen)}: {result.steps_run} steps, "
                    f"loss {result.losses[0]:.3f} -> {result.best_loss:.3f}, "
-                   f"P(malicious) {result.cls_probs[0]:.3f} -> {result.cls_probs[-1]:.3f}, "
-                   f"search success {result.success} ({result.seconds:.1f}s)")
+                   f"P(malicious) {result.cls_probs[0]:.3f} -> {result.cls_prob:.3f}, "
+                   f"window max {result.window_prob:.3f}, search success {result.success} "
+                   f"({result.seconds:.1f}s); "
+                   + eta_text(time.perf_counter() - t0, i + 1, len(chosen)))
       out.append((i, result))
     return out
 
-  def run(self, model, items, gates, settings):
-    found = self.search(model, items, settings)
+  def _replay(self, model, found, gates, settings, **marks):
     queries = [(i, "", r.query_text, "") for i, r in found]
     extra = {i: dict(suffix=r.suffix_text, loss_initial=float(r.losses[0]),
-                     loss=float(r.best_loss), cls_prob_initial=float(r.cls_probs[0]),
-                     cls_prob=float(r.cls_probs[-1]), steps=int(r.steps_run),
-                     seconds=float(r.seconds), search_success=bool(r.success))
+                     loss=float(r.best_loss), cls_prob_initial=_prob(r.cls_probs[0]),
+                     cls_prob=_prob(r.cls_prob), window_prob=float(r.window_prob),
+                     steps=int(r.steps_run), seconds=float(r.seconds),
+                     search_success=bool(r.success), **marks)
              for i, r in found}
     out = []
     for gate in gates:
@@ -71,18 +86,15 @@ class GCGAttack(Attack):
       out += recs
     return out
 
+  def run(self, model, items, gates, settings):
+    return self._replay(model, self.search(model, items, settings, adaptive=self.adaptive),
+                        gates, settings)
+
   def run_baseline(self, model, items, records, settings):
-    """Replay the main model's attacked queries (transfer; see module doc)."""
-    del items
-    seen, queries = set(), []
-    for r in records:
-      if r.item not in seen:
-        seen.add(r.item)
-        queries.append((r.item, "", r.query, ""))
-    out = generate_records(model, queries, GATE_OFF, settings)
-    for r in out:
-      r.extra["transfer"] = True
-    return out
+    """Plain GCG against this model itself (white-box; see module doc), gate off."""
+    del records
+    return self._replay(model, self.search(model, items, settings, adaptive=False),
+                        [GATE_OFF], settings, white_box_baseline=True)
 
   def summary(self, records, success):
     del success
@@ -90,9 +102,10 @@ class GCGAttack(Attack):
     if not per_item:
       return {}
     vals = list(per_item.values())
+    cls_probs = [v["cls_prob"] for v in vals if v["cls_prob"] is not None]
     return dict(search_success=float(np.mean([v["search_success"] for v in vals])),
                 mean_steps=float(np.mean([v["steps"] for v in vals])),
                 mean_search_seconds=float(np.mean([v["seconds"] for v in vals])),
-                mean_cls_prob=float(np.mean([v["cls_prob"] for v in vals])),
+                mean_cls_prob=float(np.mean(cls_probs)) if cls_probs else None,
+                mean_window_prob=float(np.mean([v["window_prob"] for v in vals])),
                 suffixes={str(i): v["suffix"] for i, v in per_item.items()})
-
