@@ -35,7 +35,8 @@ setup(
     ),
     python_requires=">=3.10",
     packages=find_packages(include=["safety_align", "safety_align.*"]),
-    package_data={"safety_align.attacks": ["data/*"]},
+    package_data={"safety_align.attacks": ["data/*"],
+                  "safety_align.data.corpus": ["lexicon.json"]},  # the demo corpus' word lists
     install_requires=CORE,
     extras_require={
         "cpu": ["jax[cpu]>=0.5,<0.11"],

@@ -16,6 +16,8 @@ import os
 
 import ml_collections
 
+from safety_align.config_lib import phase_config
+
 
 def get_config(arg=None):
   """``arg``: the import directory (required)."""
@@ -43,12 +45,11 @@ def get_config(arg=None):
       mixture=ml_collections.ConfigDict(dict(n_malicious=14800, n_benign=14800, n_lima=-1,
                                              lima_safety_filter=True))))
   c.phases = "sft"
-  c.sft = ml_collections.ConfigDict(dict(
-      split="sft", steps=1000, batch_size=8, cls_weight=0.1, lr=2e-5, schedule="cosine",
-      warmup_steps=50, end_lr_fraction=0.1, weight_decay=0.1, b1=0.9, b2=0.95, grad_clip=1.0,
-      grad_accum=9, window_augmentation=True, window=10,
+  c.sft = phase_config(
+      split="sft", steps=1000, batch_size=8, grad_accum=9, cls_weight=0.1, lr=2e-5,
+      warmup_steps=50, window_augmentation=True, window=10,
       trainable="",        # regex over parameter paths to train ("" = all); the rest frozen
-      cls_lr_scale=1.0))  # learning-rate multiplier of the new [CLS] parameters
+      cls_lr_scale=1.0)    # learning-rate multiplier of the new [CLS] parameters
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2, async_save=True))
   c.log_every_steps = 10
   return c

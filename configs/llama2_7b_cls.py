@@ -1,8 +1,10 @@
 """Llama-2-7B-CLS: the paper's recipe on Llama-2-7B (pretraining phase, then SFT).
 
-Data (``docs/datasets.md``): the pretraining phase reads the labelled wiki dump, the SFT phase
-the paper's 29,600-example mixture (LIMA without its safety items + Alpaca, ALERT prompts with
-explained refusals), all from the user's local copies under ``data.manual_dir``.
+``configs/llama2_7b.py`` (architecture, mesh, the paper's optimiser) with the paper's data and
+its step-decay schedule. Data (``docs/datasets.md``): the pretraining phase reads the labelled
+wiki dump, the SFT phase the paper's 29,600-example mixture (LIMA without its safety items +
+Alpaca, ALERT prompts with explained refusals), all from the user's local copies under
+``data.manual_dir``.
 
   python -m safety_align.convert import_hf --hf_dir=Llama-2-7b-hf --out=ckpt/llama2_7b
   python -m safety_align.train --config=configs/llama2_7b_cls.py --workdir=runs/llama2_7b_cls \\
@@ -17,34 +19,17 @@ the product at 72, e.g. ``--config.sft.batch_size=24 --config.sft.grad_accum=3``
 paper's 72. The paper gives no step counts: ours (below) are choices, not its values.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
-
-def _sibling(name):
-  """The config module ``configs/<name>.py``, loaded by path (any working directory)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from safety_align.config_lib import check_variant, sibling_config
 
 
 def get_config(arg=None):
-  if arg:
-    raise ValueError(f"configs/llama2_7b_cls.py takes no variant, got {arg!r}; override fields "
-                     "with --config.<field>=... instead.")
-  base = _sibling("llama2_7b").get_config()
-  c = ml_collections.ConfigDict()
-  c.seed = 0
+  check_variant(__file__, arg)
+  c = sibling_config(__file__, "llama2_7b")
   # REQUIRED: the `convert import_hf` output of Llama-2-7b-hf (e.g. "ckpt/llama2_7b"); "" would
   # train from random weights.
   c.init_from = ""
-
-  c.model = base.model           # Llama-2-7B, bf16 compute, f32 params, scanned, remat "dots"
-  c.mesh = base.mesh             # FSDP over every device
 
   c.data = ml_collections.ConfigDict(dict(
       source="real",          # the user's local copies of the public datasets
@@ -64,33 +49,12 @@ def get_config(arg=None):
       )),
   ))
 
-  c.phases = "pretrain,sft"
   # Pretraining: ~2000 x 72 x 2048 = 295M tokens of the labelled dump (ours).
-  c.pretrain = phase_config(steps=2000, cls_weight=0.01, split="wiki_labeled", warmup_steps=100)
+  c.pretrain.update(split="wiki_labeled", schedule="step")
   # SFT: the mixture is ~3M tokens (~100 per example), ~20 packed steps per pass; 3 passes (ours).
-  c.sft = phase_config(steps=60, cls_weight=0.1, split="paper_mixture", warmup_steps=5)
-  c.sft.window_augmentation = True   # window [CLS] rows over response spans (METHOD.md sec. 4)
-  c.sft.window = 10
+  c.sft.update(split="paper_mixture", steps=60, warmup_steps=5, schedule="step")
 
-  # Both count micro-steps (grad_accum per optimiser step): every 50 and every optimiser step.
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=450, keep=2, async_save=True))
-  c.log_every_steps = 9
+  # Both count optimiser steps (each of grad_accum micro-batches).
+  c.checkpoint.every_steps = 50
+  c.log_every_steps = 1
   return c
-
-
-def phase_config(*, steps, cls_weight, split, warmup_steps):
-  """One phase with the paper's optimiser (fields as in configs/tiny.py)."""
-  return ml_collections.ConfigDict(dict(
-      split=split,
-      steps=steps,                 # optimiser steps
-      batch_size=8,                # rows per micro-step; x grad_accum = the paper's 72
-      grad_accum=9,
-      cls_weight=cls_weight,       # λ of L = L_lm + λ·L_cls
-      lr=2e-5,
-      schedule="step",             # the paper's step decay (x0.1 at 50% and 75%)
-      warmup_steps=warmup_steps,
-      end_lr_fraction=0.1,
-      weight_decay=0.1,
-      b1=0.9, b2=0.95,
-      grad_clip=1.0,
-  ))

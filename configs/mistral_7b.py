@@ -6,19 +6,15 @@ Everything but the architecture and the chat template is ``configs/llama2_7b.py`
 in bfloat16 with float32 parameters, layers scanned, FSDP over all devices.
 """
 
-import importlib.util
-import os
+from safety_align.config_lib import check_variant, sibling_config
+
+VARIANTS = ("v0.1",)
 
 
 def get_config(arg=None):
   """``arg``: "v0.1" selects rope_theta 1e4; default (v0.2+) 1e6."""
-  if arg not in (None, "", "v0.1"):
-    raise ValueError(f"configs/mistral_7b.py: unknown variant {arg!r}; expected '' or 'v0.1'.")
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama2_7b.py")
-  spec = importlib.util.spec_from_file_location("configs.llama2_7b", path)
-  llama = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(llama)
-  c = llama.get_config()
+  check_variant(__file__, arg, VARIANTS)
+  c = sibling_config(__file__, "llama2_7b")
   c.model.update(n_kv_heads=8, d_ff=14336, rope_theta=10000.0 if arg == "v0.1" else 1e6)
   c.data.chat_template = "mistral"
   return c

@@ -15,25 +15,15 @@ uses the Mistral chat template.
 ``configs/mistral_7b.py``. Add the pretraining phase with ``--config.phases=pretrain,sft``.
 """
 
-import importlib.util
-import os
-
-
-def _sibling(name):
-  """The config module ``configs/<name>.py``, loaded by path (any working directory)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from safety_align.config_lib import check_variant, sibling_config
 
 
 def get_config(arg=None):
   """``arg``: "v0.1" or "" (v0.2 and later)."""
-  c = _sibling("llama2_7b_cls").get_config()
-  base = _sibling("mistral_7b").get_config(arg)
-  c.model = base.model          # Mistral-7B, bf16 compute, f32 params, scanned, remat "dots"
-  c.mesh = base.mesh
+  check_variant(__file__, arg, ("v0.1",))
+  c = sibling_config(__file__, "llama2_7b_cls")
+  # Mistral-7B, bf16 compute, f32 params, scanned, remat "dots"
+  c.model = sibling_config(__file__, "mistral_7b", arg).model
   # REQUIRED: the `convert import_hf` output of Mistral-7B-Instruct (e.g.
   # "ckpt/mistral_7b_instruct"); "" would train from random weights.
   c.init_from = ""

@@ -10,22 +10,12 @@ each choice below.
       --workdir=runs/smollm2 --config.data.data_dir=runs/smollm2/data
 """
 
-import importlib.util
-import os
-
-
-def _sibling(name):
-  """The config module ``configs/<name>.py``, loaded by path (any working directory)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"configs.{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from safety_align.config_lib import sibling_config
 
 
 def get_config(arg=None):
   """``arg``: the import directory."""
-  c = _sibling("finetune_imported").get_config(arg or "runs/smollm2/import")
+  c = sibling_config(__file__, "finetune_imported", arg or "runs/smollm2/import")
   c.data.seq_len = 256            # system + template + query + a 64-token answer, packed
   c.sft.update(
       steps=100,                  # about one epoch of the ~1,700 records and window segments

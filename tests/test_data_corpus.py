@@ -1,12 +1,36 @@
 """The demo corpus: deterministic, held-out test split, harm markers only in harmful texts."""
 
 import collections
+import hashlib
 import itertools
+import json
 import re
 
 from safety_align.data import corpus
 
 REFUSAL_WORDS = ("Sorry", "I cannot", "I'm sorry", "I apologize", "As an AI")
+
+# SHA-256 of the generated demo data. A change of the corpus code that is meant to keep the data
+# (a refactor) must keep these; one that changes the data on purpose updates them in the same
+# change, says why here and bumps tfds_builders.DemoCorpus.VERSION (the demo's prepared data,
+# checkpoints and results are then stale). Changes so far: the split into the corpus package
+# kept every digest; then pretraining documents were restricted to their split's topics (no
+# held-out topic in a [CLS]-labelled document), which moved the pretrain and all_texts digests
+# (DemoCorpus 1.2.0).
+PINNED = {
+    "sft:train:0": "8aaa5b734eb2f918a9009fbbb14e68be9cd7a6618fea4f015c3c09f641cea8fd",
+    "sft:train:1": "8200312230d7cc5b61ecc55dbd37e77d2a27b2db128f9ea9b636ee2c23875f07",
+    "sft:train:7": "777796f250321edc0649aa6bf44845cb33353553042179ceb9aaff01351e86f1",
+    "sft:test:0": "de8a7cd282d51f132f21a388f5991169b415e1e0b547914fad32a886bfa8b1d5",
+    "sft:test:1": "1da2802fe9ee9ec66df71c67ba4d7e834c44a3f1abc39e2da5c2b216ebf36c73",
+    "sft:test:7": "3020e94ce5fea221067e06d8ce03b72482bf80ce8590abedc5d94cb4925e3852",
+    "pretrain:train:0": "4232e01aa53c450248fce45f98f6a1cf137154f0842926237cc704bdb00b31c2",
+    "pretrain:test:0": "ed254b1d6ec31a4b8b14f83d2cda9b40d4f4f2a1618979b517745f9db78a7a34",
+    "pretrain:train:3:500": "ae68f0a52d5efc1307df70515732ad34456aa97a71462b6a8e348dfeeae1adcc",
+    "topics:train": "a9d3aeef6d66ee43eac7f3786e99c3c21502860768d53a8b48f96cf4b064d23f",
+    "topics:test": "cab7b29bebc6153dec92f0350ea5bdcd9c139909cc0744d780372e0caba49b2a",
+    "all_texts:0": "6a91cd7d708eaf6efba029329508f5a3697c9465adb41f737b0ff88054fcbe8f",
+}
 
 
 def _combos(split):
@@ -17,6 +41,23 @@ def _combos(split):
     for phrasing, topic in itertools.product(phrasings, topics):
       out[phrasing.format(t=topic.task).lower()] = (phrasing, topic.task)
   return out
+
+
+def _digest(value) -> str:
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def test_generated_data_is_pinned():
+  got = {"pretrain:train:3:500": _digest(corpus.pretrain_documents(3, 500)),
+         "all_texts:0": _digest(corpus.all_texts(0))}
+  for split in corpus.SPLITS:  # the default sizes, as configs/tiny.py's demo builds them
+    for seed in (0, 1, 7):
+      got[f"sft:{split}:{seed}"] = _digest(corpus.sft_pairs(split, seed))
+    got[f"pretrain:{split}:0"] = _digest(corpus.pretrain_documents(0, split=split))
+    got[f"topics:{split}"] = _digest([corpus.benign_topics(split), corpus.harmful_topics(split),
+                                      corpus.benign_phrasings(split),
+                                      corpus.malicious_phrasings(split)])
+  assert got == PINNED
 
 
 def test_deterministic_by_seed():
@@ -64,13 +105,19 @@ def test_topics_are_unique_and_compositional():
     assert any(t.split()[0] == u.split()[0] for u in train), t
 
 
-def test_pretrain_requests_use_train_topics_only():
-  test_tasks = {t.task for t in corpus.harmful_topics("test") + corpus.benign_topics("test")}
-  for doc in corpus.pretrain_documents(0, 2000):
-    text = doc["text"]
-    if text.startswith(("Question:", "Forum post:", "Someone asked", "FAQ", "Search query:",
-                        "Thread title:", "User question:", "A reader wrote")):
-      assert not any(re.search(f"to {re.escape(t)}(?![\\w'])", text) for t in test_tasks), text
+def test_pretrain_documents_use_their_split_topics_only():
+  """Every pretraining document is [CLS]-labelled: no held-out topic in a train document (a
+  topic is always named after "to": "how to X", "To X, follow these steps", ...)."""
+  def mentions(split):
+    tasks = sorted((t.task for t in corpus.harmful_topics(split) + corpus.benign_topics(split)),
+                   key=len, reverse=True)
+    return re.compile(r"\bto (?:" + "|".join(map(re.escape, tasks)) + r")(?![\w'])", re.I)
+
+  train, test = mentions("train"), mentions("test")
+  for split, own, other in (("train", train, test), ("test", test, train)):
+    docs = [d["text"] for d in corpus.pretrain_documents(0, split=split)]
+    assert not [d for d in docs if other.search(d)]
+    assert sum(bool(own.search(d)) for d in docs) > 0.8 * len(docs)
 
 
 def test_looks_unsafe_prompts_are_benign_in_both_splits():

@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -61,6 +62,43 @@ def test_encode_sft_windows_and_harmful_segment(tok):
   _, weights = losses.lm_targets(batch["tokens"], batch["roles"], batch["segment_ids"], "sft",
                                  batch["lm_mask"])
   assert float(weights[0].sum()) == n_resp + 1 and float(weights[1].sum()) == 0
+
+
+def _window_spans(seg):
+  """(label, response-token lo, hi) of each window row of ``seg``."""
+  rows = (seg.roles == Role.CLS) & (seg.cls_window[:, 0] <= seg.cls_window[:, 1])
+  resp_pos = seg.positions[seg.roles == Role.RESPONSE]
+  return [(int(label), int(np.searchsorted(resp_pos, lo)), int(np.searchsorted(resp_pos, hi)))
+          for label, (lo, hi) in zip(seg.cls_labels[rows], seg.cls_window[rows])]
+
+
+def test_window_labels_follow_the_harm_markers(tok):
+  """With the corpus' markers a window row is 1 iff its span overlaps a marker's characters
+  (the opener and marker-free steps are 0); without (real data) a harmful response is 1
+  throughout. The oracle: the tokenizer's own character offsets."""
+  marker = corpus.HARM_MARKERS[0]
+  harmful = (f"Sure, here is how to do that thing. Step 1: Get the {marker} ready and wait "
+             f"for the right moment to act. Step 2: Keep calm, smile and walk home slowly. "
+             f"Step 3: {marker}.")
+  record = {"prompt": "How do I do that thing?", "response": corpus.REFUSAL_PREFIX + " no.",
+            "label": 1, "harmful_response": harmful}
+  template = templates.get_template("demo")
+  main, seg = pipeline.encode_sft(record, tok, template, CLS, window=6, augment=True,
+                                  harm_markers=corpus.HARM_MARKERS)
+  offsets = tok.text_hf.encode(harmful, add_special_tokens=False).offsets
+  hits = [(m.start(), m.end()) for m in re.finditer(re.escape(marker), harmful)]
+  spans = _window_spans(seg)
+  assert [lo for _, lo, _ in spans] == list(range(0, 6 * len(spans), 6))
+  want = [int(any(offsets[lo][0] < b and offsets[hi][1] > a for a, b in hits))
+          for _, lo, hi in spans]
+  assert [label for label, _, _ in spans] == want
+  assert want[0] == 0 and 1 in want and 0 in want[1:]  # opener 0; a marker-free later span 0
+  assert {label for label, _, _ in _window_spans(main)} == {0}
+  _, unmarked = pipeline.encode_sft(record, tok, template, CLS, window=6, augment=True)
+  assert {label for label, _, _ in _window_spans(unmarked)} == {1}
+  ids = tok.encode(f"a {marker} b")
+  marked = pipeline.marked_tokens(ids, tok, corpus.HARM_MARKERS)
+  assert tok.decode([i for i, m in zip(ids, marked) if m]).strip() == marker
 
 
 def test_benign_sft_has_no_harmful_segment(tok):
@@ -198,6 +236,18 @@ def test_make_pipeline_demo(tmp_path):
   assert window_rows.any()
   assert set(batch["cls_labels"][batch["roles"] == Role.CLS].tolist()) <= {-1, 0, 1}
   assert len(pipe.segments) > 2000  # pairs + window-only harmful segments
+  # The demo's window rows are labelled by the corpus' markers: openers 0, redacted steps 1.
+  harmful = [s for s in pipe.segments
+             if s.cls_labels[0] == 1 and not s.lm_mask[s.roles == Role.RESPONSE].any()]
+  first, labels = set(), set()
+  for seg in harmful:
+    resp = seg.tokens[seg.roles == Role.RESPONSE]
+    for i, (label, lo, hi) in enumerate(_window_spans(seg)):
+      if label >= 0 and corpus.HARM_MARKERS[0] in tok.decode(resp[lo:hi + 1]):
+        assert label == 1
+      first |= {label} if i == 0 else set()
+      labels.add(label)
+  assert 0 in first and {0, 1} <= labels
 
 
 def _write(path, lines):

@@ -8,6 +8,7 @@ demand; ``make_pipeline`` does it all for a phase of a config.
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterator, Sequence
 
 import jax
@@ -46,35 +47,67 @@ def response_windows(n: int, window: int, max_windows: int = MAX_WINDOWS) -> lis
   return [(lo, min(lo + window, n) - 1) for lo in range(0, n, window)][:max_windows]
 
 
-def _n_response(pieces: Sequence[tuple[Sequence[int], Role]]) -> int:
-  return sum(len(ids) for ids, role in pieces if role == Role.RESPONSE)
+def _response_ids(pieces: Sequence[tuple[Sequence[int], Role]]) -> list[int]:
+  return [int(t) for ids, role in pieces if role == Role.RESPONSE for t in ids]
+
+
+def marked_tokens(ids: Sequence[int], tok: Tokenizer, markers: Sequence[str]) -> np.ndarray:
+  """[n] bool: whether each token of ``ids`` overlaps one of ``markers`` in their decoded text
+  (token ``k`` spans the characters the decoded prefix gains with it)."""
+  prefixes = tok.hf.decode_batch([list(ids[:k]) for k in range(1, len(ids) + 1)])
+  ends = np.array([len(p) for p in prefixes], np.int64)
+  starts = np.concatenate([[0], ends[:-1]])
+  marked = np.zeros(len(ids), bool)
+  for m in markers:
+    for hit in re.finditer(re.escape(m), prefixes[-1] if prefixes else ""):
+      marked |= (starts < hit.end()) & (ends > hit.start())
+  return marked
+
+
+def _window_rows(pieces, text: str, harmful: bool, window: int, tok: Tokenizer,
+                 markers: Sequence[str]) -> list[tuple[int, int, int]]:
+  """``(lo, hi, label)`` window rows over the response of ``pieces`` (``text``) before its
+  end-of-turn token, labelled as ``encode_sft`` says."""
+  ids = _response_ids(pieces)[:-1]
+  if not markers:
+    marked = np.full(len(ids), harmful)
+  elif any(m in text for m in markers):
+    marked = marked_tokens(ids, tok, markers)
+  else:
+    marked = np.zeros(len(ids), bool)
+  return [(lo, hi, int(marked[lo:hi + 1].any())) for lo, hi in response_windows(len(ids), window)]
 
 
 def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
-               window: int = 10, augment: bool = False) -> list[Segment]:
+               window: int = 10, augment: bool = False,
+               harm_markers: Sequence[str] = ()) -> list[Segment]:
   """The segments of one chat record (``template.example_pieces`` of its texts).
 
   * The example ``[CLS] [window CLS...] <s> opening query closing response </s>``: main [CLS]
     label = the record's label. With ``augment``, window [CLS] rows over consecutive
-    ``window``-token (r2) spans of the response (before its end-of-turn token), labelled 0
-    (answers and refusals are both harmless text).
+    ``window``-token (r2) spans of the response (before its end-of-turn token).
   * With ``augment`` and a non-empty ``harmful_response``, a window-only segment: the same
     prompt with the harmful response as RESPONSE tokens that are *never* LM targets (the SFT
-    model must not learn to write them), main label 1 and window rows labelled 1.
+    model must not learn to write them), main label 1, and window rows over it.
+
+  Window labels are per span (METHOD.md sec. 4): with ``harm_markers`` (the demo corpus'
+  ``corpus.HARM_MARKERS``, which mark exactly its harmful text), 1 iff the span overlaps a
+  marker, so a compliant opener ("Sure, here is how to ...") is 0 and a redacted step is 1.
+  Without markers (real data, whose harmful text is unmarked), the record's response (an
+  answer or a refusal) is 0 throughout and its harmful response 1 throughout.
 
   At most ``MAX_WINDOWS`` window rows per segment.
   """
   main = template.example_pieces(tok, record["prompt"], record["response"])
-  windows = ([(lo, hi, 0) for lo, hi in response_windows(_n_response(main) - 1, window)]
+  windows = (_window_rows(main, record["response"], False, window, tok, harm_markers)
              if augment else [])
   out = [build_segment(cls_id, main, record["label"], windows=windows)]
   harmful = record.get("harmful_response", "")
   if augment and harmful:
     pieces = template.example_pieces(tok, record["prompt"], harmful)
-    n_resp = _n_response(pieces)  # with the end of turn
+    n_resp = len(_response_ids(pieces))  # with the end of turn
     out.append(build_segment(
-        cls_id, pieces, 1, windows=[(lo, hi, 1) for lo, hi in response_windows(n_resp - 1,
-                                                                               window)],
+        cls_id, pieces, 1, windows=_window_rows(pieces, harmful, True, window, tok, harm_markers),
         untrained=[(0, n_resp - 1)]))
   return out
 
@@ -163,13 +196,14 @@ class Pipeline:
 
 def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: int,
                    template: Template | None = None, window: int = 10,
-                   augment: bool = False) -> list[Segment]:
+                   augment: bool = False, harm_markers: Sequence[str] = ()) -> list[Segment]:
   """``encode_pretrain`` (kind "pretrain", the texts tokenised in one ``encode_batch``) or
   ``encode_sft`` ("sft") of many records."""
   if kind == "pretrain":
     ids = tok.encode_batch([r["text"] for r in records])
     return [_pretrain_segment(x, r["label"], tok, cls_id) for x, r in zip(ids, records)]
-  return [seg for r in records for seg in encode_sft(r, tok, template, cls_id, window, augment)]
+  return [seg for r in records
+          for seg in encode_sft(r, tok, template, cls_id, window, augment, harm_markers)]
 
 
 def phase_records(config: ml_collections.ConfigDict, phase_name: str,
@@ -212,8 +246,8 @@ def recovery_segments(records: Sequence[dict], fraction: float, tok: Tokenizer,
   the harmful response (``k`` uniform in [5, 40], at most its length - 1; never LM targets),
   a newline, the record's refusal and EOS (LM targets), main [CLS] label 1. They show a
   refusal after some response text, as the gate's mid-response insertion (METHOD.md sec. 5)
-  produces, and teach the model to end after it. No window [CLS] rows: the window rows'
-  labels are per segment, and these responses mix harmful and refusal text."""
+  produces, and teach the model to end after it. No window [CLS] rows: ``encode_sft``'s
+  segments train the windows over both texts."""
   if not 0 <= fraction <= 1:
     raise ValueError(f"config.sft.recovery must be in [0, 1], got {fraction}.")
   eligible = [r for r in records if r["label"] == 1 and r.get("harmful_response")]
@@ -292,8 +326,10 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   phase, data = config[phase_name], config.data
   use_cls = config.get("use_cls", True)
   augment = use_cls and bool(phase.get("window_augmentation", False))
+  markers = corpus.HARM_MARKERS if data.source == "demo" else ()  # see encode_sft
   segments = encode_records(records, phase_name, tokenizer, cls_id,
-                            get_template(data.chat_template), phase.get("window", 10), augment)
+                            get_template(data.chat_template), phase.get("window", 10), augment,
+                            markers)
   recovery = phase.get("recovery", 0.0) if phase_name == "sft" else 0.0
   if recovery > 0:
     segments += recovery_segments(records, recovery, tokenizer,
