@@ -40,6 +40,7 @@ import functools
 import math
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.experimental.pallas.ops.gpu import attention as gpu_attention
@@ -49,6 +50,9 @@ from safety_align import masks
 from safety_align.masks import Role
 
 IMPLEMENTATIONS = ("blockwise", "flash")
+# The checkpoint name of the attention outputs ``model.remat="dots"`` saves (o_text, lse_text,
+# the final output), as it saves dense attention's ``probs @ v``.
+SAVED = "attention_out"
 BLOCK = 512  # blockwise query and key block (clipped to T)
 CLS_CHUNK = 64  # [CLS] rows per dense block
 FLASH_BLOCK, FLASH_BWD_BLOCK = 128, 32
@@ -60,10 +64,21 @@ def attend(q, k, v, spec: masks.MaskSpec, implementation: str, gate=None):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Unknown attention implementation {implementation!r}: expected one of "
                      f"{IMPLEMENTATIONS} (or 'dense', which takes a dense mask).")
-  text = blockwise_text if implementation == "blockwise" else flash_text
-  o, lse = text(q, k, v, spec)
+  text = _recomputed(blockwise_text) if implementation == "blockwise" else flash_text
+  o, lse = (checkpoint_name(x, SAVED) for x in text(q, k, v, spec))
   o = merge_cls_key(o, lse, q, k, v, spec, gate)
-  return cls_rows(o, q, k, v, spec)
+  return checkpoint_name(_recomputed(cls_rows)(o, q, k, v, spec), SAVED)
+
+
+def _recomputed(f):
+  """``f`` whose backward recomputes it from its inputs (its blocks under their own
+  ``jax.checkpoint``s). An enclosing remat's policy overrides nested ``jax.checkpoint``
+  policies: under ``model.remat="dots"`` autodiff through ``f`` would save every score block,
+  [T, S] per layer in all; a ``custom_vjp`` with the inputs as residuals saves none, for one
+  more forward of ``f`` in the backward."""
+  g = jax.custom_vjp(f)
+  g.defvjp(lambda *args: (f(*args), args), lambda args, ct: jax.vjp(f, *args)[1](ct))
+  return g
 
 
 def _scores(q, k, subscripts):

@@ -15,6 +15,7 @@ queries attend over the whole cache. Parameters and activations carry logical ax
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import chex
@@ -166,12 +167,46 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
   return out.astype(x.dtype)
 
 
-def _dense(cfg: ModelConfig, features, axes, name, use_bias=False):
-  return nn.DenseGeneral(
-      features, use_bias=use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-      kernel_init=_init(cfg, axes),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
-      name=name)
+class Dense(nn.Module):
+  """``x``'s trailing dimensions contracted with a ``kernel`` [those dimensions..., *features]
+  named ``axes`` (the inputs' names, then the features'), plus an optional ``bias`` [*features].
+
+  ``nn.DenseGeneral``'s parameters, initial values and arithmetic, but the kernel is created
+  and logically constrained in its full shape: DenseGeneral draws it as a 2-D [in, out] array
+  and constrains that by the kernel's names, which fails under a mesh for 3-axis kernels.
+  """
+
+  cfg: ModelConfig
+  features: tuple[int, ...]
+  axes: tuple[str, ...]
+  use_bias: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    n_in = len(self.axes) - len(self.features)
+    in_shape = x.shape[x.ndim - n_in:]
+
+    def init(rng, shape, dtype):  # DenseGeneral's draw: [prod(in), prod(features)], reshaped
+      flat = (math.prod(in_shape), math.prod(self.features))
+      return nn.initializers.normal(cfg.init_scale)(rng, flat, dtype).reshape(shape)
+
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, self.axes),
+                        in_shape + self.features, cfg.weight_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                                             self.axes[n_in:]),
+                        self.features, cfg.weight_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=cfg.compute_dtype)
+    contract = tuple(range(x.ndim - n_in, x.ndim))
+    out = jax.lax.dot_general(x, kernel, ((contract, tuple(range(n_in))), ((), ())))
+    return out if bias is None else out + bias
+
+
+def _dense(cfg: ModelConfig, features, axes, name, use_bias=False) -> Dense:
+  features = features if isinstance(features, tuple) else (features,)
+  return Dense(cfg, features, axes, use_bias, name=name)
 
 
 class Attention(nn.Module):
@@ -244,11 +279,7 @@ class Attention(nn.Module):
     return self._out_proj(out), cache
 
   def _out_proj(self, out):
-    cfg = self.cfg
-    return nn.DenseGeneral(
-        cfg.d_model, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, ("heads", "head_dim", "embed")),
-        name="o_proj")(out)
+    return _dense(self.cfg, self.cfg.d_model, ("heads", "head_dim", "embed"), "o_proj")(out)
 
   def _cls_gate(self):
     return self.param("cls_gate", nn.with_logical_partitioning(nn.initializers.zeros,
@@ -310,7 +341,9 @@ class Block(nn.Module):
 def _remat_policy(name: str):
   return {
       "full": None,
-      "dots": jax.checkpoint_policies.checkpoint_dots,
+      "dots": jax.checkpoint_policies.save_from_both_policies(
+          jax.checkpoint_policies.checkpoint_dots,
+          jax.checkpoint_policies.save_only_these_names(attention_lib.SAVED)),
       "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
   }[name]
 

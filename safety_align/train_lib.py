@@ -17,6 +17,7 @@ update: every term is a mean over the whole accumulated batch, as for one batch 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import json
@@ -155,6 +156,16 @@ def objective(phase_cfg) -> tuple[float, float]:
   return phase_cfg.cls_weight, phase_cfg.get("window_cls_weight", phase_cfg.cls_weight)
 
 
+@contextlib.contextmanager
+def mesh_context(mesh):
+  """Trace the model sharded over ``mesh``: ``jax.set_mesh`` and ``sharding.RULES``, so every
+  logical constraint of ``model.py`` (activations; parameters at init) reaches XLA. Flax finds
+  the mesh through ``jax.sharding.get_abstract_mesh()``, which a bare ``with mesh:`` leaves
+  empty: the constraints would then be silently dropped."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    yield
+
+
 class Trainer:
   """Sharded init, the jitted train step and its shardings for one phase.
 
@@ -195,7 +206,7 @@ class Trainer:
 
   def init_state(self, rng, params=None) -> TrainState:
     """A fresh state, initialised sharded (never whole on one host), or from ``params``."""
-    with self.mesh, nn.logical_axis_rules(sharding.RULES):
+    with mesh_context(self.mesh):
       if params is None:
         params = jax.jit(lambda r: nn.meta.unbox(init_params(self.model_cfg, r)),
                          out_shardings=self.param_shardings)(rng)
@@ -226,7 +237,7 @@ class Trainer:
   def lower(self, batch_size: int, seq_len: int):
     """The sharded train step lowered for ``batch_size`` rows of ``seq_len`` per micro-batch
     (``.compile().memory_analysis()`` is the compiler's per-device memory)."""
-    with self.mesh, nn.logical_axis_rules(sharding.RULES):
+    with mesh_context(self.mesh):
       return self._step.lower(self.abstract_state(), self.abstract_batch(batch_size, seq_len))
 
   def _loss(self, params, batch, counts):
@@ -289,7 +300,7 @@ class Trainer:
       raise ValueError(f"config.{self.phase}.grad_accum={self.grad_accum}: a step takes "
                        f"{self.grad_accum} micro-batches stacked as [k, B, T] arrays, got "
                        f"{got}: stack them (train_lib.micro_batches) or set grad_accum.")
-    with self.mesh, nn.logical_axis_rules(sharding.RULES):
+    with mesh_context(self.mesh):
       batch = {key: _global_array(v, self.micro_batches_sharding) for key, v in batch.items()}
       return self._step(state, batch)
 

@@ -20,15 +20,14 @@ def _config(batch_size=8, seq_len=128, grad_accum=2):
 
 def test_compiled_memory_shrinks_per_device_with_more_devices():
   """One global batch sharded over 2, then 8 devices: every per-device size is positive, and
-  the activations (temp) and the sharded state (arguments) shrink per device. (Temp shrinks
-  by ~0.64x, not 0.25x: the model's activation constraints are inactive under ``with mesh:``,
-  so XLA keeps some [B, T, ...] intermediates whole; see tools/aot.py.)"""
+  the activations (temp) and the sharded state (arguments) shrink per device by close to the
+  ideal 0.25x (~0.27x; 0.64x when the model's activation constraints were not applied)."""
   config = _config()
   two, eight = (aot.compiled_memory(config, "sft", devices=n) for n in (2, 8))
   for c in (two, eight):
     assert min(c.arguments, c.outputs, c.temp, c.peak) > 0
     assert c.peak >= c.temp
-  assert eight.temp < 0.8 * two.temp
+  assert eight.temp < 0.4 * two.temp, eight.temp / two.temp
   assert eight.arguments < 0.5 * two.arguments
   # Longer rows need more temporaries: the analysis follows the step's shapes.
   assert aot.compiled_memory(_config(seq_len=256), "sft", devices=8).temp > eight.temp

@@ -23,10 +23,9 @@ and their gradient. Estimates, not compiler output: leave ~10% headroom.
 allocated) on ``devices`` fake CPU devices, compiles it and reports XLA's
 ``memory_analysis()`` per device: arguments (state + batch), outputs, temporaries and the peak.
 XLA:CPU's fusion and layouts differ from a TPU's or GPU's, so read it as the partitioned
-program's buffer sizes, not a hardware measurement. Under ``with mesh:`` (how ``Trainer``
-traces) flax applies none of the model's logical activation constraints on JAX 0.10 (it looks
-for ``jax.sharding.get_abstract_mesh()``), so XLA's own propagation keeps some per-layer
-intermediates whole over the batch: temp is then an upper bound.
+program's buffer sizes, not a hardware measurement. ``Trainer`` traces under
+``train_lib.mesh_context`` (``jax.set_mesh``), so the model's logical activation constraints
+are in the compiled program: each device holds its own rows' activations.
 """
 
 from __future__ import annotations
