@@ -17,8 +17,14 @@ topics and phrasings never trained on; duplicates dropped) or of ``held_out_dir`
 * over-refusal on the held-out benign prompts (the look-unsafe ones included): refusal string
   or inserted refusal;
 * the first classification's AUROC, accuracy and F1 on all held-out prompts;
-* the gate's overhead: same prompts, same lengths (EOS disabled), plain decoding (no [CLS]) vs
-  each schedule, compiled first, best of ``overhead.repeats``.
+* the gate's overhead: the model's own ``generate``, same prompts, same lengths (EOS disabled),
+  gate off vs each schedule, compiled first, best of ``overhead.repeats`` (``eval/timing.py``);
+* with ``baselines=probe,deep_alignment,safedecoding`` (``eval/competitors.py``): each
+  competitor baseline, built once into ``DIR/eval/baselines/<name>/`` over a model without
+  [CLS] (``baselines_source``, default the no-[CLS] baseline) on the run's SFT records
+  (``baselines_data``), through the same attacks, prompts, judge and seeds, gate off
+  (undefended) vs its defence on, into ``results["baselines"][name]`` and one table of every
+  defence in results.md.
 
 Gate "off" means the gate never acts: a [CLS] model still reads [CLS] in the prompt pass (its
 implicit path, as trained), without re-evaluation or insertion (``api.resolve_gate``).

@@ -125,7 +125,7 @@ def test_probe_build_trains_once_and_checks_its_data(tiny, tmp_path, monkeypatch
   section.update(every=4, action="halt")
   folder = str(tmp_path / "probe")
   built = probe.build(model, section, data, lambda msg: None, folder)
-  assert built.has_cls_head and (built.every, built.action) == (4, "halt")
+  assert built.has_classifier and not built.has_cls_head and (built.every, built.action) == (4, "halt")
   assert len(built.probe.val_auroc) == model.config.n_layers
   monkeypatch.setattr(probe, "train_probe", lambda *a, **k: pytest.fail("retrained"))
   again = probe.build(model, section, data, lambda msg: None, folder)

@@ -21,6 +21,7 @@ from this config.
 
 import ml_collections
 
+from safety_align import baselines
 from safety_align.eval import config as eval_config
 from safety_align.eval import registry
 
@@ -79,6 +80,16 @@ def get_config(arg=None):
   c.train_baseline = True    # if baseline_workdir is "": train one into DIR/baseline_no_cls
   c.baseline_steps = 0       # its SFT steps (0: as the main run's)
   c.baseline_attacks = ""    # attacks run on the baseline (comma-separated; "" = all)
+  # Competitor baselines (safety_align/baselines, eval/competitors.py): comma-separated of
+  # probe, deep_alignment, safedecoding; each trained (once) into DIR/eval/baselines/<name>/
+  # and evaluated as the [CLS] model, gate off vs its defence on, into results["baselines"].
+  c.baselines = ""
+  c.baselines_source = ""    # their model without [CLS] ("": the no-[CLS] baseline above;
+                             # an imported model: its import dir, e.g. runs/smollm2/import)
+  c.baselines_data = ""      # their training records: a chat JSONL file or a folder with
+                             # sft.jsonl ("": the [CLS] run's own SFT records)
+  for name, section in baselines.SECTIONS.items():  # probe, deep_alignment, safedecoding
+    c[name] = section()
   c.n_traces = 4             # generations drawn in cls_trace.png
   c.plots = True
   return c

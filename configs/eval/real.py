@@ -11,6 +11,12 @@ refused" is not "harmful"; results.md says so.
       --config.templates.paths=runs/smollm2/eval_data/templates.json \\
       --config.baseline_workdir=runs/smollm2/import
 
+Competitor baselines over the imported source, trained on the [CLS] run's SFT records
+(``runs/smollm2/data/sft.jsonl``, read from the workdir's config; ``baselines_data`` overrides):
+add ``--config.baselines=probe,deep_alignment,safedecoding
+--config.baselines_source=runs/smollm2/import`` (the source defaults to ``baseline_workdir``).
+Deep alignment trains as the [CLS] run's SFT does (100 steps of 8 rows of 256 tokens, lr 5e-5).
+
 ``default.py`` with these changes. ``:full`` runs every held-out prompt and the larger GCG and
 decoding budgets (hours on a CPU).
 """
@@ -31,6 +37,8 @@ def get_config(arg=None):
   c.schedule_attacks = "direct,prefill_10"
   c.max_new_tokens = 48
   c.batch_size = 64
+  for section in (c.deep_alignment, c.safedecoding.expert_training):  # one shared model
+    section.update(seq_len=256, batch_size=8, lr=5e-5, warmup_steps=8)
   if arg == "full":
     c.gcg.update(n_prompts=10, steps=100, search_width=128, topk=128, n_suffix=20)
     c.decoding.update(temperatures="0.3,0.7,1.0", top_ps="0.5,0.9", top_ks="5,50")

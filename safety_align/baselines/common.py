@@ -3,13 +3,14 @@
 folder of trained artefacts.
 
 A baseline is a model-like object that the evaluation's attacks run unchanged (``generate``,
-``classify``, ``has_cls_head``, ``tokenizer``, ``template``, ``decoder``, ``config``,
-``params``, ``gate_defaults``): ``Defended`` holds the source model and forwards all of it;
-each baseline overrides what it changes. ``gate``: ``"off"`` (or a ``GateConfig`` whose
-schedule is off) is the undefended source model, decoded as ``SafetyModel.generate(gate="off")``
-does; any other schedule name turns the baseline's defence on (which schedule does not matter:
-the baseline has its own). ``has_cls_head`` says whether ``classify`` works (the probe's);
-an evaluation runs the gated attacks of the others with ``evaluate_defence(gated=True)``.
+``classify``, ``has_cls_head``, ``has_classifier``, ``tokenizer``, ``template``, ``decoder``,
+``config``, ``params``, ``gate_defaults``): ``Defended`` holds the source model and forwards
+all of it; each baseline overrides what it changes. ``gate``: ``"off"`` (or a ``GateConfig``
+whose schedule is off) is the undefended source model, decoded as
+``SafetyModel.generate(gate="off")`` does; any other schedule name turns the baseline's defence
+on (which schedule does not matter: the baseline has its own). ``has_cls_head`` is False (no
+baseline has a [CLS] token or head, so white-box attacks search its weights without one);
+``has_classifier`` says whether ``classify`` works (the probe's).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Defended:
 
   name = ""
   has_cls_head = False
+  has_classifier = False
 
   def __init__(self, source):
     self.source = source
@@ -69,8 +71,8 @@ class Defended:
     return self.source.lm_logits(token_ids)
 
   def classify(self, prompts: Sequence[str]) -> np.ndarray:
-    raise ValueError(f"The {self.name} baseline has no classifier (has_cls_head is False): "
-                     "evaluate it without the classifier step.")
+    raise ValueError(f"The {self.name} baseline has no classifier (has_classifier is "
+                     "False): evaluate it without the classifier step.")
 
 
 def defence_on(gate: str | GateConfig) -> bool:

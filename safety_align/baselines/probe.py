@@ -183,7 +183,7 @@ class ProbeModel(common.Defended):
   of the query."""
 
   name = "probe"
-  has_cls_head = True
+  has_classifier = True
 
   def __init__(self, source, probe: Probe, *, every: int = 25, action: str = "refuse",
                threshold: float = 0.5, read: str = "newest", batch_size: int = 32):

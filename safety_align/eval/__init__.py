@@ -3,7 +3,8 @@
 Modules: ``registry`` (attack name -> constructor), ``config`` (loading ``configs/eval/*.py``,
 checks, gates), ``data`` (held-out prompts), ``judging`` (harm and refusal of a generation),
 ``metrics`` (ASR with Wilson intervals, over-refusal, classifier), ``store`` (``ResultStore``:
-resumable results), ``baseline`` (the no-[CLS] baseline), ``timing`` (gate overhead),
+resumable results), ``baseline`` (the no-[CLS] baseline), ``competitors`` (the competitor
+baselines of ``safety_align.baselines``: ``baselines=...``), ``timing`` (a defence's overhead),
 ``progress`` (ETA), ``runner`` (the suite per model) and ``report`` (markdown and plots).
 """
 

@@ -11,7 +11,7 @@ import ml_collections
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF
 from safety_align.decode import SCHEDULES, GateConfig
-from safety_align.eval import registry
+from safety_align.eval import competitors, registry
 from safety_align.eval.lists import names
 
 GATED = tuple(s for s in SCHEDULES if s != GATE_OFF)
@@ -61,6 +61,7 @@ def gates_for(cfg, attack: str) -> list[str]:
 def validate(cfg) -> None:
   """Every config error that can be found without a model (before long work starts)."""
   registry.build_attacks(cfg)
+  competitors.chosen(cfg)
   for s in [cfg.gate_on] + names(cfg.schedules) + names(cfg.overhead.schedules):
     if s not in GATED:
       raise ValueError(f"Unknown gate schedule {s!r}: expected one of {GATED}.")

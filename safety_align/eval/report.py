@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration
+from safety_align.eval.competitors import SKIPPED
 from safety_align.eval.lists import names
 
 
@@ -74,6 +75,7 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
             + (f" (n={a['n_no_cls']})" if "n_no_cls" in a else "")] if has_bl else []
     row += [pct(a["refused_gate_on"])]
     lines.append("| " + " | ".join(row) + " |")
+  lines += defence_table(results)
   b = results["benign"]
   lines += ["", f"## Over-refusal on {b['n']} held-out benign prompts (%, Wilson 95%)", "",
             "| gate | over-refusal | n |", "|---|---|---|"]
@@ -87,9 +89,12 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
   if c.get("auroc") is not None:
     lines += ["", f"## First classification on {c['n']} held-out prompts "
               f"({c['n_malicious']} malicious, {c['n_benign']} benign)", "",
-              "| AUROC | accuracy | F1 |", "|---|---|---|",
-              f"| {c['auroc']:.3f} | {pct_ci(c['accuracy'], c['accuracy_ci'])}% | "
-              f"{c['f1']:.3f} |"]
+              "| classifier | AUROC | accuracy | F1 |", "|---|---|---|---|"]
+    named = [("[CLS]", c)] + [(DEFENCE_LABELS.get(n, n), e["classifier"])
+                              for n, e in results.get("baselines", {}).items()
+                              if e.get("classifier", {}).get("auroc") is not None]
+    lines += [f"| {label} | {x['auroc']:.3f} | {pct_ci(x['accuracy'], x['accuracy_ci'])}% | "
+              f"{x['f1']:.3f} |" for label, x in named]
   if results.get("overhead"):
     s, setup = results["overhead_seconds"], results["overhead_setup"]
     lines += ["", f"## Gate overhead ({setup['n_prompts']} prompts x {setup['new_tokens']} "
@@ -101,6 +106,59 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
   if extras:
     lines += ["", "## Notes", ""] + extras
   return "\n".join(lines) + "\n"
+
+
+DEFENCE_LABELS = {"probe": "probe (ADA-style)", "deep_alignment":
+                  "deep alignment (Qi et al.)", "safedecoding": "SafeDecoding"}
+
+
+def _asr_n(a: dict | None, field: str = "asr_gate_on", n_field: str = "n") -> str:
+  if a is None or field not in a:
+    return "n/a"
+  return f"{pct_ci(a[field], a.get(field + '_ci'))} (n={a[n_field]})"
+
+
+def defence_table(results: dict) -> list[str]:
+  """One row per defence ([CLS] gate, no-[CLS] SFT, the competitor baselines), a column per
+  attack (ASR with the defence on, n), over-refusal, utility NLL (if the results have it)
+  and overhead."""
+  gate_on, attacks = results["gate_on"], list(results["attacks"])
+  utility = results.get("utility")
+  b = results["benign"]
+  rows = [(f"[CLS] gate ({gate_on})", {n: results["attacks"][n] for n in attacks},
+           _asr_n(b, "over_refusal_gate_on"),
+           utility and f"{utility['nll_trained']:.3f}", results.get("overhead", {}).get(gate_on))]
+  if "baseline_no_cls" in results:
+    bl = results["baseline_no_cls"]
+    rows.append(("no-[CLS] SFT (gate off)",
+                 {n: {"asr_gate_on": a["asr_no_cls"], "asr_gate_on_ci": a["asr_no_cls_ci"],
+                      "n": a["n_no_cls"]} for n, a in results["attacks"].items()
+                  if "asr_no_cls" in a},
+                 _asr_n(dict(over_refusal_gate_on=bl["over_refusal"],
+                             over_refusal_gate_on_ci=bl["over_refusal_ci"], n=bl["n"]),
+                        "over_refusal_gate_on"),
+                 utility and f"{utility['nll_source']:.3f} (source)", None))
+  for name, e in results.get("baselines", {}).items():
+    rows.append((DEFENCE_LABELS.get(name, name), e["attacks"],
+                 _asr_n(e["benign"], "over_refusal_gate_on"),
+                 utility and "–", e.get("overhead", {}).get(gate_on)))
+  lines = ["", "## Defences compared", "",
+           "ASR (%, Wilson 95%) with each defence on: the [CLS] gate under "
+           f"{gate_on}; the same SFT without [CLS] as it is; each competitor baseline's defence "
+           "on (its gate-off run is its undefended source; results.json `baselines`). Same "
+           "prompts, judge and seeds; `n/a`: not run on that defence"
+           + (" (" + "; ".join(f"{k}: {v}" for k, v in SKIPPED.items()) + ")"
+              if results.get("baselines") else "")
+           + ". Over-refusal on the benign prompts; overhead: generate time, defence on vs off.",
+           "", "| defence | " + "".join(f"{n} | " for n in attacks) + "over-refusal | "
+           + ("utility NLL | " if utility else "") + "overhead |",
+           "|---" * (len(attacks) + 3 + bool(utility)) + "|"]
+  for label, per_attack, over, nll, overhead in rows:
+    cells = [label] + [_asr_n(per_attack.get(n)) for n in attacks] + [over]
+    cells += [nll] if utility else []
+    cells += ["–" if overhead is None else f"{overhead:+.1%}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return lines
 
 
 def _notes(results: dict, records: dict, gate_on: str, has_bl: bool) -> list[str]:

@@ -1,12 +1,14 @@
 """The runner: one model-like object through the suite (``evaluate_defence``: attacks, benign
-prompts, classifier, overhead), the [CLS] model with its no-[CLS] baseline
-(``evaluate_model``), and ``run`` on a workdir (what ``python -m safety_align.evaluate`` does).
+prompts, classifier, overhead), the [CLS] model with its no-[CLS] baseline and the competitor
+baselines (``evaluate_model``), and ``run`` on a workdir (what ``python -m
+safety_align.evaluate`` does).
 
 ``evaluate_defence`` takes any object with ``generate``, ``classify``, ``has_cls_head``,
 ``tokenizer``, ``template`` and ``decoder`` (``SafetyModel``, or a defence wrapping one), so
-extra defences are evaluated exactly as the [CLS] model is: their entries go to
-``results["baselines"][name]`` with the same keys (``attacks``, ``benign``, ``classifier``,
-``overhead``).
+the competitor baselines (``eval.competitors``) are evaluated exactly as the [CLS] model is:
+same attacks (those a wrapper can run), prompts, judge and seeds, gate off (undefended) and
+``gate_on`` (defence on); their entries go to ``results["baselines"][name]`` with the same
+keys (``attacks``, ``benign``, ``classifier`` where it has one, ``overhead``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -23,6 +25,7 @@ from safety_align.attacks import base
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSettings
 from safety_align.attacks.direct import DirectAttack
 from safety_align.eval import baseline as baseline_lib
+from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
 from safety_align.eval import data, metrics, registry, report
 from safety_align.eval.judging import Judge, make_judge
@@ -59,13 +62,18 @@ class Suite:
     return dict(model=model_id, items=[dataclasses.astuple(i) for i in self.items],
                 max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, gate=dict(cfg.gate))
 
-  def gates(self, attack: str, gated: bool) -> list[str]:
-    return config_lib.gates_for(self.cfg, attack) if gated else [GATE_OFF]
+  def gates(self, attack: str, gated: bool, schedules: bool = True) -> list[str]:
+    """Off, and if ``gated`` ``gate_on`` (+ the schedule baselines if ``schedules``)."""
+    if not gated:
+      return [GATE_OFF]
+    return config_lib.gates_for(self.cfg, attack) if schedules else [GATE_OFF, self.cfg.gate_on]
 
-  def benign_gates(self, gated: bool) -> list[str]:
+  def benign_gates(self, gated: bool, schedules: bool = True) -> list[str]:
     cfg = self.cfg
-    return ([GATE_OFF, cfg.gate_on] + [s for s in names(cfg.schedules) if s != cfg.gate_on]
-            if gated else [GATE_OFF])
+    if not gated:
+      return [GATE_OFF]
+    return [GATE_OFF, cfg.gate_on] + ([s for s in names(cfg.schedules) if s != cfg.gate_on]
+                                      if schedules else [])
 
   def step(self, name: str, payload, compute: Callable[[], Any]):
     """``store.get`` with progress lines around it."""
@@ -92,20 +100,31 @@ def make_suite(cfg, out_dir: str, items: Sequence[Item], benign: Sequence[str],
 
 
 def plan(suite: Suite, prefix: str, attacks: Sequence[base.Attack], gated: bool,
-         classifier: bool, overhead: bool) -> None:
+         classifier: bool, overhead: bool, schedules: bool = True) -> None:
   """Enter one model's steps in the progress plan (costs: ``progress.attack_cost``)."""
   cfg, p = suite.cfg, suite.progress
   for a in attacks:
-    p.plan(prefix + a.name, attack_cost(a, len(suite.items), len(suite.gates(a.name, gated)),
-                                        cfg.max_new_tokens))
-  p.plan(prefix + "benign", len(suite.benign) * len(suite.benign_gates(gated))
+    p.plan(prefix + a.name, attack_cost(
+        a, len(suite.items), len(suite.gates(a.name, gated, schedules)), cfg.max_new_tokens))
+  p.plan(prefix + "benign", len(suite.benign) * len(suite.benign_gates(gated, schedules))
          * cfg.max_new_tokens)
   if classifier:
     p.plan(prefix + "classifier", len(suite.pairs))
   if overhead:
     o = cfg.overhead
     p.plan(prefix + "overhead", o.n_prompts * o.new_tokens * (o.repeats + 1)
-           * (len(names(o.schedules)) + 1))
+           * (len(overhead_gates(cfg, schedules)) + 1))
+
+
+def overhead_gates(cfg, schedules: bool = True) -> list[str]:
+  """The gates timed against gate off: ``overhead.schedules``, or a baseline's one defence-on
+  setting, ``gate_on``."""
+  return names(cfg.overhead.schedules) if schedules else [cfg.gate_on]
+
+
+def has_classifier(model) -> bool:
+  """Whether ``model.classify`` works: a [CLS] head, or a baseline's own classifier."""
+  return bool(getattr(model, "has_classifier", model.has_cls_head))
 
 
 def _to_json(records: Sequence[AttackedGeneration]) -> list[dict]:
@@ -130,19 +149,22 @@ def attack_payload(common: dict, attack: base.Attack, gates: Sequence[str],
 def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
                      attacks: Sequence[base.Attack] | None = None, gated: bool | None = None,
                      main_records: dict[str, list[AttackedGeneration]] | None = None,
-                     overhead: bool | None = None) -> tuple[dict, dict]:
+                     overhead: bool | None = None, schedules: bool = True) -> tuple[dict, dict]:
   """One model-like object through the suite (module doc). ``prefix``: of its stored results'
   names; ``gated``: run the gates (default: iff it has [CLS]), else gate off only;
-  ``main_records``: the [CLS] model's records, given to ``attack.run_baseline`` (a baseline
-  may replay them) instead of running ``attack.run``. Returns ({"attacks", "benign",
-  "classifier", "overhead", ...}, records by attack name and "benign")."""
+  ``schedules``: with the schedule baselines (else off and ``gate_on`` only: a competitor
+  baseline, whose defence is one setting); ``main_records``: the [CLS] model's records, given
+  to ``attack.run_baseline`` (a baseline may replay them) instead of running ``attack.run``.
+  Returns ({"attacks", "benign", "classifier", "overhead", ...}, records by attack name and
+  "benign")."""
   cfg, log = suite.cfg, suite.log
   attacks = suite.attacks if attacks is None else list(attacks)
   gated = model.has_cls_head if gated is None else gated
+  classifier = has_classifier(model)
   overhead = bool(gated and model.has_cls_head and cfg.overhead.n_prompts) \
       if overhead is None else overhead
   if prefix + "benign" not in suite.progress.planned:
-    plan(suite, prefix, attacks, gated, model.has_cls_head, overhead)
+    plan(suite, prefix, attacks, gated, classifier, overhead, schedules)
   common = suite.common(model_id)
   out: dict[str, Any] = dict(attacks={})
   records: dict[str, list[AttackedGeneration]] = {}
@@ -157,7 +179,7 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
     return dict(records=_to_json(recs), seconds=time.perf_counter() - t0)
 
   for attack in attacks:
-    gates = suite.gates(attack.name, gated)
+    gates = suite.gates(attack.name, gated, schedules)
     payload = attack_payload(common, attack, gates, main_records)
     stored = suite.step(prefix + attack.name, payload,
                         lambda a=attack, g=gates: run_attack(a, g))
@@ -166,7 +188,7 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
         attack, recs, suite.items, suite.judge, gates, cfg.gate_on, stored["seconds"])
     log(f"{prefix}{attack.name}: " + report.asr_line(entry, cfg.gate_on, gated))
 
-  gates = suite.benign_gates(gated)
+  gates = suite.benign_gates(gated, schedules)
   benign_items = [Item(p, "") for p in suite.benign]
   stored = suite.step(prefix + "benign", dict(common, items=suite.benign, gates=gates),
                       lambda: dict(records=_to_json(DirectAttack().run(
@@ -175,7 +197,7 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
   out["benign"] = metrics.over_refusal(records["benign"], suite.judge, gates, cfg.gate_on)
 
   out["classifier"] = dict(auroc=None, accuracy=None, f1=None, n=0)
-  if model.has_cls_head:
+  if classifier:
     prompts = [p["prompt"] for p in suite.pairs]
     probs = suite.step(prefix + "classifier", dict(model=model_id, prompts=prompts),
                        lambda: model.classify(prompts).tolist())
@@ -185,24 +207,32 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
   if overhead:
     o = cfg.overhead
     prompts = [p["prompt"] for p in suite.pairs][:o.n_prompts]
-    seconds = suite.step(prefix + "overhead", dict(model=model_id, overhead=dict(o),
-                                                   prompts=prompts, gate=dict(cfg.gate)),
-                         lambda: timing(model, prompts, names(o.schedules),
-                                        new_tokens=o.new_tokens, repeats=o.repeats, log=log))
-    out["overhead"] = {s: seconds[s] / seconds[GATE_OFF] - 1 for s in names(o.schedules)}
+    timed = overhead_gates(cfg, schedules)
+    t = suite.step(prefix + "overhead", dict(model=model_id, overhead=dict(o), gates=timed,
+                                             prompts=prompts, gate=dict(cfg.gate)),
+                   lambda: timing(model, prompts, timed, new_tokens=o.new_tokens,
+                                  repeats=o.repeats, log=log))
+    seconds = t["seconds"]
+    out["overhead"] = {s: seconds[s] / seconds[GATE_OFF] - 1 for s in timed}
     out["overhead_seconds"] = seconds
+    out["overhead_tokens"] = t["tokens"]
     out["overhead_setup"] = dict(n_prompts=len(prompts), new_tokens=o.new_tokens,
-                                 repeats=o.repeats, baseline="plain decoding, no [CLS]")
+                                 repeats=o.repeats,
+                                 baseline="the same model's generate, gate off; EOS disabled")
   return out, records
 
 
 def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[Item],
                    benign: Sequence[str], all_pairs: Sequence[dict] = (), baseline=None,
-                   baseline_id: str = "", log: Callable[[str], None] | None = None,
+                   baseline_id: str = "",
+                   defences: Mapping[str, tuple[Any, str]] | None = None,
+                   log: Callable[[str], None] | None = None,
                    judge: Judge | None = None) -> tuple[dict, dict]:
-  """The suite on a loaded [CLS] model and optionally its no-[CLS] baseline (gate off; its
-  ASR goes into each attack's entry as ``asr_no_cls``), storing under ``out_dir/cache``.
-  Returns (results.json dict, records by entry; the baseline's prefixed ``no_cls_``)."""
+  """The suite on a loaded [CLS] model, optionally its no-[CLS] baseline (gate off; its ASR
+  goes into each attack's entry as ``asr_no_cls``) and the competitor ``defences`` ({name:
+  (model-like object, model id)}, ``competitors.build``: into ``results["baselines"]``),
+  storing under ``out_dir/cache``. Returns (results.json dict, records by entry; the
+  baseline's prefixed ``no_cls_``; the competitors' are not kept)."""
   log = log or logger(time.time())
   suite = make_suite(cfg, out_dir, items, benign, all_pairs, log=log, judge=judge)
   chosen = names(cfg.baseline_attacks)
@@ -214,6 +244,10 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
        bool(model.has_cls_head and cfg.overhead.n_prompts))
   if baseline is not None:
     plan(suite, "no_cls_", baseline_attacks, False, False, False)
+  defences = dict(defences or {})
+  for name, (m, _) in defences.items():
+    plan(suite, f"{name}_", competitors.attacks_for(suite.attacks), True, has_classifier(m),
+         bool(cfg.overhead.n_prompts), schedules=False)
 
   results: dict[str, Any] = dict(model=model_id, n_malicious=len(suite.items),
                                  n_benign=len(suite.benign), gate_on=cfg.gate_on,
@@ -231,6 +265,15 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
     results["baseline_no_cls"] = dict(model=baseline_id, over_refusal=b["over_refusal_gate_off"],
                                       over_refusal_ci=b["over_refusal_gate_off_ci"], n=b["n"])
     records.update({f"no_cls_{k}": v for k, v in bl_records.items()})
+  if defences:
+    results["baselines"] = {}
+  for name, (m, mid) in defences.items():
+    entry, _ = evaluate_defence(m, suite, model_id=mid, prefix=f"{name}_",
+                                attacks=competitors.attacks_for(suite.attacks), gated=True,
+                                overhead=bool(cfg.overhead.n_prompts), schedules=False)
+    if not has_classifier(m):
+      del entry["classifier"]
+    results["baselines"][name] = entry
   results["judge_unparsed"] = suite.judge.unparsed
   return results, records
 
@@ -271,10 +314,21 @@ def run(workdir: str, eval_config) -> str:
     if baseline.has_cls_head:
       log(f"warning: baseline {baseline_dir} has a [CLS] head; it is run with gate off.")
   out_dir = os.path.join(workdir, EVAL_DIR)
+  defences = {}
+  which = competitors.chosen(cfg)
+  if which:
+    source = competitors.source_dir(cfg, baseline_dir)
+    records = competitors.training_records(workdir, cfg)
+    log(f"baselines {', '.join(which)} over {source} ({len(records)} training records)")
+    defences = competitors.build(which, cfg, source, records,
+                                 os.path.join(out_dir, competitors.DIR), gate=gate, log=log)
   results, records = evaluate_model(model, cfg, out_dir, model_id=model_id, items=items,
                                     benign=benign, all_pairs=pairs, baseline=baseline,
-                                    baseline_id=baseline_id, log=log, judge=judge)
+                                    baseline_id=baseline_id, defences=defences, log=log,
+                                    judge=judge)
   results["model"] = os.path.abspath(workdir)
+  if which:
+    results["baselines_source"] = os.path.abspath(source)
   results["seconds"] = time.time() - t0
   md = report.write_outputs(results, records, out_dir, cfg)
   log(f"wrote {out_dir}/results.json, results.md"
