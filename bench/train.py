@@ -16,7 +16,7 @@ from safety_align import sharding
 from safety_align.data.packing import build_segment, pack
 from safety_align.masks import Role
 from safety_align.model import ModelConfig, count_params
-from safety_align.train_lib import Trainer
+from safety_align.trainer import Trainer
 
 PHASE = "pretrain"
 
@@ -104,8 +104,8 @@ def optimizer_step_s(params, phase_cfg, reps: int) -> float:
   donated) on ``params``-shaped gradients: a memory-bound pass over params, grads and
   moments that every step pays after its backward."""
   import optax  # pylint: disable=g-import-not-at-top
-  from safety_align import train_lib  # pylint: disable=g-import-not-at-top
-  tx = train_lib.make_optimizer(phase_cfg)
+  from safety_align import optim  # pylint: disable=g-import-not-at-top
+  tx = optim.make_optimizer(phase_cfg)
   grads = jax.tree.map(lambda a: a * 1e-3, params)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))

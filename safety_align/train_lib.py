@@ -1,321 +1,33 @@
-"""The training loop: optimiser, sharded state, the jitted step and the phase driver.
+"""The training loop: the config checks, the phase driver and the run of every phase.
 
 A run is one or two phases (``config.phases``, e.g. ``"pretrain,sft"``). Each phase has its
 own data, steps, λ and schedule, and its own checkpoints under ``WORKDIR/checkpoints/<phase>``;
 the SFT phase starts from the pretraining phase's final parameters with a fresh optimiser. A
 run resumes from the newest intact checkpoint of the phase it stopped in; the micro-batch ``m``
 is a pure function of ``(seed, m)``, so a resumed run sees exactly the data it would have seen.
-A non-finite loss or gradient norm stops the phase before anything from it is saved.
-
-Gradient accumulation: ``phase.steps`` counts optimiser steps (so do the checkpoint and log
-intervals); step ``s`` takes the ``grad_accum`` micro-batches ``s·k .. s·k + k - 1`` of
-``batch_size`` rows at once (``[k, B, T]``), counts each loss term's targets over all of them,
-scans the micro-batches summing the gradients of ``term sum / global count`` and makes one
-update: every term is a mean over the whole accumulated batch, as for one batch of ``k·B`` rows
-(not ``optax.MultiSteps``' mean of per-micro-batch means).
+A non-finite loss or gradient norm stops the phase before anything from it is saved. The
+optimiser is in ``optim``, the sharded state and jitted step (with gradient accumulation) in
+``trainer``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
-import functools
 import json
 import os
-import re
 import signal
 import time
-from typing import Any
 
-import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from safety_align import checkpoint, losses, sharding
-from safety_align.data import packing
+from safety_align import checkpoint, sharding
 from safety_align.data import pipeline as data_pipeline
-from safety_align.model import ModelConfig, Transformer, forward_batch, init_params
 from safety_align.masks import PHASES, Role, check_phase
-
-SCHEDULES = ("cosine", "step", "constant")
-FINITE = "all_finite"  # metrics key: whether the step's loss and gradient norm are finite
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-
-
-def learning_rate_schedule(phase_cfg) -> optax.Schedule:
-  """Warmup + cosine, the paper's step decay (x0.1 at 50% and 75%), or constant."""
-  if phase_cfg.schedule not in SCHEDULES:
-    raise ValueError(f"schedule={phase_cfg.schedule!r}: expected one of {SCHEDULES}.")
-  lr, steps, warmup = phase_cfg.lr, max(phase_cfg.steps, 1), phase_cfg.warmup_steps
-  if phase_cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * phase_cfg.end_lr_fraction)
-  warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
-  if phase_cfg.schedule == "step":
-    main = optax.piecewise_constant_schedule(
-        lr, {max(steps // 2 - warmup, 1): 0.1, max(3 * steps // 4 - warmup, 2): 0.1})
-  else:
-    main = optax.constant_schedule(lr)
-  return optax.join_schedules([warm, main], [warmup])
-
-
-def decay_mask(params):
-  """Weight decay on matrices only: not on norms, biases or (CLS) embeddings."""
-  def keep(path, leaf):
-    names = [getattr(p, "key", str(p)) for p in path]
-    return leaf.ndim >= 2 and not {"embed", "cls_embed"} & set(names)
-  return jax.tree_util.tree_map_with_path(keep, params)
-
-
-def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
-  """``optax.clip_by_global_norm`` as one scalar factor, g * min(1, max_norm / ||g||).
-
-  The same clipping (and the same empty state), but a multiply by a scalar fuses into
-  AdamW's moment updates, where optax's per-element select-and-divide is written out as a
-  clipped copy of the gradients: on XLA:CPU that copy made the 125M model's optimizer update
-  2.2x slower (7.5 vs 5.5 GB accessed, ``bench/train.py`` optimizer_update_s).
-  """
-  def update(updates, state, params=None):
-    del params
-    factor = jnp.minimum(1.0, max_norm / optax.global_norm(updates))  # norm 0: 1
-    return jax.tree.map(lambda g: g * factor.astype(g.dtype), updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-CLS_PARAM_NAMES = ("cls_embed", "cls_head", "cls_gate")  # what the [CLS] branch adds
-
-
-def param_path(path) -> str:
-  """A ``tree_map_with_path`` key path as ``"layers/attn/q_proj/kernel"``."""
-  return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
-def trainable_mask(params, pattern: str):
-  """Tree of bools: the parameters whose path matches the regex ``pattern`` (``re.search``;
-  "" = all). Raises if it matches none."""
-  if not pattern:
-    return jax.tree.map(lambda _: True, params)
-  regex = re.compile(pattern)
-  mask = jax.tree_util.tree_map_with_path(lambda p, _: bool(regex.search(param_path(p))),
-                                          params)
-  if not any(jax.tree.leaves(mask)):
-    names = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    raise ValueError(f"config.<phase>.trainable={pattern!r} matches no parameter; paths look "
-                     f"like {names[:4]}.")
-  return mask
-
-
-def scale_by_path(factor) -> optax.GradientTransformation:
-  """Multiply each update by ``factor(path)`` (0 freezes a parameter exactly: no step and no
-  weight decay)."""
-  def update(updates, state, params=None):
-    del params
-    return jax.tree_util.tree_map_with_path(
-        lambda p, u: u * jnp.asarray(factor(param_path(p)), u.dtype), updates), state
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
-
-
-def make_optimizer(phase_cfg) -> optax.GradientTransformation:
-  """AdamW + clipping, one update per optimiser step (``Trainer`` accumulates the gradients).
-
-  ``phase_cfg.trainable`` (a regex over parameter paths, "" = all) freezes the rest, and
-  ``phase_cfg.cls_lr_scale`` multiplies the learning rate of the parameters the [CLS]
-  branch adds (freshly initialised in an imported model, so they need a larger step than
-  the pretrained weights' fine-tuning rate)."""
-  pattern = phase_cfg.get("trainable", "")
-  regex = re.compile(pattern) if pattern else None
-  cls_scale = phase_cfg.get("cls_lr_scale", 1.0)
-
-  def factor(path: str) -> float:
-    if regex is not None and not regex.search(path):
-      return 0.0
-    return cls_scale if set(path.split("/")) & set(CLS_PARAM_NAMES) else 1.0
-
-  tx = optax.chain(
-      clip_by_global_norm(phase_cfg.grad_clip),
-      optax.adamw(learning_rate_schedule(phase_cfg), b1=phase_cfg.b1, b2=phase_cfg.b2,
-                  weight_decay=phase_cfg.weight_decay, mask=decay_mask))
-  if regex is not None or cls_scale != 1.0:
-    tx = optax.chain(tx, scale_by_path(factor))
-  return tx
-
-
-def objective(phase_cfg) -> tuple[float, float]:
-  """(λ of the main [CLS] term, λ_w of the window [CLS] term) of a phase; ``window_cls_weight``
-  defaults to ``cls_weight``."""
-  return phase_cfg.cls_weight, phase_cfg.get("window_cls_weight", phase_cfg.cls_weight)
-
-
-@contextlib.contextmanager
-def mesh_context(mesh):
-  """Trace the model sharded over ``mesh``: ``jax.set_mesh`` and ``sharding.RULES``, so every
-  logical constraint of ``model.py`` (activations; parameters at init) reaches XLA. Flax finds
-  the mesh through ``jax.sharding.get_abstract_mesh()``, which a bare ``with mesh:`` leaves
-  empty: the constraints would then be silently dropped."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
-    yield
-
-
-class Trainer:
-  """Sharded init, the jitted train step and its shardings for one phase.
-
-  The step takes ``grad_accum`` micro-batches stacked on a leading axis (``[k, B, T]``
-  arrays, rows sharded as a batch's) and makes one optimiser update (module docstring).
-  """
-
-  def __init__(self, model_cfg: ModelConfig, phase_cfg, phase: str, mesh):
-    check_phase(phase)
-    self.model_cfg, self.phase_cfg, self.phase, self.mesh = model_cfg, phase_cfg, phase, mesh
-    self.grad_accum = phase_cfg.get("grad_accum", 1)
-    self.model = Transformer(model_cfg)
-    self.tx = make_optimizer(phase_cfg)
-    boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
-    self.param_shardings = sharding.logical_sharding(boxed, mesh)
-    abstract_params = nn.meta.unbox(boxed)
-    abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-    self.opt_shardings = optax.tree_map_params(
-        self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-        transform_non_params=lambda _: sharding.replicated(mesh))
-    self.state_shardings = TrainState(step=sharding.replicated(mesh),
-                                      params=self.param_shardings,
-                                      opt_state=self.opt_shardings)
-    self.abstract_params = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_params, self.param_shardings)
-    self.abstract_opt = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract_opt, self.opt_shardings)
-    self.batch_sharding = sharding.batch_sharding(mesh)  # one [B, ...] micro-batch
-    # [k, B, ...]: the micro-batch axis unsharded, rows as a batch's.
-    self.micro_batches_sharding = jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec(None, *self.batch_sharding.spec))
-    self._step = jax.jit(self._train_step, in_shardings=(self.state_shardings,
-                                                         self.micro_batches_sharding),
-                         out_shardings=(self.state_shardings, sharding.replicated(mesh)),
-                         donate_argnums=(0,))
-
-  def init_state(self, rng, params=None) -> TrainState:
-    """A fresh state, initialised sharded (never whole on one host), or from ``params``."""
-    with mesh_context(self.mesh):
-      if params is None:
-        params = jax.jit(lambda r: nn.meta.unbox(init_params(self.model_cfg, r)),
-                         out_shardings=self.param_shardings)(rng)
-      else:
-        params = jax.device_put(params, self.param_shardings)
-      opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
-    return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32),
-                                          sharding.replicated(self.mesh)),
-                      params=params, opt_state=opt_state)
-
-  def abstract_state(self) -> TrainState:
-    """The state as sharded ``ShapeDtypeStruct``s (for ``lower`` without any allocation)."""
-    return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32,
-                                                sharding=sharding.replicated(self.mesh)),
-                      params=self.abstract_params, opt_state=self.abstract_opt)
-
-  def abstract_batch(self, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """One step's micro-batches (``[grad_accum, batch_size, seq_len]``, packing's dtypes) as
-    sharded ``ShapeDtypeStruct``s."""
-    shape = (self.grad_accum, batch_size, seq_len)
-    out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=self.micro_batches_sharding)
-           for k in packing.BATCH_KEYS}
-    out["lm_mask"] = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=self.micro_batches_sharding)
-    out["cls_window"] = jax.ShapeDtypeStruct(shape + (2,), jnp.int32,
-                                             sharding=self.micro_batches_sharding)
-    return out
-
-  def lower(self, batch_size: int, seq_len: int):
-    """The sharded train step lowered for ``batch_size`` rows of ``seq_len`` per micro-batch
-    (``.compile().memory_analysis()`` is the compiler's per-device memory)."""
-    with mesh_context(self.mesh):
-      return self._step.lower(self.abstract_state(), self.abstract_batch(batch_size, seq_len))
-
-  def _loss(self, params, batch, counts):
-    lm_logits, cls_logits = forward_batch(self.model, params, batch, self.phase)
-    cls_weight, window_cls_weight = objective(self.phase_cfg)
-    return losses.total_loss(lm_logits, cls_logits, batch, self.phase,
-                             losses.Objective(cls_weight, window_cls_weight, counts))
-
-  def _grads(self, params, batch, counts):
-    """(metrics, gradients) of one micro-batch, each term divided by ``counts``; frozen
-    parameters get zeros, their gradient never computed."""
-    if not self.phase_cfg.get("trainable", ""):
-      (_, metrics), grads = jax.value_and_grad(self._loss, has_aux=True)(params, batch, counts)
-      return metrics, grads
-    mask = trainable_mask(params, self.phase_cfg.trainable)
-    train = jax.tree.map(lambda p, m: p if m else None, params, mask)
-    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
-    merge = lambda t: jax.tree.map(lambda m, a, b: a if m else b, mask, t, frozen,  # noqa: E731
-                                   is_leaf=lambda x: x is None)
-    (_, metrics), grads = jax.value_and_grad(
-        lambda t: self._loss(merge(t), batch, counts), has_aux=True)(train)
-    return metrics, jax.tree.map(lambda m, g, p: g if m else jnp.zeros_like(p), mask, grads,
-                                 params, is_leaf=lambda x: x is None)
-
-  def loss_and_grads(self, params, micro_batches):
-    """(metrics, gradients) of one optimiser step's ``[k, B, ...]`` micro-batches: every loss
-    term a mean over all ``k·B`` rows (``losses.term_counts`` first), the gradients summed over
-    a ``lax.scan`` of the micro-batches in float32. Metrics as ``losses.total_loss``'s, of the
-    whole accumulated batch."""
-    counts = losses.term_counts(micro_batches, self.phase)
-    if self.grad_accum == 1:
-      return self._grads(params, jax.tree.map(lambda x: x[0], micro_batches), counts)
-
-    def body(acc, batch):
-      metrics, grads = self._grads(params, batch, counts)
-      acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-      return acc, metrics
-    acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    acc = jax.lax.with_sharding_constraint(acc, self.param_shardings)
-    acc, metrics = jax.lax.scan(body, acc, micro_batches)
-    grads = jax.tree.map(lambda a, p: a.astype(p.dtype), acc, params)
-    return jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics), grads
-
-  def _train_step(self, state: TrainState, micro_batches):
-    metrics, grads = self.loss_and_grads(state.params, micro_batches)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics["grad_norm"] = optax.global_norm(grads)
-    metrics[FINITE] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-  def step(self, state: TrainState, batch: dict[str, np.ndarray]):
-    """One optimiser step on numpy arrays (this host's rows): ``[k, B, T]`` micro-batches
-    (``k = grad_accum``), or, with ``grad_accum`` 1, one ``[B, T]`` batch."""
-    k = batch["tokens"].shape[0] if batch["tokens"].ndim == 3 else None
-    if k is None and self.grad_accum == 1:
-      batch = {key: v[None] for key, v in batch.items()}
-    elif k != self.grad_accum:
-      got = "one [B, T] batch" if k is None else f"{k} micro-batches"
-      raise ValueError(f"config.{self.phase}.grad_accum={self.grad_accum}: a step takes "
-                       f"{self.grad_accum} micro-batches stacked as [k, B, T] arrays, got "
-                       f"{got}: stack them (train_lib.micro_batches) or set grad_accum.")
-    with mesh_context(self.mesh):
-      batch = {key: _global_array(v, self.micro_batches_sharding) for key, v in batch.items()}
-      return self._step(state, batch)
-
-
-def micro_batches(pipeline, step: int, k: int) -> dict[str, np.ndarray]:
-  """The ``k`` micro-batches of optimiser step ``step`` (pipeline batches ``step·k`` to
-  ``step·k + k - 1``), stacked: ``[k, B, ...]``."""
-  batches = [pipeline.batch(step * k + i) for i in range(k)]
-  return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
-
-
-def _global_array(local: np.ndarray, sharding_: jax.sharding.NamedSharding) -> jax.Array:
-  if jax.process_count() == 1:
-    return jax.device_put(local, sharding_)
-  return jax.make_array_from_process_local_data(sharding_, local)
+from safety_align.model import ModelConfig
+from safety_align.trainer import FINITE, Trainer, TrainState, micro_batches, objective
 
 
 class Interrupted(KeyboardInterrupt):

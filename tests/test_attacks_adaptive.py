@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_model_config
 from safety_align import api
 from safety_align.attacks import gcg as gcg_lib
+from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks import embedding, finetune, prefill_adaptive
 from safety_align.attacks.base import GATE_OFF, Item, RunSettings
 from safety_align.data import corpus, templates
@@ -113,9 +114,9 @@ def test_soft_prompt_beats_init_and_discrete_gcg_on_the_same_budget(model, items
                          adaptive=True, gate=gate)
   # The same objective: at the initial suffix ("!" x 4) both losses agree, [CLS] terms included.
   np.testing.assert_allclose(result.losses[0], discrete.losses[0], rtol=1e-5)
-  layout = gcg_lib.build_layout(model.config, pieces, target, 4,
-                                gcg_lib.gate_windows(gate, len(target)))
-  cache = gcg_lib.prefill(model.config, model.params, layout)
+  layout = layout_lib.build_layout(model.config, pieces, target, 4,
+                                   layout_lib.gate_windows(gate, len(target)))
+  cache = layout_lib.prefill(model.config, model.params, layout)
   init = np.full((1, 4), tok.encode("!")[0], np.int32)
   ce_only = gcg_lib.candidate_metrics(model.config, model.params, cache, layout, init, 0.0)
   assert result.losses[0] > float(ce_only.loss[0]) + 0.1  # the [CLS] terms are in it
@@ -141,7 +142,7 @@ def test_embedding_attack_generates_under_each_gate(model, items):
   tok, item = model.tokenizer, items[0]
   ids = tok.encode(" ok")
   assert tok.encode(item.prompt + " ok") == tok.encode(item.prompt) + ids
-  x = gcg_lib.embed(model.config, model.params, jnp.asarray([ids]))[0]
+  x = layout_lib.embed(model.config, model.params, jnp.asarray([ids]))[0]
   pieces = model.template.prompt_pieces(tok, item.prompt)
   for gate in ("off", "first"):
     tokens, refused, _, probs, steps = embedding.generate_from_embeddings(

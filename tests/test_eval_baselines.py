@@ -11,6 +11,7 @@ import pytest
 from safety_align import checkpoint, evaluate
 from safety_align.baselines import deep_alignment, probe
 from safety_align.eval import competitors, registry, runner
+from safety_align.eval import workdir as workdir_lib
 from safety_align.eval import config as eval_config
 from test_eval_run import MAX_LENGTH, setup, tiny_eval_config  # noqa: F401  (fixture)
 
@@ -70,7 +71,7 @@ def test_run_with_baselines_and_cached_artefacts(setup, tmp_path, monkeypatch): 
   ecfg.deep_alignment.update(steps=1, batch_size=8, warmup_steps=1)
   ecfg.safedecoding.expert_training = ecfg.deep_alignment  # the expert is that model
   lines = []
-  monkeypatch.setattr(runner, "logger", lambda t0: lines.append)
+  monkeypatch.setattr(workdir_lib, "logger", lambda t0: lines.append)
   md = evaluate.run(wd, ecfg)
   assert "safedecoding: expert = the deep_alignment baseline" in lines
   saved = json.loads((tmp_path / "wd" / "eval" / "results.json").read_text())

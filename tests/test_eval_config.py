@@ -8,7 +8,7 @@ import pytest
 from safety_align.attacks import decoding, templates
 from safety_align.eval import baseline, lists, registry
 from safety_align.eval import config as eval_config
-from safety_align.eval import runner
+from safety_align.eval import workdir as workdir_lib
 
 
 def test_unknown_attack_lists_known_ones():
@@ -89,10 +89,10 @@ def test_template_errors_name_the_file(tmp_path):
 def test_workdir_without_checkpoint(tmp_path):
   cfg = eval_config.load("quick")
   with pytest.raises(FileNotFoundError, match="not a safety_align workdir"):
-    runner.run(str(tmp_path), cfg)
+    workdir_lib.run(str(tmp_path), cfg)
   (tmp_path / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="has no checkpoint under checkpoints/"):
-    runner.run(str(tmp_path), cfg)
+    workdir_lib.run(str(tmp_path), cfg)
   assert not os.path.exists(tmp_path / "eval")
 
 

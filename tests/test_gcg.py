@@ -11,6 +11,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from conftest import tiny_model_config
 from safety_align.attacks import gcg as gcg_lib
+from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.data.packing import build_segment, pack
 from safety_align.decode import GateConfig
 from safety_align.masks import Role
@@ -59,7 +60,7 @@ def setup(tok):
 def _full_forward(cfg, params, pieces, suffix, target, windows=()):
   """(target cross-entropy, P(malicious), window rows' P(malicious) [W]) from a
   training-layout forward (sft mask; ``windows``: (lo, hi) response-index window rows)."""
-  prefix, closing = gcg_lib.split_prompt(pieces)
+  prefix, closing = layout_lib.split_prompt(pieces)
   seg = build_segment(cfg.cls_id, prefix + [(list(suffix), Role.QUERY)] + closing
                       + [(list(target), Role.RESPONSE)], label=-1,
                       windows=[(lo, hi, -1) for lo, hi in windows])
@@ -81,8 +82,8 @@ def _malicious_head(params):
 
 def test_cached_prefix_equals_full_forward(setup):
   cfg, params, pieces, target = setup
-  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=4)
-  cache = gcg_lib.prefill(cfg, params, layout)
+  layout = layout_lib.build_layout(cfg, pieces, target, n_suffix=4)
+  cache = layout_lib.prefill(cfg, params, layout)
   cands = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(3, 4)).astype(np.int32)
   out = gcg_lib.candidate_metrics(cfg, params, cache, layout, cands, 0.0)
   for i, cand in enumerate(cands):
@@ -96,8 +97,8 @@ def test_cached_prefix_equals_full_forward(setup):
 
 def test_onehot_gradient_matches_finite_differences(setup):
   cfg, params, pieces, target = setup
-  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=4)
-  cache = gcg_lib.prefill(cfg, params, layout)
+  layout = layout_lib.build_layout(cfg, pieces, target, n_suffix=4)
+  cache = layout_lib.prefill(cfg, params, layout)
   suffix = np.array([40, 50, 60, 70], np.int32)
   metrics, grad = gcg_lib.token_gradients(cfg, params, cache, layout, suffix, 1.0)
   # At an exact one-hot the relaxed loss is the discrete loss.
@@ -116,7 +117,7 @@ def test_onehot_gradient_matches_finite_differences(setup):
 def test_gcg_lowers_the_loss_without_recompiling(setup, tok):
   cfg, params, pieces, target = setup
   config = gcg_lib.GCGConfig(steps=6, search_width=24, topk=16, n_suffix=5, early_stop=False)
-  fns = (gcg_lib.prefill, gcg_lib._top_tokens, gcg_lib.candidate_metrics)
+  fns = (layout_lib.prefill, gcg_lib._top_tokens, gcg_lib.candidate_metrics)
   before = [f._cache_size() for f in fns]
   result = gcg_lib.gcg(cfg, params, tok, pieces, target, config)
   assert [f._cache_size() - b for f, b in zip(fns, before)] == [1, 1, 1]
@@ -145,9 +146,9 @@ def test_always_move_can_rise_and_returns_the_best_seen(setup, tok):
 @pytest.mark.parametrize("acceptance", gcg_lib.ACCEPTANCE)
 def test_one_token_suffix_reaches_the_brute_force_optimum(setup, tok, acceptance):
   cfg, params, pieces, target = setup
-  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=1)
-  cache = gcg_lib.prefill(cfg, params, layout)
-  query = gcg_lib.split_prompt(pieces)[0][-1][0]
+  layout = layout_lib.build_layout(cfg, pieces, target, n_suffix=1)
+  cache = layout_lib.prefill(cfg, params, layout)
+  query = layout_lib.split_prompt(pieces)[0][-1][0]
   allowed = np.nonzero(gcg_lib.allowed_tokens(tok, cfg.vocab_size, False))[0]
   allowed = allowed[gcg_lib.retokenizes(tok, allowed[:, None], query)]
   losses = gcg_lib.candidate_metrics(cfg, params, cache, layout, allowed[:, None], 0.0).loss
@@ -175,20 +176,20 @@ GATE = GateConfig(schedule="every", r1=2, r2=2)
 
 
 def test_gate_windows_follow_the_schedule():
-  w = gcg_lib.gate_windows(GateConfig(r1=3, r2=2), 6)  # annealing: steps 1, 2, 3, 5
+  w = layout_lib.gate_windows(GateConfig(r1=3, r2=2), 6)  # annealing: steps 1, 2, 3, 5
   rows = list(zip(np.asarray(w.sees_query).tolist(), np.asarray(w.lo).tolist(),
                   np.asarray(w.hi).tolist()))
   assert rows == [(False, 0, 0), (True, 0, 0), (False, 0, 1), (True, 0, 1), (False, 1, 2),
                   (True, 0, 2), (False, 3, 4)]
-  assert not len(gcg_lib.gate_windows(GateConfig(schedule="first"), 6))
+  assert not len(layout_lib.gate_windows(GateConfig(schedule="first"), 6))
 
 
 def test_window_rows_match_training_layout_and_enter_the_loss(setup):
   cfg, params, pieces, target = setup
   params = _malicious_head(params)
-  windows = gcg_lib.gate_windows(GATE, len(target))
-  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=4, windows=windows)
-  cache = gcg_lib.prefill(cfg, params, layout)
+  windows = layout_lib.gate_windows(GATE, len(target))
+  layout = layout_lib.build_layout(cfg, pieces, target, n_suffix=4, windows=windows)
+  cache = layout_lib.prefill(cfg, params, layout)
   suffix = np.array([40, 50, 60, 70], np.int32)
   m = gcg_lib.candidate_metrics(cfg, params, cache, layout, suffix[None], 2.0, 0.5)
   # Rule-2 rows (no QUERY) are exactly the SFT window-augmentation rows of training.
@@ -219,21 +220,22 @@ def test_adaptive_gcg_with_the_gate_lowers_the_window_rows(setup, tok):
   assert first_only.window_probs.max() == 0.0  # no window rows without a gate
   assert gated.window_prob < gated.window_probs[0]
   # Its reported window max is the one of its suffix's window rows, recomputed.
-  layout = gcg_lib.build_layout(cfg, pieces, target, 5, gcg_lib.gate_windows(GATE, len(target)))
-  m = gcg_lib.candidate_metrics(cfg, params, gcg_lib.prefill(cfg, params, layout), layout,
+  layout = layout_lib.build_layout(cfg, pieces, target, 5,
+                                   layout_lib.gate_windows(GATE, len(target)))
+  m = gcg_lib.candidate_metrics(cfg, params, layout_lib.prefill(cfg, params, layout), layout,
                                 np.array([gated.suffix_ids]), 0.0)
   np.testing.assert_allclose(gated.window_prob, float(m.window_p.max()), rtol=1e-5)
 
 
 def test_plain_lm_layout_has_no_cls(setup, tok):
   cfg, params, pieces, target = setup
-  layout = gcg_lib.build_layout(cfg, pieces, target, n_suffix=4, use_cls=False)
+  layout = layout_lib.build_layout(cfg, pieces, target, n_suffix=4, use_cls=False)
   assert not np.any(np.asarray(layout.block_tokens) == cfg.cls_id)
-  cache = gcg_lib.prefill(cfg, params, layout)
+  cache = layout_lib.prefill(cfg, params, layout)
   suffix = np.array([[40, 50, 60, 70]], np.int32)
   m = gcg_lib.candidate_metrics(cfg, params, cache, layout, suffix, 0.0)
   # The plain causal LM over the same tokens (no [CLS] anywhere).
-  prefix, closing = gcg_lib.split_prompt(pieces)
+  prefix, closing = layout_lib.split_prompt(pieces)
   ids = [t for p, _ in prefix for t in p] + suffix[0].tolist() + [
       t for p, _ in closing for t in p] + list(target)
   n = len(ids)

@@ -1,5 +1,5 @@
 """Gradient accumulation as a global token mean, and the main / window [CLS] terms normalised
-separately (losses.py, train_lib.Trainer)."""
+separately (losses.py, trainer.Trainer)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import VOCAB, chat_segment, packed, tiny_model_config
 from configs import tiny
-from safety_align import losses, sharding, train_lib
+from safety_align import losses, sharding, train_lib, trainer as trainer_lib
 from safety_align.masks import Role
 
 K, B, T = 3, 2, 32
@@ -41,7 +41,7 @@ def _trainer(grad_accum, batch_size, window_cls_weight=0.3):
   cfg = tiny.phase_config(steps=10, batch_size=batch_size, cls_weight=0.5, lr=1e-2, split="sft")
   cfg.update(grad_accum=grad_accum, window_cls_weight=window_cls_weight, warmup_steps=1)
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:2])
-  return train_lib.Trainer(tiny_model_config(scan_layers=True), cfg, "sft", mesh)
+  return trainer_lib.Trainer(tiny_model_config(scan_layers=True), cfg, "sft", mesh)
 
 
 def _grads(trainer, params, stacked):
@@ -99,7 +99,7 @@ def test_micro_batches_are_consecutive_pipeline_batches():
   class Numbered:
     def batch(self, k):
       return {"tokens": np.full((B, T), k)}
-  out = train_lib.micro_batches(Numbered(), step=4, k=3)
+  out = trainer_lib.micro_batches(Numbered(), step=4, k=3)
   assert out["tokens"].shape == (3, B, T)
   np.testing.assert_array_equal(out["tokens"][:, 0, 0], [12, 13, 14])
 
@@ -171,7 +171,7 @@ def test_term_counts_and_global_denominators_sum_over_micro_batches():
 
 def test_window_cls_weight_config_checks():
   config = tiny.get_config("smoke")
-  assert train_lib.objective(config.sft) == (config.sft.cls_weight, config.sft.cls_weight)
+  assert trainer_lib.objective(config.sft) == (config.sft.cls_weight, config.sft.cls_weight)
   config.sft.window_cls_weight = -1.0
   with pytest.raises(ValueError, match=r"config.sft.window_cls_weight=-1.0: expected a number "
                                        r">= 0"):

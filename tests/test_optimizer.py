@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import tiny
-from safety_align import train_lib
+from safety_align import optim, trainer as trainer_lib
 
 
 def _grads(scale):
@@ -21,7 +21,7 @@ def test_clip_matches_optax(scale):
   """Below the threshold (and at zero norm) the gradients pass unchanged; above, they are
   scaled to the threshold's norm, as optax.clip_by_global_norm does."""
   grads = _grads(scale)
-  ours, _ = train_lib.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  ours, _ = optim.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
   ref, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
   for k in grads:
     np.testing.assert_allclose(ours[k], ref[k], rtol=1e-6, atol=0)
@@ -35,10 +35,10 @@ def test_optimizer_state_layout_unchanged():
   """The state tree is optax's own (clip state empty), so saved optimizer states load."""
   cfg = tiny.phase_config(steps=10, batch_size=2, cls_weight=0.1, lr=1e-3, split="pretrain")
   params = _grads(1.0)
-  ours = train_lib.make_optimizer(cfg).init(params)
+  ours = optim.make_optimizer(cfg).init(params)
   ref = optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                    optax.adamw(train_lib.learning_rate_schedule(cfg),
-                                mask=train_lib.decay_mask)).init(params)
+                    optax.adamw(optim.learning_rate_schedule(cfg),
+                                mask=optim.decay_mask)).init(params)
   assert jax.tree.structure(ours) == jax.tree.structure(ref)
 
 
@@ -62,10 +62,10 @@ def test_clipping_fuses_into_the_adamw_update():
   cfg = tiny.phase_config(steps=10, batch_size=2, cls_weight=0.1, lr=1e-3, split="pretrain")
   params = {f"w{i}": jnp.ones((256, 512), jnp.float32) for i in range(4)}
   nbytes = sum(x.nbytes for x in params.values())
-  ours = _update_bytes(train_lib.make_optimizer(cfg), params)
+  ours = _update_bytes(optim.make_optimizer(cfg), params)
   with_optax_clip = _update_bytes(optax.chain(
       optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(train_lib.learning_rate_schedule(cfg), mask=train_lib.decay_mask)), params)
+      optax.adamw(optim.learning_rate_schedule(cfg), mask=optim.decay_mask)), params)
   assert ours <= 11.5 * nbytes < with_optax_clip
 
 
@@ -79,7 +79,7 @@ def _train_steps(phase_updates, n=3):
     cfg[k] = v
   model_cfg = tiny_model_config(scan_layers=True)
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices=jax.devices()[:1])
-  trainer = train_lib.Trainer(model_cfg, cfg, "sft", mesh)
+  trainer = trainer_lib.Trainer(model_cfg, cfg, "sft", mesh)
   state = trainer.init_state(jax.random.key(0))
   start = jax.tree.map(np.asarray, state.params)
   batch = packed([chat_segment(), chat_segment(label=0, query=(13, 14))], seq_len=32)
@@ -91,7 +91,7 @@ def _train_steps(phase_updates, n=3):
 def test_trainable_subset_freezes_the_rest_exactly():
   """``trainable``: unmatched parameters stay bit-for-bit; matched ones take the same steps
   as under full training (Adam is per parameter); ``cls_lr_scale`` scales the [CLS] steps."""
-  paths = lambda t: {train_lib.param_path(p): x  # noqa: E731
+  paths = lambda t: {optim.param_path(p): x  # noqa: E731
                      for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
   start, full = map(paths, _train_steps({}, n=1))
   subset = paths(_train_steps({"trainable": "cls_|mlp"}, n=1)[1])

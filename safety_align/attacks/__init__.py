@@ -1,1 +1,2 @@
-"""Attacks on the gated model: optimised suffixes (``gcg``), and those run by the evaluation."""
+"""Attacks on the gated model: optimised suffixes (``gcg``, on the layout of ``gcg_layout``),
+and those run by the evaluation."""

@@ -1,10 +1,11 @@
 """The embedding (soft-prompt) attack: ``n_suffix`` free input-embedding vectors after the
 query, optimised with Adam on the adaptive GCG loss (target cross-entropy + ``cls_weight`` x
 (-log P(benign) of the first classification + ``window_weight`` x the mean over the gate's
-window rows), ``gcg.embedded_loss`` on ``gcg.build_layout`` with ``gcg.gate_windows`` of the
-model's own gate under ``window_schedule``), starting from the embeddings of ``init_token``
-(GCG's initial suffix). Adam's step is ``lr`` times the RMS of the embedding table, so one
-setting suits any model's embedding scale; the lowest-loss point seen is kept.
+window rows), ``gcg.embedded_loss`` on ``gcg_layout.build_layout`` with
+``gcg_layout.gate_windows`` of the model's own gate under ``window_schedule``), starting from
+the embeddings of ``init_token`` (GCG's initial suffix). Adam's step is ``lr`` times the RMS of
+the embedding table, so one setting suits any model's embedding scale; the lowest-loss point
+seen is kept.
 
 A soft prompt is no text: no user can send it, and the decoder takes tokens. It is therefore
 the upper bound that no discrete suffix attack (``gcg``, ``gcg_adaptive``) with the same loss
@@ -37,6 +38,7 @@ import optax
 
 from safety_align.api import resolve_gate
 from safety_align.attacks import gcg as gcg_lib
+from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks.base import Attack, eta_text, fits, record
 from safety_align.decode import gate as gate_lib
 from safety_align.model import ModelConfig
@@ -99,7 +101,7 @@ def initial_embeddings(cfg: ModelConfig, params, tokenizer, n_suffix: int,
   if len(ids) != 1:
     raise ValueError(f"embedding.init_token={init_token!r} encodes to {len(ids)} tokens; "
                      "pick a string that is one token.")
-  row = gcg_lib.embed(cfg, params, jnp.asarray([[ids[0]]], jnp.int32))[0, 0]
+  row = layout_lib.embed(cfg, params, jnp.asarray([[ids[0]]], jnp.int32))[0, 0]
   return jnp.tile(row.astype(jnp.float32), (n_suffix, 1))
 
 
@@ -110,10 +112,11 @@ def soft_prompt(cfg: ModelConfig, params, tokenizer, prompt_pieces, target_ids, 
   """Optimise a soft prompt (module doc). ``gate``: the defence's gate (window rows over its
   re-evaluations, its threshold); ``None``: the first classification only, θ = 0.5."""
   start = time.perf_counter()
-  windows = gcg_lib.gate_windows(gate, len(target_ids)) if gate is not None and use_cls else None
+  windows = (layout_lib.gate_windows(gate, len(target_ids)) if gate is not None and use_cls
+             else None)
   threshold = 0.5 if gate is None else gate.threshold
-  layout = gcg_lib.build_layout(cfg, prompt_pieces, target_ids, n_suffix, windows, use_cls)
-  cache = gcg_lib.prefill(cfg, params, layout)
+  layout = layout_lib.build_layout(cfg, prompt_pieces, target_ids, n_suffix, windows, use_cls)
+  cache = layout_lib.prefill(cfg, params, layout)
   weights = (jnp.float32(cls_weight if use_cls else 0.0),
              jnp.float32(window_weight if use_cls else 0.0))
   x = initial_embeddings(cfg, params, tokenizer, n_suffix, init_token)
@@ -147,11 +150,11 @@ def _next(cfg: ModelConfig, params, cache, layout, suffix_x, response, row, wind
   with response [R] in the target slots and ``windows`` (one row)."""
   layout = layout.replace(windows=windows)
   tokens = layout.block_tokens.at[:, layout.target_rows + 1].set(response[None])
-  x = gcg_lib.embed(cfg, params, tokens)
+  x = layout_lib.embed(cfg, params, tokens)
   s = layout.suffix_start
   x = x.at[:, s:s + layout.n_suffix].set(suffix_x[None].astype(x.dtype))
-  lm, cls = gcg_lib.block_forward(cfg, params, cache, layout, x)
-  p_first, _, window_p, _ = gcg_lib.cls_terms(layout, cls)
+  lm, cls = layout_lib.block_forward(cfg, params, cache, layout, x)
+  p_first, _, window_p, _ = layout_lib.cls_terms(layout, cls)
   return lm[0, layout.target_rows[row]], p_first[0], window_p[0, 0]
 
 
@@ -162,17 +165,17 @@ def generate_from_embeddings(model, prompt_pieces, suffix_x, gate: gate_lib.Gate
   cls_steps) as the decoder reports them."""
   cfg, tok, use_cls = model.config, model.tokenizer, model.has_cls_head
   pad = tok.pad_id
-  layout = gcg_lib.build_layout(cfg, prompt_pieces, [pad] * max_new_tokens, len(suffix_x),
-                                gcg_lib.Windows.of([(False, 0, 0)]) if use_cls else None,
-                                use_cls)
-  cache = gcg_lib.prefill(cfg, model.params, layout)
+  layout = layout_lib.build_layout(cfg, prompt_pieces, [pad] * max_new_tokens, len(suffix_x),
+                                   layout_lib.Windows.of([(False, 0, 0)]) if use_cls else None,
+                                   use_cls)
+  cache = layout_lib.prefill(cfg, model.params, layout)
   ga = gate.arrays(max_new_tokens)
   refusal, newline = tok.encode(gate.refusal_prefix), tok.encode("\n")
   insertion = jnp.asarray(newline + refusal or [pad], jnp.int32)
   eos = set(np.asarray(model.decoder.eos_ids).tolist())
   response = np.full(max_new_tokens, pad, np.int32)
   one = lambda v, dtype=jnp.int32: jnp.asarray([v], dtype)  # noqa: E731
-  no_window = gcg_lib.Windows.of([(False, 0, 0)] if use_cls else [])
+  no_window = layout_lib.Windows.of([(False, 0, 0)] if use_cls else [])
 
   def forward(row, windows):
     return jax.device_get(_next(cfg, model.params, cache, layout, suffix_x, response,
@@ -201,8 +204,8 @@ def generate_from_embeddings(model, prompt_pieces, suffix_x, gate: gate_lib.Gate
     m = n + 1
     due = bool(gate_lib.due(ga, state, m, one(True, bool))[0])
     sees_query, lo, hi = gate_lib.window(ga, state, m)
-    windows = gcg_lib.Windows(sees_query=sees_query, lo=jnp.maximum(lo, 0),
-                              hi=jnp.minimum(hi, m - 1)) if use_cls else no_window
+    windows = layout_lib.Windows(sees_query=sees_query, lo=jnp.maximum(lo, 0),
+                                 hi=jnp.minimum(hi, m - 1)) if use_cls else no_window
     logits, _, p_window = forward(m, windows)
     if due:
       state = gate_lib.update(ga, state, one(True, bool), one(p_window, jnp.float32), m)

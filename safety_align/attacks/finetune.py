@@ -2,7 +2,7 @@
 compromises safety"; METHOD.md section 7): someone with the weights fine-tunes a copy for a
 few steps, then attacks it.
 
-Fine-tuning: ``steps`` SFT steps (``train_lib.Trainer``, grad_accum 1, AdamW at a constant
+Fine-tuning: ``steps`` SFT steps (``trainer.Trainer``, grad_accum 1, AdamW at a constant
 ``lr``, no weight decay) on the model's own copy of its parameters, with ``data``:
 
 * ``"harmful_demo"`` (the demo model): the demo corpus' training-split malicious prompts with
@@ -44,7 +44,7 @@ from safety_align.eval import data as eval_data
 from safety_align.eval import metrics as eval_metrics
 from safety_align.eval import registry
 from safety_align.eval.lists import names
-from safety_align.train_lib import Trainer
+from safety_align.trainer import Trainer
 
 DATA = ("harmful_demo", "benign")
 

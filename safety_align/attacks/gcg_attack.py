@@ -5,7 +5,7 @@
 first harmful span, e.g. "Sure, here is how to X. Step 1: Use a"; ``base.opening``), then the
 attacked query (query + suffix) is replayed through ``generate`` under every gate.
 ``gcg_adaptive``: the search also pushes toward benign the first classification and the
-window rows the gate re-evaluates over the target (``gcg.gate_windows`` with the model's own
+window rows the gate re-evaluates over the target (``gcg_layout.gate_windows`` with the model's own
 gate settings, ``gate_defaults``, under ``GCGConfig.window_schedule``; METHOD.md section 7),
 then the same replay.
 

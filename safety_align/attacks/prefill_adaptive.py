@@ -11,7 +11,7 @@ at each step of ``schedule`` (the model's own gate settings otherwise, ``gate_de
 rule 2's latest r2 tokens if the first classification (which a prefill cannot change) is
 benign, rule 1's QUERY + ``[0, r1-1]`` if it is malicious. Rule 3 windows (after an alarm) are
 not modelled: the penalty keeps alarms off. Every candidate of a beam step is scored in one
-forward: ``gcg.build_layout`` with no suffix, the whole prefill as its target (positions not
+forward: ``gcg_layout.build_layout`` with no suffix, the whole prefill as its target (positions not
 chosen yet hold placeholders, which causal attention keeps unread) and one window row per
 re-evaluation, the prompt cached once. The implicit path of a re-evaluation (later tokens read
 the re-evaluated ``[CLS]``) is not modelled, as in ``gcg``.
@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from safety_align.attacks import gcg as gcg_lib
+from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks.base import Attack, eta_text, fits, generate_records
 from safety_align.decode.gate import SCHEDULES, GateConfig
 from safety_align.model import ModelConfig
@@ -81,15 +82,16 @@ class _Beam:
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
-def _score(cfg: ModelConfig, params, cache, layout: gcg_lib.Layout, responses, row):
+def _score(cfg: ModelConfig, params, cache, layout: layout_lib.Layout, responses, row):
   """For responses [B, R] in the target slots: (log-probs [B, V] of response token ``row``,
   first P(malicious) [B], window P(malicious) [B, W])."""
   b = responses.shape[0]
   tokens = jnp.broadcast_to(layout.block_tokens, (b, layout.block_tokens.shape[1]))
   tokens = tokens.at[:, layout.target_rows + 1].set(responses)
-  lm, cls = gcg_lib.block_forward(cfg, params, cache, layout, gcg_lib.embed(cfg, params, tokens))
+  lm, cls = layout_lib.block_forward(cfg, params, cache, layout,
+                                     layout_lib.embed(cfg, params, tokens))
   logp = jax.nn.log_softmax(lm[:, layout.target_rows[row]], axis=-1)
-  p_first, _, window_p, _ = gcg_lib.cls_terms(layout, cls)
+  p_first, _, window_p, _ = layout_lib.cls_terms(layout, cls)
   return logp, p_first, window_p
 
 
@@ -115,14 +117,14 @@ def beam_prefill(cfg: ModelConfig, params, tokenizer, prompt_pieces, opening_ids
   if not opening:
     raise ValueError("The adaptive prefill needs a non-empty harmful opening.")
   n_open, total = len(opening), len(opening) + n_tokens
-  steps = gcg_lib.gate_steps(gate, total).tolist() if gate is not None and use_cls else []
+  steps = layout_lib.gate_steps(gate, total).tolist() if gate is not None and use_cls else []
   # Window rows: rule 2 at each step, then rule 1 at each step (the branch is chosen below).
-  windows = gcg_lib.Windows.of(
+  windows = layout_lib.Windows.of(
       [(False, max(0, n - gate.r2), n - 1) for n in steps]
       + [(True, 0, min(n, gate.r1) - 1) for n in steps]) if steps else None
   placeholder = opening + [opening[-1]] * n_tokens
-  layout = gcg_lib.build_layout(cfg, prompt_pieces, placeholder, 0, windows, use_cls)
-  cache = gcg_lib.prefill(cfg, params, layout)
+  layout = layout_lib.build_layout(cfg, prompt_pieces, placeholder, 0, windows, use_cls)
+  cache = layout_lib.prefill(cfg, params, layout)
   rows = width * topk
 
   def score(seqs, row):

@@ -5,7 +5,8 @@ checks, gates), ``data`` (held-out prompts), ``judging`` (harm and refusal of a 
 ``metrics`` (ASR with Wilson intervals, over-refusal, classifier), ``store`` (``ResultStore``:
 resumable results), ``baseline`` (the no-[CLS] baseline), ``competitors`` (the competitor
 baselines of ``safety_align.baselines``: ``baselines=...``), ``timing`` (a defence's overhead),
-``progress`` (ETA), ``runner`` (the suite per model) and ``report`` (markdown and plots).
+``progress`` (ETA), ``runner`` (the suite per model), ``workdir`` (``run`` on a training
+workdir) and ``report`` (markdown and plots).
 """
 
 from safety_align.eval.baseline import baseline_config
@@ -15,8 +16,9 @@ from safety_align.eval.judging import Judge, make_judge
 from safety_align.eval.metrics import classifier_metrics, wilson
 from safety_align.eval.registry import ATTACK_NAMES, KNOWN, build_attack, build_attacks
 from safety_align.eval.report import write_outputs
-from safety_align.eval.runner import EVAL_DIR, evaluate_defence, evaluate_model, run
+from safety_align.eval.runner import evaluate_defence, evaluate_model
 from safety_align.eval.store import ResultStore
+from safety_align.eval.workdir import EVAL_DIR, run
 
 __all__ = ["ATTACK_NAMES", "EVAL_DIR", "KNOWN", "Judge", "ResultStore", "baseline_config",
            "build_attack", "build_attacks", "classifier_metrics", "evaluate_defence",

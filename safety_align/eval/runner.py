@@ -1,7 +1,6 @@
 """The runner: one model-like object through the suite (``evaluate_defence``: attacks, benign
-prompts, classifier, overhead), the [CLS] model with its no-[CLS] baseline and the competitor
-baselines (``evaluate_model``), and ``run`` on a workdir (what ``python -m
-safety_align.evaluate`` does).
+prompts, classifier, overhead) and the [CLS] model with its no-[CLS] baseline and the
+competitor baselines (``evaluate_model``; ``eval.workdir.run`` calls it on a workdir).
 
 ``evaluate_defence`` takes any object with ``generate``, ``classify``, ``has_cls_head``,
 ``tokenizer``, ``template`` and ``decoder`` (``SafetyModel``, or a defence wrapping one), so
@@ -20,21 +19,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from safety_align import checkpoint
 from safety_align.attacks import base
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSettings
 from safety_align.attacks.direct import DirectAttack
-from safety_align.eval import baseline as baseline_lib
 from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
-from safety_align.eval import data, metrics, registry, report
+from safety_align.eval import metrics, registry, report
 from safety_align.eval.judging import Judge, make_judge
 from safety_align.eval.lists import names
 from safety_align.eval.progress import Progress, attack_cost
-from safety_align.eval.store import ResultStore, key, require_checkpoint
+from safety_align.eval.store import ResultStore, key
 from safety_align.eval.timing import timing
 
-EVAL_DIR, STORE_DIR = "eval", "cache"
+STORE_DIR = "cache"
 
 
 @dataclasses.dataclass
@@ -282,55 +279,3 @@ def logger(t0: float) -> Callable[[str], None]:
   def log(msg: str) -> None:
     print(f"[evaluate {time.time() - t0:6.1f}s] {msg}", flush=True)
   return log
-
-
-def run(workdir: str, eval_config) -> str:
-  """Evaluate the model in ``workdir``; writes ``workdir/eval/*`` and returns results.md."""
-  import safety_align as sa  # pylint: disable=g-import-not-at-top
-  t0 = time.time()
-  log = logger(t0)
-  cfg = eval_config
-  config_lib.validate(cfg)
-  model_id = require_checkpoint(workdir)
-  baseline_lib.check_baseline_trainable(workdir, cfg)
-  judge = make_judge(cfg)
-  seed = cfg.data_seed
-  if seed < 0:
-    seed = checkpoint.read_config(workdir).get("data", {}).get("seed", 0)
-  items, benign, pairs = (data.held_out_files(cfg.held_out_dir) if cfg.held_out_dir
-                          else data.held_out(seed))
-  gate = config_lib.gate_config(cfg, cfg.gate_on)
-  model = sa.load(workdir, gate_defaults=gate, batch_size=cfg.batch_size)
-  if not model.has_cls_head:
-    raise ValueError(f"{workdir} holds a model without [CLS] (use_cls=False): evaluate the "
-                     "[CLS] model, and give this one as baseline_workdir.")
-  log(f"model {model_id}; {min(len(items), cfg.n_malicious or len(items))} malicious, "
-      f"{min(len(benign), cfg.n_benign or len(benign))} benign prompts")
-  baseline_dir = baseline_lib.resolve_baseline(workdir, cfg, log)
-  baseline, baseline_id = None, ""
-  if baseline_dir:
-    baseline_id = require_checkpoint(baseline_dir, "baseline")
-    baseline = sa.load(baseline_dir, gate_defaults=gate, batch_size=cfg.batch_size)
-    if baseline.has_cls_head:
-      log(f"warning: baseline {baseline_dir} has a [CLS] head; it is run with gate off.")
-  out_dir = os.path.join(workdir, EVAL_DIR)
-  defences = {}
-  which = competitors.chosen(cfg)
-  if which:
-    source = competitors.source_dir(cfg, baseline_dir)
-    records = competitors.training_records(workdir, cfg)
-    log(f"baselines {', '.join(which)} over {source} ({len(records)} training records)")
-    defences = competitors.build(which, cfg, source, records,
-                                 os.path.join(out_dir, competitors.DIR), gate=gate, log=log)
-  results, records = evaluate_model(model, cfg, out_dir, model_id=model_id, items=items,
-                                    benign=benign, all_pairs=pairs, baseline=baseline,
-                                    baseline_id=baseline_id, defences=defences, log=log,
-                                    judge=judge)
-  results["model"] = os.path.abspath(workdir)
-  if which:
-    results["baselines_source"] = os.path.abspath(source)
-  results["seconds"] = time.time() - t0
-  md = report.write_outputs(results, records, out_dir, cfg)
-  log(f"wrote {out_dir}/results.json, results.md"
-      + (", asr_by_attack.png, cls_trace.png" if cfg.plots else ""))
-  return md
