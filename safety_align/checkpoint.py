@@ -187,7 +187,7 @@ def _restore_step(manager: ocp.CheckpointManager, step_dir: str, step: int,
   try:
     out = manager.restore(step, args=ocp.args.Composite(**args))
   except Exception as e:  # noqa: BLE001  (missing or corrupted array files)
-    raise _Damaged(_root_cause(e)) from None
+    raise _Damaged(f"array files corrupt or unreadable ({_root_cause(e)})") from None
   arrays = {item: out[item] for item in targets}
   _verify(arrays, saved)
   for item, dtypes in casts.items():  # e.g. config.model.param_dtype changed since the save

@@ -137,6 +137,11 @@ def test_embedding_attack_generates_under_each_gate(model, items):
   assert all(r.extra["upper_bound"] == embedding.UPPER_BOUND for r in recs)
   summary = attack.summary(recs, np.zeros(3, bool))
   assert summary["upper_bound"] == embedding.UPPER_BOUND and 0 <= summary["loss_success"] <= 1
+  # Without [CLS] (the no-[CLS] baseline): cross-entropy only, no gate trace.
+  plain = api.SafetyModel(model.config, model.params, model.tokenizer, model.template,
+                          max_length=160, uses_cls=False)
+  base = attack.run_baseline(plain, items, [], SETTINGS)
+  assert [r.gate for r in base] == [GATE_OFF] and base[0].cls_probs == []
   # A soft prompt equal to real token embeddings reproduces generate() on that text, where
   # no re-evaluation runs (gate off: [CLS] read at prefill only; "first"): same tokens, trace.
   tok, item = model.tokenizer, items[0]

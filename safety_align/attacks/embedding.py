@@ -155,7 +155,8 @@ def _next(cfg: ModelConfig, params, cache, layout, suffix_x, response, row, wind
   x = x.at[:, s:s + layout.n_suffix].set(suffix_x[None].astype(x.dtype))
   lm, cls = layout_lib.block_forward(cfg, params, cache, layout, x)
   p_first, _, window_p, _ = layout_lib.cls_terms(layout, cls)
-  return lm[0, layout.target_rows[row]], p_first[0], window_p[0, 0]
+  window = window_p[0, 0] if window_p.shape[1] else jnp.zeros((), jnp.float32)  # no [CLS]
+  return lm[0, layout.target_rows[row]], p_first[0], window
 
 
 def generate_from_embeddings(model, prompt_pieces, suffix_x, gate: gate_lib.GateConfig,
