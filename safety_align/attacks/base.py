@@ -153,6 +153,27 @@ def generate_records(model, queries: Sequence[tuple[int, str, str, str]], gate: 
           for (item, variant, query, prefill), g in zip(kept, gens)]
 
 
+def records_with_extra(model, queries, gates: Sequence[str], settings: "RunSettings",
+                       extra: dict[int, dict]) -> list["AttackedGeneration"]:
+  """``generate_records`` under each gate, each record's ``extra`` updated with its item's."""
+  out = []
+  for gate in gates:
+    recs = generate_records(model, queries, gate, settings)
+    for rec in recs:
+      rec.extra.update(extra[rec.item])
+    out += recs
+  return out
+
+
+def section_settings(cfg, name: str, defaults) -> dict:
+  """``cfg.<name>`` as a dict, refusing keys its ``defaults`` do not have."""
+  section = dict(cfg[name])
+  unknown = sorted(set(section) - set(defaults))
+  if unknown:
+    raise ValueError(f"Unknown {name} setting(s) {unknown}: expected {sorted(defaults)}.")
+  return section
+
+
 def record(item, variant, query, prefill, gate, tokens, refused, refusal_step, cls_probs,
            cls_steps, tokenizer, extra=None) -> AttackedGeneration:
   """An ``AttackedGeneration`` from a generation's response tokens (prefill included)."""

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from safety_align.api import resolve_gate
+from safety_align.attacks import base
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks.base import Attack, eta_text, fits, record
@@ -251,11 +252,7 @@ class EmbeddingAttack(Attack):
 
   @classmethod
   def from_config(cls, cfg) -> "EmbeddingAttack":
-    section = dict(cfg.embedding)
-    unknown = sorted(set(section) - set(default_config()))
-    if unknown:
-      raise ValueError(f"Unknown embedding setting(s) {unknown}: expected "
-                       f"{sorted(default_config())}.")
+    section = base.section_settings(cfg, "embedding", default_config())
     return cls(**section)
 
   def config(self):

@@ -36,6 +36,7 @@ import numpy as np
 
 from safety_align import sharding
 from safety_align.api import SafetyModel
+from safety_align.attacks import base
 from safety_align.attacks.base import Attack, asr, duration, remaining
 from safety_align.data import corpus
 from safety_align.data.packing import build_segment, without_cls
@@ -89,11 +90,7 @@ class FinetuneAttack(Attack):
 
   @classmethod
   def from_config(cls, cfg) -> "FinetuneAttack":
-    section = dict(cfg.finetune)
-    unknown = sorted(set(section) - set(default_config()))
-    if unknown:
-      raise ValueError(f"Unknown finetune setting(s) {unknown}: expected "
-                       f"{sorted(default_config())}.")
+    section = base.section_settings(cfg, "finetune", default_config())
     listed = names(section.pop("attacks"))
     if cls.name in listed:
       raise ValueError("finetune.attacks cannot hold 'finetune' itself.")

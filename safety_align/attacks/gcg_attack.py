@@ -22,8 +22,9 @@ import time
 
 import numpy as np
 
+from safety_align.attacks import base
 from safety_align.attacks import gcg as gcg_lib
-from safety_align.attacks.base import Attack, GATE_OFF, eta_text, fits, generate_records
+from safety_align.attacks.base import Attack, GATE_OFF, eta_text, fits
 
 
 def _prob(p: float) -> float | None:
@@ -78,13 +79,7 @@ class GCGAttack(Attack):
                      steps=int(r.steps_run), seconds=float(r.seconds),
                      search_success=bool(r.success), **marks)
              for i, r in found}
-    out = []
-    for gate in gates:
-      recs = generate_records(model, queries, gate, settings)
-      for rec in recs:
-        rec.extra.update(extra[rec.item])
-      out += recs
-    return out
+    return base.records_with_extra(model, queries, gates, settings, extra)
 
   def run(self, model, items, gates, settings):
     return self._replay(model, self.search(model, items, settings, adaptive=self.adaptive),

@@ -34,9 +34,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from safety_align.attacks import base
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
-from safety_align.attacks.base import Attack, eta_text, fits, generate_records
+from safety_align.attacks.base import Attack, eta_text, fits
 from safety_align.decode.gate import SCHEDULES, GateConfig
 from safety_align.model import ModelConfig
 
@@ -192,11 +193,7 @@ class PrefillAdaptiveAttack(Attack):
 
   @classmethod
   def from_config(cls, cfg) -> "PrefillAdaptiveAttack":
-    section = dict(cfg.prefill_adaptive)
-    unknown = sorted(set(section) - set(default_config()))
-    if unknown:
-      raise ValueError(f"Unknown prefill_adaptive setting(s) {unknown}: expected "
-                       f"{sorted(default_config())}.")
+    section = base.section_settings(cfg, "prefill_adaptive", default_config())
     return cls(**section)
 
   def config(self):
@@ -239,13 +236,7 @@ class PrefillAdaptiveAttack(Attack):
                      prefill_logp=r.logp, n_opening=r.n_opening,
                      n_chosen=len(r.ids) - r.n_opening)
              for i, r in found}
-    out = []
-    for gate in gates:
-      recs = generate_records(model, queries, gate, settings)
-      for rec in recs:
-        rec.extra.update(extra[rec.item])
-      out += recs
-    return out
+    return base.records_with_extra(model, queries, gates, settings, extra)
 
   def summary(self, records, success):
     del success
