@@ -165,6 +165,12 @@ def records_with_extra(model, queries, gates: Sequence[str], settings: "RunSetti
   return out
 
 
+def item_extras(records: Sequence["AttackedGeneration"], key: str) -> list[dict]:
+  """The ``extra`` of each item's records that carry ``key`` (one per item: an item's
+  records under every gate share the search's extras)."""
+  return list({r.item: r.extra for r in records if key in r.extra}.values())
+
+
 def section_settings(cfg, name: str, defaults) -> dict:
   """``cfg.<name>`` as a dict, refusing keys its ``defaults`` do not have."""
   section = dict(cfg[name])

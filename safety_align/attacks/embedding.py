@@ -303,10 +303,9 @@ class EmbeddingAttack(Attack):
 
   def summary(self, records, success):
     del success
-    per_item = {r.item: r.extra for r in records if "loss_success" in r.extra}
-    if not per_item:
+    vals = base.item_extras(records, "loss_success")
+    if not vals:
       return {}
-    vals = list(per_item.values())
     return dict(upper_bound=UPPER_BOUND,
                 loss_success=float(np.mean([v["loss_success"] for v in vals])),
                 mean_loss=float(np.mean([v["loss"] for v in vals])),

@@ -240,10 +240,9 @@ class PrefillAdaptiveAttack(Attack):
 
   def summary(self, records, success):
     del success
-    per_item = {r.item: r.extra for r in records if "prefill_cls_max" in r.extra}
-    if not per_item:
+    vals = base.item_extras(records, "prefill_cls_max")
+    if not vals:
       return {}
-    vals = list(per_item.values())
     return dict(mean_prefill_cls_max=float(np.mean([v["prefill_cls_max"] for v in vals])),
                 mean_prefill_tokens=float(np.mean([v["n_opening"] + v["n_chosen"]
                                                    for v in vals])))
