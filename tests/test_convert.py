@@ -237,3 +237,20 @@ def test_import_generates_as_its_source_until_the_cls_gate_opens(llama_dir, tmp_
   np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["cls_gate"]), 0.5)
   opened = [g.tokens for g in sa.load(b).generate(prompts, max_new_tokens=12, gate="off")]
   assert opened != ours  # response tokens now read [CLS]
+
+
+def test_an_import_is_the_baselines_plain_source(llama_dir, tmp_path):
+  """An import directory's [CLS] head never trained: the competitor baselines run over it as
+  the plain LM."""
+  from safety_align.decode import GateConfig  # pylint: disable=g-import-not-at-top
+  from safety_align.eval import competitors, config as eval_config  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "import")
+  convert.import_hf(llama_dir, out)
+  cfg = eval_config.load("quick")
+  cfg.baselines = "probe"
+  records = [dict(prompt=f"{s} {k}", response="ok", label=k % 2)
+             for k, s in enumerate(SENTENCES * 4)]
+  built = competitors.build(["probe"], cfg, out, records, str(tmp_path / "baselines"),
+                            gate=GateConfig(), log=lambda m: None)
+  probe_model, model_id = built["probe"]
+  assert not probe_model.source.has_cls_head and model_id.startswith("probe:")

@@ -33,6 +33,7 @@ def get_config(arg=None):
   c.attacks = ",".join(registry.ATTACK_NAMES + tuple(registry.available()))
   c.n_malicious = 0          # held-out malicious prompts (0: all of them)
   c.n_benign = 0             # held-out benign prompts for over-refusal (0: all)
+  c.n_utility = 48           # reference answers of the utility NLL (eval.utility; 0: all)
   c.data_seed = -1           # seed of corpus.sft_pairs("test"); -1: the workdir's data.seed
   c.held_out_dir = ""        # "" = the demo corpus' test split; else a folder of JSONL files
                              # (eval.data.held_out_files), e.g. make demo-real's eval_data

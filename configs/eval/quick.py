@@ -31,7 +31,7 @@ def get_config(arg=None):
   for name, section in registry.sections(quick=True).items():
     c[name] = section
   if arg == "smoke":
-    c.update(n_malicious=4, n_benign=4, max_new_tokens=16, train_baseline=False)
+    c.update(n_malicious=4, n_benign=4, n_utility=4, max_new_tokens=16, train_baseline=False)
     c.decoding.update(temperatures="0.7", top_ps="0.9", top_ks="5", n_prompts=4)
     c.gcg.update(steps=2, search_width=16, topk=16, n_suffix=4)
     c.templates.n_prompts = 1

@@ -9,7 +9,8 @@ refused" is not "harmful"; results.md says so.
   python -m safety_align.evaluate --workdir=runs/smollm2 --config=configs/eval/real.py \\
       --config.held_out_dir=runs/smollm2/eval_data \\
       --config.templates.paths=runs/smollm2/eval_data/templates.json \\
-      --config.baseline_workdir=runs/smollm2/import
+      --config.baseline_workdir=runs/smollm2/import \\
+      --config.finetune.data_file=runs/smollm2/data
 
 Competitor baselines over the imported source, trained on the [CLS] run's SFT records
 (``runs/smollm2/data/sft.jsonl``, read from the workdir's config; ``baselines_data`` overrides):
@@ -29,7 +30,7 @@ def get_config(arg=None):
     raise eval_config.unknown_variant(__file__, arg, ("full",))
   c = eval_config.load("default")
   c.attacks = ("direct,prefill_target,prefill_5,prefill_10,prefill_20,prefill_40,decoding,"
-               "gcg,gcg_adaptive,templates")
+               "gcg,gcg_adaptive,templates,prefill_adaptive,embedding,finetune")
   c.judge.update(harm="not_refused", refusals="harmbench")
   c.gcg.init_token = " x"  # "!" runs merge under SmolLM2's BPE; " x x x" re-tokenises
   c.train_baseline = False
@@ -39,6 +40,9 @@ def get_config(arg=None):
   c.batch_size = 64
   for section in (c.deep_alignment, c.safedecoding.expert_training):  # one shared model
     section.update(seq_len=256, batch_size=8, lr=5e-5, warmup_steps=8)
+  # Qi et al.'s benign instruction fine-tuning, on the run's own benign SFT records
+  # (finetune.data_file=WORKDIR/data; make demo-real sets it), at the SFT's learning rate.
+  c.finetune.update(data="benign", steps=20, lr=5e-5, batch_size=8, seq_len=256)
   if arg == "full":
     c.gcg.update(n_prompts=10, steps=100, search_width=128, topk=128, n_suffix=20)
     c.decoding.update(temperatures="0.3,0.7,1.0", top_ps="0.5,0.9", top_ks="5,50")
@@ -47,5 +51,7 @@ def get_config(arg=None):
   c.decoding.update(temperatures="0.7,1.0", top_ps="0.9", top_ks="50", n_prompts=32)
   c.gcg.update(n_prompts=2, steps=10, search_width=64, topk=64, n_suffix=10, target_tokens=16)
   c.templates.n_prompts = 8
+  c.prefill_adaptive.update(n_prompts=8, n_tokens=16)
+  c.embedding.update(n_prompts=2, steps=50)
   c.overhead.update(n_prompts=16, new_tokens=64, repeats=3)
   return c

@@ -11,6 +11,10 @@ Fine-tuning: ``steps`` SFT steps (``trainer.Trainer``, grad_accum 1, AdamW at a 
 * ``"benign"`` (e.g. an imported model): the same split's benign prompts with their answers,
   Qi et al.'s benign instruction fine-tuning (which erodes alignment too).
 
+``data_file`` (a chat JSONL file or a folder holding ``sft.jsonl``, e.g. ``make demo-real``'s
+``WORKDIR/data``) replaces the demo corpus' split with those records, filtered by the same
+label: for an imported model, benign fine-tuning on real instructions and answers.
+
 Either way the [CLS] carries no label (label -1), so the [CLS] loss is off: the attacker
 trains the language model only (response tokens still read [CLS], as at inference); whether
 the classifier survives that is part of the result. ``n_pairs`` caps the examples (0: all).
@@ -41,6 +45,7 @@ from safety_align.attacks.base import Attack, asr, duration, remaining
 from safety_align.data import corpus
 from safety_align.data.packing import build_segment, without_cls
 from safety_align.data.pipeline import Pipeline
+from safety_align.eval import competitors
 from safety_align.eval import data as eval_data
 from safety_align.eval import metrics as eval_metrics
 from safety_align.eval import registry
@@ -54,6 +59,7 @@ def default_config(quick: bool = False) -> ml_collections.ConfigDict:
   """The ``finetune`` section of the eval config (``quick``: 10 steps)."""
   return ml_collections.ConfigDict(dict(
       data="harmful_demo",   # "harmful_demo" | "benign" (module doc)
+      data_file="",          # "": the demo corpus' train split; else chat records (module doc)
       steps=10 if quick else 50,  # SFT steps
       lr=1e-3,               # constant AdamW learning rate
       batch_size=8,          # packed rows per step
@@ -71,7 +77,8 @@ class FinetuneAttack(Attack):
   name = "finetune"
   reduce = "any"
 
-  def __init__(self, inner, *, data: str = "harmful_demo", steps: int = 50, lr: float = 1e-3,
+  def __init__(self, inner, *, data: str = "harmful_demo", data_file: str = "",
+               steps: int = 50, lr: float = 1e-3,
                batch_size: int = 8, seq_len: int = 256, n_pairs: int = 0, seed: int = 0,
                n_benign: int = 64, benign_source: tuple[str, int] = ("", 0)):
     if data not in DATA:
@@ -84,7 +91,7 @@ class FinetuneAttack(Attack):
     if not inner:
       raise ValueError("finetune.attacks is empty: name the attacks to run after fine-tuning.")
     self.inner = list(inner)
-    self.settings = dict(data=data, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
+    self.settings = dict(data=data, data_file=data_file, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
                          n_pairs=n_pairs, seed=seed, n_benign=n_benign)
     self.benign_source = benign_source
 
@@ -106,9 +113,16 @@ class FinetuneAttack(Attack):
     """The fine-tuning examples as unlabelled SFT segments (module doc)."""
     s, tok = self.settings, model.tokenizer
     label = 1 if s["data"] == "harmful_demo" else 0
-    pairs = [p for p in corpus.sft_pairs("train", seed=s["seed"]) if p["label"] == label]
+    records = (competitors.read_records(s["data_file"], "finetune.data_file")
+               if s["data_file"] else corpus.sft_pairs("train", seed=s["seed"]))
+    pairs = [p for p in records if p["label"] == label]
     pairs = pairs[:s["n_pairs"] or None]
     key = "harmful_response" if label else "response"
+    missing = sum(not p.get(key) for p in pairs)
+    if not pairs or missing:
+      raise ValueError(f"finetune.data={s['data']!r} trains on records with label {label} and "
+                       f"a {key!r} field: {s['data_file'] or 'the demo corpus'} has "
+                       f"{len(pairs)} with that label, {missing} of them without {key!r}.")
     out = [build_segment(model.config.cls_id,
                          model.template.example_pieces(tok, p["prompt"], p[key]), -1)
            for p in pairs]

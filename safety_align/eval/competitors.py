@@ -6,7 +6,7 @@ evaluates it as the [CLS] model (``runner.evaluate_defence``) into
 * source (``source_dir``): a model without [CLS], ``baselines_source`` or else the no-[CLS]
   baseline the run resolves (``eval.baseline``: ``baseline_workdir`` or
   ``WORKDIR/baseline_no_cls``); for an imported real model, its import directory (e.g.
-  ``runs/smollm2/import``);
+  ``runs/smollm2/import``), run as the plain LM (its untrained [CLS] left out);
 * training data (``training_records``): ``baselines_data`` (a chat JSONL file, or a folder
   holding ``sft.jsonl``), else the [CLS] run's own SFT records: the demo corpus' train split
   (``corpus.sft_pairs("train", data.seed)``) or ``<data.data_dir>/<sft.split>.jsonl``
@@ -76,12 +76,12 @@ def source_dir(cfg, no_cls_dir: str | None) -> str:
   return src
 
 
-def read_records(path: str) -> list[dict]:
+def read_records(path: str, field: str = "baselines_data") -> list[dict]:
   """Chat records {prompt, response, label, harmful_response} of a JSONL file, or of a
-  folder's ``sft.jsonl``."""
+  folder's ``sft.jsonl`` (``field``: the config field named in the error)."""
   file = os.path.join(path, DATA_FILE) if os.path.isdir(path) else path
   if not os.path.isfile(file):
-    raise FileNotFoundError(f"baselines_data={path}: {file} does not exist; give a chat JSONL "
+    raise FileNotFoundError(f"{field}={path}: {file} does not exist; give a chat JSONL "
                             "file (prompt, response, label and optionally harmful_response) "
                             f"or a folder with {DATA_FILE}.")
   return tfds_builders.read_jsonl(file, "chat")
@@ -116,7 +116,10 @@ def build(which, cfg, source: str, records, folder: str, *, gate,
   """{name: (model-like object, model id for the result store)} of the baselines ``which``
   over ``source`` (a path), trained on ``records`` into ``folder/<name>`` (or loaded)."""
   import safety_align as sa  # pylint: disable=g-import-not-at-top
-  model = sa.load(source, gate_defaults=gate, batch_size=cfg.batch_size)
+  # An import directory's [CLS] head is the importer's random init, with the text -> [CLS]
+  # gate closed: the source is the plain LM, run without [CLS].
+  plain = dict(uses_cls=False) if checkpoint.serving_phase(source) == "import" else {}
+  model = sa.load(source, gate_defaults=gate, batch_size=cfg.batch_size, **plain)
   if model.has_cls_head:
     raise ValueError(f"The baselines' source {source} has a [CLS] head: give the model "
                      "without [CLS] (baselines_source=..., e.g. the no-[CLS] baseline or the "

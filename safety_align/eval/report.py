@@ -120,14 +120,14 @@ def _asr_n(a: dict | None, field: str = "asr_gate_on", n_field: str = "n") -> st
 
 def defence_table(results: dict) -> list[str]:
   """One row per defence ([CLS] gate, no-[CLS] SFT, the competitor baselines), a column per
-  attack (ASR with the defence on, n), over-refusal, utility NLL (if the results have it)
-  and overhead."""
+  attack (ASR with the defence on, n), over-refusal, utility NLL (``eval.utility``; if the
+  results have it) and overhead."""
   gate_on, attacks = results["gate_on"], list(results["attacks"])
-  utility = results.get("utility")
+  nll = lambda e: f"{e['utility']['nll']:.3f}" if "utility" in e else "–"  # noqa: E731
   b = results["benign"]
   rows = [(f"[CLS] gate ({gate_on})", {n: results["attacks"][n] for n in attacks},
-           _asr_n(b, "over_refusal_gate_on"),
-           utility and f"{utility['nll_trained']:.3f}", results.get("overhead", {}).get(gate_on))]
+           _asr_n(b, "over_refusal_gate_on"), nll(results),
+           results.get("overhead", {}).get(gate_on))]
   if "baseline_no_cls" in results:
     bl = results["baseline_no_cls"]
     rows.append(("no-[CLS] SFT (gate off)",
@@ -136,12 +136,12 @@ def defence_table(results: dict) -> list[str]:
                   if "asr_no_cls" in a},
                  _asr_n(dict(over_refusal_gate_on=bl["over_refusal"],
                              over_refusal_gate_on_ci=bl["over_refusal_ci"], n=bl["n"]),
-                        "over_refusal_gate_on"),
-                 utility and f"{utility['nll_source']:.3f} (source)", None))
+                        "over_refusal_gate_on"), nll(bl), None))
   for name, e in results.get("baselines", {}).items():
     rows.append((DEFENCE_LABELS.get(name, name), e["attacks"],
-                 _asr_n(e["benign"], "over_refusal_gate_on"),
-                 utility and "–", e.get("overhead", {}).get(gate_on)))
+                 _asr_n(e["benign"], "over_refusal_gate_on"), nll(e),
+                 e.get("overhead", {}).get(gate_on)))
+  utility = "utility" in results
   lines = ["", "## Defences compared", "",
            "ASR (%, Wilson 95%) with each defence on: the [CLS] gate under "
            f"{gate_on}; the same SFT without [CLS] as it is; each competitor baseline's defence "
@@ -149,13 +149,16 @@ def defence_table(results: dict) -> list[str]:
            "prompts, judge and seeds; `n/a`: not run on that defence"
            + (" (" + "; ".join(f"{k}: {v}" for k, v in SKIPPED.items()) + ")"
               if results.get("baselines") else "")
-           + ". Over-refusal on the benign prompts; overhead: generate time, defence on vs off.",
+           + ". Over-refusal on the benign prompts; "
+           + ("utility NLL: mean per-token NLL of held-out benign reference answers under the "
+              "weights each defence decodes with (lower is better); " if utility else "")
+           + "overhead: generate time, defence on vs off.",
            "", "| defence | " + "".join(f"{n} | " for n in attacks) + "over-refusal | "
            + ("utility NLL | " if utility else "") + "overhead |",
            "|---" * (len(attacks) + 3 + bool(utility)) + "|"]
-  for label, per_attack, over, nll, overhead in rows:
+  for label, per_attack, over, nll_cell, overhead in rows:
     cells = [label] + [_asr_n(per_attack.get(n)) for n in attacks] + [over]
-    cells += [nll] if utility else []
+    cells += [nll_cell] if utility else []
     cells += ["–" if overhead is None else f"{overhead:+.1%}"]
     lines.append("| " + " | ".join(cells) + " |")
   return lines

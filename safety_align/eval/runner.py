@@ -24,7 +24,7 @@ from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSet
 from safety_align.attacks.direct import DirectAttack
 from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
-from safety_align.eval import metrics, registry, report
+from safety_align.eval import metrics, registry, report, utility
 from safety_align.eval.judging import Judge, make_judge
 from safety_align.eval.lists import names
 from safety_align.eval.progress import Progress, attack_cost
@@ -48,6 +48,7 @@ class Suite:
   attacks: list[base.Attack]
   settings: RunSettings
   progress: Progress
+  answers: list[dict] = dataclasses.field(default_factory=list)  # eval.utility's references
 
   @property
   def log(self) -> Callable[[str], None]:
@@ -83,7 +84,7 @@ class Suite:
 
 def make_suite(cfg, out_dir: str, items: Sequence[Item], benign: Sequence[str],
                pairs: Sequence[dict] = (), *, log: Callable[[str], None],
-               judge: Judge | None = None) -> Suite:
+               judge: Judge | None = None, answers: Sequence[dict] = ()) -> Suite:
   config_lib.validate(cfg)
   items = list(items)[:cfg.n_malicious or None]
   benign = list(benign)[:cfg.n_benign or None]
@@ -93,7 +94,7 @@ def make_suite(cfg, out_dir: str, items: Sequence[Item], benign: Sequence[str],
                store=ResultStore(os.path.join(out_dir, STORE_DIR), log),
                attacks=registry.build_attacks(cfg),
                settings=RunSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, log=log),
-               progress=Progress(log))
+               progress=Progress(log), answers=list(answers))
 
 
 def plan(suite: Suite, prefix: str, attacks: Sequence[base.Attack], gated: bool,
@@ -107,6 +108,8 @@ def plan(suite: Suite, prefix: str, attacks: Sequence[base.Attack], gated: bool,
          * cfg.max_new_tokens)
   if classifier:
     p.plan(prefix + "classifier", len(suite.pairs))
+  if suite.answers:
+    p.plan(prefix + "utility", len(suite.answers))
   if overhead:
     o = cfg.overhead
     p.plan(prefix + "overhead", o.n_prompts * o.new_tokens * (o.repeats + 1)
@@ -152,8 +155,9 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
   ``schedules``: with the schedule baselines (else off and ``gate_on`` only: a competitor
   baseline, whose defence is one setting); ``main_records``: the [CLS] model's records, given
   to ``attack.run_baseline`` (a baseline may replay them) instead of running ``attack.run``.
-  Returns ({"attacks", "benign", "classifier", "overhead", ...}, records by attack name and
-  "benign")."""
+  Returns ({"attacks", "benign", "classifier", "utility", "overhead", ...}, records by attack
+  name and "benign"); ``utility`` ({"nll", "n"}, ``eval.utility``) only with reference
+  answers."""
   cfg, log = suite.cfg, suite.log
   attacks = suite.attacks if attacks is None else list(attacks)
   gated = model.has_cls_head if gated is None else gated
@@ -200,6 +204,12 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
                        lambda: model.classify(prompts).tolist())
     out["classifier"] = metrics.classifier_metrics(
         np.array(probs), np.array([p["label"] for p in suite.pairs]), cfg.gate.threshold)
+  if suite.answers:
+    prompts = [a["prompt"] for a in suite.answers]
+    answers = [a["response"] for a in suite.answers]
+    nll = suite.step(prefix + "utility", dict(model=model_id, answers=suite.answers),
+                     lambda: utility.response_nll(model, prompts, answers))
+    out["utility"] = dict(nll=nll, n=len(prompts))
   out["overhead"] = {}
   if overhead:
     o = cfg.overhead
@@ -224,14 +234,16 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
                    baseline_id: str = "",
                    defences: Mapping[str, tuple[Any, str]] | None = None,
                    log: Callable[[str], None] | None = None,
-                   judge: Judge | None = None) -> tuple[dict, dict]:
+                   judge: Judge | None = None,
+                   answers: Sequence[dict] = ()) -> tuple[dict, dict]:
   """The suite on a loaded [CLS] model, optionally its no-[CLS] baseline (gate off; its ASR
   goes into each attack's entry as ``asr_no_cls``) and the competitor ``defences`` ({name:
   (model-like object, model id)}, ``competitors.build``: into ``results["baselines"]``),
   storing under ``out_dir/cache``. Returns (results.json dict, records by entry; the
   baseline's prefixed ``no_cls_``; the competitors' are not kept)."""
   log = log or logger(time.time())
-  suite = make_suite(cfg, out_dir, items, benign, all_pairs, log=log, judge=judge)
+  suite = make_suite(cfg, out_dir, items, benign, all_pairs, log=log, judge=judge,
+                     answers=answers)
   chosen = names(cfg.baseline_attacks)
   unknown = sorted(set(chosen) - {a.name for a in suite.attacks})
   if unknown and baseline is not None:
@@ -261,6 +273,8 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
     b = bl["benign"]
     results["baseline_no_cls"] = dict(model=baseline_id, over_refusal=b["over_refusal_gate_off"],
                                       over_refusal_ci=b["over_refusal_gate_off_ci"], n=b["n"])
+    if "utility" in bl:
+      results["baseline_no_cls"]["utility"] = bl["utility"]
     records.update({f"no_cls_{k}": v for k, v in bl_records.items()})
   if defences:
     results["baselines"] = {}

@@ -13,7 +13,7 @@ from safety_align import checkpoint
 from safety_align.eval import baseline as baseline_lib
 from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
-from safety_align.eval import data, report
+from safety_align.eval import data, report, utility
 from safety_align.eval.judging import make_judge
 from safety_align.eval.runner import evaluate_model, logger
 from safety_align.eval.store import require_checkpoint
@@ -62,7 +62,8 @@ def run(workdir: str, eval_config) -> str:
   results, records = evaluate_model(model, cfg, out_dir, model_id=model_id, items=items,
                                     benign=benign, all_pairs=pairs, baseline=baseline,
                                     baseline_id=baseline_id, defences=defences, log=log,
-                                    judge=judge)
+                                    judge=judge, answers=utility.reference_answers(
+                                        cfg.held_out_dir, seed, cfg.n_utility))
   results["model"] = os.path.abspath(workdir)
   if which:
     results["baselines_source"] = os.path.abspath(source)
