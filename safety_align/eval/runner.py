@@ -161,7 +161,7 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
   cfg, log = suite.cfg, suite.log
   attacks = suite.attacks if attacks is None else list(attacks)
   gated = model.has_cls_head if gated is None else gated
-  classifier = has_classifier(model)
+  classifier = gated and has_classifier(model)  # an ungated baseline's head is not its defence
   overhead = bool(gated and model.has_cls_head and cfg.overhead.n_prompts) \
       if overhead is None else overhead
   if prefix + "benign" not in suite.progress.planned:
