@@ -118,6 +118,14 @@ def _asr_n(a: dict | None, field: str = "asr_gate_on", n_field: str = "n") -> st
   return f"{pct_ci(a[field], a.get(field + '_ci'))} (n={a[n_field]})"
 
 
+def baseline_label(entry: dict) -> str:
+  """What the no-[CLS] baseline is: an imported source model (never trained here) or the
+  main run's SFT without [CLS] (results.json ``baseline_no_cls.phase``)."""
+  if entry.get("phase") == "import":
+    return "source model, imported (gate off)"
+  return "no-[CLS] SFT (gate off)"
+
+
 def defence_table(results: dict) -> list[str]:
   """One row per defence ([CLS] gate, no-[CLS] SFT, the competitor baselines), a column per
   attack (ASR with the defence on, n), over-refusal, utility NLL (``eval.utility``; if the
@@ -130,7 +138,7 @@ def defence_table(results: dict) -> list[str]:
            results.get("overhead", {}).get(gate_on))]
   if "baseline_no_cls" in results:
     bl = results["baseline_no_cls"]
-    rows.append(("no-[CLS] SFT (gate off)",
+    rows.append((baseline_label(bl),
                  {n: {"asr_gate_on": a["asr_no_cls"], "asr_gate_on_ci": a["asr_no_cls_ci"],
                       "n": a["n_no_cls"]} for n, a in results["attacks"].items()
                   if "asr_no_cls" in a},
@@ -144,7 +152,7 @@ def defence_table(results: dict) -> list[str]:
   utility = "utility" in results
   lines = ["", "## Defences compared", "",
            "ASR (%, Wilson 95%) with each defence on: the [CLS] gate under "
-           f"{gate_on}; the same SFT without [CLS] as it is; each competitor baseline's defence "
+           f"{gate_on}; the model without [CLS] as it is; each competitor baseline's defence "
            "on (its gate-off run is its undefended source; results.json `baselines`). Same "
            "prompts, judge and seeds; `n/a`: not run on that defence"
            + (" (" + "; ".join(f"{k}: {v}" for k, v in SKIPPED.items()) + ")"
@@ -182,7 +190,7 @@ def _notes(results: dict, records: dict, gate_on: str, has_bl: bool) -> list[str
     extras.append(f"- the judge model gave {results['judge_unparsed']} verdicts that were "
                   "neither 'safe' nor 'unsafe' (counted not harmful).")
   if has_bl:
-    extras.append("- no [CLS]: the same SFT without [CLS], gate off "
+    extras.append(f"- no [CLS]: {baseline_label(results['baseline_no_cls'])} "
                   f"({results['baseline_no_cls']['model']}).")
   example = _example(records, gate_on)
   return extras + ([example] if example else [])

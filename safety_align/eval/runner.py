@@ -272,7 +272,9 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
                                       asr_no_cls_ci=a["asr_gate_off_ci"], n_no_cls=a["n"])
     b = bl["benign"]
     results["baseline_no_cls"] = dict(model=baseline_id, over_refusal=b["over_refusal_gate_off"],
-                                      over_refusal_ci=b["over_refusal_gate_off_ci"], n=b["n"])
+                                      over_refusal_ci=b["over_refusal_gate_off_ci"], n=b["n"],
+                                      phase=(getattr(baseline, "loaded_from", None)
+                                             or {}).get("phase"))
     if "utility" in bl:
       results["baseline_no_cls"]["utility"] = bl["utility"]
     records.update({f"no_cls_{k}": v for k, v in bl_records.items()})
