@@ -49,9 +49,9 @@ def get_config(arg=None):
     return c
   c.n_malicious = 64
   c.decoding.update(temperatures="0.7,1.0", top_ps="0.9", top_ks="50", n_prompts=32)
-  c.gcg.update(n_prompts=2, steps=10, search_width=64, topk=64, n_suffix=10, target_tokens=16)
+  c.gcg.update(n_prompts=6, steps=10, search_width=64, topk=64, n_suffix=10, target_tokens=16)
   c.templates.n_prompts = 8
   c.prefill_adaptive.update(n_prompts=8, n_tokens=16)
-  c.embedding.update(n_prompts=2, steps=50)
+  c.embedding.update(n_prompts=6, steps=50)
   c.overhead.update(n_prompts=16, new_tokens=64, repeats=3)
   return c

@@ -237,6 +237,7 @@ def plot(results: dict, records: dict, out_dir: str, cfg) -> list[str]:
     ys = np.array([np.nan if _missing(v) else 100 * v for v, _ in vals])
     err = np.array([[y - 100 * c[0], 100 * c[1] - y] if c and not np.isnan(y) else [0, 0]
                     for y, (_, c) in zip(ys, vals)]).T.reshape(2, -1)
+    err = np.maximum(err, 0.0)  # a Wilson bound at 0 or 1 can round past the rate
     ax.bar(np.arange(len(attacks)) + (k - (len(series) - 1) / 2) * width, ys, width,
            yerr=err, capsize=2, label=label)
   ax.set_xticks(np.arange(len(attacks)), list(attacks), rotation=30, ha="right")
