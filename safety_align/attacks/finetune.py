@@ -91,8 +91,9 @@ class FinetuneAttack(Attack):
     if not inner:
       raise ValueError("finetune.attacks is empty: name the attacks to run after fine-tuning.")
     self.inner = list(inner)
-    self.settings = dict(data=data, data_file=data_file, steps=steps, lr=lr, batch_size=batch_size, seq_len=seq_len,
-                         n_pairs=n_pairs, seed=seed, n_benign=n_benign)
+    self.settings = dict(data=data, data_file=data_file, steps=steps, lr=lr,
+                         batch_size=batch_size, seq_len=seq_len, n_pairs=n_pairs, seed=seed,
+                         n_benign=n_benign)
     self.benign_source = benign_source
 
   @classmethod
