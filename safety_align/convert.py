@@ -60,6 +60,7 @@ from safetensors.numpy import save_file
 import tokenizers
 
 from safety_align import checkpoint
+from safety_align import console
 from safety_align import gguf_import
 from safety_align import hf_weights
 from safety_align import model as model_lib
@@ -486,6 +487,7 @@ COMMANDS = ("import_hf", "import_gguf", "export_hf")
 
 
 def main(argv: Sequence[str]) -> None:
+  console.configure()
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"Usage: python -m safety_align.convert {{{'|'.join(COMMANDS)}}} ...")
   if not FLAGS.out:

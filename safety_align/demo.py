@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
 import safety_align as sa
-from safety_align import train_lib
+from safety_align import console, train_lib
 from safety_align.data import corpus
 
 
@@ -67,8 +67,7 @@ def show_generations(model: sa.SafetyModel, seed: int) -> None:
 def main(argv):
   del argv
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  console.configure()
   t0 = time.time()
   train_lib.train(config, workdir)
   train_seconds = time.time() - t0

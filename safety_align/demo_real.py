@@ -36,7 +36,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import safety_align as sa
-from safety_align import convert, evaluate, train_lib
+from safety_align import console, convert, evaluate, train_lib
 from safety_align.data import augment, package_data, real_splits, response_cache
 from safety_align.decode import GateConfig
 from safety_align.eval import utility as eval_utility
@@ -286,8 +286,7 @@ def add_report(eval_dir: str, report: dict) -> str:
 
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.INFO)
+  console.configure()
   workdir, cache_dir = flags.FLAGS.workdir, flags.FLAGS.wheels or None
   seed, max_new = flags.FLAGS.seed, flags.FLAGS.max_new_tokens
   t0 = time.time()

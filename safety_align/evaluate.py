@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 
+from safety_align import console
 from safety_align.eval import EVAL_DIR, classifier_metrics, run
 from safety_align.eval import config as eval_config
 
@@ -61,11 +62,10 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  console.configure()
   print(run(flags.FLAGS.workdir, flags.FLAGS.config))
 
 

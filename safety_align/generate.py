@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from safety_align import api
+from safety_align import api, console
 from safety_align.decode import SCHEDULES
 
 
@@ -71,6 +71,7 @@ def report(model: api.SafetyModel, prompt: str, *, prefill: str = "", **settings
 
 def main(argv):
   del argv
+  console.configure()
   try:
     model = api.load(_WORKDIR.value, phase=_PHASE.value or None)
     source = model.loaded_from

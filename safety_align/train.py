@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from safety_align import checkpoint, train_lib
+from safety_align import checkpoint, console, train_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -59,8 +59,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required.")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  console.configure()
   if _DISTRIBUTED.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value or None,
                                num_processes=_NUM_PROCESSES.value,
@@ -79,7 +78,7 @@ def main(argv):
           "from the newest checkpoint.", file=sys.stderr)
     sys.exit(130)
   except _USER_ERRORS as e:
-    logging.info("train failed", exc_info=True)  # the traceback, with --verbosity=0
+    logging.vlog(1, "train failed", exc_info=True)  # the traceback, with --verbosity=1
     sys.exit(f"train: {e}")
 
 

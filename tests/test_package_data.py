@@ -401,17 +401,18 @@ class Generator:
 PROMPTS = [{"prompt": f"Question {i}?"} for i in range(5)] + [{"prompt": "Question 0?"}]
 
 
-def test_response_cache_resumes_after_a_kill(tmp_path, caplog):
+def test_response_cache_resumes_after_a_kill(tmp_path, capsys):
   path = str(tmp_path / "work" / "responses.jsonl")
   with pytest.raises(KeyboardInterrupt):
     response_cache.cached_responses(path, PROMPTS, Generator(fail_after=1), batch_size=2)
   assert len(response_cache.read_cache(path)) == 2  # the first batch was written
   gen = Generator()
-  with caplog.at_level("INFO"):
-    got = response_cache.cached_responses(path, PROMPTS, gen, batch_size=2, desc="distill")
+  capsys.readouterr()
+  got = response_cache.cached_responses(path, PROMPTS, gen, batch_size=2, desc="distill")
   assert got == [f"reply to {r['prompt']}" for r in PROMPTS]
   assert gen.calls == [["Question 2?", "Question 3?"], ["Question 4?"]]
-  assert "distill: 5/5" in caplog.text and "ETA" in caplog.text
+  bar = capsys.readouterr().err  # the progress bar: resumed at 2 of 5 cached, ends at 5/5
+  assert "distill" in bar and " 2/5 " in bar and " 5/5 " in bar
   assert response_cache.cached_responses(path, PROMPTS, Generator(fail_after=0), 2) == got
 
 

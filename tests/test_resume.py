@@ -2,6 +2,7 @@
 exactly the parameters of an uninterrupted run."""
 
 import os
+import re
 import pathlib
 import signal
 import subprocess
@@ -49,6 +50,9 @@ def _final_params(workdir):
 def test_killed_and_preempted_run_ends_like_an_uninterrupted_one(tmp_path):
   straight = _train(tmp_path / "straight")
   assert straight.wait() == 0, straight.stderr.read()[-3000:]
+  library_info = [line for line in straight.stderr.read().splitlines()
+                  if re.match(r"I\d{4} ", line)]  # absl's format: orbax's INFO records
+  assert not library_info, library_info[:3]  # console.configure keeps the terminal readable
 
   work = tmp_path / "interrupted"
   proc = _train(work)

@@ -10,14 +10,14 @@ again; a corrupt line elsewhere is an error naming ``file:line``.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import os
-import time
 from typing import Callable, Mapping, Sequence
 
 from absl import logging
+
+from safety_align import console
 
 
 def response_key(record: Mapping, key_fields: Sequence[str] = ("prompt",),
@@ -69,10 +69,6 @@ def read_cache(path: str) -> dict[str, str]:
   return done
 
 
-def _eta(seconds: float) -> str:
-  return str(datetime.timedelta(seconds=round(seconds)))
-
-
 def cached_responses(path: str, records: Sequence[Mapping],
                      generate_fn: Callable[[list[str]], Sequence[str]], batch_size: int,
                      key_fields: Sequence[str] = ("prompt",), desc: str = "responses",
@@ -85,7 +81,7 @@ def cached_responses(path: str, records: Sequence[Mapping],
     generate_fn: ``generate_fn(prompts) -> texts``, one text per prompt.
     batch_size: prompts per ``generate_fn`` call.
     key_fields: the record fields that identify a response (records sharing them share one).
-    desc: the name in the progress lines (done/total, rate, ETA; absl logging).
+    desc: the name on the progress bar (done/total, rate, ETA; ``console.progress``).
     settings: JSON-serialisable generation settings, part of every key.
   """
   if batch_size < 1:
@@ -102,7 +98,8 @@ def cached_responses(path: str, records: Sequence[Mapping],
   todo = [k for k in prompts if k not in done]
   total, cached = len(prompts), len(prompts) - len(todo)
   logging.info("%s: %d/%d cached in %s", desc, cached, total, path)
-  start = time.monotonic()
+  bar = console.progress(total=total, initial=cached, desc=desc, unit="answer",
+                         disable=not todo)
   for first in range(0, len(todo), batch_size):
     batch = todo[first:first + batch_size]
     texts = list(generate_fn([prompts[k] for k in batch]))
@@ -116,8 +113,6 @@ def cached_responses(path: str, records: Sequence[Mapping],
       f.flush()
       os.fsync(f.fileno())
     done.update(zip(batch, texts))
-    generated = first + len(batch)
-    rate = generated / max(time.monotonic() - start, 1e-9)
-    logging.info("%s: %d/%d (%.2f/s, ETA %s)", desc, cached + generated, total, rate,
-                 _eta((len(todo) - generated) / rate))
+    bar.update(len(batch))
+  bar.close()
   return [done[k] for k in keys]

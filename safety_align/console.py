@@ -1,0 +1,82 @@
+"""What a person sees on the terminal when an entry point runs.
+
+``configure()`` is the first call of every entry point's ``main``. By default only the project's
+own log records reach the terminal, in a short ``HH:MM:SS message`` form; INFO records of the
+libraries it drives (orbax, TFDS, TensorFlow, JAX, absl itself) are dropped, warnings and errors
+of every library still show. absl's own ``--verbosity`` flag brings everything back:
+``--verbosity=1`` shows the libraries' INFO records in absl's full format.
+
+``progress(...)`` is the one progress bar of a long loop (count, rate, ETA): tqdm on stderr,
+redrawn in place on a terminal and at most every ``mininterval`` seconds elsewhere.
+``stage(name)`` prints one line per stage of a driver with its time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging as py_logging
+import os
+import sys
+import time
+from typing import Iterable, Iterator, TypeVar
+
+from absl import flags, logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_SHORT_FORMAT = py_logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+T = TypeVar("T")
+
+
+class ProjectOnly(py_logging.Filter):
+  """Keeps warnings and errors of every logger and lower records only from this package."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING
+            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+
+
+def verbosity() -> int:
+  """absl's ``--verbosity`` when flags are parsed, else 0."""
+  return flags.FLAGS.verbosity if flags.FLAGS.is_parsed() else 0
+
+
+def configure(level: int | None = None) -> None:
+  """Quiet library INFO logging unless ``level`` (default: absl's ``--verbosity``) is >= 1."""
+  level = verbosity() if level is None else level
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if level < 1 else "0")
+  handler = logging.get_absl_handler()
+  for f in [f for f in handler.filters if isinstance(f, ProjectOnly)]:
+    handler.removeFilter(f)
+  if level >= 1:
+    handler.setFormatter(logging.PythonFormatter())
+    return
+  logging.set_verbosity(logging.INFO)
+  handler.addFilter(ProjectOnly())
+  handler.setFormatter(_SHORT_FORMAT)
+  for name in ("tensorflow", "jax", "orbax", "etils", "tensorflow_datasets"):
+    py_logging.getLogger(name).setLevel(py_logging.WARNING)
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds.disable_progress_bar()
+  except ImportError:
+    pass
+
+
+def progress(items: Iterable[T] | None = None, *, total: int | None = None, desc: str = "",
+             unit: str = "it", initial: int = 0, disable: bool = False):
+  """A tqdm bar on stderr (count, rate, ETA); use as an iterator or call ``.update(n)``.
+  ``disable``: nothing is drawn (e.g. when every item is cached)."""
+  from tqdm import auto as tqdm_auto  # pylint: disable=import-outside-toplevel
+  interactive = sys.stderr.isatty()
+  return tqdm_auto.tqdm(items, total=total, desc=desc, unit=unit, initial=initial,
+                        file=sys.stderr, dynamic_ncols=interactive, ncols=None if interactive
+                        else 100, mininterval=0.5 if interactive else 30.0,
+                        disable=disable, leave=True)
+
+
+@contextlib.contextmanager
+def stage(name: str, prefix: str = "") -> Iterator[None]:
+  """One line when the stage ends: ``<prefix>name: 12.3 s``."""
+  t0 = time.perf_counter()
+  yield
+  print(f"{prefix}{name}: {time.perf_counter() - t0:,.1f} s", flush=True)

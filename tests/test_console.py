@@ -1,0 +1,49 @@
+"""The terminal shows the project's own lines; libraries' INFO records only with --verbosity."""
+
+import logging as py_logging
+import os
+
+from absl import logging
+import pytest
+
+from safety_align import console
+
+
+def _record(pathname: str, level: int) -> py_logging.LogRecord:
+  return py_logging.LogRecord("absl", level, pathname, 1, "message", (), None)
+
+
+@pytest.fixture
+def restore_handler():
+  handler = logging.get_absl_handler()
+  filters, formatter = list(handler.filters), handler.formatter
+  yield handler
+  handler.filters[:] = filters
+  handler.setFormatter(formatter)
+
+
+def test_library_info_is_dropped_and_warnings_kept(restore_handler):
+  console.configure(0)
+  own = os.path.join(os.path.dirname(console.__file__), "data", "response_cache.py")
+  library = os.path.join(os.path.dirname(py_logging.__file__), "..", "site-packages",
+                         "orbax", "checkpoint", "checkpoint_manager.py")
+  assert restore_handler.filter(_record(own, py_logging.INFO))
+  assert not restore_handler.filter(_record(library, py_logging.INFO))
+  assert restore_handler.filter(_record(library, py_logging.WARNING))
+  line = restore_handler.format(_record(own, py_logging.INFO))
+  assert line.endswith(" message") and len(line) == len("12:34:56 message")
+
+
+def test_verbosity_one_brings_library_info_back(restore_handler):
+  console.configure(0)
+  console.configure(1)
+  library = "/usr/lib/python3/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert restore_handler.filter(_record(library, py_logging.INFO))
+  assert not any(isinstance(f, console.ProjectOnly) for f in restore_handler.filters)
+
+
+def test_stage_prints_one_line_with_its_time(capsys):
+  with console.stage("import", prefix="[demo] "):
+    pass
+  out = capsys.readouterr().out.splitlines()
+  assert len(out) == 1 and out[0].startswith("[demo] import: ") and out[0].endswith(" s")
