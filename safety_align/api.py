@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from safety_align import checkpoint, sharding
+from safety_align import checkpoint, scoring, sharding
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer, check_vocab
 from safety_align.decode import (SCHEDULES, Decoder, GateConfig, Prompts, Sampling, bucket,
@@ -197,6 +197,18 @@ class SafetyModel:
     padded = np.zeros((bucket(b, minimum=1), bucket(t)), np.int32)
     padded[:b, :t] = ids  # right padding: causal, so it changes nothing before it
     return np.asarray(_plain_logits(self.config, self.params, padded))[:b, :t]
+
+  def score(self, prompts: Sequence[str], continuations: Sequence[str], *,
+            system: str | None = None, chat: bool = True,
+            batch_size: int | None = None) -> scoring.Scores:
+    """Teacher-forced ``scoring.Scores`` (summed log-probability, tokens, characters) of each
+    continuation after its prompt, as this model is deployed: a [CLS] model through its
+    query -> [CLS] -> answer layout (gate off), a plain LM without [CLS]. ``chat``: the prompt
+    through the chat template, as ``generate`` renders it (else bare QUERY text)."""
+    return scoring.score(self.config, self.params, self.tokenizer, self.template,
+                         _texts("prompts", prompts), _texts("continuations", continuations),
+                         with_cls=self.has_cls_head, batch_size=batch_size or self.batch_size,
+                         max_length=self.decoder.max_length, system=system, chat=chat)
 
   def _require_cls(self, what: str):
     if not self.has_cls_head:

@@ -70,6 +70,12 @@ class Defended:
   def lm_logits(self, token_ids) -> np.ndarray:
     return self.source.lm_logits(token_ids)
 
+  def score(self, prompts: Sequence[str], continuations: Sequence[str], **kwargs):
+    """``SafetyModel.score`` under the weights the baseline decodes with: the source's (a
+    defence that acts in ``generate``, as the probe and SafeDecoding do, leaves them as they
+    are; deep alignment overrides this with its tuned model)."""
+    return self.source.score(prompts, continuations, **kwargs)
+
   def classify(self, prompts: Sequence[str]) -> np.ndarray:
     raise ValueError(f"The {self.name} baseline has no classifier (has_classifier is "
                      "False): evaluate it without the classifier step.")

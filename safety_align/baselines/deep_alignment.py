@@ -166,6 +166,10 @@ class DeepAlignedModel(common.Defended):
   def lm_logits(self, token_ids) -> np.ndarray:
     return self.aligned.lm_logits(token_ids)
 
+  def score(self, prompts, continuations, **kwargs):
+    """``SafetyModel.score`` of the aligned model, the weights the defence decodes with."""
+    return self.aligned.score(prompts, continuations, **kwargs)
+
   def generate(self, prompts, *, gate="annealing", **kwargs):
     """``SafetyModel.generate``'s arguments; ``gate`` off: the source, else the aligned model."""
     model = self.aligned if common.defence_on(gate) else self.source
