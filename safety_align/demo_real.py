@@ -36,7 +36,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import safety_align as sa
-from safety_align import console, convert, evaluate, train_lib
+from safety_align import console, convert, evaluate, model_card, train_lib
 from safety_align.data import augment, package_data, real_splits, response_cache
 from safety_align.decode import GateConfig
 from safety_align.eval import utility as eval_utility
@@ -284,6 +284,21 @@ def add_report(eval_dir: str, report: dict) -> str:
   return md
 
 
+def write_model_card(workdir: str, cache_dir: str | None) -> str:
+  """WORKDIR/MODEL_CARD.md (``model_card``): the source model and every data source of the run
+  with its pinned version, the licence its wheel states, and its role."""
+  def row(name: str, package: str, role: str) -> dict:
+    return dict(name=name, package=package, version=package_data.PINS[package], role=role,
+                licence=model_card.wheel_licence(package_data.wheel_path(package, cache_dir)))
+  roles = {**{s: "train / validation / in-distribution test" for s in real_splits.TRAIN_SOURCES},
+           **{s: "test only (cross-source)" for s in real_splits.CROSS_SOURCES}}
+  sources = [row(name, package_data.SOURCES[name].package, role)
+             for name, role in roles.items() if name in package_data.SOURCES]
+  sources.append(row("jailbreak templates", "pyrit", "split by template: train / test"))
+  source = row("SmolLM2-135M-Instruct (Q4_1 GGUF)", GGUF_PACKAGE, "source model")
+  return model_card.write(workdir, source=dict(source, member=GGUF_MEMBER), sources=sources)
+
+
 def main(argv):
   del argv
   console.configure()
@@ -323,7 +338,7 @@ def main(argv):
     eval_cfg.finetune.data_file = config.data.data_dir
     print("\n" + evaluate.run(workdir, eval_cfg))
     print(add_report(os.path.join(workdir, evaluate.EVAL_DIR), report))
-  stamp("done")
+  stamp(f"model card: {write_model_card(workdir, cache_dir)}")
 
 
 if __name__ == "__main__":
