@@ -112,7 +112,8 @@ def test_end_to_end_schema_outputs_and_resume(setup, tmp_path):
   for name, a in saved["attacks"].items():
     assert {"asr_gate_off", "asr_gate_on", "refused_gate_on", "n", "asr_gate_off_ci",
             "asr_gate_on_ci"} <= set(a), name
-    assert "leak_gate_on" not in a
+    assert 0.0 <= a["leak_gate_on"] <= a["refused_gate_on"] and "leak_gate_on_k32" in a
+    assert a["refusal_steps_gate_on"]["n"] <= a["n_generations"]
     for k in ("asr_gate_off", "asr_gate_on", "asr_no_cls"):
       assert 0.0 <= a.get(k, 0.0) <= 1.0, (name, k)
       if k in a:

@@ -75,6 +75,9 @@ def validate(cfg) -> None:
   if cfg.judge.model_mode not in ("generate", "classify"):
     raise ValueError(f"Unknown judge.model_mode {cfg.judge.model_mode!r}: expected "
                      "'generate' (Llama-Guard verdict) or 'classify' (a trained [CLS] head).")
+  if cfg.judge.leak_min_tokens < 1:
+    raise ValueError(f"judge.leak_min_tokens must be >= 1, got {cfg.judge.leak_min_tokens}: "
+                     "a leak needs text the model wrote itself.")
   for field in ("max_new_tokens", "batch_size"):
     if cfg[field] < 1:
       raise ValueError(f"{field} must be >= 1, got {cfg[field]}.")

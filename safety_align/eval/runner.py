@@ -186,7 +186,8 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
                         lambda a=attack, g=gates: run_attack(a, g))
     recs = records[attack.name] = _from_json(stored["records"])
     entry = out["attacks"][attack.name] = metrics.attack_summary(
-        attack, recs, suite.items, suite.judge, gates, cfg.gate_on, stored["seconds"])
+        attack, recs, suite.items, suite.judge, gates, cfg.gate_on, stored["seconds"],
+        newline_tokens=len(model.tokenizer.encode("\n")))
     log(f"{prefix}{attack.name}: " + report.asr_line(entry, cfg.gate_on, gated))
 
   gates = suite.benign_gates(gated, schedules)
@@ -260,7 +261,8 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
 
   results: dict[str, Any] = dict(model=model_id, n_malicious=len(suite.items),
                                  n_benign=len(suite.benign), gate_on=cfg.gate_on,
-                                 judge=cfg.judge.harm)
+                                 judge=cfg.judge.harm,
+                                 leak_min_tokens=suite.judge.leak_min_tokens)
   main, records = evaluate_defence(model, suite, model_id=model_id)
   results.update(main)
   if baseline is not None:
