@@ -19,8 +19,9 @@ $(VENV)/.installed-cpu: setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[cpu]"
 	touch $@
 
+# tpu: libtpu for tests/test_aot_tpu.py (compiling for a TPU slice on this CPU machine).
 $(VENV)/.installed-test: setup.py | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[cpu,test]"
+	$(BIN)/pip install --quiet -e ".[cpu,test,tpu]"
 	touch $@ $(VENV)/.installed-cpu
 
 demo: demo-tiny

@@ -43,12 +43,13 @@ def objective(phase_cfg) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def mesh_context(mesh):
-  """Trace the model sharded over ``mesh``: ``jax.set_mesh`` and ``sharding.RULES``, so every
+def mesh_context(mesh, rules: tuple | None = None):
+  """Trace the model sharded over ``mesh``: ``jax.set_mesh`` and ``rules`` (default
+  ``sharding.RULES``), so every
   logical constraint of ``model.py`` (activations; parameters at init) reaches XLA. Flax finds
   the mesh through ``jax.sharding.get_abstract_mesh()``, which a bare ``with mesh:`` leaves
   empty: the constraints would then be silently dropped."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES if rules is None else rules):
     yield
 
 
@@ -57,16 +58,19 @@ class Trainer:
 
   The step takes ``grad_accum`` micro-batches stacked on a leading axis (``[k, B, T]``
   arrays, rows sharded as a batch's) and makes one optimiser update (module docstring).
+  ``rules``: the logical-axis rules (default ``sharding.RULES``).
   """
 
-  def __init__(self, model_cfg: ModelConfig, phase_cfg, phase: str, mesh):
+  def __init__(self, model_cfg: ModelConfig, phase_cfg, phase: str, mesh,
+               rules: tuple = sharding.RULES):
     check_phase(phase)
     self.model_cfg, self.phase_cfg, self.phase, self.mesh = model_cfg, phase_cfg, phase, mesh
+    self.rules = rules
     self.grad_accum = phase_cfg.get("grad_accum", 1)
     self.model = Transformer(model_cfg)
     self.tx = make_optimizer(phase_cfg)
     boxed = jax.eval_shape(functools.partial(init_params, model_cfg), jax.random.key(0))
-    self.param_shardings = sharding.logical_sharding(boxed, mesh)
+    self.param_shardings = sharding.logical_sharding(boxed, mesh, rules)
     abstract_params = nn.meta.unbox(boxed)
     abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
     self.opt_shardings = optax.tree_map_params(
@@ -92,7 +96,7 @@ class Trainer:
 
   def init_state(self, rng, params=None) -> TrainState:
     """A fresh state, initialised sharded (never whole on one host), or from ``params``."""
-    with mesh_context(self.mesh):
+    with mesh_context(self.mesh, self.rules):
       if params is None:
         params = jax.jit(lambda r: nn.meta.unbox(init_params(self.model_cfg, r)),
                          out_shardings=self.param_shardings)(rng)
@@ -123,7 +127,7 @@ class Trainer:
   def lower(self, batch_size: int, seq_len: int):
     """The sharded train step lowered for ``batch_size`` rows of ``seq_len`` per micro-batch
     (``.compile().memory_analysis()`` is the compiler's per-device memory)."""
-    with mesh_context(self.mesh):
+    with mesh_context(self.mesh, self.rules):
       return self._step.lower(self.abstract_state(), self.abstract_batch(batch_size, seq_len))
 
   def _loss(self, params, batch, counts):
@@ -186,7 +190,7 @@ class Trainer:
       raise ValueError(f"config.{self.phase}.grad_accum={self.grad_accum}: a step takes "
                        f"{self.grad_accum} micro-batches stacked as [k, B, T] arrays, got "
                        f"{got}: stack them (trainer.micro_batches) or set grad_accum.")
-    with mesh_context(self.mesh):
+    with mesh_context(self.mesh, self.rules):
       batch = {key: _global_array(v, self.micro_batches_sharding) for key, v in batch.items()}
       return self._step(state, batch)
 

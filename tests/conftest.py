@@ -1,10 +1,14 @@
-"""Test setup: 8 fake CPU devices (sharding tests), float32 everywhere, shared tiny fixtures."""
+"""Test setup: 8 fake CPU devices (sharding tests) and no other backend, float32 everywhere,
+shared tiny fixtures."""
 
 import os
 import pathlib
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The CPU backend only: `make test` installs libtpu (tests/test_aot_tpu.py compiles for a TPU
+# in its own process), and JAX would otherwise load it here and in every CLI a test starts.
+os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ importable

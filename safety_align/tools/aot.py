@@ -3,6 +3,13 @@
   python -m safety_align.tools.aot --config=configs/llama2_7b.py --devices=8 --hbm_gib=80
   python -m safety_align.tools.aot --config=configs/llama2_7b_cls.py --devices=16 --compiled \
       --hbm_gib=32 --attention=blockwise --config.sft.batch_size=16
+  python -m safety_align.tools.aot --target=tpu:v5p:16 --config=configs/llama2_7b_cls.py
+
+``--target=tpu:<gen>:<chips>`` compiles with the real TPU compiler for that slice, on this
+CPU machine (libtpu installed: ``pip install -e ".[tpu]"``): each phase's sharded training
+step and the gated decoding loop, reported per chip (``tpu_aot.py``: HBM against the chip's,
+FLOPs checked against the analytic ones, the collectives, a roofline and its MFU bound; slice
+names in ``tpu_targets.py``). The rest of this docstring is the CPU-only path.
 
 The formula: parameter shapes and dtypes come from ``jax.eval_shape`` of ``model.init_params``.
 Parameters, gradients (parameter dtype) and AdamW's two float32 moments are sharded over all
@@ -174,6 +181,44 @@ def _define_flags() -> None:
                     "devices and report XLA's memory analysis (minutes for a 7B model).")
   flags.DEFINE_string("attention", "", "model.attention for the compiled step: dense | "
                       "blockwise | flash ('' = the config's).")
+  flags.DEFINE_string("target", "", "tpu:<gen>:<chips> (e.g. tpu:v5p:16): compile for that "
+                      "TPU slice with the TPU compiler instead ('' = the CPU paths above).")
+  flags.DEFINE_list("decode", ["on", "off"], "--target: compile the gated decoding loop with "
+                    "the gate on and/or off ('' = none).")
+  flags.DEFINE_integer("decode_batch", 16, "--target: decoding batch (rows).")
+  flags.DEFINE_integer("decode_prompt", 2048, "--target: prompt tokens per row.")
+  flags.DEFINE_integer("decode_new", 2048, "--target: new tokens per row (KV cache: prompt + "
+                       "new + 3 slots).")
+  flags.DEFINE_string("decode_mesh", "tensor=-1", "--target: the serving mesh as "
+                      "sa.load(mesh=...) takes it, axis=size pairs (-1: the rest).")
+
+
+def tpu_main(config: ml_collections.ConfigDict) -> bool:
+  """``--target``: compile every phase's step and the decoding loop for the TPU slice, print
+  the per-chip reports; True if every training step fits."""
+  from safety_align.tools import tpu_aot, tpu_targets  # pylint: disable=g-import-not-at-top
+  target = tpu_targets.parse(FLAGS.target)
+  devices = tpu_targets.devices(target)
+  print(target.describe())
+  fits_all = True
+  for phase in config.phases.split(","):
+    r = tpu_aot.train_step(config, phase, target, devices, FLAGS.attention)
+    print("\n".join(r.lines()))
+    seconds = r.roofline.seconds
+    print(f"    MFU upper bound (roofline): {r.roofline.mfu(r.model_flops):.1%}; "
+          f"{r.tokens / seconds / target.chips:,.0f} tokens/s per chip at the roofline time")
+    fits_all &= r.fits
+  mesh = {k: int(v) for k, v in (pair.split("=") for pair in FLAGS.decode_mesh.split(","))}
+  for gate in FLAGS.decode:
+    if gate not in ("on", "off"):
+      raise app.UsageError(f"--decode={gate}: expected on and/or off.")
+    r = tpu_aot.decode_loop(config, target, devices, batch=FLAGS.decode_batch,
+                            prompt_len=FLAGS.decode_prompt, new_tokens=FLAGS.decode_new,
+                            gate=gate == "on", mesh_sizes=mesh)
+    print("\n".join(r.lines()))
+    print(f"    roofline {r.roofline.seconds * 1e3:.2f} ms per token "
+          f"({FLAGS.decode_batch / r.roofline.seconds:,.0f} tokens/s over the batch)")
+  return fits_all
 
 
 def main(argv):
@@ -181,6 +226,12 @@ def main(argv):
   config: ml_collections.ConfigDict = FLAGS.config
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/llama2_7b.py.")
+  if FLAGS.target:
+    from safety_align.tools import tpu_targets  # pylint: disable=g-import-not-at-top
+    tpu_targets.compile_only_env()  # before JAX starts a backend
+    if not tpu_main(config):
+      raise SystemExit(1)
+    return
   if FLAGS.compiled:  # before JAX starts a backend: the fake devices to shard over
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", FLAGS.devices)

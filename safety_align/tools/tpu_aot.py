@@ -1,0 +1,253 @@
+"""The run's programs compiled by the TPU compiler for a TPU slice, on a CPU machine.
+
+``train_step``: the sharded training step of a phase (``trainer.Trainer``: state and the
+``[grad_accum, batch_size, seq_len]`` micro-batches as sharded ``ShapeDtypeStruct``s, nothing
+allocated) over the config's mesh on the slice's devices (``tpu_targets.devices``).
+``decode_loop``: the compiled gated decoding program (prompt pass + loops, ``decode.decoder``)
+with parameters, KV cache and loop state laid out as ``sa.load(mesh=...)`` lays them out
+(``sharding.DecodeLayout``; parameters unrolled and in the config's parameter dtype, as
+``load`` restores them). Each returns a report per chip: XLA's ``memory_analysis()`` against
+the chip's HBM, ``cost_analysis()`` FLOPs and bytes against the analytic ones, the executed
+collectives of the optimised HLO and the roofline (``roofline.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from safety_align import model as model_lib
+from safety_align import sharding
+from safety_align.tools import aot, roofline, tpu_targets
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """One compiled program on one slice, per chip."""
+
+  what: str
+  target: tpu_targets.Target
+  memory: aot.Compiled
+  xla_flops: float        # cost_analysis(), per chip
+  xla_bytes: float
+  analytic_flops: float   # per chip
+  analytic_bytes: float
+  collectives: roofline.Collectives
+  model_flops: float      # per chip: the MFU numerator (training) or the step's FLOPs (decode)
+  tokens: int             # tokens the step processes (all chips)
+  notes: tuple = ()
+  per_step: bool = False  # analytic figures are one step of a loop: XLA's cover the program
+  estimate: aot.Estimate | None = None  # the formula's memory (training steps)
+
+  @property
+  def fits(self) -> bool:
+    return self.memory.peak <= self.target.chip.hbm_bytes
+
+  @property
+  def flops_agree(self) -> bool:
+    return not self.per_step and roofline.agrees(self.xla_flops, self.analytic_flops)
+
+  @property
+  def roofline(self) -> roofline.Roofline:
+    c = self.target.chip
+    use_xla = self.flops_agree
+    return roofline.Roofline(
+        flops=self.xla_flops if use_xla else self.analytic_flops,
+        hbm_bytes=self.xla_bytes if use_xla else self.analytic_bytes,
+        ici_bytes=self.collectives.total_bytes, peak_flops=c.peak_flops, hbm_bw=c.hbm_bw,
+        ici_bw=c.ici_bw)
+
+  def lines(self) -> list[str]:
+    """The per-chip table."""
+    m, r, c = self.memory, self.roofline, self.target.chip
+    ratio = self.xla_flops / self.analytic_flops if self.analytic_flops else float("nan")
+    check = (f"the program's; one step is analytic: {self.analytic_flops / 1e12:.4f} TFLOP, "
+             f"{self.analytic_bytes / 1e9:.2f} GB (weights + KV cache)" if self.per_step else
+             f"agrees with the analytic {self.analytic_flops / 1e12:.2f} TFLOP (x{ratio:.2f})"
+             if self.flops_agree else
+             f"differs from the analytic {self.analytic_flops / 1e12:.2f} TFLOP by more than "
+             f"{roofline.TOLERANCE:.0%} (x{ratio:.2f}; XLA counts a while body once): the "
+             "roofline uses the analytic FLOPs and HBM bytes")
+    out = [f"  {self.what}",
+           f"    HBM per chip (GiB): arguments {m.arguments / GIB:.2f}, outputs "
+           f"{m.outputs / GIB:.2f} (aliased {m.aliased / GIB:.2f}), temporaries "
+           f"{m.temp / GIB:.2f}, peak {m.peak / GIB:.2f} of {c.hbm_bytes / GIB:.1f}: "
+           f"{'fits' if self.fits else 'does NOT fit'}",
+           f"    cost_analysis per chip: {self.xla_flops / 1e12:.3f} TFLOP, "
+           f"{self.xla_bytes / 1e9:.2f} GB accessed; {check}",
+           f"    collectives per chip (executed): {self.collectives.describe()}",
+           f"    roofline per chip: compute {r.terms['compute'] * 1e3:.1f} ms, HBM "
+           f"{r.terms['HBM'] * 1e3:.1f} ms, ICI {r.terms['ICI'] * 1e3:.1f} ms -> "
+           f"{r.seconds * 1e3:.1f} ms ({r.bound}-bound)"]
+    problem = self.estimate and memory_problem(self, self.estimate)
+    out += [f"    note: {n}" for n in self.notes + ((problem,) if problem else ())]
+    return out
+
+
+SLACK = 1.3  # the compiled peak may exceed the formula by this much before it is flagged
+
+
+def memory_problem(report: Report, e: aot.Estimate, slack: float = SLACK) -> str | None:
+  """Why ``report``'s compiled arguments (the state the step keeps between steps, and the
+  batch) are over ``slack`` x the formula's sharded state (``aot.estimate``: parameters and
+  optimiser state over every chip), or None. Over it, some state is not sharded as the
+  formula assumes, e.g. a parameter replicated by a missing logical-axis rule. (The peak is
+  not checked against the formula: XLA may hold a whole float32 gradient of the embedding
+  before reduce-scattering it, which the formula does not model.)"""
+  state = e.params + e.opt_state
+  if report.memory.arguments <= slack * state:
+    return None
+  return (f"compiled arguments {report.memory.arguments / GIB:.3f} GiB per chip are over "
+          f"{slack:g} x the formula's {state / GIB:.3f} GiB of parameters and optimiser state "
+          "sharded over every chip: some parameter is not sharded; check that each has a "
+          "logical-axis rule that shards it (sharding.RULES).")
+
+
+def _memory(compiled, devices: int) -> aot.Compiled:
+  stats = compiled.memory_analysis()
+  args, out = stats.argument_size_in_bytes, stats.output_size_in_bytes
+  alias, temp = stats.alias_size_in_bytes, stats.temp_size_in_bytes
+  peak = getattr(stats, "peak_memory_in_bytes", 0) or args + out - alias + temp
+  return aot.Compiled(devices=devices, arguments=args, outputs=out, aliased=alias, temp=temp,
+                      peak=peak)
+
+
+def _cost(compiled) -> tuple[float, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def tpu_attention(attention: str) -> tuple[str, tuple]:
+  """(the attention compiled for a TPU, notes): ``flash`` is the Pallas GPU kernel, so a TPU
+  compiles ``blockwise`` instead (why: ``attention.py``)."""
+  if attention != "flash":
+    return attention, ()
+  return "blockwise", (
+      "--attention=flash is the Pallas GPU kernel; compiled blockwise instead. The Pallas TPU "
+      "kernels (jax.experimental.pallas.ops.tpu flash_attention, splash_attention) return "
+      "their log-sum-exp only with save_residuals=True, and their VJPs then raise "
+      "NotImplementedError('Higher-order AD not supported'): the lse that merges the "
+      "RESPONSE->[CLS] key cannot be differentiated through them.",)
+
+
+def train_step(config: ml_collections.ConfigDict, phase: str, target: tpu_targets.Target,
+               devices, attention: str = "", rules: tuple = sharding.RULES) -> Report:
+  """Compile ``phase``'s sharded training step for ``target`` and report it per chip.
+  ``rules``: the logical-axis rules of the parameters (tests replicate one to see the memory
+  check fail)."""
+  from safety_align import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  attention, notes = tpu_attention(attention)
+  model_cfg = aot.with_attention(model_lib.ModelConfig.from_config(config.model), attention)
+  mesh = sharding.make_mesh(dict(config.mesh), devices)
+  p, seq_len = config[phase], config.data.seq_len
+  n_data = mesh.shape["data"] * mesh.shape["fsdp"]
+  if p.batch_size % n_data:
+    raise ValueError(f"config.{phase}.batch_size={p.batch_size} is not divisible by the "
+                     f"{n_data} data-parallel chips of {target.slice_name}: override it, e.g. "
+                     f"--config.{phase}.batch_size={n_data}.")
+  trainer = trainer_lib.Trainer(model_cfg, p, phase, mesh, rules)
+  compiled = trainer.lower(p.batch_size, seq_len).compile()
+  chips = target.chips
+  e = aot.estimate(model_cfg, devices=chips, batch_size=p.batch_size, seq_len=seq_len,
+                   grad_accum=trainer.grad_accum)
+  tokens = p.batch_size * seq_len * trainer.grad_accum
+  flops = roofline.train_flops(model_cfg, e.n_params, tokens, seq_len) / chips
+  xla_flops, xla_bytes = _cost(compiled)
+  return Report(
+      what=(f"{phase} step: {e.n_params / 1e9:.2f}B params, micro-batch {p.batch_size} x "
+            f"{seq_len} x {trainer.grad_accum} accumulated, attention={model_cfg.attention}, "
+            f"remat={model_cfg.remat}, mesh {dict(mesh.shape)}"),
+      target=target, memory=_memory(compiled, chips), xla_flops=xla_flops,
+      xla_bytes=xla_bytes, analytic_flops=flops,
+      analytic_bytes=_train_hbm_bytes(model_cfg, e, chips, trainer.grad_accum),
+      collectives=roofline.collectives(compiled.as_text()), model_flops=flops, tokens=tokens,
+      notes=notes, estimate=e)
+
+
+def _train_hbm_bytes(cfg: model_lib.ModelConfig, e: aot.Estimate, chips: int, k: int) -> float:
+  """A lower bound on one step's HBM traffic per chip: AdamW reads the float32 parameters,
+  gradients and both moments and writes three of them back (28 bytes per parameter, sharded);
+  each micro-step reads the gathered compute-dtype weights three times (forward, and the
+  backward's two matmuls), writes and reads back its saved activations, and with
+  accumulation reads and writes the float32 accumulator."""
+  c = np.dtype(cfg.compute_dtype).itemsize
+  state = 28 * e.n_params / chips
+  micro = 3 * c * e.n_params + 2 * e.activations + (8 * e.n_params / chips if k > 1 else 0)
+  return state + k * micro
+
+
+def decode_loop(config: ml_collections.ConfigDict, target: tpu_targets.Target, devices, *,
+                batch: int, prompt_len: int, new_tokens: int, gate: bool,
+                mesh_sizes: dict) -> Report:
+  """Compile the gated decoding program (``gate``: annealing schedule, else off) for ``batch``
+  prompts of ``prompt_len`` tokens and ``new_tokens`` new ones, laid out as
+  ``sa.load(mesh=mesh_sizes)`` lays it out, and report it per chip. The roofline is one plain
+  decoding step (every step without re-evaluation is exactly that step)."""
+  from safety_align.decode import decoder as decoder_lib  # pylint: disable=g-import-not-at-top
+  from safety_align.decode import gate as gate_lib  # pylint: disable=g-import-not-at-top
+  from safety_align.decode.cache import PROMPT_SLOT, Prompts  # pylint: disable=g-import-not-at-top
+  from safety_align.masks import Role  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig.from_config(config.model)
+  mesh = sharding.make_mesh({**dict.fromkeys(sharding.MESH_AXES, 1), **mesh_sizes}, devices)
+  params = jax.eval_shape(lambda: model_lib.unroll_layers(
+      cfg, nn.meta.unbox(model_lib.init_params(cfg, jax.random.key(0))))[1])
+  cfg = dataclasses.replace(cfg, scan_layers=False)
+  dec = decoder_lib.Decoder(cfg, eos_ids=[2], mesh=mesh)
+  prompts = Prompts(ids=((5,) * prompt_len,) * batch, roles=((int(Role.QUERY),) * prompt_len,)
+                    * batch)
+  run, abstract, inputs = _decode_program(dec, params, prompts, dict(
+      max_new_tokens=new_tokens, gate=gate_lib.GateConfig(
+          schedule="annealing" if gate else "off", reliance="low")))
+  compiled = run.lower(abstract, inputs).compile()
+  chips = target.chips
+  n_params = sum(x.size for x in jax.tree.leaves(params))
+  cache_len = PROMPT_SLOT + prompt_len + new_tokens
+  flops = roofline.decode_flops(cfg, n_params, batch, cache_len) / chips
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  kv_bytes = (2 * cfg.n_layers * batch * cfg.n_kv_heads * cache_len * cfg.dim_per_head
+              * np.dtype(cfg.compute_dtype).itemsize)
+  xla_flops, xla_bytes = _cost(compiled)
+  return Report(
+      what=(f"gated decode loop, gate {'on (annealing)' if gate else 'off'}: batch {batch} x "
+            f"(prompt {prompt_len} + {new_tokens} new = KV cache {cache_len} slots), "
+            f"parameters {cfg.param_dtype} unrolled, mesh {dict(mesh.shape)}"),
+      target=target, memory=_memory(compiled, chips), xla_flops=xla_flops,
+      xla_bytes=xla_bytes, analytic_flops=flops, analytic_bytes=(param_bytes + kv_bytes) / chips,
+      collectives=roofline.collectives(compiled.as_text(), per_iteration=True), model_flops=flops,
+      tokens=batch, per_step=True,
+      notes=("roofline per decoding step (one token per row): the collectives inside the "
+             "decoding loops, once per iteration",))
+
+
+class _Captured(Exception):
+  pass
+
+
+def _decode_program(dec, params, prompts, kwargs):
+  """(the jitted sharded program ``dec(params, prompts, **kwargs)`` runs, ``params`` as sharded
+  ``ShapeDtypeStruct``s, its inputs): the decoder builds its own inputs and program, and is
+  stopped before it places anything."""
+  captured = {}
+  build = dec._sharded_decode  # pylint: disable=protected-access
+
+  def capture(layout, params_, spec, inputs):
+    run, shardings = build(layout, params_, spec, inputs)
+    captured.update(run=run, shardings=shardings, inputs=inputs)
+    raise _Captured
+
+  dec._sharded_decode = capture  # pylint: disable=protected-access
+  try:
+    dec(params, prompts, **kwargs)
+  except _Captured:
+    pass
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          params, captured["shardings"])
+  return captured["run"], abstract, captured["inputs"]
