@@ -199,16 +199,18 @@ class SafetyModel:
     return np.asarray(_plain_logits(self.config, self.params, padded))[:b, :t]
 
   def score(self, prompts: Sequence[str], continuations: Sequence[str], *,
-            system: str | None = None, chat: bool = True,
+            system: str | None = None, chat: bool = True, truncate: bool = False,
             batch_size: int | None = None) -> scoring.Scores:
     """Teacher-forced ``scoring.Scores`` (summed log-probability, tokens, characters) of each
     continuation after its prompt, as this model is deployed: a [CLS] model through its
     query -> [CLS] -> answer layout (gate off), a plain LM without [CLS]. ``chat``: the prompt
-    through the chat template, as ``generate`` renders it (else bare QUERY text)."""
+    through the chat template, as ``generate`` renders it (else bare QUERY text);
+    ``truncate``: cut continuations to the maximum length (else a row too long is an error)."""
     return scoring.score(self.config, self.params, self.tokenizer, self.template,
                          _texts("prompts", prompts), _texts("continuations", continuations),
                          with_cls=self.has_cls_head, batch_size=batch_size or self.batch_size,
-                         max_length=self.decoder.max_length, system=system, chat=chat)
+                         max_length=self.decoder.max_length, system=system, chat=chat,
+                         truncate=truncate)
 
   def _require_cls(self, what: str):
     if not self.has_cls_head:

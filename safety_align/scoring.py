@@ -121,13 +121,16 @@ def encode(tokenizer, template, prompts: Sequence[str], continuations: Sequence[
 
 def score(cfg: ModelConfig, params, tokenizer, template, prompts: Sequence[str],
           continuations: Sequence[str], *, with_cls: bool, batch_size: int,
-          max_length: int | None = None, system: str | None = None,
-          chat: bool = True) -> Scores:
+          max_length: int | None = None, system: str | None = None, chat: bool = True,
+          truncate: bool = False) -> Scores:
   """``Scores`` of ``continuations`` after ``prompts`` (``encode``), ``batch_size`` rows per
   forward pass (rows sorted by length, so a pass holds rows of similar length; the result is
-  in the order given)."""
+  in the order given). A row longer than ``max_length`` is an error, or with ``truncate`` its
+  continuation is cut to fit (``n_tokens`` counts the tokens scored)."""
   p_ids, p_roles, c_ids = encode(tokenizer, template, prompts, continuations, system=system,
                                  chat=chat)
+  if truncate and max_length is not None:
+    c_ids = [c[:max(max_length - len(p), 0)] for p, c in zip(p_ids, c_ids)]
   for i, (p, c) in enumerate(zip(p_ids, c_ids)):
     if not p:
       raise ValueError(f"Prompt {i} is empty: give a prompt, or chat=True for the template.")

@@ -96,13 +96,16 @@ def test_run_with_baselines_and_cached_artefacts(setup, tmp_path, monkeypatch): 
   assert set(saved["overhead"]) == {"first", "annealing"}
 
   table = md[md.index("## Defences compared"):].split("\n\n")[2].splitlines()
-  assert table[0] == ("| defence | direct | prefill_5 | over-refusal | utility NLL | "
+  assert table[0] == ("| defence | direct | prefill_5 | over-refusal | self-answer NLL | "
                       "overhead |")
-  # Utility: the weights each defence decodes with; the probe and SafeDecoding keep the
-  # source's, which is the no-[CLS] baseline here.
-  nll = {name: e["utility"]["nll"] for name, e in bl.items()}
-  assert nll["probe"] == nll["safedecoding"] == saved["baseline_no_cls"]["utility"]["nll"]
-  assert all(e["utility"]["n"] == saved["utility"]["n"] == 48 for e in bl.values())
+  # Self-answer NLL: the weights each defence decodes with (its score); the probe and
+  # SafeDecoding keep the source's, which is the no-[CLS] baseline here.
+  nll = {name: e["self_answer_nll"]["nll"] for name, e in bl.items()}
+  assert nll["probe"] == nll["safedecoding"] == \
+      saved["baseline_no_cls"]["self_answer_nll"]["nll"]
+  assert nll["deep_alignment"] != nll["probe"]
+  assert all(e["self_answer_nll"]["n"] == saved["self_answer_nll"]["n"] == 48
+             for e in bl.values())
   assert [row.split(" | ")[0] for row in table[2:]] == [
       "| [CLS] gate (annealing)", "| no-[CLS] SFT (gate off)", "| probe (ADA-style)",
       "| deep alignment (Qi et al.)", "| SafeDecoding"]

@@ -239,25 +239,24 @@ def test_baseline_key_depends_on_main_records_only_for_replays():
   assert "main" not in runner.attack_payload({}, replay, ["off"])
 
 
-def test_utility_nll_matches_a_full_forward_and_is_reported_per_defence(setup, tmp_path):
+def test_self_answer_nll_matches_a_full_forward_and_is_reported_per_defence(setup, tmp_path):
   _, _, _, tok, model, plain = setup
   answers = utility.reference_answers("", 0, 3)
   assert len(answers) == 3 and all(a["response"] for a in answers)
   prompts, responses = [a["prompt"] for a in answers], [a["response"][:60] for a in answers]
-  # The teacher-forced decoder pass equals a plain forward of prompt + answer + EOS.
+  # The teacher-forced score equals a plain forward of prompt + answer.
   total, count = 0.0, 0
   for p, r in zip(prompts, responses):
     prompt_ids = [t for ids, _ in plain.template.prompt_pieces(tok, p) for t in ids]
-    target = tok.encode(r) + [tok.eos_id]
+    target = tok.encode(r)
     logits = plain.lm_logits([prompt_ids + target])[0].astype(np.float64)
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     rows = np.arange(len(prompt_ids) - 1, len(prompt_ids) + len(target) - 1)
     total -= float(logp[rows, target].sum())
     count += len(target)
-  np.testing.assert_allclose(utility.response_nll(plain, prompts, responses), total / count,
+  np.testing.assert_allclose(utility.self_answer_nll(plain, prompts, responses), total / count,
                              rtol=1e-4)
-  # Reported for the [CLS] model and its baseline, and in the defence table's column; answers
-  # longer than the model's maximum length are cut to fit.
+  # Reported for the [CLS] model and its baseline, and in the defence table's column.
   cfg = tiny_eval_config(tmp_path, attacks="direct")
   cfg.update(baseline_attacks="")
   cfg.overhead.n_prompts = 0
@@ -265,11 +264,11 @@ def test_utility_nll_matches_a_full_forward_and_is_reported_per_defence(setup, t
   results, _ = runner.evaluate_model(model, cfg, str(tmp_path), model_id="tiny", items=items,
                                      benign=benign, all_pairs=pairs[:6], baseline=plain,
                                      baseline_id="tiny_plain", answers=answers)
-  assert results["utility"]["n"] == 3
-  assert results["baseline_no_cls"]["utility"]["nll"] == pytest.approx(
-      utility.response_nll(plain, prompts, [a["response"] for a in answers]))
+  assert results["self_answer_nll"]["n"] == 3 and "utility" not in results
+  assert results["baseline_no_cls"]["self_answer_nll"]["nll"] == pytest.approx(
+      utility.self_answer_nll(plain, prompts, [a["response"] for a in answers]))
   row = [line for line in report.defence_table(results) if line.startswith("| [CLS] gate")]
-  assert f"| {results['utility']['nll']:.3f} |" in row[0]
+  assert f"| {results['self_answer_nll']['nll']:.3f} |" in row[0]
   # A held-out folder without utility.jsonl reports none; a row without an answer is refused.
   assert utility.reference_answers(str(tmp_path), 0, 0) == []
   (tmp_path / utility.FILE).write_text(json.dumps({"prompt": "Hi.", "response": ""}) + "\n")

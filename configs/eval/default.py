@@ -22,6 +22,7 @@ from this config.
 import ml_collections
 
 from safety_align import baselines
+from safety_align.eval import benchmarks
 from safety_align.eval import config as eval_config
 from safety_align.eval import registry
 
@@ -33,7 +34,7 @@ def get_config(arg=None):
   c.attacks = ",".join(registry.ATTACK_NAMES + tuple(registry.available()))
   c.n_malicious = 0          # held-out malicious prompts (0: all of them)
   c.n_benign = 0             # held-out benign prompts for over-refusal (0: all)
-  c.n_utility = 48           # reference answers of the utility NLL (eval.utility; 0: all)
+  c.n_utility = 48           # reference answers of the self-answer NLL (eval.utility; 0: all)
   c.data_seed = -1           # seed of corpus.sft_pairs("test"); -1: the workdir's data.seed
   c.held_out_dir = ""        # "" = the demo corpus' test split; else a folder of JSONL files
                              # (eval.data.held_out_files), e.g. make demo-real's eval_data
@@ -94,6 +95,9 @@ def get_config(arg=None):
                              # sft.jsonl ("": the [CLS] run's own SFT records)
   for name, section in baselines.SECTIONS.items():  # probe, deep_alignment, safedecoding
     c[name] = section()
+  # Judge-free utility benchmarks (eval/benchmarks.py: multiple-choice tasks, MMLU, IFBench
+  # and the everyday over-refusal), read from pinned wheels; off here (tasks="", ifbench=False).
+  c.benchmarks = benchmarks.default_config()
   c.n_traces = 4             # generations drawn in cls_trace.png
   c.plots = True
   return c

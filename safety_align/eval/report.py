@@ -12,6 +12,7 @@ import numpy as np
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration
 from safety_align.eval.competitors import SKIPPED
 from safety_align.eval.lists import names
+from safety_align.eval.metrics import wilson
 
 
 def clean(x):
@@ -83,6 +84,7 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
     lines.append("| " + " | ".join(row) + " |")
   lines += refusal_step_lines(results)
   lines += defence_table(results)
+  lines += benchmark_table(results)
   b = results["benign"]
   lines += ["", f"## Over-refusal on {b['n']} held-out benign prompts (%, Wilson 95%)", "",
             "| gate | over-refusal | n |", "|---|---|---|"]
@@ -164,10 +166,11 @@ def baseline_label(entry: dict) -> str:
 
 def defence_table(results: dict) -> list[str]:
   """One row per defence ([CLS] gate, no-[CLS] SFT, the competitor baselines), a column per
-  attack (ASR with the defence on, n), over-refusal, utility NLL (``eval.utility``; if the
-  results have it) and overhead."""
+  attack (ASR with the defence on, n), over-refusal, self-answer NLL (``eval.utility``; if
+  the results have it) and overhead."""
   gate_on, attacks = results["gate_on"], list(results["attacks"])
-  nll = lambda e: f"{e['utility']['nll']:.3f}" if "utility" in e else "–"  # noqa: E731
+  nll = (lambda e: f"{e['self_answer_nll']['nll']:.3f}"  # noqa: E731
+         if "self_answer_nll" in e else "–")
   b = results["benign"]
   rows = [(f"[CLS] gate ({gate_on})", {n: results["attacks"][n] for n in attacks},
            _asr_n(b, "over_refusal_gate_on"), nll(results),
@@ -185,7 +188,7 @@ def defence_table(results: dict) -> list[str]:
     rows.append((DEFENCE_LABELS.get(name, name), e["attacks"],
                  _asr_n(e["benign"], "over_refusal_gate_on"), nll(e),
                  e.get("overhead", {}).get(gate_on)))
-  utility = "utility" in results
+  utility = "self_answer_nll" in results
   lines = ["", "## Defences compared", "",
            "ASR (%, Wilson 95%) with each defence on: the [CLS] gate under "
            f"{gate_on}; the model without [CLS] as it is; each competitor baseline's defence "
@@ -194,17 +197,84 @@ def defence_table(results: dict) -> list[str]:
            + (" (" + "; ".join(f"{k}: {v}" for k, v in SKIPPED.items()) + ")"
               if results.get("baselines") else "")
            + ". Over-refusal on the benign prompts; "
-           + ("utility NLL: mean per-token NLL of held-out benign reference answers under the "
-              "weights each defence decodes with (lower is better); " if utility else "")
+           + ("self-answer NLL: mean per-token NLL of held-out benign reference answers (the "
+              "source model's own answers under make demo-real) under the weights each "
+              "defence decodes with; it measures fit to the source, not helpfulness (see the "
+              "utility benchmarks); " if utility else "")
            + "overhead: generate time, defence on vs off.",
            "", "| defence | " + "".join(f"{n} | " for n in attacks) + "over-refusal | "
-           + ("utility NLL | " if utility else "") + "overhead |",
+           + ("self-answer NLL | " if utility else "") + "overhead |",
            "|---" * (len(attacks) + 3 + bool(utility)) + "|"]
   for label, per_attack, over, nll_cell, overhead in rows:
     cells = [label] + [_asr_n(per_attack.get(n)) for n in attacks] + [over]
     cells += [nll_cell] if utility else []
     cells += ["–" if overhead is None else f"{overhead:+.1%}"]
     lines.append("| " + " | ".join(cells) + " |")
+  return lines
+
+
+def benchmark_entries(results: dict) -> list[tuple[str, dict]]:
+  """(label, results entry) of every defence with ``utility_benchmarks``: the source, the
+  evaluated [CLS] model, the no-[CLS] baseline, the competitor baselines."""
+  source = results.get("source") or {}
+  rows = [("source model (imported)", source), (f"[CLS] model ({results['gate_on']})", results)]
+  bl = results.get("baseline_no_cls") or {}
+  if bl and bl.get("model") != source.get("model"):  # the source itself is not listed twice
+    rows.append((baseline_label(bl), bl))
+  rows += [(DEFENCE_LABELS.get(n, n), e) for n, e in results.get("baselines", {}).items()]
+  return [(label, e) for label, e in rows if e.get("utility_benchmarks")]
+
+
+def benchmark_table(results: dict) -> list[str]:
+  """Utility benchmarks per defence (``eval.benchmarks``): multiple-choice ``acc`` (acc_norm)
+  per task and their average, IFBench prompt/instruction accuracy, everyday over-refusal;
+  each with its Wilson 95% interval."""
+  rows = benchmark_entries(results)
+  if not rows:
+    return []
+  tasks = [t for t in rows[0][1]["utility_benchmarks"] if t not in ("mc_average", "ifbench")]
+  ifb = any("ifbench" in e["utility_benchmarks"] for _, e in rows)
+  head = ["defence"] + tasks + (["MC average"] if tasks else [])
+  head += ["IFBench prompt strict", "prompt loose", "inst. strict", "inst. loose",
+           "everyday over-refusal"] if ifb else []
+  lines = ["", "## Utility benchmarks (%, Wilson 95%)", "",
+           "Multiple choice: zero-shot, scored as lm-evaluation-harness (`acc`: highest summed "
+           "log-probability of the choice, in brackets `acc_norm`: per character), each model "
+           "as it is deployed (the [CLS] model through its query -> [CLS] -> answer layout; "
+           "the probe and SafeDecoding: their source's weights, deep alignment: its tuned "
+           "model). IFBench: greedy answers with the defence on, checked by if-verifiable "
+           "(prompt level: every instruction followed; instructions whose checker needs NLTK "
+           "data that is not installed are left out). Everyday over-refusal: the share of "
+           "those IFBench answers that refuse.", "",
+           "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  for label, e in rows:
+    u = e["utility_benchmarks"]
+    cells = [label]
+    for t in tasks:
+      x = u.get(t)
+      cells.append("–" if x is None else f"{pct_ci(x['acc'], wilson(x['acc'], x['n']))} "
+                   f"({pct(x['acc_norm'])}) n={x['n']}")
+    if tasks:
+      m = u.get("mc_average")
+      cells.append("–" if m is None else f"{pct(m['acc'])} ({pct(m['acc_norm'])})")
+    if ifb:
+      x = u.get("ifbench")
+      if x is None:
+        cells += ["–"] * 4
+      else:
+        cells += [pct_ci(x[f], wilson(x[f], x["n"])) for f in ("prompt_strict", "prompt_loose")]
+        cells += [pct_ci(x[f], wilson(x[f], x["n_instructions"]))
+                  for f in ("inst_strict", "inst_loose")]
+        cells[-4] += f" n={x['n']}"
+      o = e.get("benign_everyday")
+      cells.append("–" if o is None else f"{pct_ci(o['over_refusal'], o['over_refusal_ci'])} "
+                   f"n={o['n']}")
+    lines.append("| " + " | ".join(cells) + " |")
+  skipped = next((e["utility_benchmarks"]["ifbench"] for _, e in rows
+                  if "ifbench" in e["utility_benchmarks"]), None)
+  if skipped and skipped["skipped_ids"]:
+    lines += ["", f"IFBench: {skipped['skipped_ids']} instructions skipped (checkers without "
+              f"their NLTK data: {', '.join(skipped['skipped'])})."]
   return lines
 
 

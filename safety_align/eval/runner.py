@@ -24,7 +24,7 @@ from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSet
 from safety_align.attacks.direct import DirectAttack
 from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
-from safety_align.eval import metrics, registry, report, utility
+from safety_align.eval import benchmarks, metrics, registry, report, utility
 from safety_align.eval.judging import Judge, make_judge
 from safety_align.eval.lists import names
 from safety_align.eval.progress import Progress, attack_cost
@@ -109,7 +109,8 @@ def plan(suite: Suite, prefix: str, attacks: Sequence[base.Attack], gated: bool,
   if classifier:
     p.plan(prefix + "classifier", len(suite.pairs))
   if suite.answers:
-    p.plan(prefix + "utility", len(suite.answers))
+    p.plan(prefix + "self_answer_nll", len(suite.answers))
+  benchmarks.plan(suite, prefix)
   if overhead:
     o = cfg.overhead
     p.plan(prefix + "overhead", o.n_prompts * o.new_tokens * (o.repeats + 1)
@@ -155,9 +156,11 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
   ``schedules``: with the schedule baselines (else off and ``gate_on`` only: a competitor
   baseline, whose defence is one setting); ``main_records``: the [CLS] model's records, given
   to ``attack.run_baseline`` (a baseline may replay them) instead of running ``attack.run``.
-  Returns ({"attacks", "benign", "classifier", "utility", "overhead", ...}, records by attack
-  name and "benign"); ``utility`` ({"nll", "n"}, ``eval.utility``) only with reference
-  answers."""
+  Returns ({"attacks", "benign", "classifier", "self_answer_nll", "utility_benchmarks",
+  "benign_everyday", "overhead", ...}, records by attack name and "benign");
+  ``self_answer_nll`` ({"nll", "n"}, ``eval.utility``) only with reference answers,
+  ``utility_benchmarks`` and ``benign_everyday`` (``eval.benchmarks``) only when the config
+  runs them."""
   cfg, log = suite.cfg, suite.log
   attacks = suite.attacks if attacks is None else list(attacks)
   gated = model.has_cls_head if gated is None else gated
@@ -208,9 +211,10 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
   if suite.answers:
     prompts = [a["prompt"] for a in suite.answers]
     answers = [a["response"] for a in suite.answers]
-    nll = suite.step(prefix + "utility", dict(model=model_id, answers=suite.answers),
-                     lambda: utility.response_nll(model, prompts, answers))
-    out["utility"] = dict(nll=nll, n=len(prompts))
+    nll = suite.step(prefix + "self_answer_nll", dict(model=model_id, answers=suite.answers),
+                     lambda: utility.self_answer_nll(model, prompts, answers))
+    out["self_answer_nll"] = dict(nll=nll, n=len(prompts))
+  out.update(benchmarks.evaluate(model, suite, model_id=model_id, prefix=prefix, gated=gated))
   out["overhead"] = {}
   if overhead:
     o = cfg.overhead
@@ -277,8 +281,7 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
                                       over_refusal_ci=b["over_refusal_gate_off_ci"], n=b["n"],
                                       phase=(getattr(baseline, "loaded_from", None)
                                              or {}).get("phase"))
-    if "utility" in bl:
-      results["baseline_no_cls"]["utility"] = bl["utility"]
+    results["baseline_no_cls"].update({k: bl[k] for k in benchmarks.ENTRY_KEYS if k in bl})
     records.update({f"no_cls_{k}": v for k, v in bl_records.items()})
   if defences:
     results["baselines"] = {}
@@ -289,6 +292,9 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
     if not has_classifier(m):
       del entry["classifier"]
     results["baselines"][name] = entry
+  source = benchmarks.source_entry(suite, baseline, results.get("baseline_no_cls"), defences)
+  if source:
+    results["source"] = source
   results["judge_unparsed"] = suite.judge.unparsed
   return results, records
 
