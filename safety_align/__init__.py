@@ -3,6 +3,25 @@
 The public API (../shared/API.md): ``load``, ``SafetyModel``, ``Generation``.
 """
 
-from safety_align.api import Generation, SafetyModel, load
+import glob as _glob
+import importlib.util as _importlib_util
+import os as _os
+
+
+def _keep_jax_off_an_absent_tpu() -> None:
+  """With libtpu installed (the ``tpu`` extra: ``tools.aot --target=tpu:...`` compiles for a TPU
+  slice on any machine) but no TPU attached, JAX would load the TPU plugin in every process,
+  print its errors and hold its lock file. Then JAX gets the CPU (and a GPU where one is
+  attached); an explicit ``JAX_PLATFORMS`` always wins."""
+  if "JAX_PLATFORMS" in _os.environ or _importlib_util.find_spec("libtpu") is None:
+    return
+  if _glob.glob("/dev/accel*") or _glob.glob("/dev/vfio/[0-9]*"):  # a TPU VM's chips
+    return
+  _os.environ["JAX_PLATFORMS"] = "cuda,cpu" if _os.path.exists("/dev/nvidiactl") else "cpu"
+
+
+_keep_jax_off_an_absent_tpu()
+
+from safety_align.api import Generation, SafetyModel, load  # noqa: E402  (after the platform)
 
 __all__ = ["Generation", "SafetyModel", "load"]
