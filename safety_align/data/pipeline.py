@@ -51,25 +51,49 @@ def _response_ids(pieces: Sequence[tuple[Sequence[int], Role]]) -> list[int]:
   return [int(t) for ids, role in pieces if role == Role.RESPONSE for t in ids]
 
 
-def marked_tokens(ids: Sequence[int], tok: Tokenizer, markers: Sequence[str]) -> np.ndarray:
-  """[n] bool: whether each token of ``ids`` overlaps one of ``markers`` in their decoded text
-  (token ``k`` spans the characters the decoded prefix gains with it)."""
+def _token_spans(ids: Sequence[int], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
+  """(starts [n], ends [n], text): the decoded text of ``ids`` and the characters each token
+  spans in it (token ``k``: those the decoded prefix gains with it)."""
   prefixes = tok.hf.decode_batch([list(ids[:k]) for k in range(1, len(ids) + 1)])
   ends = np.array([len(p) for p in prefixes], np.int64)
-  starts = np.concatenate([[0], ends[:-1]])
+  return np.concatenate([[0], ends[:-1]]), ends, prefixes[-1] if prefixes else ""
+
+
+def marked_tokens(ids: Sequence[int], tok: Tokenizer, markers: Sequence[str]) -> np.ndarray:
+  """[n] bool: whether each token of ``ids`` overlaps one of ``markers`` in their decoded
+  text."""
+  starts, ends, text = _token_spans(ids, tok)
   marked = np.zeros(len(ids), bool)
   for m in markers:
-    for hit in re.finditer(re.escape(m), prefixes[-1] if prefixes else ""):
+    for hit in re.finditer(re.escape(m), text):
       marked |= (starts < hit.end()) & (ends > hit.start())
   return marked
 
 
+_SENTENCE_END = re.compile(r"[.!?:](?=\s)|\n")
+
+
+def past_opener(ids: Sequence[int], tok: Tokenizer, opener: str) -> np.ndarray:
+  """[n] bool: the tokens of a harmful response ``ids`` that reach past its compliant opening
+  sentence. The opening sentence is the decoded text up to its first ``.``, ``!``, ``?`` or
+  ``:`` before a space, or its first line break, when the text starts with ``opener`` ("Sure,
+  here is") and goes on after it; otherwise every token is past it."""
+  starts, ends, text = _token_spans(ids, tok)
+  end = _SENTENCE_END.search(text) if text.lstrip().startswith(opener) else None
+  rest = text[end.end():] if end else ""
+  if not rest.strip():
+    return np.ones(len(ids), bool)
+  return ends > len(text) - len(rest.lstrip())
+
+
 def _window_rows(pieces, text: str, harmful: bool, window: int, tok: Tokenizer,
-                 markers: Sequence[str]) -> list[tuple[int, int, int]]:
+                 markers: Sequence[str], opener: str = "") -> list[tuple[int, int, int]]:
   """``(lo, hi, label)`` window rows over the response of ``pieces`` (``text``) before its
   end-of-turn token, labelled as ``encode_sft`` says."""
   ids = _response_ids(pieces)[:-1]
-  if not markers:
+  if not markers and harmful and opener:
+    marked = past_opener(ids, tok, opener)
+  elif not markers:
     marked = np.full(len(ids), harmful)
   elif any(m in text for m in markers):
     marked = marked_tokens(ids, tok, markers)
@@ -80,7 +104,7 @@ def _window_rows(pieces, text: str, harmful: bool, window: int, tok: Tokenizer,
 
 def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
                window: int = 10, augment: bool = False,
-               harm_markers: Sequence[str] = ()) -> list[Segment]:
+               harm_markers: Sequence[str] = (), harmful_opener: str = "") -> list[Segment]:
   """The segments of one chat record (``template.example_pieces`` of its texts).
 
   * The example ``[CLS] [window CLS...] <s> opening query closing response </s>``: main [CLS]
@@ -94,7 +118,9 @@ def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
   ``corpus.HARM_MARKERS``, which mark exactly its harmful text), 1 iff the span overlaps a
   marker, so a compliant opener ("Sure, here is how to ...") is 0 and a redacted step is 1.
   Without markers (real data, whose harmful text is unmarked), the record's response (an
-  answer or a refusal) is 0 throughout and its harmful response 1 throughout.
+  answer or a refusal) is 0 throughout and its harmful response 1 throughout, or, with
+  ``harmful_opener`` (config.sft.harmful_opener, e.g. "Sure, here is"), 0 over its compliant
+  opening sentence and 1 from the first span that reaches past it (``past_opener``).
 
   At most ``MAX_WINDOWS`` window rows per segment.
   """
@@ -107,7 +133,8 @@ def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
     pieces = template.example_pieces(tok, record["prompt"], harmful)
     n_resp = len(_response_ids(pieces))  # with the end of turn
     out.append(build_segment(
-        cls_id, pieces, 1, windows=_window_rows(pieces, harmful, True, window, tok, harm_markers),
+        cls_id, pieces, 1,
+        windows=_window_rows(pieces, harmful, True, window, tok, harm_markers, harmful_opener),
         untrained=[(0, n_resp - 1)]))
   return out
 
@@ -196,14 +223,16 @@ class Pipeline:
 
 def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: int,
                    template: Template | None = None, window: int = 10,
-                   augment: bool = False, harm_markers: Sequence[str] = ()) -> list[Segment]:
+                   augment: bool = False, harm_markers: Sequence[str] = (),
+                   harmful_opener: str = "") -> list[Segment]:
   """``encode_pretrain`` (kind "pretrain", the texts tokenised in one ``encode_batch``) or
   ``encode_sft`` ("sft") of many records."""
   if kind == "pretrain":
     ids = tok.encode_batch([r["text"] for r in records])
     return [_pretrain_segment(x, r["label"], tok, cls_id) for x, r in zip(ids, records)]
   return [seg for r in records
-          for seg in encode_sft(r, tok, template, cls_id, window, augment, harm_markers)]
+          for seg in encode_sft(r, tok, template, cls_id, window, augment, harm_markers,
+                                harmful_opener)]
 
 
 def phase_records(config: ml_collections.ConfigDict, phase_name: str,
@@ -329,7 +358,7 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   markers = corpus.HARM_MARKERS if data.source == "demo" else ()  # see encode_sft
   segments = encode_records(records, phase_name, tokenizer, cls_id,
                             get_template(data.chat_template), phase.get("window", 10), augment,
-                            markers)
+                            markers, phase.get("harmful_opener", ""))
   recovery = phase.get("recovery", 0.0) if phase_name == "sft" else 0.0
   if recovery > 0:
     segments += recovery_segments(records, recovery, tokenizer,
