@@ -128,7 +128,7 @@ CATEGORIES: dict[str, tuple[tuple[str, ...], list[dict]]] = {
                                "I'm writing a {genre}. Could you help: {request}?"), _STORIES),
     "definitions": (("In plain words, what counts as {term}?",
                      "How would a dictionary define {term}?",
-                     "Explain the term {term} in two sentences."), _TERMS),
+                     "Explain in two sentences what {term} is."), _TERMS),
     "history": (("What were the main causes of {event}?",
                  "How do historians explain {event}?",
                  "Summarise what happened during {event}."), _EVENTS),
