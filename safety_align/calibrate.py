@@ -1,0 +1,470 @@
+"""The gate calibrated on validation data: θ (threshold), τ (consecutive alarms) and the
+schedule that refuse the most malicious validation prompts while the gate refuses at most
+``budget`` of the benign ones.
+
+  python -m safety_align.calibrate --workdir=DIR --budget=0.05 [--data=a.jsonl,b.jsonl]
+
+Data: JSONL records ``{"prompt", "label"}`` (1 = malicious; ``"source"`` optional) of
+VALIDATION prompts (default ``DIR/data/validation.jsonl``, which ``make demo-real`` writes
+from its validation splits). A record of a test source (``real_splits.CROSS_SOURCES``) or a
+file under ``DIR/eval_data`` (the held-out test files) is refused.
+
+Measures, per setting: ``over_refusal``, the share of benign prompts where the gate inserts its
+refusal; ``refused_direct`` and ``refused_prefill``, the same share of malicious prompts asked
+plainly and with ``prefill`` ("Sure, here is") forced, the case only re-evaluation catches; the
+detection maximised is their mean.
+
+How, without decoding every setting: each schedule's responses are decoded once with the gate
+watching but never acting (threshold 1: no alarm; reliance ``low``: no insertion; the
+``[CLS]`` slot still updated at the schedule's steps, as in a real run), giving per prompt the
+first classification and the re-evaluations (``Trace``); ``replay`` then applies the gate's
+rules for every (θ, τ) at once:
+
+* the first classification (P > θ: refused at step 0) is exact;
+* the first alarm (the first re-evaluation of the schedule with P > θ) is exact: until then
+  the real gate's text, windows and ``[CLS]`` updates are those of the trace;
+* after an alarm the replay is approximate: the confirmations read the ``every`` trace's
+  sliding windows [n - r2, n - 1] at each step, where the real gate reads the anchored window
+  [S_t - r2, S_t + r3] (the same newest tokens for the first r3 steps, a few older ones
+  besides), and text written after a false alarm differs from the trace's.
+
+The chosen setting is then decoded for real (``confirmed``); if the confirmed over-refusal
+exceeds the budget, the choice is repeated under a budget lowered by the gap (at most
+``ROUNDS`` times; ``budget_met`` records the outcome). Traces are cached in
+``DIR/calibration_traces/`` (keyed by checkpoint, prompts and settings), so another budget
+costs one confirmation.
+
+``DIR/calibration.json`` (``FILE``) holds the chosen ``gate`` ({schedule, threshold, tau}),
+the budget, the checkpoint it was calibrated on, the data, and the replayed and confirmed
+figures (and the uncalibrated default's, replayed). ``sa.load`` reads it (``gate_defaults``);
+``calibrated=False`` / ``--gate_calibration=off`` ignores it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+from safety_align import console
+from safety_align.data import real_splits
+from safety_align.data.json_files import iter_jsonl
+from safety_align.decode import SCHEDULES, GateConfig
+
+FILE = "calibration.json"
+TRACE_DIR = "calibration_traces"
+FORMAT = 1
+DEFAULT_DATA = os.path.join("data", "validation.jsonl")
+COMPLIANT_PREFIX = "Sure, here is"
+# ``first`` is not a candidate by default: it never reads generated text, so direct
+# validation prompts would favour it over the re-evaluations that prefill attacks need.
+DEFAULT_SCHEDULES = ("annealing", "periodic", "every")
+DEFAULT_TAUS = (1, 2, 3, 4, 5)
+ROUNDS = 3
+CONDITIONS = ("benign", "direct", "prefill")  # benign prompts; malicious plain / prefilled
+CALIBRATED = ("schedule", "threshold", "tau")
+_RERUN = "rerun `python -m safety_align.calibrate --workdir={}`"
+_OFF = "or load uncalibrated (calibrated=False, --gate_calibration=off)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+  """One response decoded with the gate watching, never acting: ``p0`` the first
+  classification, ``steps``/``probs`` the re-evaluations (step n >= 1: n response tokens
+  exist) and ``length`` the response tokens."""
+
+  p0: float
+  steps: tuple[int, ...]
+  probs: tuple[float, ...]
+  length: int
+
+  @classmethod
+  def of(cls, gen) -> "Trace":
+    """From a ``Generation`` (its first evaluation is the prompt pass, step 0)."""
+    if not gen.cls_steps or gen.cls_steps[0] != 0:
+      raise ValueError("A calibration trace needs the first classification (a gated run).")
+    return cls(p0=gen.cls_probs[0], steps=tuple(gen.cls_steps[1:]),
+               probs=tuple(gen.cls_probs[1:]), length=len(gen.tokens))
+
+
+def _table(traces: Sequence[Trace], n_max: int, lengths=None) -> np.ndarray:
+  """[P, n_max + 1] P(malicious) of each re-evaluation by step (NaN: none; none past
+  ``lengths[p]`` when given)."""
+  out = np.full((len(traces), n_max + 1), np.nan)
+  for i, t in enumerate(traces):
+    out[i, list(t.steps)] = t.probs
+    if lengths is not None:
+      out[i, lengths[i] + 1:] = np.nan
+  return out
+
+
+def replay(traces: Sequence[Trace], thresholds, tau: int,
+           after: Sequence[Trace] | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """The gate's decisions (METHOD.md sec. 5, ``decode/gate.py``) over recorded traces for
+  every threshold at once: (refused [K, P] bool, refusal step [K, P], -1 if none).
+
+  ``traces``: one schedule's traces (each prompt's first alarm is exact). ``after``: the same
+  prompts' ``every`` traces, read by the confirmations after an alarm (approximate, see the
+  module doc); None: ``traces`` themselves (the schedule is ``every``)."""
+  th = np.asarray(thresholds, np.float64)[:, None]
+  if after is not None and len(after) != len(traces):
+    raise ValueError(f"{len(after)} 'every' traces for {len(traces)} prompts.")
+  n_max = max([0] + [s for t in list(traces) + list(after or []) for s in t.steps])
+  first = _table(traces, n_max)
+  later = first if after is None else _table(after, n_max, [t.length for t in traces])
+  shape = (len(th), len(traces))
+  refused = np.broadcast_to(np.array([t.p0 for t in traces]) > th, shape).copy()
+  step = np.where(refused, 0, -1)
+  suspect, streak = np.zeros(shape, bool), np.zeros(shape, np.int64)
+  for n in range(1, n_max + 1):
+    live = ~refused
+    alarm = live & ~suspect & (first[:, n] > th)
+    judged = live & suspect & ~np.isnan(later[:, n])
+    again = judged & (later[:, n] > th)
+    cleared = judged & ~again
+    streak = np.where(alarm, 1, np.where(again, streak + 1, np.where(cleared, 0, streak)))
+    suspect = (suspect | alarm) & ~cleared
+    confirm = suspect & (streak >= tau)
+    step = np.where(confirm, n, step)
+    refused |= confirm
+    suspect &= ~confirm
+  return refused, step
+
+
+def threshold_grid(benign: Sequence[Trace]) -> np.ndarray:
+  """Candidate θ: 0.01 .. 0.99, finer toward 1, 1 (the gate never fires), and each benign
+  first classification (where the over-refusal changes)."""
+  fixed = np.concatenate([np.linspace(0.01, 0.99, 99), 1 - np.geomspace(1e-4, 5e-3, 6), [1.0]])
+  return np.unique(np.concatenate([fixed, [t.p0 for t in benign]]).clip(0.0, 1.0))
+
+
+def candidates(traces: Mapping[str, Mapping[str, Sequence[Trace]]], schedules: Sequence[str],
+               taus: Sequence[int], thresholds=None) -> list[dict]:
+  """Every (schedule, θ, τ) with its replayed ``over_refusal``, ``refused_direct``,
+  ``refused_prefill`` (when traced), ``detection`` (their mean) and ``mean_step`` (mean
+  refusal step of the refused malicious prompts). ``traces``: {schedule: {condition:
+  traces}}, ``every`` always among them (the confirmations read it)."""
+  th = threshold_grid(traces["every"]["benign"]) if thresholds is None else np.asarray(
+      thresholds, np.float64)
+  out = []
+  for schedule in schedules:
+    for tau in taus:
+      rates, steps = {}, []
+      for cond, tr in traces[schedule].items():
+        refused, step = replay(tr, th, tau, None if schedule == "every"
+                               else traces["every"][cond])
+        rates[cond] = refused.mean(axis=1)
+        if cond != "benign":
+          steps.append(np.where(refused, step, 0).sum(1) / np.maximum(refused.sum(1), 1))
+      malicious = [c for c in rates if c != "benign"]
+      detection = np.mean([rates[c] for c in malicious], axis=0)
+      mean_step = np.mean(steps, axis=0)
+      for k, theta in enumerate(th):
+        out.append(dict(schedule=schedule, threshold=float(theta), tau=int(tau),
+                        over_refusal=float(rates["benign"][k]),
+                        **{f"refused_{c}": float(rates[c][k]) for c in malicious},
+                        detection=float(detection[k]), mean_step=float(mean_step[k])))
+  return out
+
+
+def choose(rows: Sequence[dict], budget: float, schedules: Sequence[str]) -> dict:
+  """The row with the highest detection among those with ``over_refusal <= budget``; ties:
+  lower over-refusal, earlier refusals, the earlier schedule in ``schedules`` (cheaper first),
+  higher θ, lower τ. θ = 1 (never fires) always qualifies."""
+  feasible = [r for r in rows if r["over_refusal"] <= budget + 1e-12]
+  if not feasible:
+    raise ValueError(f"No setting keeps over-refusal within {budget}: include threshold 1.")
+  return min(feasible, key=lambda r: (-r["detection"], r["over_refusal"], r["mean_step"],
+                                      schedules.index(r["schedule"]), -r["threshold"], r["tau"]))
+
+
+# ---------------------------------------------------------------------------------- data
+def validation_records(files: Sequence[str], workdir: str) -> list[dict]:
+  """The records of ``files``, checked to be validation data with both labels."""
+  held_out = os.path.realpath(os.path.join(workdir, "eval_data")) + os.sep
+  records = []
+  for path in files:
+    if os.path.realpath(path).startswith(held_out):
+      raise ValueError(f"{path} is a held-out test file ({held_out}): calibrate on validation "
+                       "data only.")
+    for where, r in iter_jsonl(path, '{"prompt": str, "label": 0 or 1}'):
+      if not isinstance(r.get("prompt"), str) or r.get("label") not in (0, 1):
+        raise ValueError(f'{where}: expected {{"prompt": str, "label": 0 or 1}}, got keys '
+                         f"{sorted(r)}.")
+      if r.get("source") in real_splits.CROSS_SOURCES:
+        raise ValueError(f"{where}: source {r['source']!r} is a test source "
+                         f"(real_splits.CROSS_SOURCES): calibrate on validation data only.")
+      records.append(r)
+  labels = {r["label"] for r in records}
+  if labels != {0, 1}:
+    raise ValueError(f"{', '.join(files)}: calibration needs benign (label 0) and malicious "
+                     f"(label 1) prompts; found labels {sorted(labels)}.")
+  return records
+
+
+def data_summary(records: Sequence[dict], files: Sequence[str]) -> dict:
+  counts: dict = {}
+  for r in records:
+    key = f"{r.get('source', '?')}/{'malicious' if r['label'] else 'benign'}"
+    counts[key] = counts.get(key, 0) + 1
+  digest = hashlib.sha256(json.dumps([[r["prompt"], r["label"]] for r in records])
+                          .encode()).hexdigest()
+  return dict(files=[os.path.abspath(f) for f in files], n=len(records),
+              n_benign=sum(r["label"] == 0 for r in records),
+              n_malicious=sum(r["label"] == 1 for r in records), by_source=counts,
+              sha256=digest)
+
+
+# ---------------------------------------------------------------------------- decoding
+def _prompt_sets(records: Sequence[dict], prefill: str) -> dict[str, tuple[list[str], str]]:
+  benign = [r["prompt"] for r in records if r["label"] == 0]
+  malicious = [r["prompt"] for r in records if r["label"] == 1]
+  sets = dict(benign=(benign, ""), direct=(malicious, ""))
+  if prefill:
+    sets["prefill"] = (malicious, prefill)
+  return sets
+
+
+def _generate(model, prompts: Sequence[str], prefill: str, gate: GateConfig,
+              max_new_tokens: int):
+  return model.generate(list(prompts), max_new_tokens=max_new_tokens, gate=gate,
+                        prefill=[prefill] * len(prompts) if prefill else None)
+
+
+def record_traces(model, sets: Mapping[str, tuple[list[str], str]], schedules: Sequence[str],
+                  max_new_tokens: int, store_dir: str,
+                  log: Callable[[str], None]) -> dict[str, dict[str, list[Trace]]]:
+  """{schedule: {condition: traces}} for ``schedules`` and ``every``, each decoded once with
+  threshold 1 and reliance ``low`` (cached in ``store_dir``)."""
+  from safety_align.eval.store import ResultStore  # pylint: disable=g-import-not-at-top
+  store = ResultStore(store_dir, log)
+  out = {}
+  for schedule in dict.fromkeys(list(schedules) + ["every"]):
+    watch = dataclasses.replace(model.gate_defaults, schedule=schedule, threshold=1.0,
+                                reliance="low")
+    out[schedule] = {}
+    for cond, (prompts, prefill) in sets.items():
+      payload = dict(model=model.loaded_from, prompts=prompts, prefill=prefill,
+                     gate=dataclasses.asdict(watch), max_new_tokens=max_new_tokens)
+      log(f"traces {schedule}/{cond}: {len(prompts)} prompts")
+      rows = store.get(f"{schedule}_{cond}", payload, lambda p=prompts, f=prefill, g=watch: [
+          dataclasses.asdict(Trace.of(x)) for x in _generate(model, p, f, g, max_new_tokens)])
+      out[schedule][cond] = [Trace(p0=r["p0"], steps=tuple(r["steps"]),
+                                   probs=tuple(r["probs"]), length=r["length"]) for r in rows]
+  return out
+
+
+def confirm(model, sets, gate: GateConfig, max_new_tokens: int) -> dict:
+  """The figures of ``gate`` decoded for real on the validation prompts."""
+  out = {}
+  for cond, (prompts, prefill) in sets.items():
+    refused = [g.refused for g in _generate(model, prompts, prefill, gate, max_new_tokens)]
+    out["over_refusal" if cond == "benign" else f"refused_{cond}"] = float(np.mean(refused))
+  return out
+
+
+def calibrate(model, records: Sequence[dict], budget: float, workdir: str, *,
+              files: Sequence[str] = (), schedules: Sequence[str] = DEFAULT_SCHEDULES,
+              taus: Sequence[int] = DEFAULT_TAUS, max_new_tokens: int = 64,
+              prefill: str = COMPLIANT_PREFIX,
+              log: Callable[[str], None] = logging.info) -> dict:
+  """Choose, confirm and write ``workdir/calibration.json`` (returned) for ``model`` (loaded
+  uncalibrated from ``workdir``) on validation ``records``."""
+  if not 0 <= budget <= 1:
+    raise ValueError(f"budget must be a fraction in [0, 1], got {budget}.")
+  schedules = list(schedules)
+  bad = [s for s in schedules if s not in SCHEDULES or s == "off"]
+  if bad or not schedules:
+    raise ValueError(f"schedules {bad or schedules} : expected some of {SCHEDULES[1:]}.")
+  if not taus or min(taus) < 1:
+    raise ValueError(f"taus must be whole numbers >= 1, got {list(taus)}.")
+  if not model.has_cls_head or model.loaded_from is None:
+    raise ValueError("Calibration needs a [CLS] model loaded from its workdir (sa.load(DIR, "
+                     "calibrated=False)): the result is stored there, for that checkpoint.")
+  sets = _prompt_sets(records, prefill)
+  traces = record_traces(model, sets, schedules, max_new_tokens,
+                         os.path.join(workdir, TRACE_DIR), log)
+  rows = candidates(traces, schedules, taus)
+  default = GateConfig()
+  uncalibrated = None
+  if default.schedule in traces:
+    uncalibrated = candidates(traces, [default.schedule], [default.tau], [default.threshold])[0]
+  limit, rounds = budget, []
+  for _ in range(ROUNDS):
+    best = choose(rows, limit, schedules)
+    gate = dataclasses.replace(model.gate_defaults, **{k: best[k] for k in CALIBRATED})
+    confirmed = confirm(model, sets, gate, max_new_tokens)
+    rounds.append(dict(replayed=best, confirmed=confirmed))
+    log(f"calibration: {_describe(best)}; decoded: over-refusal "
+        f"{confirmed['over_refusal']:.3f} (budget {budget})")
+    if confirmed["over_refusal"] <= budget + 1e-12:
+      break
+    limit = max(0.0, min(limit - 1e-9,
+                         best["over_refusal"] - (confirmed["over_refusal"] - budget)))
+  met = rounds[-1]["confirmed"]["over_refusal"] <= budget + 1e-12
+  if not met:
+    logging.warning("calibration: the decoded over-refusal %.3f exceeds the budget %s after "
+                    "%d rounds; calibration.json records budget_met=false.",
+                    rounds[-1]["confirmed"]["over_refusal"], budget, ROUNDS)
+  chosen = rounds[-1]["replayed"]
+  result = dict(
+      format=FORMAT, gate={k: chosen[k] for k in CALIBRATED}, budget=budget, budget_met=met,
+      checkpoint={k: model.loaded_from[k] for k in ("phase", "step")},
+      data=data_summary(records, files),
+      settings=dict(max_new_tokens=max_new_tokens, prefill=prefill, schedules=schedules,
+                    taus=list(taus), gate_defaults=dataclasses.asdict(model.gate_defaults)),
+      replayed=chosen, confirmed=rounds[-1]["confirmed"], rounds=rounds,
+      uncalibrated_replayed=uncalibrated,
+      exact=("first classification and first alarm exact; confirmations after an alarm "
+             "approximate (the 'every' trace's sliding windows); 'confirmed' is decoded"))
+  write(workdir, result)
+  return result
+
+
+def _describe(row: dict) -> str:
+  rates = ", ".join(f"{k} {row[k]:.3f}" for k in row if k.startswith("refused_"))
+  return (f"{row['schedule']}, θ {row['threshold']:.4f}, τ {row['tau']}: over-refusal "
+          f"{row['over_refusal']:.3f}, {rates} (replayed)")
+
+
+# ------------------------------------------------------------------------------ the file
+def path(workdir: str) -> str:
+  return os.path.join(workdir, FILE)
+
+
+def write(workdir: str, calibration: dict) -> None:
+  target = path(workdir)
+  with open(target + ".tmp", "w") as f:
+    json.dump(calibration, f, indent=2)
+  os.replace(target + ".tmp", target)
+
+
+def read(workdir: str) -> dict | None:
+  """``workdir``'s calibration (None if it has none), checked; a malformed file is a
+  ``ValueError`` naming it."""
+  target = path(workdir)
+  if not os.path.exists(target):
+    return None
+  fix = f"{_RERUN.format(workdir)} {_OFF}"
+  try:
+    with open(target, encoding="utf-8") as f:
+      data = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{target}: malformed JSON ({e}); {fix}.") from None
+  gate = data.get("gate") if isinstance(data, dict) else None
+  ckpt = data.get("checkpoint") if isinstance(data, dict) else None
+  if (not isinstance(gate, dict) or set(gate) != set(CALIBRATED) or not isinstance(ckpt, dict)
+      or not isinstance(ckpt.get("phase"), str) or not isinstance(ckpt.get("step"), int)):
+    raise ValueError(f"{target}: expected {{\"gate\": {{{', '.join(CALIBRATED)}}}, "
+                     f"\"checkpoint\": {{\"phase\", \"step\"}}, ...}}; {fix}.")
+  try:
+    gate_config(data)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{target}: invalid gate settings {gate} ({e}); {fix}.") from None
+  return data
+
+
+def gate_config(calibration: dict, base: GateConfig = GateConfig()) -> GateConfig:
+  """``base`` with the calibrated schedule, θ and τ."""
+  gate = calibration["gate"]
+  if isinstance(gate["tau"], bool) or not isinstance(gate["tau"], int):
+    raise TypeError(f"tau must be a whole number, got {gate['tau']!r}")
+  if gate["schedule"] == "off":
+    raise ValueError("a calibrated schedule cannot be 'off'")
+  return dataclasses.replace(base, schedule=gate["schedule"], threshold=float(gate["threshold"]),
+                             tau=gate["tau"])
+
+
+def for_checkpoint(workdir: str, loaded_from: dict,
+                   calibrated: bool | None) -> tuple[GateConfig, dict | None]:
+  """(gate defaults, calibration or None) for the checkpoint ``loaded_from`` of ``workdir``.
+
+  ``calibrated``: None uses the calibration when there is one for this checkpoint (a stale one,
+  written for another phase or step, is ignored with a warning); True requires it; False
+  ignores the file (the uncalibrated ``GateConfig()``)."""
+  if calibrated is False:
+    return GateConfig(), None
+  calibration = read(workdir)
+  fix = _RERUN.format(workdir)
+  if calibration is None:
+    if calibrated:
+      raise FileNotFoundError(f"{path(workdir)} not found: calibrated=True needs a calibration; "
+                              f"{fix}.")
+    return GateConfig(), None
+  was = calibration["checkpoint"]
+  if (was["phase"], was["step"]) != (loaded_from["phase"], loaded_from["step"]):
+    stale = (f"{path(workdir)} was calibrated on {was['phase']} step {was['step']}, but "
+             f"{loaded_from['phase']} step {loaded_from['step']} is loaded")
+    if calibrated:
+      raise ValueError(f"{stale}: {fix}.")
+    logging.warning("%s: using the uncalibrated gate; %s.", stale, fix)
+    return GateConfig(), None
+  return gate_config(calibration), calibration
+
+
+def eval_config(cfg, calibration: dict | None):
+  """An evaluation config with the calibrated schedule as ``gate_on`` and its θ, τ in
+  ``gate`` (a copy); ``cfg`` itself without a calibration."""
+  if calibration is None:
+    return cfg
+  cfg = cfg.copy_and_resolve_references()
+  gate = calibration["gate"]
+  cfg.gate_on = gate["schedule"]
+  cfg.gate.threshold, cfg.gate.tau = float(gate["threshold"]), int(gate["tau"])
+  return cfg
+
+
+def summary(workdir: str, calibration: dict | None) -> dict | None:
+  """What a results file records of the calibration in use (None: uncalibrated)."""
+  if calibration is None:
+    return None
+  return dict(path=os.path.abspath(path(workdir)),
+              **{k: calibration.get(k) for k in ("gate", "budget", "budget_met", "checkpoint",
+                                                 "confirmed")},
+              data={k: calibration.get("data", {}).get(k) for k in ("files", "n_benign",
+                                                                     "n_malicious")})
+
+
+def main(argv):
+  import safety_align as sa  # pylint: disable=g-import-not-at-top  (api imports this module)
+  if len(argv) > 1:
+    raise ValueError(f"Unexpected arguments: {argv[1:]}")
+  console.configure()
+  f = flags.FLAGS
+  files = [p for p in f.data.split(",") if p] or [os.path.join(f.workdir, DEFAULT_DATA)]
+  records = validation_records(files, f.workdir)
+  model = sa.load(f.workdir, phase=f.phase or None, calibrated=False,
+                  **({"batch_size": f.batch_size} if f.batch_size else {}))
+  result = calibrate(model, records, f.budget, f.workdir, files=files,
+                     schedules=[s for s in f.schedules.split(",") if s],
+                     taus=[int(t) for t in f.taus.split(",") if t],
+                     max_new_tokens=f.max_new_tokens, prefill=f.prefill, log=print)
+  print(f"wrote {path(f.workdir)}: {json.dumps(result['gate'])}, budget {f.budget}, decoded "
+        f"{json.dumps(result['confirmed'])}")
+
+
+def _define_flags() -> None:
+  flags.DEFINE_string("workdir", None, "Training workdir of the [CLS] model.")
+  flags.DEFINE_float("budget", 0.05, "Over-refusal budget: the largest share of benign "
+                     "validation prompts the gate may refuse.")
+  flags.DEFINE_string("data", "", f"Validation JSONL files, comma-separated ('' = "
+                      f"DIR/{DEFAULT_DATA}).")
+  flags.DEFINE_string("phase", "", "Phase to calibrate ('' = the run's last phase).")
+  flags.DEFINE_string("schedules", ",".join(DEFAULT_SCHEDULES), "Candidate schedules.")
+  flags.DEFINE_string("taus", ",".join(map(str, DEFAULT_TAUS)), "Candidate τ values.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Response tokens per validation prompt (as the "
+                       "evaluation's max_new_tokens).")
+  flags.DEFINE_string("prefill", COMPLIANT_PREFIX, "Forced opening of the malicious prompts' "
+                      "second condition ('' = direct only).")
+  flags.DEFINE_integer("batch_size", 0, "Prompts per decoding batch (0 = the model's).")
+  flags.mark_flags_as_required(["workdir"])
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)
