@@ -35,12 +35,18 @@ def get_config(arg=None):
   c.init_from = arg
   c.init_phase = "import"
   c.use_cls = True
+  # The context the source supports (RoPE; its max_position_embeddings): what sa.load serves,
+  # however short the training rows (data.seq_len). 0: unknown (seq_len is served).
+  c.context_length = int(imported.get("hf_config", {}).get("max_position_embeddings") or 0)
   c.model = ml_collections.ConfigDict(imported["model"])
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.data = ml_collections.ConfigDict(dict(
       source="jsonl", data_dir="", manual_dir="", tokenizer=os.path.join(arg, "tokenizer.json"),
       chat_template=imported.get("chat_template", "llama2"), seq_len=2048, seed=0,
       overlong="drop",  # SFT examples > seq_len: "drop" | "truncate_response" | "error"
+      # Long rows (data/pipeline.long_rows): SFT examples longer than seq_len, up to
+      # long_seq_len, train in rows of that length on a long_share of the steps (0: off).
+      long_seq_len=0, long_share=0.0,
       wiki_threshold=0.5,
       mixture=ml_collections.ConfigDict(dict(n_malicious=14800, n_benign=14800, n_lima=-1,
                                              lima_safety_filter=True))))

@@ -40,9 +40,9 @@ PINNED = {
     ("mistral_7b_instruct_cls", "v0.1"):
         "60a13a2390026a9cb529084437ae8a4ebb662c978d2f924a9899ea02ce900fa1",
     ("finetune_imported", IMPORT):
-        "c75db4dfcbaa870f5b242851981e53c7ee24f87a4823e383bb0b09da5a212e1b",
+        "fcd4bfad428c65703f36a96e7a02395a7242410da3a7dc1ad7f707867f69f404",
     ("smollm2_135m_cls", IMPORT):
-        "79006bb456d3340f09286ce5eed9271cfad24252cc99b19eb6c9dc27fd971dd6",
+        "6c32c420ee43f52de693c30514c08e82372ebcfe47f86a2fc7b660982367faae",
 }
 
 

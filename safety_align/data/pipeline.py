@@ -2,11 +2,14 @@
 
 ``encode_pretrain`` / ``encode_sft`` turn records into :class:`~packing.Segment` s; a
 :class:`Pipeline` groups a seeded permutation of them into batches and packs batch ``k`` on
-demand; ``make_pipeline`` does it all for a phase of a config.
+demand; a :class:`MixedPipeline` gives a share of the steps long rows (``data.long_seq_len``:
+the SFT examples longer than ``data.seq_len``, e.g. queries inside real jailbreak wrappers);
+``make_pipeline`` does it all for a phase of a config.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Iterator, Sequence
@@ -16,6 +19,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from safety_align import sharding
 from safety_align.data import corpus, mixtures, tfds_builders
 from safety_align.data.packing import Segment, build_segment, pack, truncate, without_cls
 from safety_align.data.templates import Template, get_template
@@ -221,6 +225,54 @@ class Pipeline:
       step += 1
 
 
+class MixedPipeline:
+  """Short and long rows in one step sequence: optimiser step ``s`` takes its ``grad_accum``
+  micro-batches from ``long`` iff ``floor((s + 1) * share) > floor(s * share)`` (a ``share``
+  of the steps, evenly spread), else from ``short``; each pipeline's batches are numbered
+  over its own steps. So batch ``k`` stays a pure function of ``(seed, k)``, and the
+  micro-batches of one step share a shape (the train step compiles once per shape)."""
+
+  def __init__(self, short: Pipeline, long: Pipeline, share: float, grad_accum: int):
+    if not 0 < share <= 1:
+      raise ValueError(f"config.data.long_share must be in (0, 1], got {share}.")
+    self.short, self.long, self.share, self.grad_accum = short, long, share, grad_accum
+
+  def is_long(self, step: int) -> bool:
+    return math.floor((step + 1) * self.share) > math.floor(step * self.share)
+
+  def batch(self, k: int) -> dict[str, np.ndarray]:
+    """This host's rows of micro-batch ``k`` (of optimiser step ``k // grad_accum``)."""
+    step, j = divmod(k, self.grad_accum)
+    n_long = math.floor(step * self.share)  # long steps before ``step``
+    if self.is_long(step):
+      return self.long.batch(n_long * self.grad_accum + j)
+    return self.short.batch((step - n_long) * self.grad_accum + j)
+
+
+def long_rows(config: ml_collections.ConfigDict, phase_name: str) -> tuple[int, float, int]:
+  """``(long_seq_len, long_share, long_batch)`` of ``config.data`` for an SFT phase
+  (``(0, 0, 0)``: off, and always for pretraining). Long steps take ``batch_size * seq_len /
+  long_seq_len`` rows (about the tokens of a short step), a multiple of the data-parallel
+  devices, at least one per device."""
+  data = config.data
+  length, share = data.get("long_seq_len", 0), data.get("long_share", 0.0)
+  if not length or phase_name != "sft":
+    return 0, 0.0, 0
+  context = config.get("context_length", 0)
+  if length <= data.seq_len or (context and length > context):
+    raise ValueError(f"config.data.long_seq_len={length} must exceed data.seq_len="
+                     f"{data.seq_len}" + (f" and be at most the source's context_length="
+                                          f"{context}" if context else "") + " (0: off).")
+  if not 0 < share <= 1:
+    raise ValueError(f"config.data.long_share={share}: long rows need a share of the steps in "
+                     "(0, 1] (or long_seq_len=0).")
+  shape = dict(zip(sharding.MESH_AXES, sharding.mesh_shape(dict(config.mesh),
+                                                           jax.device_count())))
+  n_data = shape["data"] * shape["fsdp"]
+  rows = config[phase_name].batch_size * data.seq_len // length // n_data * n_data
+  return length, share, max(rows, n_data)
+
+
 def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: int,
                    template: Template | None = None, window: int = 10,
                    augment: bool = False, harm_markers: Sequence[str] = (),
@@ -294,8 +346,9 @@ def recovery_segments(records: Sequence[dict], fraction: float, tok: Tokenizer,
 
 
 def fit_examples(segments: Sequence[Segment], seq_len: int, policy: str,
-                 tok: Tokenizer) -> list[Segment]:
-  """SFT examples longer than ``seq_len`` by ``policy`` (``OVERLONG``), reported in one log line.
+                 tok: Tokenizer, field: str = "seq_len") -> list[Segment]:
+  """SFT examples longer than ``seq_len`` (``config.data.<field>``) by ``policy``
+  (``OVERLONG``), reported in one log line.
 
   "drop" leaves them out; "truncate_response" cuts the response of those whose prompt fits
   (window rows past the cut lose their label) and drops the rest; "error" raises. A query is
@@ -309,10 +362,10 @@ def fit_examples(segments: Sequence[Segment], seq_len: int, policy: str,
   longest = max(len(segments[i]) for i in over)
   first = segments[over[0]]
   query = tok.decode(first.tokens[first.roles == Role.QUERY])
-  what = (f"{len(over)} of {len(segments)} SFT examples are longer than config.data.seq_len="
+  what = (f"{len(over)} of {len(segments)} SFT examples are longer than config.data.{field}="
           f"{seq_len} tokens (the longest {longest}; e.g. the query {query[:60]!r})")
   if policy == "error":
-    raise ValueError(f"{what}: raise config.data.seq_len, or set config.data.overlong to "
+    raise ValueError(f"{what}: raise config.data.{field}, or set config.data.overlong to "
                      "'drop' or 'truncate_response'.")
   out, cut = [], 0
   for s in segments:
@@ -322,7 +375,7 @@ def fit_examples(segments: Sequence[Segment], seq_len: int, policy: str,
       out.append(truncate(s, seq_len))
       cut += 1
   if not out:
-    raise ValueError(f"{what}, which leaves no example: raise config.data.seq_len.")
+    raise ValueError(f"{what}, which leaves no example: raise config.data.{field}.")
   done = [f"cut the response of {cut}"] * bool(cut) + [f"dropped {len(over) - cut}"] * bool(
       len(over) - cut)
   logging.warning("%s: %s (config.data.overlong=%r).", what, ", ".join(done), policy)
@@ -336,7 +389,7 @@ def _prompt_length(segment: Segment) -> int:
 
 
 def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer: Tokenizer,
-                  cls_id: int, workdir: str) -> Pipeline:
+                  cls_id: int, workdir: str) -> Pipeline | MixedPipeline:
   """The pipeline of ``config.<phase_name>`` (records: documents for "pretrain", chat pairs
   for "sft").
 
@@ -350,6 +403,11 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   SFT phase (``replay_segments``), as real recipes replay pretraining data during SFT.
   ``config.sft.recovery`` > 0 adds recovery examples for that fraction of the malicious pairs
   with a harmful response (``recovery_segments``).
+
+  ``config.data.long_seq_len`` > 0 (with ``long_share``, ``long_rows``): the SFT examples
+  longer than ``seq_len`` (up to ``long_seq_len``; longer ones by ``overlong``) train in rows
+  of ``long_seq_len`` on that share of the steps (``MixedPipeline``), so ``[CLS]`` reads long
+  queries; the short rows and their step shape stay as they were.
   """
   records = phase_records(config, phase_name, workdir)
   phase, data = config[phase_name], config.data
@@ -363,16 +421,30 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   if recovery > 0:
     segments += recovery_segments(records, recovery, tokenizer,
                                   get_template(data.chat_template), cls_id, data.seed)
+  long_len, share, long_batch = long_rows(config, phase_name)
   if phase_name == "sft":
-    segments = fit_examples(segments, data.seq_len, data.get("overlong", "drop"), tokenizer)
+    segments = fit_examples(segments, long_len or data.seq_len, data.get("overlong", "drop"),
+                            tokenizer, "long_seq_len" if long_len else "seq_len")
   if not use_cls:
     segments = [without_cls(s) for s in segments]
+  long = [s for s in segments if len(s) > data.seq_len] if long_len else []
+  segments = [s for s in segments if len(s) <= data.seq_len] if long_len else segments
   replay = phase.get("replay", 0.0) if phase_name == "sft" else 0.0
   if replay > 0:
     segments += replay_segments(phase_records(config, "pretrain", workdir),
                                 round(replay * len(records)), tokenizer, data.seed)
-  return Pipeline(segments, phase.batch_size, data.seq_len, data.seed,
-                  jax.process_index(), jax.process_count())
+  host = (jax.process_index(), jax.process_count())
+  short = Pipeline(segments, phase.batch_size, data.seq_len, data.seed, *host)
+  if not long_len:
+    return short
+  if not long:
+    raise ValueError(f"config.data.long_seq_len={long_len}, but no SFT example is longer than "
+                     f"data.seq_len={data.seq_len}: add long examples (e.g. long jailbreak "
+                     "templates) or set long_seq_len=0.")
+  logging.info("%s: %d of %d examples in rows of %d tokens on %.0f%% of the steps.",
+               phase_name, len(long), len(long) + len(segments), long_len, 100 * share)
+  return MixedPipeline(short, Pipeline(long, long_batch, long_len, data.seed, *host), share,
+                       phase.get("grad_accum", 1))
 
 
 def demo_tokenizer(workdir: str, config: ml_collections.ConfigDict) -> Tokenizer:
