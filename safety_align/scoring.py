@@ -84,11 +84,12 @@ def continuation_logprobs(cfg: ModelConfig, params, tokens, roles, n_cont: int):
 
 
 def score_batch(cfg: ModelConfig, params, prompt_ids, prompt_roles, continuation_ids, *,
-                with_cls: bool, pad_id: int) -> np.ndarray:
+                with_cls: bool, pad_id: int, n_cont: int | None = None) -> np.ndarray:
   """[B] float64 summed continuation log-probabilities of one batch, padded to power-of-two
-  batch, length and continuation buckets (so repeated calls reuse compiled programs)."""
+  batch, length and continuation buckets (so repeated calls reuse compiled programs);
+  ``n_cont``: the continuation bucket (default: this batch's longest, bucketed)."""
   b = len(prompt_ids)
-  n_cont = bucket(max(len(c) for c in continuation_ids), minimum=1)
+  n_cont = n_cont or bucket(max(len(c) for c in continuation_ids), minimum=1)
   length = bucket(max(len(p) + len(c) for p, c in zip(prompt_ids, continuation_ids)))
   length = max(length, n_cont + 1)
   rows = bucket(b, minimum=1)
@@ -140,11 +141,12 @@ def score(cfg: ModelConfig, params, tokenizer, template, prompts: Sequence[str],
       raise ValueError(f"Prompt {i} + continuation ({len(p)} + {len(c)} tokens) exceeds the "
                        f"model's maximum length of {max_length} tokens; shorten them.")
   order = np.argsort([len(p) + len(c) for p, c in zip(p_ids, c_ids)], kind="stable")
+  n_cont = bucket(max(len(c) for c in c_ids), minimum=1)  # one per call: fewer programs
   logprob = np.zeros(len(order), np.float64)
   for s in range(0, len(order), batch_size):
     rows = order[s:s + batch_size]
     logprob[rows] = score_batch(cfg, params, [p_ids[i] for i in rows],
                                 [p_roles[i] for i in rows], [c_ids[i] for i in rows],
-                                with_cls=with_cls, pad_id=tokenizer.pad_id)
+                                with_cls=with_cls, pad_id=tokenizer.pad_id, n_cont=n_cont)
   return Scores(logprob=logprob, n_tokens=np.array([len(c) for c in c_ids]),
                 n_chars=np.array([len(c) for c in continuations]))

@@ -30,7 +30,7 @@ def get_config(arg=None):
     raise eval_config.unknown_variant(__file__, arg, ("full",))
   c = eval_config.load("default")
   c.attacks = ("direct,prefill_target,prefill_5,prefill_10,prefill_20,prefill_40,decoding,"
-               "gcg,gcg_adaptive,templates,prefill_adaptive,embedding,finetune")
+               "gcg,gcg_adaptive,templates,prefill_adaptive,embedding,finetune,agent_obfuscated")
   c.judge.update(harm="not_refused", refusals="harmbench")
   c.gcg.init_token = " x"  # "!" runs merge under SmolLM2's BPE; " x x x" re-tokenises
   c.train_baseline = False
@@ -43,6 +43,10 @@ def get_config(arg=None):
   # Qi et al.'s benign instruction fine-tuning, on the run's own benign SFT records
   # (finetune.data_file=WORKDIR/data; make demo-real sets it), at the SFT's learning rate.
   c.finetune.update(data="benign", steps=20, lr=5e-5, batch_size=8, seq_len=256)
+  # Utility benchmarks (eval/benchmarks.py): every multiple-choice task and MMLU, IFBench with
+  # the defence on and the everyday over-refusal on its answers (its checkers: pip install -e
+  # ".[benchmarks]"); :full scores every question.
+  c.benchmarks.update(tasks="all", ifbench=True, max_new_tokens=256)
   if arg == "full":
     c.gcg.update(n_prompts=10, steps=100, search_width=128, topk=128, n_suffix=20)
     c.decoding.update(temperatures="0.3,0.7,1.0", top_ps="0.5,0.9", top_ks="5,50")
@@ -54,4 +58,5 @@ def get_config(arg=None):
   c.prefill_adaptive.update(n_prompts=8, n_tokens=16)
   c.embedding.update(n_prompts=6, steps=50)
   c.overhead.update(n_prompts=16, new_tokens=64, repeats=3)
+  c.benchmarks.update(n=100, n_ifbench=100)
   return c
