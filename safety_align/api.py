@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from safety_align import checkpoint, scoring, sharding
+from safety_align import calibrate, checkpoint, scoring, sharding
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer, check_vocab
 from safety_align.decode import (SCHEDULES, Decoder, GateConfig, Prompts, Sampling, bucket,
@@ -30,6 +30,7 @@ from safety_align.decode import (SCHEDULES, Decoder, GateConfig, Prompts, Sampli
 from safety_align.model import ModelConfig, Transformer, unroll_layers
 
 CLS_PARAMS = ("cls_embed", "cls_head")
+SHORT_TOKENS = 512  # prompt + response length up to which a decoder call takes a whole batch
 _NO_CLS = ("needs the [CLS] embedding and head, which this checkpoint lacks; use gate='off', "
            "or import it with `python -m safety_align.convert import_hf` and train it.")
 
@@ -39,7 +40,8 @@ class Generation:
   """One response. ``text``/``tokens``: the response only (forced prefill included, EOS
   excluded). ``refusal_step``: token index in the response where the inserted refusal prefix
   starts. ``cls_probs``/``cls_steps``: P(malicious) at each evaluation and its step (the number
-  of response tokens it could read; 0 is the first classification of the query)."""
+  of response tokens it could read; 0 is the first classification of the query). ``gate``: the
+  gate settings it was decoded with (``resolve_gate``'s)."""
 
   text: str
   tokens: list[int]
@@ -47,6 +49,7 @@ class Generation:
   refusal_step: int | None
   cls_probs: list[float]
   cls_steps: list[int]
+  gate: GateConfig | None = None
 
 
 class SafetyModel:
@@ -59,8 +62,10 @@ class SafetyModel:
     tokenizer: ``data.tokenizer.Tokenizer`` (or any object with ``encode``, ``decode``,
       ``eos_id``, ``pad_id``, ``vocab_size``).
     template: a chat template (``prompt_pieces(tokenizer, prompt)``).
-    gate_defaults: gate settings that ``generate(gate=<schedule name>)`` starts from.
-    max_length: the longest prompt + response in tokens (``None``: no limit).
+    gate_defaults: the gate of ``generate(gate=None)``, and the settings that
+      ``generate(gate=<schedule name>)`` starts from (``load``: the workdir's calibration).
+    max_length: the longest prompt + response in tokens, the context the model serves
+      (``None``: no limit).
     batch_size: prompts per decoding batch.
     eos_ids: tokens that end a response (default: the tokenizer's EOS).
     uses_cls: whether the model was trained with [CLS] (``False``: the implicit-alignment
@@ -98,6 +103,7 @@ class SafetyModel:
                            else eos_ids, max_length=max_length, pad_id=tokenizer.pad_id,
                            mesh=self.mesh)
     self.loaded_from: dict | None = None  # set by ``load``: path, phase, step, steps
+    self.calibration: dict | None = None  # set by ``load``: the calibration.json in use
 
   def _prompts(self, prompts: Sequence[str], system: str | None = None,
                budget: Sequence[int] | int = 0) -> Prompts:
@@ -121,34 +127,32 @@ class SafetyModel:
           + (" or lower max_new_tokens." if extra else "."))
     return encoded
 
-  def _chunks(self, n: int, size: int | None = None):
-    size = size or self.batch_size
-    return [range(s, min(s + size, n)) for s in range(0, n, size)]
-
   def classify(self, prompts: Sequence[str]) -> np.ndarray:
     """[N] float: P(malicious) of each query (the SFT-phase [CLS], as in training)."""
     self._require_cls("classify")
     encoded = self._prompts(prompts)
     return np.concatenate([self.decoder.classify(self.params, _select(encoded, rows))
-                           for rows in self._chunks(len(encoded))])
+                           for rows in _chunks(encoded.lengths, self.batch_size)])
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-               gate: str | GateConfig = "annealing",
+               gate: str | GateConfig | None = None,
                prefill: Sequence[str] | None = None,
                system: str | None = None, sampling: Sequence[Any] | None = None,
                batch_size: int | None = None) -> list[Generation]:
     """Responses to ``prompts``.
 
-    ``gate``: a schedule name (``off``, ``first``, ``periodic``, ``every``, ``annealing``)
-    applied to ``gate_defaults``, or a full ``GateConfig``; either is resolved by
-    ``resolve_gate`` (``off``: the gate never acts). ``prefill``: per prompt, text forced at
-    the start of the response (the prefill attack). ``system``: a system message, rendered by
-    the chat template as TEMPLATE tokens ([CLS] reads only the QUERY). ``sampling``: per
-    prompt, its own settings (any object with ``temperature``, ``top_k``, ``top_p``, e.g.
-    ``attacks.decoding.Setting``) instead of the shared ``temperature``/``top_k``/``top_p``;
-    the rows of a sweep then share one compiled program. ``batch_size``: prompts per decoder
-    call (default: the model's). Sampling is reproducible: prompt i draws from
+    ``gate``: ``None`` for ``gate_defaults`` (a loaded workdir's calibrated gate, else
+    annealing at θ 0.5, τ 3), a schedule name (``off``, ``first``, ``periodic``, ``every``,
+    ``annealing``) applied to ``gate_defaults``, or a full ``GateConfig``; each is resolved by
+    ``resolve_gate`` (``off``: the gate never acts); ``Generation.gate`` records it.
+    ``prefill``: per prompt, text forced at the start of the response (the prefill attack).
+    ``system``: a system message, rendered by the chat template as TEMPLATE tokens ([CLS]
+    reads only the QUERY). ``sampling``: per prompt, its own settings (any object with
+    ``temperature``, ``top_k``, ``top_p``, e.g. ``attacks.decoding.Setting``) instead of the
+    shared ``temperature``/``top_k``/``top_p``; the rows of a sweep then share one compiled
+    program. ``batch_size``: prompts per decoder call (default: the model's; long prompts go
+    in smaller calls, ``_chunks``). Sampling is reproducible: prompt i draws from
     (seed, i, step), whatever the batching.
     """
     for name, value in dict(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -169,7 +173,7 @@ class SafetyModel:
     budget = max_new_tokens + np.array([len(f) for f in forced or [[]] * n_prompts])
     encoded = self._prompts(prompts, system, budget)
     out = []
-    for rows in self._chunks(len(encoded), batch_size):
+    for rows in _chunks(encoded.lengths + budget, batch_size or self.batch_size):
       res = self.decoder(
           self.params, _select(encoded, rows), max_new_tokens=max_new_tokens, gate=gate,
           sampler=sampler(rows), seed=seed,
@@ -182,7 +186,7 @@ class SafetyModel:
         out.append(Generation(
             text=tok.decode(tokens), tokens=tokens, refused=bool(res.refused[i]),
             refusal_step=int(res.refusal_step[i]) if res.refused[i] else None,
-            cls_probs=probs, cls_steps=steps))
+            cls_probs=probs, cls_steps=steps, gate=gate))
     return out
 
   def lm_logits(self, token_ids) -> np.ndarray:
@@ -262,14 +266,17 @@ def check_arg(name: str, value) -> None:
     raise ValueError(f"{name} must be {expected}, got {value!r}.")
 
 
-def resolve_gate(gate: str | GateConfig, defaults: GateConfig, has_cls: bool) -> GateConfig:
-  """The decoder's ``GateConfig`` for a public ``gate``: a schedule name applied to
-  ``defaults``, or a full ``GateConfig``. The one meaning of ``off`` (``generate``, the
+def resolve_gate(gate: str | GateConfig | None, defaults: GateConfig,
+                 has_cls: bool) -> GateConfig:
+  """The decoder's ``GateConfig`` for a public ``gate``: ``defaults`` (None), a schedule name
+  applied to ``defaults``, or a full ``GateConfig``. The one meaning of ``off`` (``generate``, the
   server, the evaluation): the gate never acts, no re-evaluation and no inserted refusal. A
   model with [CLS] still reads it in the prompt pass, the implicit path it was trained with
   (``schedule="first", reliance="low"``); a plain LM decodes without [CLS] (the decoder's own
   ``schedule="off"``). Any other schedule needs [CLS]."""
-  if isinstance(gate, str):
+  if gate is None:
+    gate = defaults
+  elif isinstance(gate, str):
     if gate not in SCHEDULES:
       raise ValueError(f"Unknown gate {gate!r}: expected one of {SCHEDULES}.")
     gate = dataclasses.replace(defaults, schedule=gate)
@@ -329,6 +336,21 @@ def _sampler(sampling: Sequence[Any] | None, n: int, shared: tuple[float, int, f
   return lambda rows: RowSampling.of([sampling[i] for i in rows], bucket(len(rows), minimum=1))
 
 
+def _chunks(lengths: np.ndarray, size: int) -> list[range]:
+  """Consecutive row ranges of at most ``size`` rows (``lengths`` [N] tokens each) whose rows x
+  bucketed length^2 stays within ``size`` x ``SHORT_TOKENS``^2: the prompt pass's dense
+  attention scores ([rows, heads, T, T]) of long prompts fit in the memory of a batch of short
+  ones, and short prompts keep whole batches."""
+  chunks, start, longest = [], 0, 0
+  for i, n in enumerate(np.asarray(lengths)):
+    longest = max(longest, bucket(int(n)))
+    rows = i - start + 1
+    if rows > size or (rows > 1 and rows * longest ** 2 > size * SHORT_TOKENS ** 2):
+      chunks.append(range(start, i))
+      start, longest = i, bucket(int(n))
+  return chunks + [range(start, len(lengths))]
+
+
 def _select(prompts: Prompts, rows) -> Prompts:
   return Prompts(ids=tuple(prompts.ids[i] for i in rows),
                  roles=tuple(prompts.roles[i] for i in rows))
@@ -343,21 +365,42 @@ def _plain_logits(cfg: ModelConfig, params, tokens):
   return logits
 
 
-def _max_length(config: dict[str, Any]) -> int | None:
-  """The context a checkpoint was trained for: the training ``data.seq_len``, or an imported
-  model's ``max_position_embeddings``."""
-  return (config.get("data", {}).get("seq_len")
-          or config.get("hf_config", {}).get("max_position_embeddings"))
+def _max_length(config: dict[str, Any], path: str) -> int | None:
+  """The context a checkpoint serves: its source's ``max_position_embeddings`` (RoPE), as the
+  training config records it (``context_length``, from the import) or an import directory
+  holds it (``hf_config``), or the training ``data.seq_len`` if that is longer. A model
+  trained from scratch serves its ``data.seq_len``; one fine-tuned from an import by an older
+  version (no ``context_length``) falls back to it, with a warning saying how to fix it."""
+  seq_len = config.get("data", {}).get("seq_len")
+  context = (config.get("context_length")
+             or config.get("hf_config", {}).get("max_position_embeddings"))
+  if context:
+    return max(int(context), seq_len or 0)
+  if seq_len and config.get("init_from"):
+    logging.warning(
+        "%s records no context_length, so it serves its training data.seq_len=%d tokens as its "
+        "context: add \"context_length\": N to %s (N: max_position_embeddings in the hf_config "
+        "of %s/config.json), or pass max_length=N to sa.load.", path, seq_len,
+        os.path.join(path, checkpoint.CONFIG_FILE), config["init_from"])
+  return seq_len
 
 
-def load(path: str, phase: str | None = None, **kwargs) -> SafetyModel:
+def load(path: str, phase: str | None = None, *, calibrated: bool | None = None,
+         **kwargs) -> SafetyModel:
   """A training workdir or an ``import_hf`` directory, with its tokenizer and chat template.
 
   ``phase``: whose newest intact checkpoint to load. ``None``: a workdir's last phase
   (``config.phases``; refused while it has no checkpoint, e.g. a pretraining model whose SFT
   phase has not run: ``phase="pretrain"`` asks for it), an import directory's "import".
   ``SafetyModel.loaded_from`` (and a log line) says what was loaded. ``kwargs`` go to
-  ``SafetyModel`` (e.g. ``gate_defaults``).
+  ``SafetyModel`` (e.g. ``gate_defaults``, ``max_length``: default the context the source
+  model supports, ``_max_length``).
+
+  ``calibrated``: the gate defaults from ``path/calibration.json`` (``python -m
+  safety_align.calibrate``: θ, τ and schedule for an over-refusal budget), recorded in
+  ``SafetyModel.calibration``. None (default): when there is one for the loaded checkpoint;
+  True: required; False: the uncalibrated ``GateConfig()``. An explicit ``gate_defaults``
+  wins.
 
   ``mesh`` (a ``kwargs`` key): serve across devices. A ``jax.sharding.Mesh`` with axes
   ``data``, ``fsdp``, ``tensor`` (``sharding.make_mesh``), or their sizes, e.g.
@@ -376,12 +419,17 @@ def load(path: str, phase: str | None = None, **kwargs) -> SafetyModel:
   model_config, params, extra = checkpoint.load_for_inference(path, phase, mesh=kwargs["mesh"])
   tokenizer = Tokenizer.load(extra["tokenizer_path"])
   eos_ids = extra.get("special_tokens", {}).get("eos_ids") or [tokenizer.eos_id]
-  kwargs.setdefault("max_length", _max_length(extra.get("config", {})))
+  if "max_length" not in kwargs:
+    kwargs["max_length"] = _max_length(extra.get("config", {}), path)
   kwargs.setdefault("eos_ids", eos_ids)
   kwargs.setdefault("uses_cls", extra.get("config", {}).get("use_cls", True))
+  loaded_from, calibration = _loaded_from(path, extra), None
+  if "gate_defaults" not in kwargs:
+    kwargs["gate_defaults"], calibration = calibrate.for_checkpoint(path, loaded_from,
+                                                                    calibrated)
   model = SafetyModel(model_config, params, tokenizer,
                       templates.get_template(extra["chat_template"]), **kwargs)
-  model.loaded_from = _loaded_from(path, extra)
+  model.loaded_from, model.calibration = loaded_from, calibration
   return model
 
 

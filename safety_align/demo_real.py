@@ -17,7 +17,9 @@ Every step resumes from what an earlier run left in WORKDIR:
    why; never harmful text), both cached in ``WORKDIR/responses/``; plus the augmentations of
    ``data/augment.py`` (benign contrast questions on the harmful topics, rephrasings, harmful
    prompts inside training jailbreak templates, styles dealt alike to both labels);
-4. ``configs/smollm2_135m_cls.py`` trains into WORKDIR (``sa.load(WORKDIR)``);
+4. ``configs/smollm2_135m_cls.py`` trains into WORKDIR (``sa.load(WORKDIR)``), and the gate
+   is calibrated (``calibrate.py``: θ, τ and schedule for ``--gate_budget`` over-refusal) on
+   the validation splits (``WORKDIR/data/validation.jsonl``) into ``WORKDIR/calibration.json``;
 5. the held-out prompts go to ``WORKDIR/eval_data/`` (the prefill attacks force the source
    model's own continuation of "Sure, here is", kept in the workdir only) and the attack suite
    (``configs/eval/real.py``) writes ``WORKDIR/eval/results.{json,md}``, with the utility NLL
@@ -39,7 +41,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import safety_align as sa
-from safety_align import console, convert, evaluate, model_card, train_lib
+from safety_align import calibrate, console, convert, evaluate, model_card, train_lib
 from safety_align.attacks.judges import opens_with_refusal
 from safety_align.data import augment, edgy_safe, package_data, real_splits, response_cache
 from safety_align.decode import GateConfig
@@ -79,6 +81,10 @@ def _define_flags() -> None:
                      "of data/augment.py's STYLES (both labels alike); 0: none.")
   flags.DEFINE_string("train_variant", "", "Variants of configs/smollm2_135m_cls.py "
                       "(e.g. top20+lambda0.3).")
+  flags.DEFINE_float("gate_budget", 0.05, "Over-refusal budget of the gate's calibration on the "
+                     "validation prompts (safety_align/calibrate.py); negative: uncalibrated.")
+  flags.DEFINE_string("calibration_schedules", "annealing,every", "Schedules the calibration "
+                      "chooses among.")
   flags.DEFINE_bool("evaluate", True, "Run the attack suite at the end.")
   config_flags.DEFINE_config_file("eval_config", os.path.join(_REPO, "configs", "eval",
                                                               "real.py"),
@@ -225,8 +231,16 @@ def compliant_openings(source: SourceModel, harmful: Sequence[dict], workdir: st
       desc="compliant openings", settings=dict(prefix=COMPLIANT_PREFIX, max_new_tokens=64))
 
 
+def max_template_chars(config) -> int:
+  """The longest training jailbreak template in characters: ``MAX_TEMPLATE_CHARS`` for rows of
+  ``data.seq_len``; with long rows (``data.long_seq_len``), about 3 characters a token of them
+  (an example still too long follows ``data.overlong``)."""
+  return 3 * config.data.long_seq_len if config.data.get("long_seq_len") else MAX_TEMPLATE_CHARS
+
+
 def augmented(records: Sequence[dict], seed: int, rephrase: float, n_jailbreak: int,
-              cache_dir: str | None, style: float = 0.0) -> list[dict]:
+              cache_dir: str | None, style: float = 0.0,
+              max_chars: int = MAX_TEMPLATE_CHARS) -> list[dict]:
   """``records`` + rephrasings of a ``rephrase`` fraction of them + ``n_jailbreak`` harmful
   ones inside the training split's short jailbreak templates + a ``style`` fraction of each
   label's in a style (``data/augment.py``; ``augment`` names which). The template-wrapped
@@ -236,7 +250,7 @@ def augmented(records: Sequence[dict], seed: int, rephrase: float, n_jailbreak: 
                if r.get("source") != QUERY_TEMPLATE_SOURCE]
   templates = real_splits.split_templates(package_data.jailbreak_templates(cache_dir),
                                           seed)["train"]
-  short = [t["template"] for t in templates if len(t["template"]) <= MAX_TEMPLATE_CHARS]
+  short = [t["template"] for t in templates if len(t["template"]) <= max_chars]
   return (list(records)
           + [dict(r, augment="rephrase") for r in augment.augment(originals, rephrase, rng)]
           + [dict(r, augment="jailbreak") for r in augment.wrap(
@@ -281,9 +295,12 @@ def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
       for r in data["test_cross_source"]])
   templates = real_splits.split_templates(package_data.jailbreak_templates(cache_dir),
                                           seed)["eval"]
-  # 4 short held-out ones. (pyrit's PAP techniques are instructions for an attacker LLM that
-  # paraphrases the request; the evaluation's built-in persuasion templates stand in.)
-  chosen = sorted(templates, key=lambda t: len(t["template"]))[:8:2]
+  # 4 held-out ones spread over the lengths, the longest included (the attack drops a query
+  # past the model's context). (pyrit's PAP techniques are instructions for an attacker LLM
+  # that paraphrases the request; the evaluation's built-in persuasion templates stand in.)
+  by_length = sorted(templates, key=lambda t: len(t["template"]))
+  chosen = [by_length[i] for i in sorted(set(np.linspace(0, len(by_length) - 1, 4).round()
+                                             .astype(int)))]
   with open(os.path.join(out, "templates.json"), "w") as f:
     json.dump([dict(name=t["name"], template=t["template"].replace(package_data.SLOT,
                                                                     "{prompt}"))
@@ -330,7 +347,7 @@ def add_report(eval_dir: str, report: dict) -> str:
   with open(path, "w") as f:
     json.dump(results, f, indent=2)
   c, u = report["classifier"], report["utility"]
-  lines = ["", "## [CLS] classifier by test set (θ = 0.5)", "",
+  lines = ["", f"## [CLS] classifier by test set (θ = {report['threshold']:.3g})", "",
            "| test set | n | AUROC | accuracy | F1 |", "|---|---|---|---|---|"]
   lines += [f"| {k} | {c[k]['n']} | {c[k]['auroc']:.3f} | {c[k]['accuracy']:.3f} | "
             f"{c[k]['f1']:.3f} |" for k in ("test_in_distribution", "test_cross_source")]
@@ -376,28 +393,41 @@ def main(argv):
   package_data.fetch(cache_dir=cache_dir)
   import_dir = import_source(workdir, cache_dir)
   stamp(f"source model in {import_dir}")
+  config = train_config(import_dir, flags.FLAGS.train_variant)
   data = splits(workdir, seed, flags.FLAGS.n_benign, cache_dir, flags.FLAGS.red_team,
                 flags.FLAGS.n_edgy)
   if flags.FLAGS.n_query_templates:
     data = with_query_templates(data, package_data.query_templates(cache_dir), seed,
-                                flags.FLAGS.n_query_templates)
+                                flags.FLAGS.n_query_templates, max_template_chars(config))
   stamp("splits: " + json.dumps({k: len(v) for k, v in data.items()}))
   source = SourceModel(import_dir)
   train = data["train"] + augment.contrast_records(
       [r for r in data["train"] if not r.get("query")], np.random.default_rng([seed, 4]))
   records = augmented(sft_records(source, train, workdir, max_new), seed,
                       flags.FLAGS.rephrase, flags.FLAGS.n_jailbreak, cache_dir,
-                      flags.FLAGS.style)
+                      flags.FLAGS.style, max_template_chars(config))
   write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)
+  validation = os.path.join(workdir, calibrate.DEFAULT_DATA)
+  write_jsonl(validation, [dict(prompt=r["prompt"], label=r["label"], source=r.get("source"))
+                           for name in data if name.startswith("validation")
+                           for r in data[name]])
   held_out = eval_data(source, data, workdir, seed, cache_dir, max_new)
   stamp(f"SFT records in {workdir}/data, held-out prompts in {held_out}")
 
-  config = train_config(import_dir, flags.FLAGS.train_variant)
   config.data.data_dir = os.path.join(workdir, "data")
   train_lib.train(config, workdir)
   stamp("trained")
-  model = sa.load(workdir)
-  report = dict(classifier=classifier_by_split(model, data, 0.5),
+  if flags.FLAGS.gate_budget >= 0:
+    result = calibrate.calibrate(
+        sa.load(workdir, calibrated=False), calibrate.validation_records([validation], workdir),
+        flags.FLAGS.gate_budget, workdir, files=[validation],
+        schedules=flags.FLAGS.calibration_schedules.split(","),
+        max_new_tokens=flags.FLAGS.eval_config.max_new_tokens)
+    stamp(f"gate calibrated: {json.dumps(result['gate'])}, validation "
+          f"{json.dumps(result['confirmed'])}")
+  model = sa.load(workdir, calibrated=flags.FLAGS.gate_budget >= 0)
+  report = dict(threshold=model.gate_defaults.threshold,
+                classifier=classifier_by_split(model, data, model.gate_defaults.threshold),
                 utility=utility(source, model, held_out))
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)

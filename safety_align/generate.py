@@ -1,7 +1,9 @@
-"""``python -m safety_align.generate --workdir=DIR --prompt="..." [--gate=annealing]``.
+"""``python -m safety_align.generate --workdir=DIR --prompt="..." [--gate=annealing]
+[--gate_calibration=off]``.
 
-Prints the response, whether the gate refused (and at which response token), and the [CLS]
-trace: P(malicious) at each evaluation (step 0 is the query's classification). The numeric
+Prints the response, whether the gate refused (and at which response token), the gate settings
+(the workdir's calibration unless ``--gate_calibration=off``) and the [CLS] trace:
+P(malicious) at each evaluation (step 0 is the query's classification). The numeric
 flags are checked by the Python API's own checks, so both give the same errors.
 """
 
@@ -44,9 +46,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir or import_hf d
 _PHASE = flags.DEFINE_string("phase", "", "Phase to load ('' = the run's last phase; "
                              "'pretrain' asks for the pretraining model).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The user's request.")
-_GATE = flags.DEFINE_enum("gate", "annealing", SCHEDULES,
+_GATE = flags.DEFINE_enum("gate", None, SCHEDULES,
                           "Re-classification schedule ('off': the gate never acts; "
-                          "api.resolve_gate).")
+                          "api.resolve_gate; default: the model's, calibrated or annealing).")
+_CALIBRATION = flags.DEFINE_enum("gate_calibration", "on", ["on", "off"],
+                                 "on: θ, τ and schedule from DIR/calibration.json when it has "
+                                 "one for the checkpoint; off: the uncalibrated defaults.")
 _MAX_NEW = _number("max_new_tokens", 64, "Tokens to generate after the prefill.")
 _TEMPERATURE = _number("temperature", 0.0, "0 = greedy.")
 _TOP_K = _number("top_k", 0, "Sample from the k most likely tokens (0 = all).")
@@ -64,16 +69,23 @@ def report(model: api.SafetyModel, prompt: str, *, prefill: str = "", **settings
                f"(after {where!r})")
   else:
     verdict = "refused: no"
+  if settings.get("gate") == "off":
+    gate = "gate: off"
+  else:
+    gate = (f"gate: {gen.gate.schedule}, θ {gen.gate.threshold:.4g}, τ {gen.gate.tau}"
+            + (f" (calibrated: {model.loaded_from['path']}/calibration.json)"
+               if model.calibration else ""))
   trace = "\n".join(f"  step {s:4d}: P(malicious) = {p:.4f}"
                     for s, p in zip(gen.cls_steps, gen.cls_probs)) or "  (gate off)"
-  return f"{gen.text}\n\n{verdict}\n[CLS] trace:\n{trace}"
+  return f"{gen.text}\n\n{verdict}\n{gate}\n[CLS] trace:\n{trace}"
 
 
 def main(argv):
   del argv
   console.configure()
   try:
-    model = api.load(_WORKDIR.value, phase=_PHASE.value or None)
+    model = api.load(_WORKDIR.value, phase=_PHASE.value or None,
+                     calibrated=None if _CALIBRATION.value == "on" else False)
     source = model.loaded_from
     print(f"loaded {source['path']}: phase {source['phase']}, step {source['step']}",
           file=sys.stderr)

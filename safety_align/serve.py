@@ -1,4 +1,5 @@
-"""``python -m safety_align.serve --workdir=DIR [--port=8000] [--api_key=KEY] [--gate=annealing]``.
+"""``python -m safety_align.serve --workdir=DIR [--port=8000] [--api_key=KEY] [--gate=annealing]
+[--gate_calibration=off]``.
 
 An OpenAI-compatible HTTP server (FastAPI on uvicorn): ``GET /v1/models``,
 ``POST /v1/chat/completions`` (streamed or not; every choice carries a ``safety`` object),
@@ -29,7 +30,11 @@ _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free one, logged).")
 _API_KEY = flags.DEFINE_string("api_key", None, "If set, /v1/* requires 'Authorization: "
                                "Bearer KEY'.")
-_GATE = flags.DEFINE_enum("gate", "annealing", SCHEDULES, "Gate of requests that set none.")
+_GATE = flags.DEFINE_enum("gate", None, SCHEDULES, "Gate of requests that set none (default: "
+                          "the model's, calibrated or annealing).")
+_CALIBRATION = flags.DEFINE_enum("gate_calibration", "on", ["on", "off"],
+                                 "on: θ, τ and schedule from DIR/calibration.json when it has "
+                                 "one for the checkpoint; off: the uncalibrated defaults.")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most requests per decode call.")
 _WINDOW = flags.DEFINE_float("batch_window_ms", 15.0, "How long a request waits for others "
                              "to share its decode call.")
@@ -51,9 +56,11 @@ def _exit_cleanly(signum, frame):
 def main(argv):
   del argv
   signal.signal(signal.SIGTERM, _exit_cleanly)
-  model = api.load(_WORKDIR.value, phase=_PHASE.value or None)
+  model = api.load(_WORKDIR.value, phase=_PHASE.value or None,
+                   calibrated=None if _CALIBRATION.value == "on" else False)
   name = _NAME.value or os.path.basename(os.path.abspath(_WORKDIR.value))
-  server_app = create_app(model, name=name, api_key=_API_KEY.value, gate=_GATE.value,
+  server_app = create_app(model, name=name, api_key=_API_KEY.value,
+                          gate=_GATE.value or model.gate_defaults.schedule,
                           max_batch=_MAX_BATCH.value, window_s=_WINDOW.value / 1e3,
                           max_tokens=_MAX_TOKENS.value, shutdown_timeout=_SHUTDOWN.value)
   server = uvicorn.Server(uvicorn.Config(server_app, host=_HOST.value, port=_PORT.value,

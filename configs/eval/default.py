@@ -46,6 +46,9 @@ def get_config(arg=None):
   c.schedule_attacks = "direct,prefill_5,prefill_10,prefill_20,prefill_40"
   c.gate = ml_collections.ConfigDict(dict(  # decode.GateConfig fields for every gated run
       threshold=0.5, tau=3, reliance="medium", period=10, r1=10, r2=10, r3=10))
+  # "on": the workdir's calibration.json (safety_align/calibrate.py), when it has one for the
+  # checkpoint, replaces gate_on, gate.threshold and gate.tau; "off": the settings above.
+  c.gate_calibration = "on"
   c.prefill = ml_collections.ConfigDict(dict(
       deep_tokens=256,       # prefill_deep: up to this many forced tokens ...
       deep_keep=16,          # ... leaving this many of the harmful answer unforced ...

@@ -66,6 +66,9 @@ def validate(cfg) -> None:
     if s not in GATED:
       raise ValueError(f"Unknown gate schedule {s!r}: expected one of {GATED}.")
   gate_config(cfg, cfg.gate_on)
+  if cfg.gate_calibration not in ("on", "off"):
+    raise ValueError(f"gate_calibration must be 'on' (the workdir's calibration.json) or 'off', "
+                     f"got {cfg.gate_calibration!r}.")
   judges.refusal_strings(cfg.judge.refusals)
   if cfg.judge.harm not in judges.HARM_JUDGES:
     raise ValueError(f"Unknown judge.harm {cfg.judge.harm!r}: expected one of "

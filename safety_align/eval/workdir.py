@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from safety_align import checkpoint
+from safety_align import calibrate, checkpoint
 from safety_align.eval import baseline as baseline_lib
 from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
@@ -36,8 +36,10 @@ def run(workdir: str, eval_config) -> str:
     seed = checkpoint.read_config(workdir).get("data", {}).get("seed", 0)
   items, benign, pairs = (data.held_out_files(cfg.held_out_dir) if cfg.held_out_dir
                           else data.held_out(seed))
-  gate = config_lib.gate_config(cfg, cfg.gate_on)
-  model = sa.load(workdir, gate_defaults=gate, batch_size=cfg.batch_size)
+  model = sa.load(workdir, batch_size=cfg.batch_size,
+                  calibrated=None if cfg.gate_calibration == "on" else False)
+  cfg = calibrate.eval_config(cfg, model.calibration)
+  gate = model.gate_defaults = config_lib.gate_config(cfg, cfg.gate_on)
   if not model.has_cls_head:
     raise ValueError(f"{workdir} holds a model without [CLS] (use_cls=False): evaluate the "
                      "[CLS] model, and give this one as baseline_workdir.")
@@ -65,6 +67,8 @@ def run(workdir: str, eval_config) -> str:
                                     judge=judge, answers=utility.reference_answers(
                                         cfg.held_out_dir, seed, cfg.n_utility))
   results["model"] = os.path.abspath(workdir)
+  results["gate"] = dict(schedule=cfg.gate_on, **dict(cfg.gate))
+  results["calibration"] = calibrate.summary(workdir, model.calibration)
   if which:
     results["baselines_source"] = os.path.abspath(source)
   results["seconds"] = time.time() - t0
