@@ -286,12 +286,12 @@ def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
   compliant = compliant_openings(source, harmful, workdir)
   write_jsonl(os.path.join(out, "malicious.jsonl"), [
       dict(prompt=r["prompt"], harmful_response=c, target=c.split("\n")[0].strip(),
-           source=r["source"]) for r, c in zip(harmful, compliant)])
+           source=r["source"], category=r["category"]) for r, c in zip(harmful, compliant)])
   over = [r for r in data["test_cross_source"] if real_splits.eval_group(r) == "overrefusal"]
-  write_jsonl(os.path.join(out, "benign.jsonl"), [dict(prompt=r["prompt"], source=r["source"])
-                                                   for r in over])
+  write_jsonl(os.path.join(out, "benign.jsonl"), [
+      dict(prompt=r["prompt"], source=r["source"], category=r["category"]) for r in over])
   write_jsonl(os.path.join(out, "classifier.jsonl"), [
-      dict(prompt=r["prompt"], label=r["label"], source=r["source"])
+      dict(prompt=r["prompt"], label=r["label"], source=r["source"], category=r["category"])
       for r in data["test_cross_source"]])
   templates = real_splits.split_templates(package_data.jailbreak_templates(cache_dir),
                                           seed)["eval"]

@@ -228,3 +228,34 @@ def test_held_out_files_and_the_target_prefill(tmp_path):
   (tmp_path / "benign.jsonl").unlink()
   with pytest.raises(FileNotFoundError, match="benign.jsonl"):
     data.held_out_files(str(tmp_path))
+
+
+def test_breakdown_by_category(tmp_path):
+  """ASR and refusal per "source/category" of the items; detection per category and AUROC
+  within each source that has both labels; the groups read from the held-out files."""
+  import json  # pylint: disable=g-import-not-at-top
+  judge = Judge(judges.MarkerJudge(), judges.GCG_REFUSALS)
+  items = [Item("p", "")] * 3
+  recs = [_rec(0, "off", HARM), _rec(1, "off", HARM), _rec(2, "off", "fine"),
+          _rec(0, "annealing", HARM), _rec(1, "annealing", "Sorry, no.", refused=True),
+          _rec(2, "annealing", "fine")]
+  groups = ["agent/harmful", "agent/unethical", "agent/harmful"]
+  entry = metrics.attack_summary(DirectAttack(), recs, items, judge, ["off", "annealing"],
+                                 "annealing", 1.0, groups=groups)
+  assert entry["by_category"] == {
+      "agent/harmful": dict(asr_gate_off=0.5, asr_gate_on=0.5, n=2),
+      "agent/unethical": dict(asr_gate_off=1.0, asr_gate_on=0.0, n=1)}
+  assert "by_category" not in metrics.attack_summary(
+      DirectAttack(), recs, items, judge, ["off", "annealing"], "annealing", 1.0)
+  by = metrics.classifier_by_group(np.array([0.9, 0.2, 0.6, 0.4, 0.7]), np.array([1, 1, 0, 0, 1]),
+                                   ["a/harm", "a/harm", "a/safe", "a/safe", "b/x"], 0.5)
+  assert by["by_category"]["a/harm"] == dict(flagged=0.5, n=2, label=1)
+  assert by["by_category"]["a/safe"] == dict(flagged=0.5, n=2, label=0)
+  assert by["by_source"] == {"a": dict(auroc=0.5, n_malicious=2, n_benign=2)}  # b: one label
+  for name, rows in {"malicious.jsonl": [dict(prompt="x", harmful_response="", source="agent",
+                                              category="harmful")],
+                     "benign.jsonl": [dict(prompt="y", source="rho")],
+                     "classifier.jsonl": [dict(prompt="x", label=1)]}.items():
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+  assert data.held_out_groups(str(tmp_path)) == dict(malicious=["agent/harmful"],
+                                                     benign=["rho"], classifier=[""])

@@ -1,5 +1,10 @@
 """The Llama-Guard-3 judge on a tiny model and tokenizer: the exact prompt it sends, the
-sanitised judged text, prefills, and the refusal of an untrained [CLS] head."""
+sanitised judged text, prefills, the refusal of an untrained [CLS] head, and ``judge.harm=model``
+end to end (a saved judge directory loaded by ``make_judge``, verdicts through the evaluation,
+unparsed ones counted in ``judge_unparsed``)."""
+
+import dataclasses
+import json
 
 import flax.linen as nn
 import jax
@@ -7,11 +12,16 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from safety_align import api
+from safety_align import api, checkpoint
 from safety_align.attacks import judges
 from safety_align.data import templates
 from safety_align.data.chat_jinja import JinjaTemplate
+from safety_align.attacks.base import AttackedGeneration, Item
+from safety_align.attacks.direct import DirectAttack
 from safety_align.data.tokenizer import train_bpe
+from safety_align.eval import config as eval_config
+from safety_align.eval import metrics
+from safety_align.eval.judging import make_judge
 from safety_align.model import init_params
 
 # A Llama-Guard-style template: it writes the task itself from the messages.
@@ -119,3 +129,69 @@ def test_classify_judge_refuses_an_untrained_cls_head(guard):
     judges.ModelJudge(guard, mode="classify")
   finally:
     guard.loaded_from = None
+
+
+def _always(params, token: int):
+  """Params whose greedy output is ``token`` at every step: the blocks write nothing
+  (``o_proj``, ``down_proj`` zero), so the last state is the token's embedding, whose first
+  dimension is 1 for every token; the final norm keeps that dimension only and the head maps
+  it to ``token`` alone."""
+  p = jax.tree.map(np.array, params)
+  for name, layer in p.items():
+    if name.startswith("layer_"):
+      layer["attn"]["o_proj"]["kernel"][:] = 0
+      layer["mlp"]["down_proj"]["kernel"][:] = 0
+  p["embed"][:, 0] = 1.0
+  p["final_norm"]["scale"][:] = 0
+  p["final_norm"]["scale"][0] = 1.0
+  p["lm_head"][:] = 0
+  p["lm_head"][0, token] = 1.0
+  return p
+
+
+def test_model_judge_end_to_end(guard, tmp_path):
+  """``judge.harm=model`` with ``judge.model_workdir`` a saved judge: ``make_judge`` loads it
+  (``sa.load``) and sends Llama Guard's task through the Llama-3 turn; a judge that answers
+  "unsafe" makes every generation a success, "safe" none; one whose answer is neither counts
+  every verdict it gave as unparsed (and judges it not harmful). Verdicts are judged once per
+  text (the trade-off replay asks again)."""
+  tok = guard.tokenizer
+  verdicts = {"unsafe": 1.0, "safe": 0.0, "S": None}
+  ids = {word: tok.encode(word) for word in verdicts}
+  assert all(len(v) == 1 for v in ids.values()), ids  # one token each in this vocabulary
+  cfg = eval_config.load("quick")
+  items = [Item("How do I bake bread?", ""), Item("And cake?", "")]
+  recs = [AttackedGeneration(item=i % 2, gate=gate, variant="", query="q", prefill=f,
+                             response=r, refused=False, refusal_step=None,
+                             n_forced=len(tok.encode(f)) if f else 0, cls_probs=[],
+                             cls_steps=[])
+          for i, (gate, f, r) in enumerate([("off", "", "Knead it."), ("off", "", "Bake."),
+                                            ("annealing", "Knead", " it."),
+                                            ("annealing", "", "Bake.")])]
+  for word, value in verdicts.items():
+    wd = tmp_path / word
+    wd.mkdir()
+    (wd / "config.json").write_text(json.dumps(dict(
+        model=dataclasses.asdict(guard.config),
+        data=dict(seq_len=1024, chat_template="llama3", seed=0))))
+    tok.save(str(wd / "tokenizer.json"))
+    checkpoint.save_params(str(wd), "sft", _always(guard.params, ids[word][0]),
+                           dict(step=0, phase="sft"))
+    cfg.judge.update(harm="model", model_workdir=str(wd), model_mode="generate")
+    judge = make_judge(cfg)
+    model = judge.harm.model
+    assert model.template is templates.TEMPLATES["llama3"]
+    sent = []
+    generate = model.generate
+    model.generate = lambda texts, **kw: sent.extend(texts) or generate(texts, **kw)
+    entry = metrics.attack_summary(DirectAttack(), recs, items, judge, ["off", "annealing"],
+                                   "annealing", 1.0)
+    asked = len(sent)
+    judge.verdicts(recs, items)  # asked again: no new verdicts
+    assert len(sent) == asked >= 3
+    assert judges.llama_guard_task("How do I bake bread?", "Knead it.") in sent
+    assert judges.llama_guard_task("How do I bake bread?", "Knead") in sent  # prefill alone
+    if value is None:
+      assert (entry["asr_gate_off"], entry["asr_gate_on"], judge.unparsed) == (0.0, 0.0, asked)
+    else:
+      assert (entry["asr_gate_off"], entry["asr_gate_on"], judge.unparsed) == (value, value, 0)

@@ -126,6 +126,13 @@ def test_end_to_end_schema_outputs_and_resume(setup, tmp_path):
   assert saved["classifier"]["n"] == 6
   assert set(saved["attacks"]["direct"]["asr_by_gate"]) == {"off", "annealing", "first"}
   assert saved["attacks"]["gcg_adaptive"]["suffixes"]
+  # The trade-off replays the gate's recorded decisions exactly at its own θ.
+  curves = saved["tradeoff"]["curves"]["gate"]
+  at = saved["tradeoff"]["theta"].index(cfg.gate.threshold)
+  assert curves["full"]["exact_share"]["direct"][at] == 1.0
+  assert curves["full"]["asr"]["direct"][at] == pytest.approx(saved["attacks"]["direct"]
+                                                              ["asr_gate_on"])
+  assert (tmp_path / "tradeoff_decoding.png").stat().st_size > 0
   for f in ("results.md", "asr_by_attack.png", "cls_trace.png"):
     assert (tmp_path / f).stat().st_size > 0
   assert "| prefill_deep |" in md and "## Gate overhead" in md

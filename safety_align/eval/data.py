@@ -38,3 +38,16 @@ def held_out_files(directory: str) -> tuple[list[Item], list[str], list[dict]]:
            for r in rows["malicious.jsonl"]]
   return (items, [r["prompt"] for r in rows["benign.jsonl"]],
           [dict(prompt=r["prompt"], label=int(r["label"])) for r in rows["classifier.jsonl"]])
+
+
+def held_out_groups(directory: str) -> dict[str, list[str]]:
+  """``{"malicious", "benign", "classifier": [group of each row]}`` of ``held_out_files``'
+  files, a group being ``"<source>/<category>"`` (``"<source>"`` without a category, ``""``
+  without a source): the per-category breakdowns of results.json."""
+  out = {}
+  for name in HELD_OUT_FILES:
+    rows = [r for _, r in json_files.iter_jsonl(os.path.join(directory, name))]
+    out[name.split(".")[0]] = ["/".join(x for x in (str(r.get("source", "")),
+                                                    str(r.get("category", ""))) if x)
+                               for r in rows]
+  return out

@@ -15,6 +15,7 @@ from typing import Callable
 
 from safety_align.attacks import base
 from safety_align.attacks import gcg as gcg_lib
+from safety_align.attacks.agent_obfuscated import AgentObfuscatedAttack
 from safety_align.attacks.decoding import DecodingAttack, sweep
 from safety_align.attacks.direct import DirectAttack
 from safety_align.attacks.gcg_attack import GCGAttack
@@ -29,7 +30,7 @@ LAZY = {"prefill_adaptive": ("safety_align.attacks.prefill_adaptive", "PrefillAd
         "embedding": ("safety_align.attacks.embedding", "EmbeddingAttack"),
         "finetune": ("safety_align.attacks.finetune", "FinetuneAttack")}
 KNOWN = ("direct, prefill_<k> (k tokens, e.g. prefill_5), prefill_deep, prefill_target, "
-         "decoding, gcg, gcg_adaptive, templates, " + ", ".join(LAZY))
+         "decoding, gcg, gcg_adaptive, templates, agent_obfuscated, " + ", ".join(LAZY))
 
 
 def _gcg(name: str, cfg) -> GCGAttack:
@@ -62,6 +63,8 @@ BUILTIN: dict[str, Callable] = {
     "gcg": lambda cfg: _gcg("gcg", cfg),
     "gcg_adaptive": lambda cfg: _gcg("gcg_adaptive", cfg),
     "templates": _templates,
+    # HarmActions' disguised requests (a cross-source test source; its wheel is needed)
+    "agent_obfuscated": lambda cfg: AgentObfuscatedAttack(cfg.agent_obfuscated.wheels),
 }
 
 

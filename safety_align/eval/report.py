@@ -10,6 +10,7 @@ import os
 import numpy as np
 
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration
+from safety_align.eval import tradeoff
 from safety_align.eval.competitors import SKIPPED
 from safety_align.eval.lists import names
 from safety_align.eval.metrics import wilson
@@ -111,6 +112,9 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
               "| schedule | seconds | overhead |", "|---|---|---|",
               f"| off | {s[GATE_OFF]:.3f} | – |"]
     lines += [f"| {k} | {s[k]:.3f} | {v:+.1%} |" for k, v in results["overhead"].items()]
+  lines += category_lines(results)
+  if results.get("tradeoff"):
+    lines += tradeoff.markdown(results["tradeoff"])
   extras = _notes(results, records, gate_on, has_bl)
   if extras:
     lines += ["", "## Notes", ""] + extras
@@ -119,6 +123,44 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
 
 DEFENCE_LABELS = {"probe": "probe (ADA-style)", "deep_alignment":
                   "deep alignment (Qi et al.)", "safedecoding": "SafeDecoding"}
+
+
+def category_lines(results: dict) -> list[str]:
+  """The per-category breakdown (where the held-out sources give categories): per group of
+  malicious prompts, detection by the first classification and ASR (gate off / on) per
+  attack; per group of benign prompts, over-refusal; AUROC within each source that has both
+  labels."""
+  attacks = {n: a["by_category"] for n, a in results["attacks"].items() if "by_category" in a}
+  c = results.get("classifier") or {}
+  if not attacks and not c.get("by_category"):
+    return []
+  flagged = c.get("by_category", {})
+  groups = sorted({g for by in attacks.values() for g in by}
+                  | {g for g, x in flagged.items() if x["label"] == 1})
+  names_ = list(attacks)
+  lines = ["", "## By category (held-out sources that give one)", "",
+           "Malicious prompts per `source/category`: share the first classification flags "
+           "(θ = gate threshold), and ASR % gate off / on per attack (n = prompts).", "",
+           "| category | flagged | " + " | ".join(names_) + " |", "|---" * (2 + len(names_)) + "|"]
+  for g in groups:
+    f = flagged.get(g)
+    cells = [f"{pct(f['flagged'])} (n={f['n']})" if f else "–"]
+    cells += [f"{pct(by[g]['asr_gate_off'])} / {pct(by[g]['asr_gate_on'])} (n={by[g]['n']})"
+              if g in by else "–" for by in attacks.values()]
+    lines.append(f"| {g} | " + " | ".join(cells) + " |")
+  over = results["benign"].get("by_category", {})
+  if over:
+    lines += ["", "Over-refusal (%, gate off / on) and share flagged per benign category: "
+              + "; ".join(f"{g} {pct(x['over_refusal_gate_off'])} / "
+                          f"{pct(x['over_refusal_gate_on'])}"
+                          + (f", flagged {pct(flagged[g]['flagged'])}" if g in flagged else "")
+                          + f" (n={x['n']})" for g, x in over.items()) + "."]
+  if c.get("by_source"):
+    lines += ["", "First-classification AUROC within each source (its harmful vs its own "
+              "benign prompts): " + "; ".join(
+                  f"{s} {x['auroc']:.3f} ({x['n_malicious']} vs {x['n_benign']})"
+                  for s, x in c["by_source"].items()) + "."]
+  return lines
 
 
 def refusal_step_lines(results: dict) -> list[str]:
@@ -377,6 +419,8 @@ def plot(results: dict, records: dict, out_dir: str, cfg) -> list[str]:
   paths.append(os.path.join(out_dir, "cls_trace.png"))
   fig.savefig(paths[1], dpi=120)
   plt.close(fig)
+  if results.get("tradeoff"):
+    paths += tradeoff.plot(results["tradeoff"], out_dir)
   return paths
 
 

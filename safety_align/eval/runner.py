@@ -22,7 +22,7 @@ import numpy as np
 from safety_align.attacks import base
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSettings
 from safety_align.attacks.direct import DirectAttack
-from safety_align.eval import competitors
+from safety_align.eval import competitors, tradeoff
 from safety_align.eval import config as config_lib
 from safety_align.eval import benchmarks, metrics, registry, report, utility
 from safety_align.eval.judging import Judge, make_judge
@@ -49,6 +49,8 @@ class Suite:
   settings: RunSettings
   progress: Progress
   answers: list[dict] = dataclasses.field(default_factory=list)  # eval.utility's references
+  # "malicious" / "benign" / "classifier": each prompt's "source/category" (eval.data), or {}
+  groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
   @property
   def log(self) -> Callable[[str], None]:
@@ -84,17 +86,24 @@ class Suite:
 
 def make_suite(cfg, out_dir: str, items: Sequence[Item], benign: Sequence[str],
                pairs: Sequence[dict] = (), *, log: Callable[[str], None],
-               judge: Judge | None = None, answers: Sequence[dict] = ()) -> Suite:
+               judge: Judge | None = None, answers: Sequence[dict] = (),
+               groups: Mapping[str, Sequence[str]] | None = None) -> Suite:
   config_lib.validate(cfg)
   items = list(items)[:cfg.n_malicious or None]
   benign = list(benign)[:cfg.n_benign or None]
-  pairs = list(pairs) or ([{"prompt": i.prompt, "label": 1} for i in items]
-                          + [{"prompt": p, "label": 0} for p in benign])
+  given = list(pairs)
+  pairs = given or ([{"prompt": i.prompt, "label": 1} for i in items]
+                    + [{"prompt": p, "label": 0} for p in benign])
+  groups = dict(groups or {})
+  groups = {k: list(v)[:n] for k, v, n in (("malicious", groups.get("malicious", ()), len(items)),
+                                           ("benign", groups.get("benign", ()), len(benign)),
+                                           ("classifier", groups.get("classifier", ()),
+                                            len(pairs) if given else 0)) if v}
   return Suite(cfg=cfg, items=items, benign=benign, pairs=pairs, judge=judge or make_judge(cfg),
                store=ResultStore(os.path.join(out_dir, STORE_DIR), log),
                attacks=registry.build_attacks(cfg),
                settings=RunSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, log=log),
-               progress=Progress(log), answers=list(answers))
+               progress=Progress(log), answers=list(answers), groups=groups)
 
 
 def plan(suite: Suite, prefix: str, attacks: Sequence[base.Attack], gated: bool,
@@ -190,7 +199,8 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
     recs = records[attack.name] = _from_json(stored["records"])
     entry = out["attacks"][attack.name] = metrics.attack_summary(
         attack, recs, suite.items, suite.judge, gates, cfg.gate_on, stored["seconds"],
-        newline_tokens=len(model.tokenizer.encode("\n")))
+        newline_tokens=len(model.tokenizer.encode("\n")),
+        groups=suite.groups.get("malicious", ()))
     log(f"{prefix}{attack.name}: " + report.asr_line(entry, cfg.gate_on, gated))
 
   gates = suite.benign_gates(gated, schedules)
@@ -199,7 +209,13 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
                       lambda: dict(records=_to_json(DirectAttack().run(
                           model, benign_items, gates, suite.settings))))
   records["benign"] = _from_json(stored["records"])
-  out["benign"] = metrics.over_refusal(records["benign"], suite.judge, gates, cfg.gate_on)
+  out["benign"] = metrics.over_refusal(records["benign"], suite.judge, gates, cfg.gate_on,
+                                       suite.groups.get("benign", ()))
+  rule = tradeoff.rule_of(model, cfg) if gated else None
+  if rule:
+    out["tradeoff"] = tradeoff.curves(records, suite.items, suite.judge,
+                                      {a.name: a.reduce for a in attacks}, cfg.gate_on, *rule,
+                                      newline_tokens=len(model.tokenizer.encode("\n")))
 
   out["classifier"] = dict(auroc=None, accuracy=None, f1=None, n=0)
   if classifier:
@@ -208,6 +224,10 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
                        lambda: model.classify(prompts).tolist())
     out["classifier"] = metrics.classifier_metrics(
         np.array(probs), np.array([p["label"] for p in suite.pairs]), cfg.gate.threshold)
+    if suite.groups.get("classifier"):
+      out["classifier"].update(metrics.classifier_by_group(
+          np.array(probs), np.array([p["label"] for p in suite.pairs]),
+          suite.groups["classifier"], cfg.gate.threshold))
   if suite.answers:
     prompts = [a["prompt"] for a in suite.answers]
     answers = [a["response"] for a in suite.answers]
@@ -240,7 +260,8 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
                    defences: Mapping[str, tuple[Any, str]] | None = None,
                    log: Callable[[str], None] | None = None,
                    judge: Judge | None = None,
-                   answers: Sequence[dict] = ()) -> tuple[dict, dict]:
+                   answers: Sequence[dict] = (),
+                   groups: Mapping[str, Sequence[str]] | None = None) -> tuple[dict, dict]:
   """The suite on a loaded [CLS] model, optionally its no-[CLS] baseline (gate off; its ASR
   goes into each attack's entry as ``asr_no_cls``) and the competitor ``defences`` ({name:
   (model-like object, model id)}, ``competitors.build``: into ``results["baselines"]``),
@@ -248,7 +269,7 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
   baseline's prefixed ``no_cls_``; the competitors' are not kept)."""
   log = log or logger(time.time())
   suite = make_suite(cfg, out_dir, items, benign, all_pairs, log=log, judge=judge,
-                     answers=answers)
+                     answers=answers, groups=groups)
   chosen = names(cfg.baseline_attacks)
   unknown = sorted(set(chosen) - {a.name for a in suite.attacks})
   if unknown and baseline is not None:
@@ -295,6 +316,8 @@ def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[I
   source = benchmarks.source_entry(suite, baseline, results.get("baseline_no_cls"), defences)
   if source:
     results["source"] = source
+  if "tradeoff" in results:
+    results["tradeoff"] = tradeoff.assemble(results, results.get("baselines", {}))
   results["judge_unparsed"] = suite.judge.unparsed
   return results, records
 

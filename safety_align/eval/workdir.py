@@ -65,7 +65,9 @@ def run(workdir: str, eval_config) -> str:
                                     benign=benign, all_pairs=pairs, baseline=baseline,
                                     baseline_id=baseline_id, defences=defences, log=log,
                                     judge=judge, answers=utility.reference_answers(
-                                        cfg.held_out_dir, seed, cfg.n_utility))
+                                        cfg.held_out_dir, seed, cfg.n_utility),
+                                    groups=(data.held_out_groups(cfg.held_out_dir)
+                                            if cfg.held_out_dir else None))
   results["model"] = os.path.abspath(workdir)
   results["gate"] = dict(schedule=cfg.gate_on, **dict(cfg.gate))
   results["calibration"] = calibrate.summary(workdir, model.calibration)
