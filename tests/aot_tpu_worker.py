@@ -34,16 +34,22 @@ def main():
   out = {"topology": target.topology, "device_kind": devices[0].device_kind}
   replicated = tuple((name, None if name == "vocab" else axes) for name, axes in sharding.RULES)
   for name, rules in (("sharded", sharding.RULES), ("vocab_replicated", replicated)):
-    r = tpu_aot.train_step(config(), "sft", target, devices, rules=rules)
+    c = config()
+    r = tpu_aot.train_step(c, "sft", target, devices, rules=rules)
     out[name] = dict(peak=r.memory.peak, arguments=r.memory.arguments,
                      bound=tpu_aot.SLACK * (r.estimate.params + r.estimate.opt_state),
                      problem=tpu_aot.memory_problem(r, r.estimate),
-                     collectives=r.collectives.counts, flops_agree=r.flops_agree,
-                     xla_flops=r.xla_flops, analytic_flops=r.analytic_flops)
+                     collectives=r.collectives.counts, hlo_agrees=r.hlo_agrees,
+                     hlo_flops=r.hlo_flops, hlo_expected=r.hlo_expected,
+                     hardware_flops=r.hardware_flops, model_flops=r.model_flops,
+                     mfu_bound=r.mfu_bound, layers=c.model.n_layers,
+                     grad_accum=c.sft.grad_accum, layer_gathers=sum(
+                         runs for kind, runs, _, op in r.collectives.ops
+                         if kind == "all-gather" and "/layers/" in (op or "")))
   d = tpu_aot.decode_loop(config(), target, devices, batch=4, prompt_len=16, new_tokens=16,
                           gate=True, mesh_sizes=dict(data=2, tensor=2))
   out["decode"] = dict(peak=d.memory.peak, arguments=d.memory.arguments,
-                       hbm=target.chip.hbm_bytes, weights_and_cache=d.analytic_bytes * target.chips)
+                       hbm=target.chip.hbm_bytes, weights_and_cache=d.hbm_bytes * target.chips)
   print("RESULT " + json.dumps(out))
 
 

@@ -189,6 +189,9 @@ def _define_flags() -> None:
   flags.DEFINE_integer("decode_prompt", 2048, "--target: prompt tokens per row.")
   flags.DEFINE_integer("decode_new", 2048, "--target: new tokens per row (KV cache: prompt + "
                        "new + 3 slots).")
+  flags.DEFINE_string("hlo_dir", "", "--target: keep each compiled program's optimised HLO and "
+                      "XLA analyses in this folder, and read them back from there instead of "
+                      "compiling again when the config and settings are the same.")
   flags.DEFINE_string("decode_mesh", "tensor=-1", "--target: the serving mesh as "
                       "sa.load(mesh=...) takes it, axis=size pairs (-1: the rest).")
 
@@ -202,10 +205,11 @@ def tpu_main(config: ml_collections.ConfigDict) -> bool:
   print(target.describe())
   fits_all = True
   for phase in config.phases.split(","):
-    r = tpu_aot.train_step(config, phase, target, devices, FLAGS.attention)
+    r = tpu_aot.train_step(config, phase, target, devices, FLAGS.attention,
+                           hlo_dir=FLAGS.hlo_dir)
     print("\n".join(r.lines()))
     seconds = r.roofline.seconds
-    print(f"    MFU upper bound (roofline): {r.roofline.mfu(r.model_flops):.1%}; "
+    print(f"    MFU upper bound (model FLOPs at the roofline time): {r.mfu_bound:.1%}; "
           f"{r.tokens / seconds / target.chips:,.0f} tokens/s per chip at the roofline time")
     fits_all &= r.fits
   mesh = {k: int(v) for k, v in (pair.split("=") for pair in FLAGS.decode_mesh.split(","))}
@@ -214,7 +218,7 @@ def tpu_main(config: ml_collections.ConfigDict) -> bool:
       raise app.UsageError(f"--decode={gate}: expected on and/or off.")
     r = tpu_aot.decode_loop(config, target, devices, batch=FLAGS.decode_batch,
                             prompt_len=FLAGS.decode_prompt, new_tokens=FLAGS.decode_new,
-                            gate=gate == "on", mesh_sizes=mesh)
+                            gate=gate == "on", mesh_sizes=mesh, hlo_dir=FLAGS.hlo_dir)
     print("\n".join(r.lines()))
     print(f"    roofline {r.roofline.seconds * 1e3:.2f} ms per token "
           f"({FLAGS.decode_batch / r.roofline.seconds:,.0f} tokens/s over the batch)")
