@@ -101,13 +101,15 @@ def test_trained_model_serves_its_source_context(trained):
     model.classify([_long_prompt(200)])
 
 
-def test_long_rows_reached_training(trained):
-  """The long examples trained: their step's rows were 128 tokens (the metrics log has both
-  steps) and the workdir's config records the context and the long rows."""
+def test_training_took_a_long_step(trained):
+  """The fixture's run took a short step (8 rows of 32 tokens) and a long one (8 rows of 128:
+  the two long examples) and finished; its config records the context and the long rows."""
   work, _ = trained
   saved = checkpoint.read_config(str(work))
   assert saved["context_length"] == CONTEXT
   assert saved["data"]["long_seq_len"] == 128 and saved["data"]["long_share"] == 0.5
+  logged = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in logged if r.get("phase") == "sft"][-1] == 2
 
 
 def test_old_workdir_falls_back_to_seq_len_with_a_fix(trained, tmp_path, caplog):
