@@ -390,10 +390,19 @@ def read_config(workdir: str) -> dict:
                        "training or import: restore it from the run.") from None
 
 
-def check_compatible(saved: dict, current: dict, what: str = "model") -> None:
-  """Raise naming every field of ``what`` that differs between a checkpoint and this run."""
-  diffs = [f"{what}.{k}: checkpoint={saved.get(k)!r} vs config={current.get(k)!r}"
+def check_compatible(saved: dict, current: dict, what: str = "model",
+                     init_from: str = "") -> None:
+  """Raise naming every field of ``what`` that differs between a checkpoint and this run:
+  the workdir's, or with ``init_from`` the one the run starts from."""
+  source = "init_from" if init_from else "checkpoint"
+  diffs = [f"{what}.{k}: {source}={saved.get(k)!r} vs config={current.get(k)!r}"
            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  if diffs and init_from:
+    raise IncompatibleCheckpointError(
+        f"init_from={init_from} has a different architecture than the config sets:\n  "
+        + "\n  ".join(diffs)
+        + "\nDrop those --config.model overrides (the run takes its architecture from "
+        "init_from), or point init_from at an import of that architecture.")
   if diffs:
     raise IncompatibleCheckpointError(
         "The checkpoint in this workdir comes from an incompatible config:\n  "

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import app
@@ -89,15 +90,6 @@ def load_converted(path: str) -> tuple[ModelConfig, Any, dict]:
 
 # --- plain LM logits (parity with the source model) ---------------------------------------------
 
-@functools.partial(jax.jit, static_argnums=0)
-def _plain_lm_logits(cfg: ModelConfig, params, tokens):
-  b, t = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-  logits, _, _ = model_lib.Transformer(cfg).apply({"params": params}, tokens, positions, mask)
-  return logits
-
-
 def plain_lm_logits(cfg: ModelConfig, params: Any, token_ids: np.ndarray) -> np.ndarray:
   """Causal LM logits without [CLS]: token_ids [B, T] int -> [B, T, V] float32."""
   token_ids = np.asarray(token_ids)
@@ -106,7 +98,7 @@ def plain_lm_logits(cfg: ModelConfig, params: Any, token_ids: np.ndarray) -> np.
   if token_ids.size and (token_ids.min() < 0 or token_ids.max() >= cfg.vocab_size):
     raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (no [CLS]); got "
                      f"[{token_ids.min()}, {token_ids.max()}].")
-  return np.asarray(_plain_lm_logits(cfg, params, jnp.asarray(token_ids, jnp.int32)),
+  return np.asarray(model_lib.plain_forward(cfg, params, jnp.asarray(token_ids, jnp.int32))[0],
                     np.float32)
 
 
@@ -487,7 +479,17 @@ COMMANDS = ("import_hf", "import_gguf", "export_hf")
 
 
 def main(argv: Sequence[str]) -> None:
+  """Run the command; a problem with its input (``ValueError``, ``OSError``) ends in its one
+  sentence, exit status 1 (the traceback with ``--verbosity=1``)."""
   console.configure()
+  try:
+    _run(argv)
+  except (ValueError, OSError) as e:
+    logging.vlog(1, "convert failed", exc_info=True)
+    sys.exit(f"convert: {e}")
+
+
+def _run(argv: Sequence[str]) -> None:
   if len(argv) != 2 or argv[1] not in COMMANDS:
     raise app.UsageError(f"Usage: python -m safety_align.convert {{{'|'.join(COMMANDS)}}} ...")
   if not FLAGS.out:

@@ -38,6 +38,7 @@ Judging is redone every run. Progress lines give elapsed time, steps done and an
 from __future__ import annotations
 
 import os
+import sys
 
 from safety_align import console
 from safety_align.eval import EVAL_DIR, classifier_metrics, run
@@ -62,11 +63,18 @@ def _define_flags() -> None:
 
 
 def main(argv) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  """Run the evaluation; a problem with its input (``ValueError``, ``OSError``: a missing
+  workdir, checkpoint or held-out file) ends in its one sentence, exit status 1 (the
+  traceback with ``--verbosity=1``)."""
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
   console.configure()
-  print(run(flags.FLAGS.workdir, flags.FLAGS.config))
+  try:
+    print(run(flags.FLAGS.workdir, flags.FLAGS.config))
+  except (ValueError, OSError) as e:
+    logging.vlog(1, "evaluate failed", exc_info=True)
+    sys.exit(f"evaluate: {e}")
 
 
 if __name__ == "__main__":

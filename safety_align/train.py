@@ -69,7 +69,8 @@ def main(argv):
   train_lib.progress(f"JAX devices: {jax.devices()} (process {jax.process_index()} of "
                      f"{jax.process_count()})")
   try:
-    train_lib.train(_CONFIG.value, _WORKDIR.value)
+    train_lib.train(_CONFIG.value, _WORKDIR.value,
+                    stated=config_flags.get_override_values(flags.FLAGS["config"]))
   except train_lib.Interrupted as e:
     print(f"train: {e}", file=sys.stderr)
     sys.exit(130)

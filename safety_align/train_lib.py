@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import time
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -212,14 +213,17 @@ def run_phase(config: ml_collections.ConfigDict, workdir: str, phase: str, pipel
   return state.params
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train(config: ml_collections.ConfigDict, workdir: str, stated: Iterable[str] = ()) -> dict:
   """Run every phase of ``config`` in ``workdir``; returns the final params (or None if
   stopped by SIGTERM).
 
   The config is checked and every phase's data prepared before any training, so a bad
-  setting or record fails at once. Raises ``Interrupted`` (after saving) on SIGINT.
+  setting or record fails at once. With ``config.init_from`` the architecture is the
+  import's (``with_init_architecture``; ``stated``: the config keys the user set explicitly,
+  e.g. ``--config.model.n_layers``). Raises ``Interrupted`` (after saving) on SIGINT.
   """
   check_config(config)
+  config = with_init_architecture(config, stated)
   model_cfg = ModelConfig.from_config(config.model)
   phases = phase_names(config)
   os.makedirs(workdir, exist_ok=True)
@@ -307,13 +311,40 @@ def _check_positive(key: str, value) -> None:
     raise ValueError(f"config.{key}={value!r}: expected a whole number >= 1.")
 
 
+def with_init_architecture(config: ml_collections.ConfigDict,
+                           stated: Iterable[str] = ()) -> ml_collections.ConfigDict:
+  """``config`` with every architecture field of ``config.model`` (``ModelConfig.
+  architecture``: sizes, ``cls_attention_gate``, ``scan_layers``, ...) taken from the
+  ``config.init_from`` it starts from, each one that differs from the config's stated in a
+  progress line; compute settings (dtype, remat, attention) stay the config's. A field in
+  ``stated`` (``model.<field>``, set explicitly by the user) must equal the import's: else
+  ``IncompatibleCheckpointError`` naming init_from. ``config`` itself without init_from."""
+  if not config.get("init_from"):
+    return config
+  saved = ModelConfig.from_config(
+      checkpoint.read_config(config.init_from)["model"]).architecture()
+  current = ModelConfig.from_config(config.model).architecture()
+  explicit = {k.split(".", 1)[1] for k in stated if k.startswith("model.")} & set(saved)
+  checkpoint.check_compatible({k: saved[k] for k in explicit},
+                              {k: current[k] for k in explicit}, init_from=config.init_from)
+  taken = {k: v for k, v in saved.items() if current[k] != v}
+  if not taken:
+    return config
+  progress(f"init_from {config.init_from}: architecture from the import: " + ", ".join(
+      f"model.{k}={v!r} (config {current[k]!r})" for k, v in sorted(taken.items())))
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.model.update(taken)
+  return config
+
+
 def _initial_params(config, model_cfg: ModelConfig):
   """Params of ``config.init_from`` (an import_hf output or a workdir), or None (random)."""
   if not config.init_from:
     return None
   saved_cfg, params, extra = checkpoint.load_for_inference(config.init_from,
                                                            config.get("init_phase", ""))
-  checkpoint.check_compatible(saved_cfg.architecture(), model_cfg.architecture())
+  checkpoint.check_compatible(saved_cfg.architecture(), model_cfg.architecture(),
+                              init_from=config.init_from)
   progress(f"init_from {config.init_from}: phase {extra['phase']}, step {extra['step']}")
   return jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype), params)
 
