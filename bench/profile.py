@@ -71,7 +71,7 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
   due = jnp.ones((b,), bool)
   lo, hi = q_pos - 10, q_pos - 1
   cls_step = jax.jit(lambda p, c, t, q: dec._token_cls_step(  # pylint: disable=protected-access
-      cfg, p, c, t, q, slot, due, jnp.zeros((b,), bool), lo, hi))
+      cfg, p, c, t, q, jnp.full((b,), slot), due, jnp.zeros((b,), bool), lo, hi))
   head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
   h = jnp.ones((b, 1, cfg.d_model))
   lm_head = jax.jit(lambda h, w: jnp.einsum("btd,dv->btv", h, w))
@@ -104,7 +104,8 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
     holder["ck"] = write_fn(holder["ck"], newk)
     return holder["ck"]
 
-  t_step = best(lambda: step(params, cache, token, q_pos, slot))
+  slots = jnp.full((b,), slot)
+  t_step = best(lambda: step(params, cache, token, q_pos, slots))
   t_cls = best(lambda: cls_step(params, cache, token, q_pos))
   parts = dict(
       lm_head=best(lambda: lm_head(h, head)),
@@ -116,7 +117,7 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
   off = decode.ours(w, "off", new_tokens)
   t_loop = best(off, reps=2) / new_tokens
   weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-  c = cost(step, params, cache, token, q_pos, slot)
+  c = cost(step, params, cache, token, q_pos, slots)
   print(f"\n== decode step: {name}, batch {b}, cache {s} slots ==")
   print(f"  isolated token step      {t_step * 1e3:8.2f} ms   (XLA: {c['flops'] / 1e9:.3f} "
         f"GFLOP, {c['bytes accessed'] / 1e6:.0f} MB accessed; weights {weight_bytes / 1e6:.0f} "
@@ -131,16 +132,11 @@ def decode_profile(name, cfg, params, b, new_tokens=128, prompt=32):
 def loop_hlo_ops(cfg, params, b):
   """Op histogram of the optimized decode program (whole module), large copies listed."""
   w = decode.random_workload("x", cfg, params, b, 32)
-  tokens, roles, plens, pad = decode.Decoder(cfg)._pad_prompts(w.prompts)  # pylint: disable=protected-access
   from safety_align.decode.gate import GateConfig  # pylint: disable=g-import-not-at-top
-  from safety_align.decode.sampling import Greedy  # pylint: disable=g-import-not-at-top
-  n = 128
-  g = GateConfig(schedule="annealing").arrays(n)
-  args = (params, tokens, roles, plens, np.zeros((b, n), np.int32), np.zeros(b, np.int32),
-          np.full(b, n, np.int32), np.arange(b, dtype=np.int32), np.int32(0),
-          np.array([4, 5], np.int32), Greedy(), np.array([-1], np.int32), g)
-  text = dec._decode.lower(*args, cfg=cfg, pad_id=0, with_cls=True, n_newline=1,  # pylint: disable=protected-access
-                           return_logits=False).compile().as_text()
+  spec, inputs = decode.Decoder(cfg).prepare(
+      w.prompts, max_new_tokens=128, gate=GateConfig(schedule="annealing"),
+      refusal_ids=[5], newline_ids=[4])
+  text = dec._decode.lower(spec, params, inputs).compile().as_text()  # pylint: disable=protected-access
   ops = collections.Counter(re.findall(r"= \S+ (\w[\w-]*)\(", text))
   copies = re.findall(r"(f32\[[\d,]+\][^ ]*) copy\(", text)
   big = [c for c in copies if np.prod([int(x) for x in re.findall(r"\d+", c.split("]")[0])]) >= 1e5]

@@ -15,6 +15,7 @@ queries attend over the whole cache. Parameters and activations carry logical ax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -503,3 +504,22 @@ def init_params(cfg: ModelConfig, rng: Array, seq_len: int = 8) -> Any:
 
 def count_params(params) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def plain_forward(cfg: ModelConfig, params, tokens: Array, layers: tuple[int, ...] = ()):
+  """The plain causal forward of ``tokens`` [B, T] (text only, no [CLS]): (LM logits
+  [B, T, V] float32, the outputs of blocks ``layers`` [len(layers), B, T, D]). The one such
+  forward: ``SafetyModel.lm_logits`` / ``hidden_states`` and the import parity checks read it."""
+  if layers:  # block outputs are captured from unrolled layers
+    cfg, params = unroll_layers(cfg, params)
+  t = tokens.shape[1]
+  positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens.shape[0], t, t))
+  (logits, _, _), state = Transformer(cfg).apply(
+      {"params": params}, tokens, positions, mask, mutable=["intermediates"],
+      capture_intermediates=lambda module, method: bool(layers) and isinstance(module, Block))
+  if not layers:
+    return logits, jnp.zeros((0,) + tokens.shape + (cfg.d_model,), cfg.compute_dtype)
+  blocks = state["intermediates"]
+  return logits, jnp.stack([blocks[f"layer_{i}"]["__call__"][0][0][0] for i in layers])

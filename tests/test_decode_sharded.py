@@ -43,8 +43,8 @@ def _spy_hlo(decoder, texts):
   """Record the compiled HLO text of each sharded decode program ``decoder`` runs."""
   build = decoder._sharded_decode  # pylint: disable=protected-access
 
-  def spy(layout, params, static):
-    run, shardings = build(layout, params, static)
+  def spy(*args):
+    run, shardings = build(*args)
 
     def recorded(*args):
       texts.append(run.lower(*args).compile().as_text())

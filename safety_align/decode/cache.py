@@ -7,8 +7,11 @@ Slot layout of a row (``S = 2 + P + N`` slots):
   so later RESPONSE tokens read the newest signal);
 * slot 1: scratch, where the ``[CLS]`` query row of a row that does not re-evaluate writes (a
   PAD key: nobody reads it);
-* slots ``2 .. 2+P-1``: the prompt, left-padded to the bucketed length ``P``;
-* slots ``2+P+j``: response token ``j`` (forced, inserted or sampled alike).
+* slots ``2 .. 2+L-1``: the prompt's ``L`` tokens (the prompt pass runs them left-padded to a
+  bucketed length ``P``, then ``DecodeState.packed`` moves them to the front);
+* slots ``2+L+j``: response token ``j`` (forced, inserted or sampled alike), over the
+  prompt's padding first. A row's layout depends only on its own prompt, so rows of any
+  bucket share one cache (the decode slots of ``slots.py``).
 
 Text tokens keep the positions they would have without ``[CLS]`` (0 at the first real prompt
 token); a ``[CLS]`` row takes the position one past the last position it reads.
@@ -100,6 +103,45 @@ class DecodeState:
     rows = jnp.arange(self.roles.shape[0])
     return self.replace(roles=self.roles.at[rows, slot].set(roles),
                         positions=self.positions.at[rows, slot].set(positions))
+
+
+  def packed(self, lengths) -> "DecodeState":
+    """The left-padded prompt (slots ``2 .. S-1``, ``lengths`` [B] real tokens at the right
+    end) moved to the front, its padding after it: slots ``2+L ..`` are PAD keys."""
+    b, s = self.roles.shape
+    p = s - PROMPT_SLOT
+    slots = jnp.arange(s)[None]
+    src = jnp.where(slots < PROMPT_SLOT, slots,
+                    PROMPT_SLOT + (slots - PROMPT_SLOT + p - lengths[:, None]) % p)  # [B, S]
+    kv = jax.tree.map(lambda c: jnp.take_along_axis(
+        c, src.reshape((1,) * (c.ndim - 4) + (b, 1, s, 1)), axis=-2), self.kv)
+    return DecodeState(kv=kv, roles=jnp.take_along_axis(self.roles, src, axis=1),
+                       positions=jnp.take_along_axis(self.positions, src, axis=1))
+
+  def padded(self, s_len: int) -> "DecodeState":
+    """The state with PAD key slots appended up to ``s_len``."""
+    extra = s_len - self.roles.shape[1]
+    pad = lambda x, axis: jnp.pad(x, [(0, extra if a == axis % x.ndim else 0)  # noqa: E731
+                                      for a in range(x.ndim)])
+    return DecodeState(kv=jax.tree.map(lambda c: pad(c, -2), self.kv),
+                       roles=pad(self.roles, 1), positions=pad(self.positions, 1))
+
+
+def check_context(lengths, budgets, limit: int | None) -> None:
+  """The one context-length check: raise unless each prompt (``lengths`` [B] tokens) with its
+  response budget (``budgets``, [B] or shared) fits ``limit`` tokens (``None``: no limit)."""
+  if limit is None:
+    return
+  lengths = np.asarray(lengths)
+  budgets = np.broadcast_to(np.asarray(budgets), lengths.shape)
+  over = np.nonzero(lengths + budgets > limit)[0]
+  if len(over):
+    i = over[0]
+    response = f" + {budgets[i]} response tokens" if budgets[i] else ""
+    raise ValueError(
+        f"Prompt {i} ({lengths[i]} tokens){response} exceeds the model's maximum length of "
+        f"{limit} tokens; shorten the prompt" + (" or lower max_new_tokens." if budgets[i]
+                                                  else "."))
 
 
 def prompt_pass_inputs(cls_id: int, tokens, roles, lengths, with_cls: bool):

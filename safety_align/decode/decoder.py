@@ -1,24 +1,23 @@
 """Batched, gated decoding: one prompt pass, then compiled ``lax.while_loop``s (METHOD.md 5).
 
 Prompt pass: ``[CLS]`` + the left-padded prompts in one forward under the SFT-phase mask
-(exactly the training mask), giving the first classification and the ``DecodeState``
-(``cache.py``).
+(exactly the training mask), giving the first classification, the first response token and
+the ``LoopState`` (``start_rows``; the cache is ``cache.py``'s).
 
 Step ``t`` feeds response token ``t`` (forced prefill, inserted refusal, or sampled) and yields
-the logits of token ``t + 1``. When some row re-evaluates at this step (``gate.py``), the same
-forward carries a second query row, ``[CLS]`` restricted to that row's window; it writes the
-``[CLS]`` slot of re-evaluating rows (so token ``t`` and all later tokens read the new signal)
-and the scratch slot of the others. The loop is two nested loops rather than one loop with a
-``lax.cond`` between the two forwards: the outer one takes a two-row step (at step 1 even when
-no row is due: its [CLS] row then only writes the scratch slot), then the inner one takes plain
-one-row steps until some row is due again (a conditional would copy the whole KV
-cache in and out of its branches on every step). So a step without re-evaluation runs exactly
-the plain decoder's step. The loop stops when every row has hit EOS, its budget (forced
-tokens + ``max_new_tokens``) or, at ``high`` reliance, the end of the refusal prefix.
+the logits of token ``t + 1`` (``run_steps``). When some row re-evaluates at this step
+(``gate.py``), the same forward carries a second query row, ``[CLS]`` restricted to that row's
+window; it writes the ``[CLS]`` slot of re-evaluating rows (so token ``t`` and all later tokens
+read the new signal) and the scratch slot of the others. A row stops at EOS, its budget
+(forced tokens + ``max_new_tokens``) or, at ``high`` reliance, the end of the refusal prefix.
 
-Programs compile per (batch, prompt, response) power-of-two bucket, gate on/off, refusal
-length and sampler kind (greedy or not); gate settings and schedules, sampler settings and
-seeds are traced, so sweeps over them reuse one program.
+Everything a row decodes with is a per-row array (``RowSettings``: step, budget, forced tokens,
+sampler settings, seed, gate settings and schedule, refusal), so rows at different steps with
+different settings share one program: ``Decoder`` decodes whole batches with it, and
+``slots.py`` keeps a fixed set of rows (slots) whose requests start and finish at any step,
+advancing them in chunks through the same ``start_rows`` and ``run_steps``. The static
+settings are a hashable ``DecodeSpec``; programs compile per spec and per (batch, prompt,
+response) power-of-two bucket, gate on/off, refusal length and sampler kind (greedy or not).
 
 Sharded (``Decoder(mesh=...)``): the program is jitted with in/out shardings of a
 ``sharding.DecodeLayout``: parameters by the training rules (heads, MLP and vocabulary over
@@ -36,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Any, Sequence
 
 import chex
 import flax.struct
@@ -49,17 +48,78 @@ from safety_align import sharding
 from safety_align.decode import gate as gate_lib
 from safety_align.decode import sampling
 from safety_align.decode.cache import (CLS_SLOT, PROMPT_SLOT, SCRATCH_SLOT, DecodeState,
-                                       Prompts, bucket, prompt_pass_inputs, response_mask,
-                                       window_mask)
+                                       Prompts, bucket, check_context, prompt_pass_inputs,
+                                       response_mask, window_mask)
 from safety_align.masks import Role
 from safety_align.model import KVCache, ModelConfig, Transformer, unroll_layers
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+  """The static settings of a decode program (hashable: one program per spec and shapes).
+
+  ``cfg``: the architecture; ``pad_id``: filler of unused token slots; ``eos_ids``: tokens
+  that end a response (none: decode to the budget); ``with_cls``: [CLS] in the prompt pass
+  and re-evaluations (the gate's schedule is not ``off``); ``n_newline``: tokens before the
+  refusal prefix in each row's insertion; ``return_logits``: record the logits each response
+  token was chosen from; ``layout``: hold the cache and the per-row state to it (sharded
+  decoding), ``None`` on one device."""
+
+  cfg: ModelConfig
+  pad_id: int = 0
+  eos_ids: tuple[int, ...] = ()
+  with_cls: bool = True
+  n_newline: int = 0
+  return_logits: bool = False
+  layout: sharding.DecodeLayout | None = None
+
+
+@flax.struct.dataclass
+class RowSettings:
+  """What each row decodes with, all [B, ...] (rows with different settings share a program).
+
+  ``length`` prompt tokens; ``forced`` [B, N] response tokens forced first (``n_forced`` of
+  them: the prefill attack); ``budget``: response tokens allowed (forced ones included);
+  ``row_id``, ``seed``: the sampling key stream (``sampling.row_keys``); ``insertion`` [B, Q]:
+  newline tokens then the refusal prefix (``n_insert`` of them); ``sampler``: ``Greedy`` or
+  ``sampling.PerRow``; ``gate``: per-row ``GateArrays`` (schedule table [B, N+1]);
+  ``stop_at_eos``: whether EOS ends the row's response; ``cls_override``: tests only,
+  [B, N+1] P(malicious) by evaluation step (NaN: the head's)."""
+
+  length: jax.Array
+  forced: jax.Array
+  n_forced: jax.Array
+  budget: jax.Array
+  row_id: jax.Array
+  seed: jax.Array
+  insertion: jax.Array
+  n_insert: jax.Array
+  sampler: Any
+  gate: gate_lib.GateArrays
+  stop_at_eos: jax.Array
+  cls_override: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class DecodeInputs:
+  """A decode's per-row inputs: the left-padded prompts ``tokens``, ``roles`` [B, P] and each
+  row's ``RowSettings``."""
+
+  tokens: jax.Array
+  roles: jax.Array
+  rows: RowSettings
+
+  def shardings(self, layout: sharding.DecodeLayout) -> "DecodeInputs":
+    """Where each field lives on ``layout``: every field is per row, so all go over the data
+    axes (``layout.rows``)."""
+    return jax.tree.map(lambda _: layout.rows, self)
+
+
 @flax.struct.dataclass
 class LoopState:
-  """State of the decoding loop. ``step`` t: response index of ``token``, the token fed next."""
+  """State of decoding, per row. ``step``: response index of ``token``, the token fed next."""
 
-  step: jax.Array
+  step: jax.Array  # [B]
   cache: DecodeState
   token: jax.Array  # [B]
   done: jax.Array  # [B] bool
@@ -70,6 +130,7 @@ class LoopState:
   eval_steps: jax.Array  # [B, N+1] step of each evaluation (0 = prompt pass)
   n_evals: jax.Array  # [B]
   logits: jax.Array | None  # [B, N, V] when requested
+  rows: RowSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,26 +178,29 @@ class Decoder:
     self.max_length = max_length
     self.pad_id = pad_id
     self.mesh = sharding.as_mesh(mesh)
-    self._sharded = {}  # (layout, parameter tree, static settings) -> (jitted, shardings)
+    self._sharded = {}  # (parameter tree, inputs tree, spec) -> (jitted, shardings)
 
   def classify(self, params, prompts: Prompts) -> np.ndarray:
     """[B] P(malicious) of each query: the prompt-pass classification."""
     tokens, roles, lengths, _ = self._pad_prompts(prompts)
     return np.asarray(_classify(self.cfg, params, tokens, roles, lengths))[:len(prompts)]
 
-  def __call__(self, params, prompts: Prompts, *, max_new_tokens: int,
-               gate: gate_lib.GateConfig, sampler=sampling.Greedy(), seed: int = 0,
-               prefill: Sequence[Sequence[int]] | None = None, refusal_ids: Sequence[int] = (),
-               newline_ids: Sequence[int] = (), row_ids: Sequence[int] | None = None,
-               return_logits: bool = False, cls_override=None) -> DecodeOutput:
-    """Decode a batch.
+  def prepare(self, prompts: Prompts, *, max_new_tokens: int | Sequence[int],
+              gate: gate_lib.GateConfig, sampler=sampling.Greedy(), seed: int = 0,
+              prefill: Sequence[Sequence[int]] | None = None, refusal_ids: Sequence[int] = (),
+              newline_ids: Sequence[int] = (), row_ids: Sequence[int] | None = None,
+              return_logits: bool = False,
+              cls_override=None) -> tuple[DecodeSpec, DecodeInputs]:
+    """The ``DecodeSpec`` and the batch-bucketed ``DecodeInputs`` of a decode (checked).
 
     Args:
-      params: unboxed model parameters.
-      prompts: the encoded prompts.
-      max_new_tokens: tokens each row may add after its forced ``prefill``.
+      prompts: the encoded prompts (``__call__`` also takes ``params``, the unboxed model
+        parameters).
+      max_new_tokens: tokens each row may add after its forced ``prefill`` (shared or per
+        row).
       gate: the gate (``schedule="off"``: no [CLS] at all).
-      sampler: ``sampling.Greedy()`` or ``sampling.Sampling`` (see ``make_sampler``).
+      sampler: ``sampling.Greedy()``, ``sampling.Sampling`` (see ``make_sampler``) or
+        ``sampling.PerRow`` (each row's own settings, [B]).
       seed: sampling seed; row i draws from (seed, row_ids[i], step).
       prefill: per row, response tokens forced at the start (the prefill attack).
       refusal_ids, newline_ids: token ids of the refusal prefix and of the newline put before
@@ -148,60 +212,66 @@ class Decoder:
         head's own. ``cls_probs`` then records the values the gate used.
     """
     b = len(prompts)
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (b,))
+    if new.min() < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {new.min()}.")
     prefill = [[]] * b if prefill is None else [list(p) for p in prefill]
     if len(prefill) != b:
       raise ValueError(f"{len(prefill)} prefills for {b} prompts.")
     if gate.enabled and gate.reliance != "low" and not refusal_ids:
       raise ValueError(f"reliance={gate.reliance!r} inserts a refusal: give refusal_ids.")
     n_forced = np.array([len(p) for p in prefill], np.int32)
-    budget = n_forced + max_new_tokens
-    lengths = prompts.lengths
-    if self.max_length is not None:
-      over = np.nonzero(lengths + budget > self.max_length)[0]
-      if len(over):
-        i = over[0]
-        raise ValueError(
-            f"Prompt {i} ({lengths[i]} tokens) + {budget[i]} response tokens exceeds the "
-            f"model's maximum length of {self.max_length} tokens; shorten the prompt or "
-            "lower max_new_tokens.")
+    budget = n_forced + new
+    check_context(prompts.lengths, budget, self.max_length)
     n = bucket(int(budget.max()))
     forced = np.full((b, n), self.pad_id, np.int32)
     for i, p in enumerate(prefill):
       forced[i, :len(p)] = p
-    rows = np.arange(b) if row_ids is None else np.asarray(row_ids)
     insertion = np.array(list(newline_ids) + list(refusal_ids) or [self.pad_id], np.int32)
+    tokens, roles = prompts.left_padded(bucket(int(prompts.lengths.max())), self.pad_id)
+    rows = RowSettings(
+        length=prompts.lengths, forced=forced, n_forced=n_forced, budget=budget,
+        row_id=np.arange(b, dtype=np.int32) if row_ids is None else np.asarray(row_ids, np.int32),
+        seed=np.full(b, seed, np.int32), insertion=np.tile(insertion, (b, 1)),
+        n_insert=np.full(b, len(insertion), np.int32),
+        sampler=sampling.PerRow.broadcast(sampler, b), gate=gate.arrays(n).rows(b),
+        stop_at_eos=np.ones(b, bool),
+        cls_override=None if cls_override is None else _override_table(cls_override, b, n))
+    pad = bucket(b, minimum=1) - b
+    inputs = jax.tree.map(lambda x: _pad_rows(np.asarray(x), pad),
+                          DecodeInputs(tokens=tokens, roles=roles, rows=rows))
+    spec = DecodeSpec(cfg=self.cfg, pad_id=self.pad_id,
+                      eos_ids=tuple(int(i) for i in self.eos_ids),
+                      with_cls=gate.enabled, n_newline=len(newline_ids),
+                      return_logits=return_logits)
+    return spec, inputs
 
-    override = None if cls_override is None else _override_table(cls_override, b, n)
-
-    tokens, roles, plens, pad = self._pad_prompts(prompts)
-    args = (params, tokens, roles, plens, _pad_rows(forced, pad), _pad_rows(n_forced, pad),
-            _pad_rows(budget, pad), _pad_rows(rows.astype(np.int32), pad), np.int32(seed),
-            insertion, sampler, self.eos_ids, gate.arrays(n),
-            None if override is None else _pad_rows(override, pad))
-    static = dict(cfg=self.cfg, pad_id=self.pad_id, with_cls=gate.enabled,
-                  n_newline=len(newline_ids), return_logits=return_logits)
+  def __call__(self, params, prompts: Prompts, **kwargs) -> DecodeOutput:
+    """Decode a batch: ``prepare``'s arguments."""
+    b = len(prompts)
+    spec, inputs = self.prepare(prompts, **kwargs)
     if self.mesh is None:
-      out = _decode(*args, **static)
+      out = _decode(spec, params, inputs)
     else:
-      layout = sharding.DecodeLayout.of(self.cfg, self.mesh, tokens.shape[0])
-      run, shardings = self._sharded_decode(layout, params, static)
-      out = run(jax.device_put(params, shardings), *args[1:])
+      layout = sharding.DecodeLayout.of(self.cfg, self.mesh, inputs.tokens.shape[0])
+      run, shardings = self._sharded_decode(layout, params, spec, inputs)
+      out = run(jax.device_put(params, shardings), inputs)
     out = jax.tree.map(lambda x: np.asarray(x)[:b], jax.device_get(out))
     return DecodeOutput(refused=out["refusal_step"] >= 0, **out)
 
-  def _sharded_decode(self, layout: sharding.DecodeLayout, params, static: dict):
-    """(``_decode`` with the ``static`` settings, jitted with ``layout``'s shardings for
-    ``params``' tree, the parameters' shardings)."""
-    key = (layout, jax.tree.structure(params), tuple(static.items()))
+  def _sharded_decode(self, layout: sharding.DecodeLayout, params, spec: DecodeSpec,
+                      inputs: DecodeInputs):
+    """(``_decode`` of ``spec`` laid out by ``layout``, jitted with the shardings of
+    ``params``' tree and of ``inputs``' fields (``DecodeInputs.shardings``), the parameters'
+    shardings)."""
+    spec = dataclasses.replace(spec, layout=layout)
+    key = (jax.tree.structure(params), jax.tree.structure(inputs), spec)
     if key not in self._sharded:
       shardings = sharding.param_shardings(self.cfg, layout.mesh, params, layout.rules)
-      rows, rep = layout.rows, layout.replicated
       self._sharded[key] = jax.jit(
-          functools.partial(_decode_impl, **static, layout=layout),
-          in_shardings=(shardings,) + (rows,) * 7 + (rep,) * 5 + (rows,),
-          out_shardings=rows), shardings
+          functools.partial(_decode_impl, spec),
+          in_shardings=(shardings, inputs.shardings(layout)), out_shardings=layout.rows
+      ), shardings
     return self._sharded[key]
 
   def _pad_prompts(self, prompts: Prompts):
@@ -221,36 +291,34 @@ def _classify(cfg: ModelConfig, params, tokens, roles, lengths):
   return jax.nn.softmax(cls_logits[:, CLS_SLOT])[:, 1]
 
 
-def _prompt_pass(cfg: ModelConfig, params, tokens, roles, lengths, s_len: int, with_cls: bool):
-  """``DecodeState``, next-token logits [B, V] and P(malicious) [B] after the prompt."""
+def _prompt_pass(cfg: ModelConfig, params, tokens, roles, lengths, with_cls: bool):
+  """``DecodeState`` of the prompt ([B, 2+P] slots, packed: the prompt at the front),
+  next-token logits [B, V] and P(malicious) [B] after the prompt."""
   b, p = tokens.shape
   toks, rls, positions, mask = prompt_pass_inputs(cfg.cls_id, tokens, roles, lengths, with_cls)
   t = p + 2
-  write = jnp.broadcast_to(jnp.arange(t), (b, t))
-  pad = ((0, 0), (0, s_len - t))
-  key_roles = jnp.pad(rls, pad)
   lm, cls, kv = Transformer(cfg).apply(
-      {"params": params}, toks, positions, jnp.pad(mask, ((0, 0), (0, 0), (0, s_len - t))),
-      KVCache.zeros(cfg, b, s_len), write, lm_rows=slice(-1, None),
-      cls_keys=key_roles == Role.CLS)
-  cache = DecodeState(kv=kv, roles=key_roles, positions=jnp.pad(positions, pad))
+      {"params": params}, toks, positions, mask, KVCache.zeros(cfg, b, t),
+      jnp.broadcast_to(jnp.arange(t), (b, t)), lm_rows=slice(-1, None),
+      cls_keys=rls == Role.CLS)
+  cache = DecodeState(kv=kv, roles=rls, positions=positions).packed(lengths)
   return cache, lm[:, 0], jax.nn.softmax(cls[:, CLS_SLOT])[:, 1]
 
 
 def _token_step(cfg: ModelConfig, params, cache: DecodeState, token, q_pos, slot):
-  """One RESPONSE token per row: logits [B, V], new K/V."""
-  b = token.shape[0]
+  """One RESPONSE token per row, written at ``slot`` [B]: logits [B, V], new K/V."""
   lm, _, kv = Transformer(cfg).apply(
       {"params": params}, token[:, None], q_pos[:, None], response_mask(cache, q_pos)[:, None],
-      cache.kv, jnp.full((b, 1), slot), cls_keys=cache.roles == Role.CLS)
+      cache.kv, slot[:, None], cls_keys=cache.roles == Role.CLS)
   return lm[:, 0], kv
 
 
 def _token_cls_step(cfg: ModelConfig, params, cache: DecodeState, token, q_pos, slot, due,
                     sees_query, lo, hi):
-  """The token row and a window [CLS] row in one forward: (logits [B, V], P(malicious) [B],
-  K/V, [CLS] positions [B]). Rows not ``due`` write their [CLS] row to the scratch slot. Row 0
-  is the token, row 1 the [CLS]: only row 0 goes through the LM head (``lm_rows``)."""
+  """The token row (written at ``slot`` [B]) and a window [CLS] row in one forward: (logits
+  [B, V], P(malicious) [B], K/V, [CLS] positions [B]). Rows not ``due`` write their [CLS] row
+  to the scratch slot. Row 0 is the token, row 1 the [CLS]: only row 0 goes through the LM
+  head (``lm_rows``)."""
   b = token.shape[0]
   self_slot = jnp.where(due, CLS_SLOT, SCRATCH_SLOT)
   cls_mask, cls_pos = window_mask(cache, sees_query, lo, hi, self_slot)
@@ -259,143 +327,178 @@ def _token_cls_step(cfg: ModelConfig, params, cache: DecodeState, token, q_pos, 
       jnp.stack([token, jnp.full((b,), cfg.cls_id, jnp.int32)], axis=1),
       jnp.stack([q_pos, cls_pos], axis=1),
       jnp.stack([response_mask(cache, q_pos), cls_mask], axis=1),
-      cache.kv, jnp.stack([jnp.full((b,), slot), self_slot], axis=1), lm_rows=slice(0, 1),
+      cache.kv, jnp.stack([slot, self_slot], axis=1), lm_rows=slice(0, 1),
       cls_keys=cache.roles == Role.CLS)
   return lm[:, 0], jax.nn.softmax(cls[:, 1])[:, 1], kv, cls_pos
 
 
-def _decode_impl(params, tokens, roles, lengths, forced, n_forced, budget, row_ids, seed,
-                 insertion, sampler, eos_ids, gate: gate_lib.GateArrays, cls_override=None, *,
-                 cfg: ModelConfig, pad_id: int, with_cls: bool, n_newline: int,
-                 return_logits: bool, layout: sharding.DecodeLayout | None = None):
-  """The whole decode (prompt pass + loop) of a bucketed batch; see ``Decoder.__call__``.
+def _scripted(rows: RowSettings, prob, n):
+  """The gate's P(malicious) at evaluation step n (scalar or [B]): ``cls_override``'s where
+  it has one."""
+  if rows.cls_override is None:
+    return prob
+  n = jnp.broadcast_to(n, prob.shape)
+  script = jnp.take_along_axis(rows.cls_override, n[:, None], axis=1)[:, 0]
+  return jnp.where(jnp.isnan(script), prob, script)
 
-  Shapes: tokens, roles [B, P] int32 (left-padded prompts), lengths, n_forced, budget, row_ids
-  [B] int32, forced [B, N] int32, cls_override None or [B, N+1] float32. ``layout``: hold the
-  cache and the per-row state to it (sharded decoding), None on one device.
 
-  The layers run unrolled (``unroll_layers``): a scanned model's weights are sliced out of the
-  stack once here, before the loops, not at every step. That slice is a transient copy of the
-  weights; ``SafetyModel`` passes weights unrolled at load, so it makes none."""
-  chex.assert_rank([tokens, roles, lengths, forced, n_forced, budget, row_ids],
-                   [2, 2, 1, 2, 1, 1, 1])
-  chex.assert_type([tokens, roles, lengths, forced, n_forced, budget, row_ids], jnp.int32)
-  chex.assert_equal_shape([tokens, roles])
-  chex.assert_equal_shape_prefix([tokens, lengths, forced, n_forced, budget, row_ids], 1)
-  if cls_override is not None:
-    chex.assert_shape(cls_override, (tokens.shape[0], forced.shape[1] + 1))
-    chex.assert_type(cls_override, jnp.float32)
-  cfg, params = unroll_layers(cfg, params)
-  b, p = tokens.shape
-  n_max = forced.shape[1]
-  rows = jnp.arange(b)
-  cache, lm, p0 = _prompt_pass(cfg, params, tokens, roles, lengths, PROMPT_SLOT + p + n_max,
-                               with_cls)
+def _choose(spec: DecodeSpec, rows: RowSettings, gstate, lm, n, active):
+  """Token at response index n (scalar or [B]) from the logits ``lm`` [B, V]: (token, eos
+  [B], finished [B], gate state)."""
+  sampled = rows.sampler(lm, sampling.row_keys(rows.seed, rows.row_id, n))
+  n = jnp.broadcast_to(n, active.shape)
+  forced = jnp.take_along_axis(rows.forced, jnp.minimum(n, rows.forced.shape[1] - 1)[:, None],
+                               axis=1)[:, 0]
+  token, was_sampled, finished, gstate = gate_lib.emit(
+      rows.gate, gstate, j=n, sampled=sampled, forced=forced, is_forced=n < rows.n_forced,
+      active=active, insertion=rows.insertion, n_newline=spec.n_newline, n_insert=rows.n_insert)
+  eos = (was_sampled & rows.stop_at_eos
+         & jnp.isin(token, jnp.array(spec.eos_ids or (-1,), jnp.int32)))
+  return token, eos, finished, gstate
 
-  def scripted(prob, n):
-    """The gate's P(malicious) at evaluation step n: ``cls_override``'s where it has one."""
-    if cls_override is None:
-      return prob
-    return jnp.where(jnp.isnan(cls_override[:, n]), prob, cls_override[:, n])
 
-  p0 = scripted(p0, 0)
-  gstate = gate_lib.init(gate, p0)
-
-  def choose(gstate, lm, n, active):
-    """Token at response index n: (token, eos [B], finished [B], gate state)."""
-    sampled = sampler(lm, sampling.row_keys(seed, row_ids, n))
-    token, was_sampled, finished, gstate = gate_lib.emit(
-        gate, gstate, j=n, sampled=sampled, forced=forced[:, n], is_forced=n < n_forced,
-        active=active, insertion=insertion, n_newline=n_newline)
-    return token, was_sampled & jnp.isin(token, eos_ids), finished, gstate
-
-  token, eos, finished, gstate = choose(gstate, lm, 0, jnp.ones((b,), bool))
-  trace = jnp.zeros((b, n_max + 1), jnp.float32)
-  state = LoopState(
-      step=jnp.int32(0), cache=cache, token=token, done=eos | finished | (budget <= 1),
-      tokens=jnp.full((b, n_max), pad_id, jnp.int32).at[:, 0].set(
-          jnp.where(eos, pad_id, token)),
+def start_rows(spec: DecodeSpec, params, inputs: DecodeInputs,
+               s_len: int | None = None) -> LoopState:
+  """The prompt pass of ``inputs``' rows and their first response token: the ``LoopState``
+  at step 0, its cache [B, 2+P] slots (padded to ``s_len`` when given). ``params`` unrolled
+  (``unroll_layers``)."""
+  rows = inputs.rows
+  chex.assert_rank([inputs.tokens, inputs.roles, rows.length, rows.forced, rows.n_forced,
+                    rows.budget, rows.row_id, rows.seed], [2, 2, 1, 2, 1, 1, 1, 1])
+  chex.assert_type([inputs.tokens, inputs.roles, rows.length, rows.forced, rows.n_forced,
+                    rows.budget, rows.row_id], jnp.int32)
+  chex.assert_equal_shape([inputs.tokens, inputs.roles])
+  chex.assert_equal_shape_prefix([inputs.tokens, rows.length, rows.forced, rows.budget], 1)
+  b = inputs.tokens.shape[0]
+  n_max = rows.forced.shape[1]
+  if rows.cls_override is not None:
+    chex.assert_shape(rows.cls_override, (b, n_max + 1))
+  cache, lm, p0 = _prompt_pass(spec.cfg, params, inputs.tokens, inputs.roles, rows.length,
+                               spec.with_cls)
+  if s_len is not None:
+    cache = cache.padded(s_len)
+  p0 = _scripted(rows, p0, 0)
+  gstate = gate_lib.init(rows.gate, p0)
+  token, eos, finished, gstate = _choose(spec, rows, gstate, lm, 0, jnp.ones((b,), bool))
+  return _laid_out(spec.layout, LoopState(
+      step=jnp.zeros((b,), jnp.int32), cache=cache, token=token,
+      done=eos | finished | (rows.budget <= 1),
+      tokens=jnp.full((b, n_max), spec.pad_id, jnp.int32).at[:, 0].set(
+          jnp.where(eos, spec.pad_id, token)),
       length=jnp.where(eos, 0, 1).astype(jnp.int32), gate=gstate,
-      probs=trace.at[:, 0].set(p0), eval_steps=jnp.zeros((b, n_max + 1), jnp.int32),
-      n_evals=jnp.full((b,), int(with_cls), jnp.int32),
+      probs=jnp.zeros((b, n_max + 1), jnp.float32).at[:, 0].set(p0),
+      eval_steps=jnp.zeros((b, n_max + 1), jnp.int32),
+      n_evals=jnp.full((b,), int(spec.with_cls), jnp.int32),
       logits=jnp.zeros((b, n_max, lm.shape[-1]), jnp.float32).at[:, 0].set(lm)
-      if return_logits else None)
-  state = _laid_out(layout, state)
+      if spec.return_logits else None, rows=rows))
+
+
+def run_steps(spec: DecodeSpec, params, state: LoopState, n_steps) -> LoopState:
+  """Advance every row that is not done by up to ``n_steps`` (traced) steps, or until all
+  are done. ``params`` unrolled (``unroll_layers``).
+
+  Steps run in two nested loops rather than one loop with a ``lax.cond`` between the two
+  forwards (a conditional would copy the whole KV cache in and out of its branches on every
+  step): plain one-row steps while no row is due, and a two-row step (token + [CLS]) where
+  some row re-evaluates. So a step without re-evaluation runs exactly the plain decoder's
+  step."""
+  cfg, rows = spec.cfg, state.rows
+  b, n_max = state.tokens.shape
+  idx = jnp.arange(b)
 
   def step_inputs(st: LoopState):
     """Response index n of the token to choose, active rows, slot and position of the token
     fed, and the cache with that slot's role and position set."""
     active = ~st.done
-    slot = PROMPT_SLOT + p + st.step
-    q_pos = lengths + st.step
+    q_pos = rows.length + st.step
+    slot = PROMPT_SLOT + q_pos
     cache = st.cache.set_keys(slot, jnp.where(active, Role.RESPONSE, Role.PAD), q_pos)
     return st.step + 1, active, slot, q_pos, cache
 
-  def advance(st: LoopState, n, active, cache, lm, gstate, **evals) -> LoopState:
+  def record(st: LoopState, n, active, cache, lm, gstate, **evals) -> LoopState:
     """Choose token n from the logits ``lm`` and record it (``evals``: updated traces)."""
-    token, eos, finished, gstate = choose(gstate, lm, n, active)
+    token, eos, finished, gstate = _choose(spec, rows, gstate, lm, n, active)
     write = active & ~eos
-    return _laid_out(layout, st.replace(
-        step=n, cache=cache, token=token,
-        done=st.done | (active & (eos | finished | (n + 1 >= budget))),
-        tokens=st.tokens.at[:, n].set(jnp.where(write, token, st.tokens[:, n])),
+    col = jnp.minimum(n, n_max - 1)
+    return _laid_out(spec.layout, st.replace(
+        step=jnp.where(active, n, st.step), cache=cache, token=token,
+        done=st.done | (active & (eos | finished | (n + 1 >= rows.budget))),
+        tokens=st.tokens.at[idx, col].set(jnp.where(write, token, st.tokens[idx, col])),
         length=jnp.where(write, n + 1, st.length), gate=gstate,
-        logits=st.logits.at[:, n].set(lm) if return_logits else None, **evals))
+        logits=st.logits.at[idx, col].set(jnp.where(active[:, None], lm, st.logits[idx, col]))
+        if spec.return_logits else None, **evals))
 
-  def token_step(st: LoopState) -> LoopState:
+  def token_step(carry):
+    st, k = carry
     n, active, slot, q_pos, cache = step_inputs(st)
     lm, kv = _token_step(cfg, params, cache, st.token, q_pos, slot)
-    return advance(st, n, active, cache.replace(kv=kv), lm, st.gate)
+    return record(st, n, active, cache.replace(kv=kv), lm, st.gate), k + 1
 
-  def token_cls_step(st: LoopState) -> LoopState:
+  def token_cls_step(carry):
     """A step with the [CLS] row: rows due re-evaluate, the others write the scratch slot."""
+    st, k = carry
     n, active, slot, q_pos, cache = step_inputs(st)
-    due = gate_lib.due(gate, st.gate, n, active)
-    sees_query, lo, hi = gate_lib.window(gate, st.gate, n)
+    due = gate_lib.due(rows.gate, st.gate, n, active)
+    sees_query, lo, hi = gate_lib.window(rows.gate, st.gate, n)
     lm, prob, kv, cls_pos = _token_cls_step(cfg, params, cache, st.token, q_pos, slot, due,
-                                            sees_query, lo + lengths, hi + lengths)
-    prob = scripted(prob, n)
+                                            sees_query, lo + rows.length, hi + rows.length)
+    prob = _scripted(rows, prob, n)
     cache = cache.replace(kv=kv, positions=cache.positions.at[:, CLS_SLOT].set(
         jnp.where(due, cls_pos, cache.positions[:, CLS_SLOT])))
-    k = jnp.minimum(st.n_evals, n_max)
-    return advance(
-        st, n, active, cache, lm, gate_lib.update(gate, st.gate, due, prob, n),
-        probs=st.probs.at[rows, k].set(jnp.where(due, prob, st.probs[rows, k])),
-        eval_steps=st.eval_steps.at[rows, k].set(jnp.where(due, n, st.eval_steps[rows, k])),
-        n_evals=st.n_evals + due)
+    e = jnp.minimum(st.n_evals, n_max)
+    return record(
+        st, n, active, cache, lm, gate_lib.update(rows.gate, st.gate, due, prob, n),
+        probs=st.probs.at[idx, e].set(jnp.where(due, prob, st.probs[idx, e])),
+        eval_steps=st.eval_steps.at[idx, e].set(jnp.where(due, n, st.eval_steps[idx, e])),
+        n_evals=st.n_evals + due), k + 1
 
-  def running(st: LoopState):
-    return (st.step < n_max - 1) & ~jnp.all(st.done)
+  def running(carry):
+    st, k = carry
+    return (k < n_steps) & ~jnp.all(st.done)
 
-  if with_cls:
-    def due_next(st: LoopState):
-      return jnp.any(gate_lib.due(gate, st.gate, st.step + 1, ~st.done))
+  carry = (state, jnp.int32(0))
+  if not spec.with_cls:
+    return jax.lax.while_loop(running, token_step, carry)[0]
 
-    def token_steps_until_due(st: LoopState) -> LoopState:
-      return jax.lax.while_loop(lambda s: running(s) & ~due_next(s), token_step, st)
+  def token_steps_until_due(carry):
+    def none_due(c):
+      st = c[0]
+      return running(c) & ~jnp.any(gate_lib.due(rows.gate, st.gate, st.step + 1, ~st.done))
+    return jax.lax.while_loop(none_due, token_step, carry)
 
-    st = jax.lax.while_loop(running, lambda s: token_steps_until_due(token_cls_step(s)), state)
-  else:
-    st = jax.lax.while_loop(running, token_step, state)
+  carry = token_steps_until_due(carry)  # then a row is due, or the chunk is over
+  return jax.lax.while_loop(running, lambda c: token_steps_until_due(token_cls_step(c)),
+                            carry)[0]
+
+
+def _decode_impl(spec: DecodeSpec, params, inputs: DecodeInputs):
+  """The whole decode (prompt pass + steps until every row is done) of a bucketed batch; see
+  ``Decoder.__call__``. Shapes: ``inputs.tokens``, ``roles`` [B, P], ``rows.forced`` [B, N].
+
+  The layers run unrolled (``unroll_layers``): a scanned model's weights are sliced out of the
+  stack once here, before the loops, not at every step. That slice is a transient copy of the
+  weights; ``SafetyModel`` passes weights unrolled at load, so it makes none."""
+  cfg, params = unroll_layers(spec.cfg, params)
+  spec = dataclasses.replace(spec, cfg=cfg)
+  n_max = inputs.rows.forced.shape[1]
+  st = start_rows(spec, params, inputs, PROMPT_SLOT + inputs.tokens.shape[1] + n_max)
+  st = run_steps(spec, params, st, n_max)
   return dict(tokens=st.tokens, lengths=st.length, refusal_step=st.gate.refusal_step,
               cls_probs=st.probs, cls_steps=st.eval_steps, n_evals=st.n_evals,
               logits=st.logits)
 
 
-_STATIC = ("cfg", "pad_id", "with_cls", "n_newline", "return_logits")
-_decode = jax.jit(_decode_impl, static_argnames=_STATIC + ("layout",))
+_decode = jax.jit(_decode_impl, static_argnums=0)
 
 
 def _laid_out(layout: sharding.DecodeLayout | None, st: LoopState) -> LoopState:
-  """``st`` held to ``layout``: the cache's K/V on ``layout.kv``, every other array with a
-  row axis on ``layout.rows`` (the scalar step replicated). Unchanged without a layout."""
+  """``st`` held to ``layout``: the cache's K/V on ``layout.kv``, every other array (all have
+  a row axis) on ``layout.rows``. Unchanged without a layout."""
   if layout is None:
     return st
   kv = jax.lax.with_sharding_constraint(st.cache.kv, layout.kv)
-  rest = jax.tree.map(
-      lambda x: jax.lax.with_sharding_constraint(x, layout.rows if x.ndim else
-                                                 layout.replicated),
-      st.replace(cache=st.cache.replace(kv=None)))
+  rest = jax.lax.with_sharding_constraint(st.replace(cache=st.cache.replace(kv=None)),
+                                          layout.rows)
   return rest.replace(cache=rest.cache.replace(kv=kv))
 
 

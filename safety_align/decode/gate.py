@@ -97,7 +97,9 @@ class GateConfig:
 
 @flax.struct.dataclass
 class GateArrays:
-  """``GateConfig`` as arrays: scalars, and ``table`` [n_max + 1] (``schedule_steps``)."""
+  """``GateConfig`` as arrays: scalars and ``table`` [n_max + 1] (``schedule_steps``), or per
+  row (``rows``): [B] and ``table`` [B, n_max + 1], so rows with different gates share one
+  program."""
 
   enabled: jax.Array
   reliance: jax.Array
@@ -107,6 +109,10 @@ class GateArrays:
   r2: jax.Array
   r3: jax.Array
   table: jax.Array
+
+  def rows(self, b: int) -> "GateArrays":
+    """The same settings for each of ``b`` rows."""
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (b,) + jnp.shape(x)), self)
 
 
 def schedule_steps(cfg: GateConfig, n_max: int) -> np.ndarray:
@@ -153,8 +159,14 @@ def init(cfg: GateArrays, p0) -> GateState:
 
 
 def due(cfg: GateArrays, state: GateState, n, active):
-  """[B] bool: rows re-evaluating at step ``n`` (schedule, or an open suspicion)."""
-  return (cfg.table[n] | (state.mode == SUSPECT)) & active
+  """[B] bool: rows re-evaluating at step ``n`` (scalar or [B]: schedule, or an open
+  suspicion)."""
+  if cfg.table.ndim == 1:
+    scheduled = cfg.table[n]
+  else:  # per-row schedules
+    n = jnp.broadcast_to(n, active.shape)
+    scheduled = jnp.take_along_axis(cfg.table, n[:, None], axis=1)[:, 0]
+  return (scheduled | (state.mode == SUSPECT)) & active
 
 
 def window(cfg: GateArrays, state: GateState, n):
@@ -187,26 +199,30 @@ def update(cfg: GateArrays, state: GateState, evaluated, prob, n) -> GateState:
 
 
 def emit(cfg: GateArrays, state: GateState, *, j, sampled, forced, is_forced, active,
-         insertion, n_newline: int):
+         insertion, n_newline: int, n_insert=None):
   """Choose the token at response index ``j``: forced > inserted > sampled.
 
   Args:
-    j: scalar response index of the token being chosen.
+    j: response index of the token being chosen (scalar or [B]).
     sampled, forced: [B] candidate tokens; is_forced, active: [B] bool.
-    insertion: [Q] newline tokens (``n_newline`` of them) then the refusal prefix.
+    insertion: [Q] (or per row [B, Q]) newline tokens (``n_newline`` of them) then the
+      refusal prefix; ``n_insert`` [B]: each row's insertion length (default Q).
   Returns:
     (token [B], was_sampled [B] bool, finished [B] bool: ``high`` reliance and the prefix is
     complete, new state).
   """
-  q = insertion.shape[0]
+  q = insertion.shape[-1]
+  n_insert = q if n_insert is None else n_insert
   pending = (state.insert_idx >= 0) & active
   idx = jnp.where((state.insert_idx == 0) & (j == 0), n_newline, state.insert_idx)
   inserting = pending & ~is_forced
-  inserted = insertion[jnp.clip(idx, 0, q - 1)]
+  at = jnp.clip(idx, 0, q - 1)
+  inserted = (insertion[at] if insertion.ndim == 1
+              else jnp.take_along_axis(insertion, at[:, None], axis=1)[:, 0])
   token = jnp.where(is_forced, forced, jnp.where(inserting, inserted, sampled))
   refusal_step = jnp.where(inserting & (idx == n_newline), j, state.refusal_step)
   nxt = jnp.where(inserting, idx + 1, state.insert_idx)
-  last = inserting & (nxt == q)
+  last = inserting & (nxt == n_insert)
   finished = last & (cfg.reliance == HIGH)
   state = state.replace(insert_idx=jnp.where(last, -1, nxt).astype(jnp.int32),
                         refusal_step=refusal_step.astype(jnp.int32))

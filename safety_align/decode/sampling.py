@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -46,6 +47,45 @@ class Sampling:
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class PerRow:
+  """Each row's own settings, ``temperature``/``top_k``/``top_p`` [B] (``Sampling`` vmapped
+  over rows; a row at temperature 0 is greedy): rows with different settings share one
+  program. A batch with no sampled row only takes the argmax."""
+
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+  def __call__(self, logits, keys):
+    """logits [B, V], keys [B] -> [B] int32."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def one(t, k, p, row_logits, key, best):
+      drawn = Sampling(jnp.where(t > 0, t, 1.0), k, p)(row_logits[None], key[None])[0]
+      return jnp.where(t > 0, drawn, best)
+
+    def sample(logits, keys):
+      return jax.vmap(one)(self.temperature, self.top_k, self.top_p, logits, keys, greedy)
+    return jax.lax.cond(jnp.any(self.temperature > 0), sample, lambda *_: greedy, logits, keys)
+
+  @classmethod
+  def of(cls, settings) -> "PerRow":
+    """From objects with ``temperature``, ``top_k``, ``top_p`` (one per row)."""
+    return cls(temperature=np.array([s.temperature for s in settings], np.float32),
+               top_k=np.array([s.top_k for s in settings], np.int32),
+               top_p=np.array([s.top_p for s in settings], np.float32))
+
+  @classmethod
+  def broadcast(cls, sampler, b: int) -> "Greedy | PerRow":
+    """``sampler`` (``Greedy``, ``Sampling`` or ``PerRow``) for ``b`` rows: ``Greedy`` as is
+    (no settings to carry), the others as ``PerRow`` with [b] settings."""
+    if isinstance(sampler, Greedy):
+      return sampler
+    return cls(*(jnp.broadcast_to(jnp.asarray(x), (b,)) for x in
+                 (sampler.temperature, sampler.top_k, sampler.top_p)))
+
+
 def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
   """Validated sampler: ``Greedy`` at temperature 0, else ``Sampling``."""
   if not temperature >= 0.0:
@@ -61,6 +101,8 @@ def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
 
 
 def row_keys(seed, rows, step):
-  """[B] keys for rows ``rows`` [B] int at step ``step``."""
-  base = jax.random.key(seed)
-  return jax.vmap(lambda r: jax.random.fold_in(jax.random.fold_in(base, r), step))(rows)
+  """[B] keys for rows ``rows`` [B] int at step ``step``; ``seed`` and ``step`` scalars or [B]
+  (each row's own)."""
+  seed, step = (jnp.broadcast_to(x, jnp.shape(rows)) for x in (seed, step))
+  return jax.vmap(lambda s, r, n: jax.random.fold_in(
+      jax.random.fold_in(jax.random.key(s), r), n))(seed, rows, step)
