@@ -20,7 +20,7 @@ gate-off time, minus 1). Benchmarks:
 * ``gcg_vs_nanogcg``: steps/s of our GCG vs nanoGCG on the demo-size model.
 * ``serve_concurrency_speedup``: ``python -m safety_align.serve`` on the demo-size model, 16
   concurrent streaming clients vs the same 16 requests one after another (wall time); time to
-  first token at 1 and 16 clients.
+  first token p50/p99 and inter-token latency at 1 and 16 clients.
 * ``train_memory_vs_seq``: compiled peak memory (XLA's memory analysis, nothing run) of a
   ~125M training step at 8,192 tokens per batch as T = 1k, 2k, 4k, 8k rows; ratio =
   mem(8k) / mem(1k) with ``model.attention="blockwise"``, dense side by side.
@@ -53,7 +53,7 @@ DECODE = ("gate_overhead_first", "gate_overhead_periodic", "gate_overhead_every"
 TRAIN = ("train_step_vs_hf",)
 GCG = ("gcg_vs_nanogcg",)
 SERVE = ("serve_concurrency_speedup",)
-SERVE_WINDOW_MS = 15.0  # the server's default batching window
+SERVE_CHUNK_TOKENS = 8  # the server's default --chunk_tokens
 SMOLLM2 = ("smollm2_gate_overhead_every", "smollm2_gate_overhead_annealing",
            "smollm2_decode_vs_hf", "smollm2_decode_gate_on_vs_hf")
 ATTENTION = ("train_memory_vs_seq", "attention_train_speedup")
@@ -67,7 +67,7 @@ DEMO_BUDGET_S = 600.0  # make demo-tiny on a GPU: train both phases and evaluate
 TARGETS = dict(gate_overhead_first=0.05, gate_overhead_periodic=0.1, gate_overhead_every=0.3,
                gate_overhead_annealing=0.05, decode_vs_hf=3.0, decode_gate_on_vs_hf=2.5,
                train_step_vs_hf=1.5, gcg_vs_nanogcg=2.0, train_mfu_1b=0.4,
-               serve_concurrency_speedup=4.0, train_memory_vs_seq=1.3,
+               serve_concurrency_speedup=6.0, train_memory_vs_seq=1.3,
                attention_train_speedup=1.0, demo_tiny_wall_gpu=1.0)
 
 
@@ -84,7 +84,7 @@ def settings(quick: bool) -> dict:
               big_reps={1: 14, 16: 7}, big_hf_reps={1: 3, 16: 2},
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
               train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256,
-              serve_clients=16, serve_tokens=64, serve_rounds=5, smollm2_tokens=64,
+              serve_clients=16, serve_tokens=128, serve_rounds=5, smollm2_tokens=64,
               smollm2_batches=(1, 16), smollm2_reps={1: 3, 16: 2},
               smollm2_hf_reps={1: 2, 16: 1}, mem_tokens=8192,
               mem_seqs=(1024, 2048, 4096, 8192), speed_seq=2048, speed_reps=3)
@@ -386,14 +386,16 @@ def run_serve(s, demo, cache_dir, device):
   progress(f"serve: {clients} clients, {s['serve_tokens']} tokens, {s['serve_rounds']} rounds")
   r = serve.measure(serve.demo_workdir(demo, cache_dir), decode.BENIGN, clients=clients,
                     max_tokens=s["serve_tokens"], rounds=s["serve_rounds"],
-                    window_ms=SERVE_WINDOW_MS, log_path=os.path.join(cache_dir, "serve.log"))
+                    chunk_tokens=SERVE_CHUNK_TOKENS,
+                    log_path=os.path.join(cache_dir, "serve.log"))
   return common_result(
       config=dict(model=demo.source, clients=clients, max_tokens=s["serve_tokens"],
                   rounds=s["serve_rounds"], greedy=True, gate="annealing (server default)",
-                  max_batch=clients, batch_window_ms=SERVE_WINDOW_MS, stream=True,
+                  max_batch=clients, chunk_tokens=SERVE_CHUNK_TOKENS, stream=True,
                   ratio="median over rounds of sequential wall time / concurrent wall time",
-                  ttft="request sent to first content chunk (the whole decode: streaming "
-                  "replays a finished generation)"),
+                  ttft="request sent to its first content chunk (tokens stream chunk by "
+                  "chunk as the engine decodes)",
+                  itl="per streamed request, (last token - first token) / (tokens - 1)"),
       values=r, ratio=r["speedup_paired_median"], target=TARGETS["serve_concurrency_speedup"],
       higher_is_better=True, device=device)
 

@@ -1,12 +1,15 @@
-"""Serving benchmark: batched concurrent requests vs the same requests one after another.
+"""Serving benchmark: streaming clients at once vs the same requests one after another.
 
 The server (``python -m safety_align.serve``, a subprocess on a free localhost port) serves
 the demo-size model; the client streams chat completions over HTTP (httpx). Each round sends
 ``n`` requests one after another, then the same ``n`` from ``n`` concurrent clients; the
 speedup is the median over rounds of sequential wall time / concurrent wall time (the same
-work: greedy, so identical responses). Time to first token is the time from sending a
-request to its first content chunk (streaming replays a finished generation, so this is the
-whole decode plus the batching window). Warm-up rounds first compile every batch bucket.
+work: greedy, so identical responses). Time to first token is the time from sending a request
+to its first content chunk: the engine streams each chunk of ``--chunk_tokens`` steps as it
+returns, so it is the queueing, the prompt pass and the first chunk, not the whole answer
+(``ttft_over_total``: its share of the request's time). Inter-token latency is each streamed
+request's (last token - first token) / (tokens - 1). Warm-up requests first compile the prompt
+buckets and the chunk.
 
 ``write_workdir`` and ``Server`` are also what ``tests/test_serve.py`` serves with.
 """
@@ -98,9 +101,10 @@ class Server:
 
 
 async def _stream(client, url: str, body: dict) -> dict:
-  """One streamed chat completion: seconds to the first content chunk and to the end."""
+  """One streamed chat completion: seconds to the first content chunk, to the end, and the
+  arrival time of each token."""
   t0 = time.perf_counter()
-  first, n = None, 0
+  arrivals = []
   async with client.stream("POST", f"{url}/v1/chat/completions",
                            json=body | dict(stream=True)) as r:
     r.raise_for_status()
@@ -108,67 +112,69 @@ async def _stream(client, url: str, body: dict) -> dict:
       if not line.startswith("data: {"):
         continue
       choices = json.loads(line[len("data: "):])["choices"]
-      if choices and choices[0]["delta"].get("content") is not None and first is None:
-        first = time.perf_counter() - t0
-      n += bool(choices and choices[0]["finish_reason"] is None)
-  return dict(ttft=first, total=time.perf_counter() - t0, tokens=n)
+      if choices and choices[0]["finish_reason"] is None:
+        arrivals.append(time.perf_counter() - t0)
+  total = time.perf_counter() - t0
+  itl = (arrivals[-1] - arrivals[0]) / (len(arrivals) - 1) if len(arrivals) > 1 else None
+  return dict(ttft=arrivals[0] if arrivals else None, total=total, tokens=len(arrivals),
+              itl=itl)
 
 
-async def _rounds(url: str, bodies: list[dict], rounds: int, warmup_sizes) -> dict:
-  async with httpx.AsyncClient(timeout=120.0) as client:
-    async def calls() -> int:
-      return (await client.get(f"{url}/health")).json()["batches"]
-
-    for b in bodies:  # compile every prompt bucket alone, then every batch bucket
+async def _rounds(url: str, bodies: list[dict], rounds: int) -> dict:
+  async with httpx.AsyncClient(timeout=300.0) as client:
+    for b in bodies:  # compile every prompt bucket, then the chunk with every slot live
       await _stream(client, url, b)
-    for size in warmup_sizes:
-      await asyncio.gather(*[_stream(client, url, b) for b in bodies[:size]])
+    await asyncio.gather(*[_stream(client, url, b) for b in bodies])
     seq, conc = [], []
     for _ in range(rounds):
       t0 = time.perf_counter()
       one = [await _stream(client, url, b) for b in bodies]
       seq.append(dict(wall=time.perf_counter() - t0, requests=one))
-      before = await calls()
       t0 = time.perf_counter()
       many = await asyncio.gather(*[_stream(client, url, b) for b in bodies])
-      conc.append(dict(wall=time.perf_counter() - t0, requests=many,
-                       calls=await calls() - before))
+      conc.append(dict(wall=time.perf_counter() - t0, requests=many))
   return dict(sequential=seq, concurrent=conc)
 
 
 def _percentiles_ms(xs) -> dict:
+  xs = [x for x in xs if x is not None]
   return dict(p50=float(np.percentile(xs, 50) * 1e3), p99=float(np.percentile(xs, 99) * 1e3))
 
 
 def measure(workdir: str, prompts: list[str], *, clients: int, max_tokens: int, rounds: int,
-            window_ms: float, log_path: str) -> dict:
-  """Serve ``workdir`` and time ``clients`` requests sequentially and concurrently; then, in
-  this process, the decoder alone on the same prompts (one call vs one call each: the bound
-  batching sets on the server's speedup, less its per-request costs)."""
+            chunk_tokens: int, log_path: str) -> dict:
+  """Serve ``workdir`` with ``clients`` slots and time ``clients`` streamed requests
+  sequentially and concurrently; then, in this process, the decoder alone on the same prompts
+  (one call vs one call each: the bound batching sets on the server's speedup, less its
+  per-request costs)."""
   texts = [prompts[i % len(prompts)] for i in range(clients)]
   bodies = [dict(messages=[dict(role="user", content=t)], max_tokens=max_tokens,
                  temperature=0.0) for t in texts]
-  sizes = [1 << k for k in range(clients.bit_length()) if 1 << k < clients] + [clients]
   with Server(workdir, log_path, f"--max_batch={clients}",
-              f"--batch_window_ms={window_ms}") as server:
-    out = asyncio.run(_rounds(server.url, bodies, rounds, sizes))
+              f"--chunk_tokens={chunk_tokens}") as server:
+    out = asyncio.run(_rounds(server.url, bodies, rounds))
   model = sa.load(workdir)
   gen = lambda ps: model.generate(ps, max_new_tokens=max_tokens)  # noqa: E731  (as served)
   decode_s = common.interleaved(dict(one_by_one=lambda: [gen([t]) for t in texts],
                                      batched=lambda: gen(texts)), reps=rounds)
   seq, conc = out["sequential"], out["concurrent"]
   tokens = sum(r["tokens"] for r in conc[0]["requests"])
+  every = lambda runs: [r for run in runs for r in run["requests"]]  # noqa: E731
   return dict(
       speedup_paired_median=float(np.median([s["wall"] / c["wall"]
                                              for s, c in zip(seq, conc)])),
-      requests_per_s=dict(sequential=clients / min(s["wall"] for s in seq),
-                          concurrent=clients / min(c["wall"] for c in conc)),
+      tokens_per_s=dict(sequential=tokens / min(s["wall"] for s in seq),
+                        concurrent=tokens / min(c["wall"] for c in conc)),
       tokens_per_request=tokens / clients,
-      ttft_ms={"clients_1": _percentiles_ms([r["ttft"] for s in seq for r in s["requests"]]),
-               f"clients_{clients}": _percentiles_ms([r["ttft"] for c in conc
-                                                      for r in c["requests"]])},
+      ttft_ms={"clients_1": _percentiles_ms([r["ttft"] for r in every(seq)]),
+               f"clients_{clients}": _percentiles_ms([r["ttft"] for r in every(conc)])},
+      itl_ms={"clients_1": _percentiles_ms([r["itl"] for r in every(seq)]),
+              f"clients_{clients}": _percentiles_ms([r["itl"] for r in every(conc)])},
+      ttft_over_total={"clients_1": float(np.median([r["ttft"] / r["total"]
+                                                     for r in every(seq)])),
+                       f"clients_{clients}": float(np.median([r["ttft"] / r["total"]
+                                                              for r in every(conc)]))},
       wall_s=dict(sequential=[s["wall"] for s in seq], concurrent=[c["wall"] for c in conc]),
-      decode_calls_per_concurrent_round=[c["calls"] for c in conc],
       decoder_only_s=decode_s,
       decoder_only_speedup=decode_s["one_by_one"] / decode_s["batched"])
 

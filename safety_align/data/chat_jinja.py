@@ -205,6 +205,16 @@ class JinjaTemplate:
       raise ValueError(f"The chat template {self.name!r} does not render the user's message.")
     return _group(ids, roles)
 
+  def chat_pieces(self, tok: Tokenizer, messages: Sequence[dict]) -> Pieces:
+    """A conversation's prompt (``[system], user, assistant, ..., user``, each a dict with
+    ``role`` and ``content``) up to where the answer starts, by METHOD.md 3's multi-turn rule:
+    every user turn is QUERY, system text and earlier assistant turns are TEMPLATE (context
+    [CLS] does not read at the first classification). One user message: ``prompt_pieces``."""
+    ids, roles, _, _ = self._encode(tok, [dict(m) for m in messages], add_generation_prompt=True)
+    if not (roles == Role.QUERY).any():
+      raise ValueError(f"The chat template {self.name!r} does not render the user's messages.")
+    return _group(ids, np.where(roles == Role.RESPONSE, int(Role.TEMPLATE), roles))
+
   def example_pieces(self, tok: Tokenizer, prompt: str, response: str,
                      system: str | None = None) -> Pieces:
     """The prompt's pieces, then RESPONSE: the answer through the end of its turn."""

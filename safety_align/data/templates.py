@@ -36,6 +36,26 @@ class ChatTemplate:
     self._check_system(system)
     return self.pieces(tok, tok.encode(prompt))
 
+  def chat_pieces(self, tok: Tokenizer, messages: Sequence[dict]) -> Pieces:
+    """A conversation's prompt (user, assistant, ..., user; dicts with ``role`` and
+    ``content``): each earlier turn ``opening query closing answer </s>``, every query QUERY,
+    the earlier answers TEMPLATE (METHOD.md 3's multi-turn rule), then the last query's turn
+    up to where the answer starts."""
+    roles = [m["role"] for m in messages]
+    if "system" in roles:
+      self._check_system("")
+    if roles[::2] != ["user"] * len(roles[::2]) or roles[1::2] != ["assistant"] * len(
+        roles[1::2]) or roles[-1] != "user":
+      raise ValueError(f"The {self.name!r} chat template takes alternating user and assistant "
+                       f"messages ending with a user message; got roles {roles}.")
+    out = [([tok.bos_id], Role.BOS)] if tok.bos_id is not None else []
+    for m in messages:
+      if m["role"] == "user":
+        out += self.pieces(tok, tok.encode(m["content"]))[1 if tok.bos_id is not None else 0:]
+      else:
+        out.append((tok.encode(m["content"]) + [tok.eos_id], Role.TEMPLATE))
+    return out
+
   def example_pieces(self, tok: Tokenizer, prompt: str, response: str,
                      system: str | None = None) -> Pieces:
     """``prompt_pieces`` + RESPONSE (the response ids and EOS)."""

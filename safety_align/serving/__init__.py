@@ -1,12 +1,12 @@
-"""The OpenAI-compatible server behind ``python -m safety_align.serve`` (README "Serving").
+"""The OpenAI-compatible server behind ``python -m safety_align.serve`` (README "Serving"), laid
+out as vLLM's OpenAI entrypoint, each module importing only those below it:
 
-``protocol`` turns requests into jobs and generations into replies, ``batcher`` runs the jobs
-on one decode thread in batches, ``app`` is the FastAPI app. Streaming sends the tokens of a
-finished generation: a compiled decode loop cannot hand out tokens while it runs, so the first
-token comes when the whole response is done.
+``app`` (HTTP routes) > ``handler`` (requests into engine jobs, engine events into replies and
+server-sent events) > ``engine`` (the scheduler over ``SafetyModel.slots``: requests join and
+leave between chunks) and ``streams`` (open moderation streams) > ``protocol`` (pydantic
+bodies) and ``metrics`` (Prometheus text) > the model object (``safety_align.api``).
 """
 
 from safety_align.serving.app import create_app
-from safety_align.serving.batcher import Batcher
 
-__all__ = ["Batcher", "create_app"]
+__all__ = ["create_app"]

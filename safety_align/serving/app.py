@@ -1,8 +1,9 @@
-"""The HTTP side: a FastAPI app over a ``Batcher``.
+"""The HTTP routes: a FastAPI app over a ``Handler`` and its ``Engine``.
 
-Handlers are async; each queues its job and awaits it while watching for the client to
-disconnect (a job not yet started is then dropped). A job's failure fails its request only
-(500); the server's shutdown fails queued jobs with 503.
+Every route reads its body with a size limit (413 before any parsing or tokenizing), hands the
+request to the handler and returns what it builds; errors are OpenAI's ``{"error": {...}}``.
+With an API key, ``/v1/*``, ``/docs`` and ``/openapi.json`` require it; ``/health`` and
+``/metrics`` stay open (load balancers and scrapers).
 """
 
 from __future__ import annotations
@@ -10,38 +11,47 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import time
-import uuid
 
 import fastapi
 from absl import logging
-from fastapi import responses
+from fastapi import openapi, responses
 from starlette.exceptions import HTTPException
 
 from safety_align.api import SafetyModel
 from safety_align.serving import protocol
-from safety_align.serving.batcher import Batcher, Job, ServerClosing
-from safety_align.serving.protocol import ApiError
+from safety_align.serving.engine import Engine
+from safety_align.serving.handler import ApiError, Handler, parse
+from safety_align.serving.metrics import Metrics
+from safety_align.serving.streams import ModerationStreams
 
 
 def create_app(model: SafetyModel, *, name: str, api_key: str | None = None,
-               gate: str = "annealing", max_batch: int = 16, window_s: float = 0.015,
-               max_tokens: int = 256, shutdown_timeout: float = 30.0) -> fastapi.FastAPI:
-  """The server's app. ``name``: the model id it reports; ``api_key``: required as
-  ``Authorization: Bearer KEY`` on ``/v1/*`` if set; ``gate``, ``max_tokens``: defaults of
-  requests that set none; ``shutdown_timeout``: how long shutdown waits for a running decode.
-  """
-  batcher = Batcher(model, max_batch=max_batch, window_s=window_s)
+               gate: str = "annealing", max_batch: int = 16, chunk_tokens: int = 8,
+               max_model_len: int | None = None, max_tokens: int = 256,
+               max_classify_inputs: int = 256, max_body_bytes: int = 1 << 20,
+               max_moderation_streams: int = 64, moderation_ttl_s: float = 600.0,
+               stuck_after_s: float = 300.0, shutdown_timeout: float = 30.0,
+               log_prompts: bool = False) -> fastapi.FastAPI:
+  """The server's app (``safety_align.serve``'s flags name each setting). ``app.state``
+  holds ``engine``, ``handler`` and ``metrics``."""
+  metrics = Metrics()
+  engine = Engine(model, max_batch=max_batch, max_len=max_model_len,
+                  chunk_tokens=chunk_tokens, metrics=metrics, stuck_after_s=stuck_after_s)
+  handler = Handler(model, engine, metrics, name=name, gate=gate, max_tokens=max_tokens,
+                    max_classify_inputs=max_classify_inputs, classify_batch=max_batch,
+                    streams=ModerationStreams(max_streams=max_moderation_streams,
+                                              ttl_s=moderation_ttl_s, metrics=metrics),
+                    log_prompts=log_prompts)
   created = int(time.time())
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
     del app
-    batcher.start()
+    engine.start()
     yield
-    if not batcher.close(shutdown_timeout):
-      logging.warning("The decode worker did not finish within %g s.", shutdown_timeout)
+    if not engine.close(shutdown_timeout):
+      logging.warning("The engine did not stop within %g s.", shutdown_timeout)
 
   def check_key(authorization: str | None = fastapi.Header(None)):
     if api_key is None:
@@ -52,106 +62,117 @@ def create_app(model: SafetyModel, *, name: str, api_key: str | None = None,
       raise ApiError(401, "Missing or incorrect API key: send 'Authorization: Bearer KEY'.",
                      code="invalid_api_key")
 
-  app = fastapi.FastAPI(title="safety_align", lifespan=lifespan)
-  app.state.batcher = batcher
-  v1 = fastapi.APIRouter(prefix="/v1", dependencies=[fastapi.Depends(check_key)])
+  app = fastapi.FastAPI(title="safety_align", lifespan=lifespan, docs_url=None,
+                        redoc_url=None, openapi_url=None)
+  app.state.engine, app.state.handler, app.state.metrics = engine, handler, metrics
+  keyed = [fastapi.Depends(check_key)]
+  v1 = fastapi.APIRouter(prefix="/v1", dependencies=keyed)
 
   @app.exception_handler(ApiError)
   async def api_error(request, e: ApiError):
     del request
-    return _error(e)
+    return responses.JSONResponse(e.body, status_code=e.status)
 
   @app.exception_handler(HTTPException)
   async def http_error(request, e: HTTPException):
-    del request
     kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-    return _error(ApiError(e.status_code, str(e.detail), kind=kind))
+    return await api_error(request, ApiError(e.status_code, str(e.detail), kind=kind))
 
   @app.exception_handler(Exception)
   async def internal_error(request, e: Exception):
-    del request
-    return _error(ApiError(500, f"Internal server error: {type(e).__name__}: {e}",
-                           kind="server_error"))
+    return await api_error(request, ApiError(
+        500, f"Internal server error: {type(e).__name__}: {e}", kind="server_error"))
+
+  @app.get("/openapi.json", dependencies=keyed, include_in_schema=False)
+  async def openapi_json():
+    return openapi.utils.get_openapi(title=app.title, version=app.version, routes=app.routes)
+
+  @app.get("/docs", dependencies=keyed, include_in_schema=False)
+  async def docs():
+    return openapi.docs.get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
 
   @app.get("/health")
   async def health():
-    return dict(status="ok", model=name, **batcher.stats())
+    state = "ok" if engine.alive else "stopped"
+    if engine.stuck:
+      state = "stuck"
+    return responses.JSONResponse(dict(status=state, model=name, **engine.stats()),
+                                  status_code=200 if state == "ok" else 503)
 
-  @v1.get("/models")
+  @app.get("/metrics", response_class=responses.PlainTextResponse)
+  async def prometheus():
+    return responses.PlainTextResponse(metrics.render(),
+                                       media_type="text/plain; version=0.0.4; charset=utf-8")
+
+  @v1.get("/models", response_model=protocol.ModelList)
   async def models():
-    return dict(object="list", data=[dict(id=name, object="model", created=created,
-                                          owned_by="safety_align",
-                                          max_model_len=model.decoder.max_length)])
+    return protocol.ModelList(data=[protocol.ModelCard(id=name, created=created,
+                                                       max_model_len=engine.slots.max_len)])
 
-  @v1.post("/chat/completions")
+  @v1.post("/chat/completions", response_model=protocol.ChatCompletion,
+           openapi_extra=_body_schema(protocol.ChatRequest))
   async def chat_completions(request: fastapi.Request):
-    req = protocol.parse(protocol.ChatRequest, await request.body())
-    chat = protocol.chat_job(model, req, gate=gate, max_tokens=max_tokens,
-                             server_seed=batcher.seed)
-    gen = await _result(request, batcher, chat.job)
-    if gen is None:
-      return responses.Response(status_code=499)  # nobody is listening
-    r = protocol.reply(model.tokenizer, chat, gen)
-    meta = dict(ident=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=name)
-    if chat.stream:
-      return responses.StreamingResponse(_events(protocol.chunks(r, **meta)),
+    t0 = time.monotonic()
+    job = handler.chat_job(parse(protocol.ChatRequest, await _body(request, max_body_bytes)))
+    req, events = handler.submit(job, asyncio.get_running_loop())
+    if job.stream:
+      return responses.StreamingResponse(handler.stream(job, req, events, t0),
                                          media_type="text/event-stream")
-    return protocol.completion(r, **meta)
+    body = await handler.complete(job, req, events, _disconnected(request), t0)
+    return _gone() if body is None else body
 
-  @v1.post("/safety/classify")
+  async def work(request: fastapi.Request, body_type, run):
+    """A route whose reply is engine work (``run``: the handler's method)."""
+    body = await run(parse(body_type, await _body(request, max_body_bytes)),
+                     _disconnected(request))
+    return _gone() if body is None else body
+
+  @v1.post("/safety/classify", response_model=protocol.ClassifyResponse,
+           openapi_extra=_body_schema(protocol.ClassifyRequest))
   async def classify(request: fastapi.Request):
-    req = protocol.parse(protocol.ClassifyRequest, await request.body())
-    job = protocol.classify_job(model, req)
-    probs = await _result(request, batcher, job)
-    if probs is None:
-      return responses.Response(status_code=499)
-    threshold = model.gate_defaults.threshold
-    return dict(object="list", model=name,
-                data=[dict(index=i, p_malicious=p, malicious=p > threshold)
-                      for i, p in enumerate(probs)])
+    return await work(request, protocol.ClassifyRequest, handler.classify)
+
+  @v1.post("/safety/moderate", response_model=protocol.ModerateResponse,
+           openapi_extra=_body_schema(protocol.ModerateRequest))
+  async def moderate(request: fastapi.Request):
+    return await work(request, protocol.ModerateRequest, handler.moderate)
 
   app.include_router(v1)
   return app
 
 
-def _error(e: ApiError) -> responses.JSONResponse:
-  return responses.JSONResponse(e.body, status_code=e.status)
+async def _body(request: fastapi.Request, limit: int) -> bytes:
+  """The request body, refused with a 413 as soon as it is known to exceed ``limit`` bytes
+  (by its Content-Length, else while it arrives)."""
+  too_big = ApiError(413, f"The request body is over this server's limit of {limit} bytes "
+                     "(--max_body_bytes).", code="request_too_large")
+  length = request.headers.get("content-length", "")
+  if length.isdigit() and int(length) > limit:
+    raise too_big
+  chunks, size = [], 0
+  async for chunk in request.stream():
+    size += len(chunk)
+    if size > limit:
+      raise too_big
+    chunks.append(chunk)
+  return b"".join(chunks)
 
 
-async def _result(request: fastapi.Request, batcher: Batcher, job: Job):
-  """The job's result, or ``None`` if the client went away first (a job not yet started is
-  then dropped, one already running finishes unread)."""
-  try:
-    done = asyncio.wrap_future(batcher.submit(job))
-  except ServerClosing as e:
-    raise ApiError(503, str(e), kind="server_error") from None
-  gone = asyncio.ensure_future(_disconnected(request))
-  try:
-    await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
-  except asyncio.CancelledError:  # the shutdown's grace period is over
-    raise ApiError(503, "The server shut down before this request finished; retry it.",
-                   kind="server_error") from None
-  finally:
-    gone.cancel()
-    if not done.done():
-      done.cancel()
-  if done.cancelled():
-    return None
-  try:
-    return done.result()
-  except ServerClosing as e:
-    raise ApiError(503, str(e), kind="server_error") from None
-  except RuntimeError as e:
-    raise ApiError(500, str(e), kind="server_error") from None
+def _disconnected(request: fastapi.Request):
+  """A coroutine function returning when the client disconnects (its body has been read:
+  nothing else comes)."""
+  async def wait():
+    while (await request.receive())["type"] != "http.disconnect":
+      pass
+  return wait
 
 
-async def _disconnected(request: fastapi.Request) -> None:
-  """Returns when the client disconnects (the body has been read: nothing else comes)."""
-  while (await request.receive())["type"] != "http.disconnect":
-    pass
+def _gone() -> responses.Response:
+  return responses.Response(status_code=499)  # nobody is listening
 
 
-async def _events(bodies):
-  """The server-sent events of a finished reply, as OpenAI streams them, in one write (the
-  tokens are all known: a write per event would only add work)."""
-  yield "".join(f"data: {json.dumps(body)}\n\n" for body in bodies) + "data: [DONE]\n\n"
+def _body_schema(model) -> dict:
+  """OpenAPI request body of a route that reads its body itself (to limit its size)."""
+  return {"requestBody": {"content": {"application/json": {
+      "schema": model.model_json_schema()}},
+      "required": True}}
