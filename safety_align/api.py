@@ -9,13 +9,11 @@ switched on or off, or greedy vs sampling compile once each).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from typing import Any, Sequence
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +23,11 @@ from jax.sharding import Mesh
 from safety_align import calibrate, checkpoint, scoring, sharding
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer, check_vocab
-from safety_align.decode import (SCHEDULES, Decoder, GateConfig, Prompts, Sampling, bucket,
-                                 make_sampler)
-from safety_align.model import ModelConfig, Transformer, unroll_layers
+from safety_align.decode import SCHEDULES, Decoder, GateConfig, Prompts, bucket, make_sampler
+from safety_align.decode.cache import check_context
+from safety_align.decode.sampling import PerRow
+from safety_align.decode.slots import SlotDecoder, SlotRequest
+from safety_align.model import ModelConfig, plain_forward, unroll_layers
 
 CLS_PARAMS = ("cls_embed", "cls_head")
 SHORT_TOKENS = 512  # prompt + response length up to which a decoder call takes a whole batch
@@ -50,6 +50,7 @@ class Generation:
   cls_probs: list[float]
   cls_steps: list[int]
   gate: GateConfig | None = None
+  logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 class SafetyModel:
@@ -116,15 +117,7 @@ class SafetyModel:
         raise ValueError(f"Prompt {i} is empty: there is no query to classify or answer.")
     encoded = Prompts.from_pieces([self.template.prompt_pieces(self.tokenizer, p, system=system)
                                    for p in prompts])
-    limit = self.decoder.max_length
-    over = np.nonzero(encoded.lengths + budget > limit)[0] if limit is not None else []
-    if len(over):
-      i, extra = over[0], np.broadcast_to(budget, encoded.lengths.shape)[over[0]]
-      response = f" + {extra} response tokens" if extra else ""
-      raise ValueError(
-          f"Prompt {i} ({encoded.lengths[i]} tokens){response} exceeds the model's maximum "
-          f"length of {limit} tokens; shorten the prompt"
-          + (" or lower max_new_tokens." if extra else "."))
+    check_context(encoded.lengths, budget, self.decoder.max_length)
     return encoded
 
   def classify(self, prompts: Sequence[str]) -> np.ndarray:
@@ -168,39 +161,107 @@ class SafetyModel:
     if prefill is not None and len(prefill) != n_prompts:
       raise ValueError(f"{len(prefill)} prefills for {n_prompts} prompts: give one string per "
                        "prompt ('' for none).")
-    tok = self.tokenizer
-    forced = [tok.encode(p) for p in prefill] if prefill else None
-    budget = max_new_tokens + np.array([len(f) for f in forced or [[]] * n_prompts])
-    encoded = self._prompts(prompts, system, budget)
-    out = []
-    for rows in _chunks(encoded.lengths + budget, batch_size or self.batch_size):
+    forced = [self.tokenizer.encode(p) for p in prefill] if prefill else None
+    encoded = self._prompts(prompts, system)
+    return self.decode(encoded, max_new_tokens=max_new_tokens, gate=gate, sampler_of=sampler,
+                       seed=seed, prefill_ids=forced, batch_size=batch_size)
+
+  def decode(self, prompts: Sequence[str] | Prompts, *, max_new_tokens: int | Sequence[int],
+             gate: str | GateConfig | None = None, system: str | None = None, sampler_of=None,
+             seed: int = 0, prefill_ids: Sequence[Sequence[int]] | None = None,
+             row_ids: Sequence[int] | None = None, batch_size: int | None = None,
+             return_logits: bool = False) -> list[Generation]:
+    """Whole generations for ``prompts`` (texts, rendered with ``system`` as ``generate``
+    renders them, or already rendered ``Prompts``; ``generate`` checks its arguments, then
+    calls this): the gate resolved (``resolve_gate``), its refusal encoded,
+    each prompt checked to fit the context with its ``prefill_ids`` (forced response tokens)
+    and ``max_new_tokens`` (shared or per prompt) after them, decoded in chunks of
+    ``batch_size``. ``sampler_of``: prompt indices -> their sampler (``_sampler``; default
+    greedy); prompt i draws from (seed, ``row_ids[i]`` (default i), step).
+    ``return_logits``: ``Generation.logits`` [N, V], the distribution each response token
+    was chosen from."""
+    gate = resolve_gate(gate, self.gate_defaults, self.has_cls_head)
+    if not isinstance(prompts, Prompts):
+      prompts = self._prompts(prompts, system)
+    n = len(prompts)
+    forced = [list(f) for f in prefill_ids] if prefill_ids is not None else [[]] * n
+    if len(forced) != n:
+      raise ValueError(f"{len(forced)} prefills for {n} prompts: give one per prompt.")
+    new = np.broadcast_to(np.asarray(max_new_tokens), (n,))
+    budget = new + np.array([len(f) for f in forced], np.int64)
+    check_context(prompts.lengths, budget, self.decoder.max_length)
+    rows_of = np.arange(n) if row_ids is None else np.asarray(row_ids)
+    tok, out = self.tokenizer, []
+    for rows in _chunks(prompts.lengths + budget, batch_size or self.batch_size):
       res = self.decoder(
-          self.params, _select(encoded, rows), max_new_tokens=max_new_tokens, gate=gate,
-          sampler=sampler(rows), seed=seed,
-          prefill=[forced[i] for i in rows] if forced else None,
-          refusal_ids=tok.encode(gate.refusal_prefix), newline_ids=tok.encode("\n"),
-          row_ids=list(rows))
+          self.params, _select(prompts, rows), max_new_tokens=new[list(rows)], gate=gate,
+          sampler=(sampler_of or (lambda r: make_sampler()))(rows), seed=seed,
+          prefill=[forced[i] for i in rows], refusal_ids=tok.encode(gate.refusal_prefix),
+          newline_ids=tok.encode("\n"), row_ids=rows_of[list(rows)],
+          return_logits=return_logits)
       for i in range(len(rows)):
         tokens = res.response(i)
         steps, probs = res.trace(i)
         out.append(Generation(
             text=tok.decode(tokens), tokens=tokens, refused=bool(res.refused[i]),
             refusal_step=int(res.refusal_step[i]) if res.refused[i] else None,
-            cls_probs=probs, cls_steps=steps, gate=gate))
+            cls_probs=probs, cls_steps=steps, gate=gate,
+            logits=res.logits[i] if return_logits else None))
     return out
+
+  def slots(self, max_batch: int, max_len: int | None = None) -> SlotDecoder:
+    """``max_batch`` decode slots (``decode.slots``: requests start and finish while the others
+    decode, ``advance`` moves all of them in one compiled call) of ``max_len`` tokens each
+    (default: the model's context, ``max_length``)."""
+    max_len = self.decoder.max_length if max_len is None else max_len
+    if max_len is None:
+      raise ValueError("This model has no maximum length: give slots a max_len.")
+    if self.decoder.max_length is not None and max_len > self.decoder.max_length:
+      raise ValueError(f"max_len={max_len} exceeds the model's maximum length of "
+                       f"{self.decoder.max_length} tokens.")
+    tok = self.tokenizer
+    newline = tok.encode("\n")
+    insertion = len(newline) + len(tok.encode(self.gate_defaults.refusal_prefix))
+    return SlotDecoder(
+        self.config, self.params, max_batch=max_batch, max_len=max_len, pad_id=tok.pad_id,
+        eos_ids=[int(i) for i in self.decoder.eos_ids], with_cls=self.has_cls_head,
+        resolve_gate=lambda gate: resolve_gate(gate, self.gate_defaults, self.has_cls_head),
+        refusal_ids=lambda gate: tok.encode(gate.refusal_prefix), newline_ids=newline,
+        insertion_width=bucket(insertion), mesh=self.mesh)
+
+  def slot_request(self, rendered: Rendered, *, max_new_tokens: int, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   gate: str | GateConfig | None = None, eos: bool = True) -> SlotRequest:
+    """The ``SlotRequest`` of a ``render``ed chat (arguments checked as ``generate``'s)."""
+    for name, value in dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed).items():
+      check_arg(name, value)
+    resolve_gate(gate, self.gate_defaults, self.has_cls_head)  # fails early on a bad gate
+    return SlotRequest(prompt_ids=list(rendered.ids), roles=list(rendered.roles),
+                       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, seed=seed, gate=gate, prefill_ids=list(rendered.prefill_ids),
+                       eos=eos)
+
+  def hidden_states(self, token_ids, layers: Sequence[int] | None = None) -> np.ndarray:
+    """[B, T] int -> [len(layers), B, T, D] float32: the output of each block in ``layers``
+    (default all) of the plain causal forward, no [CLS] (the one forward ``lm_logits``, the
+    probe and ``convert``'s parity check read)."""
+    ids = _token_ids(token_ids, self.config.vocab_size)
+    layers = list(range(self.config.n_layers)) if layers is None else list(layers)
+    if not layers or not all(_is_int(i) and 0 <= i < self.config.n_layers for i in layers):
+      raise ValueError(f"layers must be block indices in [0, {self.config.n_layers}), got "
+                       f"{layers}.")
+    b, t = ids.shape
+    _, states = plain_forward(self.config, self.params, _right_padded(ids), tuple(layers))
+    return np.asarray(states, np.float32)[:, :b, :t]
 
   def lm_logits(self, token_ids) -> np.ndarray:
     """[B, T] int -> [B, T, V] float32: plain causal LM logits, no [CLS] (parity with the
     source model)."""
-    ids = np.asarray(token_ids, np.int32)
-    if ids.ndim != 2 or ids.shape[1] == 0:
-      raise ValueError(f"token_ids must be [B, T] with T > 0, got shape {ids.shape}.")
-    if ids.min() < 0 or ids.max() >= self.config.vocab_size:
-      raise ValueError(f"token ids must be in [0, {self.config.vocab_size}).")
+    ids = _token_ids(token_ids, self.config.vocab_size)
     b, t = ids.shape
-    padded = np.zeros((bucket(b, minimum=1), bucket(t)), np.int32)
-    padded[:b, :t] = ids  # right padding: causal, so it changes nothing before it
-    return np.asarray(_plain_logits(self.config, self.params, padded))[:b, :t]
+    logits, _ = plain_forward(self.config, self.params, _right_padded(ids))
+    return np.asarray(logits)[:b, :t]
 
   def score(self, prompts: Sequence[str], continuations: Sequence[str], *,
             system: str | None = None, chat: bool = True, truncate: bool = False,
@@ -290,32 +351,6 @@ def resolve_gate(gate: str | GateConfig | None, defaults: GateConfig,
   return gate
 
 
-@flax.struct.dataclass
-class RowSampling:
-  """Per-row sampling settings, ``temperature``/``top_k``/``top_p`` [B] (``sampling.Sampling``
-  vmapped over rows; a row at temperature 0 is greedy). One compiled program serves a whole
-  sweep of settings."""
-
-  temperature: jax.Array
-  top_k: jax.Array
-  top_p: jax.Array
-
-  def __call__(self, logits, keys):
-    """logits [B, V], keys [B] -> [B] int32."""
-    def one(t, k, p, row_logits, key):
-      drawn = Sampling(jnp.where(t > 0, t, 1.0), k, p)(row_logits[None], key[None])[0]
-      return jnp.where(t > 0, drawn, jnp.argmax(row_logits).astype(jnp.int32))
-    return jax.vmap(one)(self.temperature, self.top_k, self.top_p, logits, keys)
-
-  @classmethod
-  def of(cls, settings: Sequence[Any], rows: int) -> "RowSampling":
-    """The settings of ``rows`` >= len(settings) rows (padding rows copy row 0)."""
-    pad = list(settings) + [settings[0]] * (rows - len(settings))
-    return cls(temperature=np.array([s.temperature for s in pad], np.float32),
-               top_k=np.array([s.top_k for s in pad], np.int32),
-               top_p=np.array([s.top_p for s in pad], np.float32))
-
-
 def _sampler(sampling: Sequence[Any] | None, n: int, shared: tuple[float, int, float]):
   """``rows -> sampler`` of one decoder call: the shared settings' sampler, or each row's own
   (``sampling``, checked like ``generate``'s arguments)."""
@@ -333,7 +368,7 @@ def _sampler(sampling: Sequence[Any] | None, n: int, shared: tuple[float, int, f
         raise TypeError(f"sampling[{i}] has no {name}: give objects with temperature, top_k "
                         "and top_p (e.g. attacks.decoding.Setting).")
       check_arg(name, getattr(s, name))
-  return lambda rows: RowSampling.of([sampling[i] for i in rows], bucket(len(rows), minimum=1))
+  return lambda rows: PerRow.of([sampling[i] for i in rows])
 
 
 def _chunks(lengths: np.ndarray, size: int) -> list[range]:
@@ -356,13 +391,23 @@ def _select(prompts: Prompts, rows) -> Prompts:
                  roles=tuple(prompts.roles[i] for i in rows))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _plain_logits(cfg: ModelConfig, params, tokens):
-  t = tokens.shape[1]
-  positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens.shape[0], t, t))
-  logits, _, _ = Transformer(cfg).apply({"params": params}, tokens, positions, mask)
-  return logits
+def _token_ids(token_ids, vocab_size: int) -> np.ndarray:
+  """``token_ids`` as [B, T] int32, checked (T > 0, ids in the vocabulary: no [CLS])."""
+  ids = np.asarray(token_ids, np.int32)
+  if ids.ndim != 2 or ids.shape[1] == 0:
+    raise ValueError(f"token_ids must be [B, T] with T > 0, got shape {ids.shape}.")
+  if ids.min() < 0 or ids.max() >= vocab_size:
+    raise ValueError(f"token ids must be in [0, {vocab_size}) (no [CLS]).")
+  return ids
+
+
+def _right_padded(ids: np.ndarray) -> np.ndarray:
+  """[B, T] padded on the right to the batch and length buckets (causal: nothing before the
+  padding changes)."""
+  b, t = ids.shape
+  padded = np.zeros((bucket(b, minimum=1), bucket(t)), np.int32)
+  padded[:b, :t] = ids
+  return padded
 
 
 def _max_length(config: dict[str, Any], path: str) -> int | None:

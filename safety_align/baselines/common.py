@@ -1,6 +1,6 @@
 """What the competitor baselines share: the wrapper over the source ``SafetyModel``, what a
-``gate`` means for a baseline, token-level continuation through the source's decoder, and the
-folder of trained artefacts.
+``gate`` means for a baseline, token-level continuation through the source's ``decode``, and
+the folder of trained artefacts.
 
 A baseline is a model-like object that the evaluation's attacks run unchanged (``generate``,
 ``classify``, ``has_cls_head``, ``has_classifier``, ``tokenizer``, ``template``, ``decoder``,
@@ -22,8 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from safety_align import api
-from safety_align.api import check_arg, load, resolve_gate
-from safety_align.decode import SCHEDULES, GateConfig, Prompts
+from safety_align.api import check_arg, load
+from safety_align.decode import SCHEDULES, GateConfig
 
 SETTINGS_FILE = "settings.json"
 
@@ -117,31 +117,15 @@ def decode(model, prompts: Sequence[str], forced: Sequence[Sequence[int]], *,
            return_logits: bool = False) -> list[tuple[list[int], np.ndarray | None]]:
   """Per prompt, (response tokens, forced ones included; the [N, V] logits each response
   token was chosen from, if asked) of ``model`` (a ``SafetyModel``) decoding gate off after
-  the token-level prefix ``forced[i]`` (no text round trip). ``rows``: each prompt's index for
-  the sampling keys (and ``sampler_of``), so a continuation draws what the uncut decode
-  would have; ``max_new_tokens``: shared or per prompt (tokens after the prefix)."""
-  n = len(prompts)
-  rows = list(range(n)) if rows is None else list(rows)
-  budgets = np.broadcast_to(np.asarray(max_new_tokens), (n,))
-  gate = resolve_gate("off", model.gate_defaults, model.has_cls_head)
-  tok = model.tokenizer
-  out: list = [None] * n
-  # One decoder call per budget, chunked by the model's batch size.
-  for budget in np.unique(budgets):
-    idx = [i for i in range(n) if budgets[i] == budget]
-    for s in range(0, len(idx), model.batch_size):
-      chunk = idx[s:s + model.batch_size]
-      encoded = Prompts.from_pieces([model.template.prompt_pieces(tok, prompts[i], system=system)
-                                     for i in chunk])
-      res = model.decoder(model.params, encoded, max_new_tokens=int(budget), gate=gate,
-                          sampler=sampler_of([rows[i] for i in chunk]), seed=seed,
-                          prefill=[list(forced[i]) for i in chunk],
-                          refusal_ids=tok.encode(gate.refusal_prefix),
-                          newline_ids=tok.encode("\n"), row_ids=[rows[i] for i in chunk],
-                          return_logits=return_logits)
-      for j, i in enumerate(chunk):
-        out[i] = (res.response(j), res.logits[j] if return_logits else None)
-  return out
+  the token-level prefix ``forced[i]`` (no text round trip), through ``SafetyModel.decode``.
+  ``rows``: each prompt's index for the sampling keys (and ``sampler_of``), so a continuation
+  draws what the uncut decode would have; ``max_new_tokens``: shared or per prompt (tokens
+  after the prefix)."""
+  rows = list(range(len(prompts))) if rows is None else list(rows)
+  gens = model.decode(list(prompts), system=system, max_new_tokens=max_new_tokens, gate="off",
+                      sampler_of=lambda chunk: sampler_of([rows[i] for i in chunk]), seed=seed,
+                      prefill_ids=forced, row_ids=rows, return_logits=return_logits)
+  return [(g.tokens, g.logits) for g in gens]
 
 
 def check_settings(folder: str, settings: dict) -> None:

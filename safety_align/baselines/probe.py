@@ -5,7 +5,7 @@ Training (``train_probe``): for every layer, an L2-regularised logistic regressi
 method on standardised features) on the residual stream after that block at the last prompt
 token (the end of the assistant header), malicious (1) vs benign (0) training prompts; the
 layer is chosen by AUROC on a held-out validation part of those prompts only. States come from
-a plain causal forward of the source (no [CLS]), captured from the ``Block`` outputs.
+the source's plain causal forward (``SafetyModel.hidden_states``, no [CLS]).
 
 Inference (``ProbeModel``, gate on): the probe reads the state at step 0 (the prompt: also
 ``classify``) and then every ``every`` response tokens (25, as ADA), ``read="newest"``: at the
@@ -23,22 +23,17 @@ the rows that fired, from their first ``s`` tokens plus the prefix. ``cls_probs`
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
 from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from safety_align.baselines import common
 from safety_align.data import corpus
-from safety_align.decode import bucket
 from safety_align.masks import Role
-from safety_align.model import Block, ModelConfig, Transformer
 
 ACTIONS = ("refuse", "halt")
 READS = ("newest", "header")
@@ -60,19 +55,6 @@ def default_config() -> ml_collections.ConfigDict:
   ))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _block_outputs(cfg: ModelConfig, params, tokens):
-  """[B, T] -> [L, B, T, D]: each block's output of a plain causal forward."""
-  t = tokens.shape[1]
-  positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
-  mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens.shape[0], t, t))
-  _, state = Transformer(cfg).apply(
-      {"params": params}, tokens, positions, mask, mutable=["intermediates"],
-      capture_intermediates=lambda module, method: isinstance(module, Block))
-  layers = state["intermediates"]
-  return jnp.stack([layers[f"layer_{i}"]["__call__"][0][0][0] for i in range(cfg.n_layers)])
-
-
 def hidden_states(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
                   batch_size: int = 32) -> np.ndarray:
   """[L, M, D] float32: the source's state after each block at ``positions[i]`` of token
@@ -80,11 +62,10 @@ def hidden_states(model, sequences: Sequence[Sequence[int]], positions: Sequence
   out = []
   for s in range(0, len(sequences), batch_size):
     rows = list(range(s, min(s + batch_size, len(sequences))))
-    padded = np.zeros((bucket(len(rows), minimum=1),
-                       bucket(max(len(sequences[i]) for i in rows))), np.int32)
+    padded = np.zeros((len(rows), max(len(sequences[i]) for i in rows)), np.int32)
     for r, i in enumerate(rows):  # right padding: causal, so nothing before it changes
       padded[r, :len(sequences[i])] = sequences[i]
-    states = np.asarray(_block_outputs(model.config, model.params, padded))
+    states = model.hidden_states(padded)
     out += [states[:, r, positions[i]] for r, i in enumerate(rows)]
   return np.concatenate(out, axis=1).astype(np.float32)
 
