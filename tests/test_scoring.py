@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 import safety_align as sa  # noqa: E402
 from safety_align import api, convert, scoring  # noqa: E402
 from safety_align.api import resolve_gate  # noqa: E402
+from safety_align.baselines import common, deep_alignment  # noqa: E402
 from safety_align.decode import Prompts  # noqa: E402
 from safety_align.masks import Role  # noqa: E402
 from test_convert import VOCAB, make_hf  # noqa: E402
@@ -124,3 +125,18 @@ def test_cls_model_is_scored_through_its_deployed_layout(imported):
   plain = api.SafetyModel(base.config, params, base.tokenizer, base.template,
                           uses_cls=False).score(prompts, conts)
   assert np.abs(plain.logprob - got.logprob).max() > 1e-2  # the answer does read [CLS]
+
+
+def test_baselines_score_with_the_weights_they_decode_with(imported):
+  """A wrapper that acts in ``generate`` (the probe, SafeDecoding: ``common.Defended``) scores
+  with its source; deep alignment with its tuned model."""
+  _, out = imported
+  source = sa.load(out, uses_cls=False)
+  tuned = api.SafetyModel(source.config, jax.tree.map(lambda x: x * 1.1, source.params),
+                          source.tokenizer, source.template, uses_cls=False)
+  args = (["tell me a story"], ["about a brave cat"])
+  ours = source.score(*args).logprob
+  np.testing.assert_array_equal(common.Defended(source).score(*args).logprob, ours)
+  aligned = deep_alignment.DeepAlignedModel(source, tuned).score(*args).logprob
+  np.testing.assert_array_equal(aligned, tuned.score(*args).logprob)
+  assert abs(aligned[0] - ours[0]) > 1e-3
