@@ -22,8 +22,9 @@ Every step resumes from what an earlier run left in WORKDIR:
    the validation splits (``WORKDIR/data/validation.jsonl``) into ``WORKDIR/calibration.json``;
 5. the held-out prompts go to ``WORKDIR/eval_data/`` (the prefill attacks force the source
    model's own continuation of "Sure, here is", kept in the workdir only) and the attack suite
-   (``configs/eval/real.py``) writes ``WORKDIR/eval/results.{json,md}``, with the utility NLL
-   of the source model's answers to held-out benign prompts under both models.
+   (``configs/eval/real.py``) writes ``WORKDIR/eval/results.{json,md}``, with the utility
+   benchmarks and the self-answer NLL (fit to the source model's answers to held-out benign
+   prompts, not utility) under both models.
 """
 
 from __future__ import annotations
@@ -309,13 +310,13 @@ def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
 
 
 # ---------------------------------------------------------------------------------- reports
-def utility(source: SourceModel, trained: sa.SafetyModel, held_out: str) -> dict:
-  """NLL of the source model's own answers to held-out benign prompts (``eval_data``'s
-  ``utility.jsonl``, ``eval.utility``), source vs trained."""
+def self_answer_nll(source: SourceModel, trained: sa.SafetyModel, held_out: str) -> dict:
+  """Mean NLL of the source model's own answers to held-out benign prompts (``eval_data``'s
+  ``utility.jsonl``, ``eval.utility``), source vs trained: fit to the source, not utility."""
   answers = eval_utility.reference_answers(held_out, 0, 0)
   prompts, responses = [a["prompt"] for a in answers], [a["response"] for a in answers]
-  src = eval_utility.response_nll(source.model, prompts, responses)
-  ours = eval_utility.response_nll(trained, prompts, responses)
+  src = eval_utility.self_answer_nll(source.model, prompts, responses)
+  ours = eval_utility.self_answer_nll(trained, prompts, responses)
   return dict(n=len(prompts), nll_source=src, nll_trained=ours,
               relative_increase=ours / src - 1)
 
@@ -338,23 +339,26 @@ def classifier_by_split(model: sa.SafetyModel, data: dict, threshold: float) -> 
 
 
 def add_report(eval_dir: str, report: dict) -> str:
-  """Merge the per-split classifier and the utility into ``results.json`` and ``results.md``;
+  """Merge the per-split classifier and the self-answer NLL into ``results.json`` and
+  ``results.md``;
   returns the markdown added."""
   path = os.path.join(eval_dir, "results.json")
   with open(path) as f:
     results = json.load(f)
-  results.update(classifier_splits=report["classifier"], utility_vs_source=report["utility"])
+  results.update(classifier_splits=report["classifier"],
+                 self_answer_nll_vs_source=report["self_answer_nll"])
   with open(path, "w") as f:
     json.dump(results, f, indent=2)
-  c, u = report["classifier"], report["utility"]
+  c, u = report["classifier"], report["self_answer_nll"]
   lines = ["", f"## [CLS] classifier by test set (θ = {report['threshold']:.3g})", "",
            "| test set | n | AUROC | accuracy | F1 |", "|---|---|---|---|---|"]
   lines += [f"| {k} | {c[k]['n']} | {c[k]['auroc']:.3f} | {c[k]['accuracy']:.3f} | "
             f"{c[k]['f1']:.3f} |" for k in ("test_in_distribution", "test_cross_source")]
   lines += ["", "Flagged malicious, by cross-source group: " + ", ".join(
       f"{k} {100 * v:.1f}%" for k, v in c["flagged_by_source"].items()) + ".", "",
-            f"Utility: mean NLL of the source model's own answers to {u['n']} held-out benign "
-            f"prompts, source {u['nll_source']:.3f} vs trained {u['nll_trained']:.3f} "
+            f"Self-answer NLL (fit to the source's answers, not utility: see the utility "
+            f"benchmarks): mean NLL of the source model's own answers to {u['n']} held-out "
+            f"benign prompts, source {u['nll_source']:.3f} vs trained {u['nll_trained']:.3f} "
             f"({100 * u['relative_increase']:+.1f}%).", ""]
   md = "\n".join(lines)
   with open(os.path.join(eval_dir, "results.md"), "a") as f:
@@ -428,10 +432,10 @@ def main(argv):
   model = sa.load(workdir, calibrated=flags.FLAGS.gate_budget >= 0)
   report = dict(threshold=model.gate_defaults.threshold,
                 classifier=classifier_by_split(model, data, model.gate_defaults.threshold),
-                utility=utility(source, model, held_out))
+                self_answer_nll=self_answer_nll(source, model, held_out))
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
-  stamp("classifier and utility: " + json.dumps(report))
+  stamp("classifier and self-answer NLL: " + json.dumps(report))
   if flags.FLAGS.evaluate:
     eval_cfg = flags.FLAGS.eval_config
     eval_cfg.held_out_dir = held_out
