@@ -191,7 +191,8 @@ def _define_flags() -> None:
                        "new + 3 slots).")
   flags.DEFINE_string("hlo_dir", "", "--target: keep each compiled program's optimised HLO and "
                       "XLA analyses in this folder, and read them back from there instead of "
-                      "compiling again when the config and settings are the same.")
+                      "compiling again when the config and settings are the same (the code "
+                      "is not part of the key: empty the folder after changing it).")
   flags.DEFINE_string("decode_mesh", "tensor=-1", "--target: the serving mesh as "
                       "sa.load(mesh=...) takes it, axis=size pairs (-1: the rest).")
 

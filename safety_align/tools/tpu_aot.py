@@ -7,8 +7,8 @@ allocated) over the config's mesh on the slice's devices (``tpu_targets.devices`
 with parameters, KV cache and loop state laid out as ``sa.load(mesh=...)`` lays them out
 (``sharding.DecodeLayout``; parameters unrolled and in the config's parameter dtype, as
 ``load`` restores them). Each returns a report per chip: XLA's ``memory_analysis()`` against
-the chip's HBM, ``cost_analysis()`` FLOPs and bytes against the analytic ones, the executed
-collectives of the optimised HLO and the roofline (``roofline.py``).
+the chip's HBM, the model's and the hardware's FLOPs with the optimised HLO's matmuls as the
+cross-check, the executed collectives of the optimised HLO and the roofline (``roofline.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ class Report:
   target: tpu_targets.Target
   memory: aot.Compiled
   xla_flops: float
-  xla_bytes: float
   model_flops: float
   hardware_flops: float
   hbm_bytes: float        # analytic HBM traffic per chip (a lower bound)
@@ -140,7 +139,6 @@ class Program:
 
   memory: aot.Compiled
   xla_flops: float
-  xla_bytes: float
   hlo: str
 
   @classmethod
@@ -153,14 +151,13 @@ class Program:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return cls(aot.Compiled(devices=devices, arguments=args, outputs=out, aliased=alias,
                             temp=temp, peak=peak),
-               float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
-               compiled.as_text())
+               float(cost.get("flops", 0.0)), compiled.as_text())
 
   def save(self, path: pathlib.Path) -> None:
     """``path``.json (memory and cost) and ``path``.hlo.gz (the optimised HLO)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(dict(
-        memory=self.memory.to_json(), xla_flops=self.xla_flops, xla_bytes=self.xla_bytes)))
+        memory=self.memory.to_json(), xla_flops=self.xla_flops)))
     with gzip.open(path.with_suffix(".hlo.gz"), "wt") as f:
       f.write(self.hlo)
 
@@ -169,7 +166,7 @@ class Program:
     saved = json.loads(path.with_suffix(".json").read_text())
     with gzip.open(path.with_suffix(".hlo.gz"), "rt") as f:
       hlo = f.read()
-    return cls(aot.Compiled(**saved["memory"]), saved["xla_flops"], saved["xla_bytes"], hlo)
+    return cls(aot.Compiled(**saved["memory"]), saved["xla_flops"], hlo)
 
 
 def tpu_attention(attention: str) -> tuple[str, tuple]:
@@ -230,7 +227,7 @@ def train_step(config: ml_collections.ConfigDict, phase: str, target: tpu_target
             f"{seq_len} x {trainer.grad_accum} accumulated, attention={model_cfg.attention}, "
             f"remat={model_cfg.remat}, mesh {dict(mesh.shape)}"),
       target=target, memory=program.memory, xla_flops=program.xla_flops,
-      xla_bytes=program.xla_bytes, model_flops=per_chip(roofline.train_flops),
+      model_flops=per_chip(roofline.train_flops),
       hardware_flops=per_chip(roofline.train_hardware_flops),
       hbm_bytes=_train_hbm_bytes(model_cfg, e, chips, trainer.grad_accum),
       collectives=roofline.collectives(program.hlo), tokens=tokens,
@@ -293,7 +290,7 @@ def decode_loop(config: ml_collections.ConfigDict, target: tpu_targets.Target, d
             f"(prompt {prompt_len} + {new_tokens} new = KV cache {cache_len} slots), "
             f"parameters {cfg.param_dtype} unrolled, mesh {dict(mesh.shape)}"),
       target=target, memory=program.memory, xla_flops=program.xla_flops,
-      xla_bytes=program.xla_bytes, model_flops=flops, hardware_flops=flops,
+      model_flops=flops, hardware_flops=flops,
       hbm_bytes=(param_bytes + kv_bytes) / chips,
       collectives=roofline.collectives(program.hlo, per_iteration=True), tokens=batch,
       per_step=True,
