@@ -97,9 +97,9 @@ class SlotDecoder:
                resolve_gate: Callable[[object], gate_lib.GateConfig],
                refusal_ids: Callable[[gate_lib.GateConfig], Sequence[int]],
                newline_ids: Sequence[int], insertion_width: int, mesh: Mesh | None = None):
-    for name, value in dict(max_batch=max_batch, max_len=max_len).items():
-      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 2:
-        raise ValueError(f"{name} must be an integer >= 2, got {value!r}.")
+    for name, value, least in (("max_batch", max_batch, 1), ("max_len", max_len, 2)):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}.")
     self.max_batch, self.max_len = int(max_batch), int(max_len)
     self.params = params
     self._resolve, self._refusal_ids, self._newline = resolve_gate, refusal_ids, list(newline_ids)
