@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from safety_align import calibrate, checkpoint, scoring, sharding
+from safety_align import calibrate, checkpoint, moderation, scoring, sharding
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer, check_vocab
 from safety_align.decode import SCHEDULES, Decoder, GateConfig, Prompts, bucket, make_sampler
@@ -51,6 +51,16 @@ class Generation:
   cls_steps: list[int]
   gate: GateConfig | None = None
   logits: np.ndarray | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rendered:
+  """A chat through the template: prompt ``ids`` and their ``roles`` (``masks.Role``), and
+  ``prefill_ids``, the forced start of the response (a final assistant message)."""
+
+  ids: list[int]
+  roles: list[int]
+  prefill_ids: list[int]
 
 
 class SafetyModel:
@@ -276,6 +286,60 @@ class SafetyModel:
                          with_cls=self.has_cls_head, batch_size=batch_size or self.batch_size,
                          max_length=self.decoder.max_length, system=system, chat=chat,
                          truncate=truncate)
+
+  def gate_stream(self, prompt: str | tuple[Sequence[int], Sequence[int]], *,
+                  gate: str | GateConfig = "every",
+                  system: str | None = None) -> moderation.GateStream:
+    """The gate as a guard over a response written elsewhere: ``.extend(text)`` appends a
+    piece of the response and returns the ``moderation.Verdict`` so far (P(malicious) at each
+    evaluated window, whether and where the gate would have fired). ``prompt``: the query
+    (through the chat template, as ``generate``), or already rendered (ids, roles)."""
+    self._require_cls("gate_stream")
+    gate = resolve_gate(gate, self.gate_defaults, True)
+    if isinstance(prompt, str):
+      encoded = self._prompts([prompt], system)
+      prompt = (encoded.ids[0], encoded.roles[0])
+    return moderation.GateStream(self.config, self.params, self.tokenizer, *prompt, gate,
+                                 self.decoder.max_length)
+
+  @property
+  def max_length(self) -> int | None:
+    """The context: the most prompt + response tokens (``None``: no limit)."""
+    return self.decoder.max_length
+
+  def check_length(self, n_prompt: int, n_response: int, limit: int | None = None) -> None:
+    """Raise ValueError unless ``n_prompt`` + ``n_response`` tokens fit the context
+    (``limit``: a shorter one than the model's, e.g. a server's slots)."""
+    check_context(np.array([n_prompt]), n_response,
+                  self.decoder.max_length if limit is None else limit)
+
+  def render(self, messages: Sequence[dict], *, prefill: bool = True) -> Rendered:
+    """A chat (dicts with ``role``, ``content``: ``[system | developer], user, [assistant,
+    user, ...], [assistant]``) through the chat template, by METHOD.md 3's multi-turn rule
+    (every user turn QUERY; system and earlier assistant turns TEMPLATE). With ``prefill``, a
+    final assistant message is the forced start of the response."""
+    messages = [dict(role="system" if m["role"] == "developer" else m["role"],
+                     content=m["content"]) for m in messages]
+    roles = [m["role"] for m in messages]
+    forced = messages.pop()["content"] if prefill and len(messages) > 1 and roles[-1] == (
+        "assistant") else ""
+    body = [m["role"] for m in messages if m["role"] != "system"]
+    if roles.count("system") > (roles[0] == "system") or not body or body[-1] != "user" or any(
+        a == b for a, b in zip(body, body[1:])):
+      raise ValueError(f"A chat is an optional system message, then user and assistant "
+                       f"messages in turn ending with a user message (and optionally a final "
+                       f"assistant message, continued); got roles {roles}.")
+    if not messages[-1]["content"]:
+      raise ValueError("The last user message is empty.")
+    if len(messages) - (roles[0] == "system") == 1:  # one turn: as generate renders it
+      pieces = self.template.prompt_pieces(
+          self.tokenizer, messages[-1]["content"],
+          system=messages[0]["content"] if roles[0] == "system" else None)
+    else:
+      pieces = self.template.chat_pieces(self.tokenizer, messages)
+    encoded = Prompts.from_pieces([pieces])
+    return Rendered(ids=list(encoded.ids[0]), roles=list(encoded.roles[0]),
+                    prefill_ids=self.tokenizer.encode(forced) if forced else [])
 
   def _require_cls(self, what: str):
     if not self.has_cls_head:

@@ -27,7 +27,7 @@ from safety_align.data import templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.model import init_params
 from safety_align.serving import create_app
-from safety_align.serving.handler import token_texts
+from safety_align.serving.reply import token_texts
 
 KEY = "sk-test"
 CHUNK = 4

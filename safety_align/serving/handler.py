@@ -2,17 +2,15 @@
 
 A chat request becomes a ``Request`` for the engine (``SlotRequest`` of the model object);
 its ``SlotEvents`` come back chunk by chunk through an ``asyncio.Queue`` and become, as they
-come, the server-sent events of a stream (one ``chat.completion.chunk`` per token, a chunk's
-tokens in one write) or, at the end, one ``chat.completion``. ``stop`` strings are found in
-the text as it grows (text that could start one is held back until it cannot), and end the
-request's slot early. Classification and moderation run as engine ``Work`` in bounded pieces.
+come (``reply.Reply``), the server-sent events of a stream (one ``chat.completion.chunk`` per
+token, a chunk's tokens in one write) or, at the end, one ``chat.completion``. A ``stop``
+string found in the reply ends the request's slot early. Classification and moderation run as engine ``Work`` in bounded pieces.
 A client gone cancels its request (its slot is freed at the next chunk boundary) or work.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import random
 import time
@@ -25,6 +23,7 @@ from safety_align.api import SafetyModel
 from safety_align.serving import protocol
 from safety_align.serving.engine import Engine, Request, ServerClosing, Work
 from safety_align.serving.metrics import Metrics
+from safety_align.serving.reply import ChatJob, Reply
 from safety_align.serving.streams import ModerationStreams, Stream, StreamError
 
 MAX_STOP = 4  # stop sequences per request (OpenAI's limit)
@@ -59,148 +58,6 @@ def parse(cls: type[pydantic.BaseModel], body: bytes) -> Any:
 def _is_union_branch(p) -> bool:
   """pydantic names the branch of a union it tried (e.g. ``str``, ``list[...]``)."""
   return isinstance(p, str) and (p in ("str", "int", "float") or "[" in p)
-
-
-class Detokenizer:
-  """The text each token adds, token by token; the pieces concatenate to
-  ``tok.decode(tokens)``. A token ending inside a multi-byte character adds "" until the
-  character is complete; ``flush`` gives what an unfinished character decodes to. Each step
-  decodes a window from the last emitted piece on, not the whole prefix (as vLLM does)."""
-
-  def __init__(self, tok):
-    self.tok, self.tokens, self._start, self._read = tok, [], 0, 0
-
-  def add(self, token: int) -> str:
-    self.tokens.append(token)
-    prefix = self.tok.decode(self.tokens[self._start:self._read])
-    text = self.tok.decode(self.tokens[self._start:])
-    if len(text) > len(prefix) and not text.endswith("\ufffd"):
-      self._start, self._read = self._read, len(self.tokens)
-      return text[len(prefix):]
-    return ""
-
-  def flush(self) -> str:
-    if self._read == len(self.tokens):
-      return ""
-    rest = self.tok.decode(self.tokens[self._start:])
-    prefix = self.tok.decode(self.tokens[self._start:self._read])
-    self._start = self._read = len(self.tokens)
-    return rest[len(prefix):]
-
-
-def token_texts(tok, tokens: Sequence[int]) -> list[str]:
-  """The text each token adds (``Detokenizer``), an unfinished character on the last one."""
-  d = Detokenizer(tok)
-  pieces = [d.add(t) for t in tokens]
-  if pieces:
-    pieces[-1] += d.flush()
-  return pieces
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatJob:
-  """A validated chat request: the engine's ``SlotRequest`` and how to reply."""
-
-  slot_request: Any
-  gate: str
-  n_prompt: int
-  n_forced: int
-  max_new_tokens: int
-  stop: tuple[str, ...]
-  stream: bool
-  include_usage: bool
-  prompt_text: str
-
-
-class Reply:
-  """A chat reply built from its ``SlotEvents`` as they come. ``add`` returns the generated
-  tokens ready to send, each ``(text, TokenSafety)``; text that could be the start of a stop
-  string is held back until the next tokens tell. ``finish_reason`` is set once the reply is
-  over (a stop string found, or the slot done)."""
-
-  def __init__(self, tok, job: ChatJob):
-    self.job = job
-    self.detok = Detokenizer(tok)
-    self.sent: list[str] = []  # text of each generated token sent
-    self._held: list[tuple[str, protocol.TokenSafety]] = []
-    self.steps: list[int] = []
-    self.probs: list[float] = []
-    self.refusal_step: int | None = None
-    self.finish_reason: str | None = None
-
-  @property
-  def text(self) -> str:
-    return "".join(self.sent)
-
-  def add(self, events) -> list[tuple[str, protocol.TokenSafety]]:
-    for step, p in events.cls:
-      self.steps.append(step)
-      self.probs.append(p)
-    if events.refused and self.refusal_step is None:
-      self.refusal_step = events.refusal_step
-    by_step = dict(zip(self.steps, self.probs))
-    for token in events.tokens:
-      j = len(self.detok.tokens)
-      piece = self.detok.add(token)
-      if j < self.job.n_forced:
-        continue
-      refused = self.refusal_step is not None and j >= self.refusal_step
-      self._held.append((piece, protocol.TokenSafety(p_malicious=by_step.get(j),
-                                                     refused=refused)))
-    if events.done:
-      if self._held:
-        last, safety = self._held[-1]
-        self._held[-1] = (last + self.detok.flush(), safety)
-      n = len(self.detok.tokens)
-      self.finish_reason = ("length" if n >= self.job.n_forced + self.job.max_new_tokens
-                            else "stop")
-    return self._release()
-
-  def _release(self) -> list[tuple[str, protocol.TokenSafety]]:
-    """The held tokens that no stop string can claim (all of them once over), cut at the first
-    stop string found."""
-    text = self.text
-    held = "".join(p for p, _ in self._held)
-    whole = text + held
-    cuts = [whole.find(s, max(0, len(text) - len(s) + 1)) for s in self.job.stop]
-    cuts = [c for c in cuts if c >= 0]
-    if cuts:
-      safe, self.finish_reason = min(cuts), "stop"
-    elif self.finish_reason is not None:
-      safe = len(whole)
-    else:  # hold back the longest tail that starts a stop string
-      tail = max((k for s in self.job.stop for k in range(1, len(s))
-                  if whole.endswith(s[:k])), default=0)
-      safe = len(whole) - tail
-    out, pos = [], len(text)
-    while self._held and (pos + len(self._held[0][0]) <= safe or (
-        self.finish_reason is not None and pos < safe)):
-      piece, safety = self._held.pop(0)
-      piece = piece[:safe - pos]
-      out.append((piece, safety))
-      pos += len(piece)
-    while self._held and self._held[0][0] == "" and self.finish_reason is None:
-      out.append(self._held.pop(0))  # a token inside a character: nothing to hold back
-    if self.finish_reason is not None:
-      self._held.clear()
-    self.sent += [p for p, _ in out]
-    return out
-
-  def safety(self) -> protocol.SafetyRecord:
-    """The whole trace, cut where the reply was cut (evaluations after the last token sent
-    and a refusal that had not started are dropped)."""
-    n = self.job.n_forced + len(self.sent)
-    keep = [i for i, s in enumerate(self.steps) if s < max(n, 1)]
-    refused = self.refusal_step is not None and self.refusal_step < n
-    return protocol.SafetyRecord(
-        refused=refused, refusal_step=self.refusal_step if refused else None,
-        cls_probs=[self.probs[i] for i in keep], cls_steps=[self.steps[i] for i in keep],
-        gate=self.job.gate, prefill_tokens=self.job.n_forced)
-
-  def usage(self) -> protocol.Usage:
-    prompt = self.job.n_prompt + self.job.n_forced
-    return protocol.Usage(prompt_tokens=prompt, completion_tokens=len(self.sent),
-                          total_tokens=prompt + len(self.sent))
 
 
 class Handler:
@@ -243,14 +100,14 @@ class Handler:
     n = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if n is not None and n < 1:
       raise ApiError(400, f"{param} must be >= 1, got {n}.", param=param)
-    used = len(prompt.ids) + len(prompt.prefill_ids)
-    room = None if m.max_length is None else m.max_length - used
+    context = self.engine.slots.max_len  # the slots' context (--max_model_len)
+    room = context - len(prompt.ids) - len(prompt.prefill_ids)
     if n is None:
-      n = self.max_tokens if room is None else max(1, min(self.max_tokens, room))
+      n = max(1, min(self.max_tokens, room))
     try:
-      m.check_length(len(prompt.ids), len(prompt.prefill_ids) + n)
+      m.check_length(len(prompt.ids), len(prompt.prefill_ids) + n, limit=context)
     except ValueError as e:
-      raise ApiError(400, str(e), param=param if room and room > 0 else "messages") from None
+      raise ApiError(400, str(e), param=param if room > 0 else "messages") from None
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if len(stop) > MAX_STOP or not all(stop):
       raise ApiError(400, f"stop: give at most {MAX_STOP} non-empty strings.", param="stop")
@@ -281,8 +138,12 @@ class Handler:
     events: asyncio.Queue = asyncio.Queue()
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     fields = dict(prompt=job.prompt_text) if self.log_prompts else {}
-    req = Request(job.slot_request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e),
-                  ident=ident, log_fields=fields)
+
+    def sink(item):  # in the engine thread
+      if not loop.is_closed():  # else the server is gone, and nobody listens
+        loop.call_soon_threadsafe(events.put_nowait, item)
+
+    req = Request(job.slot_request, sink, ident=ident, log_fields=fields)
     try:
       self.engine.submit(req)
     except ServerClosing as e:
@@ -357,7 +218,8 @@ class Handler:
       self.engine.wake()
       self._count("chat", "cancelled")
       return None
-    self._latency([(p, None) for p in reply.sent], time.monotonic(), t0, True)
+    self.metrics.generation_tokens.inc(len(reply.sent))
+    self.metrics.ttft.observe(time.monotonic() - t0)  # its first token comes with the last
     self._count("chat", "ok")
     return protocol.ChatCompletion(**self._meta(req.ident), choices=[protocol.Choice(
         message=protocol.ChatMessage(content=reply.text),
@@ -455,18 +317,18 @@ class Handler:
           raise ApiError(400, "messages: give the conversation the response answers.",
                          param="messages")
         prompt = self._render(req.messages, prefill=False)
-        gate = req.gate or self.gate
-        try:
-          guard = m.gate_stream((prompt.ids, prompt.roles), gate=gate)
-        except ValueError as e:
-          raise ApiError(400, str(e), param="gate") from None
-        stream = Stream(guard=guard, gate=gate)
+        m.check_length(len(prompt.ids), 0)
+        stream = Stream(guard=None, gate=req.gate or self.gate)
         sid = self.streams.open(stream) if req.stream and not req.done else None
     except StreamError as e:
       raise ApiError(e.status, str(e), param="stream_id") from None
+    except ValueError as e:
+      raise ApiError(400, str(e), param="messages") from None
 
-    def step():
+    def step():  # in the engine thread, as all model work
       with stream.lock:
+        if stream.guard is None:  # a new stream: its prompt pass
+          stream.guard = m.gate_stream((prompt.ids, prompt.roles), gate=stream.gate)
         return stream.guard.extend(req.response)
 
     try:
@@ -475,8 +337,8 @@ class Handler:
       if sid is not None:
         self.streams.close(sid)
       raise
-    if sid is not None and req.done:
-      self.streams.close(sid)
+    if sid is not None and (req.done or (out is None and req.stream_id is None)):
+      self.streams.close(sid)  # the last piece, or a new stream whose client never got its id
     if out is None:
       return None
     v = out[0]

@@ -28,10 +28,11 @@ class StreamError(Exception):
 
 @dataclasses.dataclass(eq=False)
 class Stream:
-  """One open stream: its ``guard`` (a ``GateStream``), the gate schedule it runs, and a lock
-  (its pieces are applied one at a time, in the order they arrive)."""
+  """One open stream: its ``guard`` (a ``GateStream``, made by its first piece in the engine
+  thread), the gate schedule it runs, and a lock (its pieces are applied one at a time, in
+  the order they arrive)."""
 
-  guard: object
+  guard: object | None
   gate: str
   used: float = dataclasses.field(default_factory=time.monotonic)
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
