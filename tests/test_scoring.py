@@ -11,9 +11,7 @@ torch = pytest.importorskip("torch")
 
 import safety_align as sa  # noqa: E402
 from safety_align import api, convert, scoring  # noqa: E402
-from safety_align.api import resolve_gate  # noqa: E402
 from safety_align.baselines import common, deep_alignment  # noqa: E402
-from safety_align.decode import Prompts  # noqa: E402
 from safety_align.masks import Role  # noqa: E402
 from test_convert import VOCAB, make_hf  # noqa: E402
 
@@ -100,8 +98,8 @@ def test_score_of_texts_is_the_plain_lm_of_the_rendered_prompt(imported):
 
 
 def test_cls_model_is_scored_through_its_deployed_layout(imported):
-  """A [CLS] model (text -> [CLS] attention gate opened): ``score`` equals the decoder's own
-  teacher-forced log-probabilities of the same prompt + answer (prompt pass with [CLS], every
+  """A [CLS] model (text -> [CLS] attention gate opened): ``score`` equals the log-probabilities
+  of the same prompt + answer from a full decode (``decode``: prompt pass with [CLS], every
   answer token forced, gate off), and differs from scoring it without [CLS]."""
   _, out = imported
   base = sa.load(out)
@@ -115,11 +113,10 @@ def test_cls_model_is_scored_through_its_deployed_layout(imported):
   got = model.score(prompts, conts)
   tok = model.tokenizer
   forced = [tok.encode(c) for c in conts]
-  res = model.decoder(model.params, Prompts.from_pieces(
-      [model.template.prompt_pieces(tok, p) for p in prompts]), max_new_tokens=1,
-      gate=resolve_gate("off", model.gate_defaults, True), prefill=forced, return_logits=True)
+  gens = model.decode(prompts, max_new_tokens=1, gate="off", prefill_ids=forced,
+                      return_logits=True)
   for i, ids in enumerate(forced):
-    logits = np.asarray(res.logits[i, :len(ids)], np.float64)
+    logits = np.asarray(gens[i].logits[:len(ids)], np.float64)
     logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
     assert got.logprob[i] == pytest.approx(logp[np.arange(len(ids)), ids].sum(), rel=1e-5)
   plain = api.SafetyModel(base.config, params, base.tokenizer, base.template,
