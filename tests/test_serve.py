@@ -287,6 +287,23 @@ def test_a_stop_string_ends_the_slot_early(server, model):
   assert server.engine.counts["cancelled_stop"] == stops + 1
 
 
+def test_each_gate_firing_logs_one_line(server, model, caplog):
+  """One structured line per firing (request id, step, P(malicious), schedule), without the
+  prompt text (no --log_prompts)."""
+  gen, *_ = _expected(model, "bread", max_tokens=10, gate="every", **GREEDY)
+  with caplog.at_level("INFO"):
+    r = _post(server, "/v1/chat/completions", dict(messages=_messages("bread"), max_tokens=10,
+                                                   gate="every", **GREEDY))
+  lines = [json.loads(rec.getMessage().split(" ", 1)[1]) for rec in caplog.records
+           if rec.getMessage().startswith("gate_fired ")]
+  assert len(lines) == 1 and lines[0]["request_id"] == r.json()["id"]
+  assert lines[0]["step"] == gen.refusal_step and lines[0]["schedule"] == "every"
+  probs = dict(zip(gen.cls_steps, gen.cls_probs))
+  assert lines[0]["decided_at"] < gen.refusal_step and "prompt" not in lines[0]
+  assert lines[0]["p_malicious"] == pytest.approx(probs[lines[0]["decided_at"]], abs=1e-5)
+  assert lines[0]["p_malicious"] > model.gate_defaults.threshold
+
+
 def test_concurrent_clients_share_chunks_and_are_exact(server, model):
   """24 requests from 8 concurrent clients (greedy and seeded sampling, two gates, different
   budgets, streamed or not): each reply is its own generation, token for token, and the

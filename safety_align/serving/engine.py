@@ -59,7 +59,7 @@ class Request:
     self.cancel_reason: str | None = None
     self.slot: int | None = None
     self.fired = False
-    self.last_p: float | None = None
+    self.evals: list[tuple[int, float]] = []  # (step, P(malicious)) of each evaluation
 
   def cancel(self, reason: str) -> None:
     """Stop decoding this request at the next chunk boundary (``reason``: a metrics label)."""
@@ -299,15 +299,16 @@ class Engine:
 
   def _deliver(self, req: Request, events) -> None:
     """Hand ``events`` to the request; log the gate's firing; free the slot when done."""
-    if events.cls:
-      req.last_p = events.cls[-1][1]
+    req.evals += events.cls
     if events.refused and not req.fired:
       req.fired = True
       schedule = req.slot_request.gate
       self.metrics.gate_firings.inc(schedule=schedule)
+      step = events.refusal_step  # the evaluation that decided: the last one before it
+      decided = [e for e in req.evals if e[0] < step or e[0] == 0]
       logging.info("gate_fired %s", json.dumps(dict(
-          request_id=req.ident, step=events.refusal_step, p_malicious=req.last_p,
-          schedule=schedule, **req.log_fields)))
+          request_id=req.ident, step=step, decided_at=decided[-1][0],
+          p_malicious=decided[-1][1], schedule=schedule, **req.log_fields)))
     req.sink(events)
     if events.done:
       self._release(req)
