@@ -19,15 +19,16 @@ add ``--config.baselines=probe,deep_alignment,safedecoding
 Deep alignment trains as the [CLS] run's SFT does (100 steps of 8 rows of 256 tokens, lr 5e-5).
 
 ``default.py`` with these changes. ``:full`` runs every held-out prompt and the larger GCG and
-decoding budgets (hours on a CPU).
+decoding budgets (hours on a CPU); ``:demo`` is ``make demo``'s time-boxed subset in the same
+table layout (no competitors).
 """
 
 from safety_align.eval import config as eval_config
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "full"):
-    raise eval_config.unknown_variant(__file__, arg, ("full",))
+  if arg not in (None, "", "full", "demo"):
+    raise eval_config.unknown_variant(__file__, arg, ("full", "demo"))
   c = eval_config.load("default")
   c.attacks = ("direct,prefill_target,prefill_5,prefill_10,prefill_20,prefill_40,decoding,"
                "gcg,gcg_adaptive,templates,prefill_adaptive,embedding,finetune,agent_obfuscated")
@@ -50,6 +51,19 @@ def get_config(arg=None):
   if arg == "full":
     c.gcg.update(n_prompts=10, steps=100, search_width=128, topk=128, n_suffix=20)
     c.decoding.update(temperatures="0.3,0.7,1.0", top_ps="0.5,0.9", top_ks="5,50")
+    return c
+  if arg == "demo":
+    # make demo: the same table in minutes, no competitors: the classifier on every held-out
+    # source, direct, prefill 10 and 40, the decoding sweep at two settings, templates, the
+    # disguised agent requests, edgy and everyday (IFBench) over-refusal, a utility subset.
+    c.attacks = "direct,prefill_10,prefill_40,decoding,templates,agent_obfuscated"
+    c.schedules, c.baseline_attacks = "", "direct,prefill_10"
+    c.n_malicious, c.n_benign = 32, 96
+    c.decoding.update(temperatures="1.0", top_ps="0.9", top_ks="", n_prompts=16)
+    c.templates.n_prompts = 4
+    c.overhead.n_prompts = 0
+    c.benchmarks.update(tasks="arc_easy,arc_challenge,piqa,sciq", n=50, n_ifbench=32,
+                        max_new_tokens=128)
     return c
   c.n_malicious = 64
   c.decoding.update(temperatures="0.7,1.0", top_ps="0.9", top_ks="50", n_prompts=32)
