@@ -40,7 +40,8 @@ _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Decode slots: requests decod
 _CHUNK = flags.DEFINE_integer("chunk_tokens", 8, "Decode steps per compiled call; a stream "
                               "gets its tokens chunk by chunk.")
 _MAX_MODEL_LEN = flags.DEFINE_integer("max_model_len", None, "Each slot's context in tokens "
-                                      "(default: the model's).")
+                                      "(default: SafetyModel.slots', the model's capped to "
+                                      "keep the cache small).")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "max_tokens of requests that set none "
                                    "(lowered to the room left in the context).")
 _MAX_CLASSIFY = flags.DEFINE_integer("max_classify_inputs", 256, "Most inputs of one "
