@@ -35,6 +35,10 @@ _NO_CLS = ("needs the [CLS] embedding and head, which this checkpoint lacks; use
            "or import it with `python -m safety_align.convert import_hf` and train it.")
 
 
+# The default context of a decode slot (``SafetyModel.slots``) when the model allows more.
+DEFAULT_SLOT_LEN = 2048
+
+
 @dataclasses.dataclass(frozen=True)
 class Generation:
   """One response. ``text``/``tokens``: the response only (forced prefill included, EOS
@@ -222,10 +226,12 @@ class SafetyModel:
   def slots(self, max_batch: int, max_len: int | None = None) -> SlotDecoder:
     """``max_batch`` decode slots (``decode.slots``: requests start and finish while the others
     decode, ``advance`` moves all of them in one compiled call) of ``max_len`` tokens each
-    (default: the model's context, ``max_length``)."""
-    max_len = self.decoder.max_length if max_len is None else max_len
+    (default: the model's context, at most ``DEFAULT_SLOT_LEN``: every slot holds a KV-cache
+    row of that length and each step attends over it, so an 8k context would cost 16 slots
+    ~6 GB of cache for a 135M model; pass ``max_len`` for longer requests)."""
     if max_len is None:
-      raise ValueError("This model has no maximum length: give slots a max_len.")
+      max_len = (DEFAULT_SLOT_LEN if self.decoder.max_length is None
+                 else min(self.decoder.max_length, DEFAULT_SLOT_LEN))
     if self.decoder.max_length is not None and max_len > self.decoder.max_length:
       raise ValueError(f"max_len={max_len} exceeds the model's maximum length of "
                        f"{self.decoder.max_length} tokens.")

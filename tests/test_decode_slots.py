@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from safety_align import api
 from safety_align.decode import GateConfig, bucket, slots as slots_lib
 from test_api import model  # noqa: F401  (the tiny model fixture: a tokenizer, max_length 96)
 
@@ -114,3 +115,12 @@ def test_context_end_and_errors(model):
     slots.advance(0)
   with pytest.raises(ValueError, match="exceeds the model's maximum length of 96"):
     model.slots(max_batch=2, max_len=97)
+
+
+def test_default_slot_context_is_the_model_context_capped(model, monkeypatch):
+  """Slots take the model's context by default, capped at DEFAULT_SLOT_LEN (an 8k source
+  context must not cost every slot an 8k KV-cache row)."""
+  assert model.slots(max_batch=2).max_len == 96  # the fixture's context, under the cap
+  monkeypatch.setattr(api, "DEFAULT_SLOT_LEN", 64)
+  assert model.slots(max_batch=2).max_len == 64
+  assert model.slots(max_batch=2, max_len=90).max_len == 90  # asked for explicitly
