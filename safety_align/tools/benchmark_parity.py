@@ -39,6 +39,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("data_dir", "", "Benchmark folder ('' = a temporary one).")
   flags.DEFINE_integer("batch_size", 16, "Our rows per forward pass.")
   flags.DEFINE_float("max_diff", 0.02, "Tolerance on |acc ours - acc transformers|.")
+  flags.DEFINE_integer("torch_threads", 0, "torch's CPU threads (0: its default; on a small "
+                       "shared machine 1 avoids oversubscription).")
 
 
 def harness_choices(model, tokenizer, questions) -> dict:
@@ -71,6 +73,8 @@ def main(argv) -> None:
   del argv
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+  if FLAGS.torch_threads:
+    torch.set_num_threads(FLAGS.torch_threads)
   data_dir = FLAGS.data_dir or tempfile.mkdtemp(prefix="benchmarks_")
   benchmarks.prepare(data_dir, [FLAGS.task], False)
   questions = benchmarks.read_questions(benchmarks.task_file(data_dir, FLAGS.task), FLAGS.n)
