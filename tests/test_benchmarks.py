@@ -4,6 +4,7 @@ acc / acc_norm, IFBench's checkers (strict, loose, skipped ids), the everyday ov
 the evaluation's results.json / results.md entries."""
 
 import gzip
+import importlib
 import json
 import zipfile
 
@@ -107,7 +108,7 @@ def test_acc_sums_log_probs_and_acc_norm_divides_by_characters():
 
 
 def test_mmlu_from_arrow_and_prepare_reads_only_whitelisted_members(tmp_path):
-  pa = pytest.importorskip("pyarrow")
+  pa = importlib.import_module("pyarrow")  # installed with tensorflow-datasets
   table = pa.table(dict(question=["What is 2 + 2?"], subject=["elementary_mathematics"],
                         choices=[["3", "4", "5", "6"]], answer=[1]))
   sink = pa.BufferOutputStream()
@@ -137,7 +138,7 @@ def test_mmlu_from_arrow_and_prepare_reads_only_whitelisted_members(tmp_path):
 def test_ifbench_strict_loose_and_skipped_checkers():
   """Strict checks the answer as written, loose also without its first/last line or
   markdown; a checker whose NLTK data is not installed is skipped and counted."""
-  pytest.importorskip("if_verifiable")  # setup.py extra "benchmarks"
+  importlib.import_module("if_verifiable")  # setup.py extra "benchmarks": make test installs it
   responses = [f"Here you go: {FRUIT}", "Sure!\nhellohellohello", "A calm, slow morning."]
   got = benchmarks.ifbench_scores(IFBENCH, responses)
   if _nltk_has("corpora/stopwords"):
@@ -163,7 +164,7 @@ def test_evaluation_writes_utility_benchmarks_per_defence(setup, tmp_path):  # n
   """results.json ``utility_benchmarks`` (tasks, mc_average, ifbench) and ``benign_everyday``
   for the [CLS] model and its baseline, ``source`` = the baseline when it is an import;
   results.md's table; the MC choices are the model's own scores."""
-  pytest.importorskip("if_verifiable")  # setup.py extra "benchmarks"
+  importlib.import_module("if_verifiable")  # setup.py extra "benchmarks": make test installs it
   _, _, _, tok, model, plain = setup
   bench = tmp_path / "bench"
   bench.mkdir()
