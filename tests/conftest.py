@@ -47,3 +47,13 @@ def chat_segment(query=(10, 11, 12), response=(20, 21, 22, 23), label=1, windows
 
 def packed(segments, seq_len=24, batch=1):
   return pack(segments, batch, seq_len)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+  """Drop every compiled program after each test module. XLA:CPU maps each executable's code
+  into the process, and the whole suite's programs kept alive in one pytest process pass the
+  kernel's map limit (vm.max_map_count, 65,530 here): a later compile then dies with SIGSEGV or
+  an LLVM allocation abort, in whichever test happens to compile next."""
+  yield
+  jax.clear_caches()
