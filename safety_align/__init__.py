@@ -21,6 +21,9 @@ def _keep_jax_off_an_absent_tpu() -> None:
 
 
 _keep_jax_off_an_absent_tpu()
+# TensorFlow (TFDS's backend) logs INFO lines from C++ at import, before any flag is read;
+# its warnings and errors still show (console.py quiets the Python-side libraries).
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from safety_align.api import Generation, SafetyModel, load  # noqa: E402  (after the platform)
 

@@ -51,7 +51,7 @@ def test_killed_and_preempted_run_ends_like_an_uninterrupted_one(tmp_path):
   straight = _train(tmp_path / "straight")
   assert straight.wait() == 0, straight.stderr.read()[-3000:]
   library_info = [line for line in straight.stderr.read().splitlines()
-                  if re.match(r"I\d{4} ", line)]  # absl's format: orbax's INFO records
+                  if re.match(r"I\d{4} [\d:.]+ +\d+ \w+\.py:\d+\]", line)]  # orbax's, via absl
   assert not library_info, library_info[:3]  # console.configure keeps the terminal readable
 
   work = tmp_path / "interrupted"
