@@ -43,7 +43,6 @@ def verbosity() -> int:
 def configure(level: int | None = None) -> None:
   """Quiet library INFO logging unless ``level`` (default: absl's ``--verbosity``) is >= 1."""
   level = verbosity() if level is None else level
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if level < 1 else "0")
   handler = logging.get_absl_handler()
   for f in [f for f in handler.filters if isinstance(f, ProjectOnly)]:
     handler.removeFilter(f)
