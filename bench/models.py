@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from safety_align import checkpoint, convert, hf_weights
+from safety_align import convert, hf_weights
+from safety_align import workdir as workdir_lib
 from safety_align.model import ModelConfig, init_params
 
 DEMO_WORKDIR = "runs/tiny"
@@ -102,7 +103,7 @@ class Unavailable(Exception):
 def _servable(path: str) -> bool:
   """Whether ``sa.load(path)`` has a checkpoint to serve."""
   try:
-    checkpoint.serving_phase(path)
+    workdir_lib.serving_phase(path)
   except FileNotFoundError:
     return False
   return True

@@ -33,6 +33,7 @@ import numpy as np
 from bench import common, models
 import safety_align as sa
 from safety_align import checkpoint
+from safety_align import workdir as workdir_lib
 
 READY = re.compile(r"Uvicorn running on (http://\S+)")
 
@@ -41,11 +42,11 @@ def write_workdir(out: str, cfg, params, tokenizer, chat_template: str, seq_len:
   """A loadable directory (as ``convert.import_hf`` writes one) holding ``params``; ``out``
   must not exist yet."""
   os.makedirs(out)
-  tokenizer.save(os.path.join(out, checkpoint.TOKENIZER_FILE))
+  tokenizer.save(os.path.join(out, workdir_lib.TOKENIZER_FILE))
   tokenizer.save_special_tokens(os.path.join(out, "tokenizer_config.json"))
   model = dataclasses.asdict(cfg)
   checkpoint.save_params(out, "import", params, dict(step=0, phase="import", model=model))
-  with open(os.path.join(out, checkpoint.CONFIG_FILE), "w") as f:
+  with open(os.path.join(out, workdir_lib.CONFIG_FILE), "w") as f:
     json.dump(dict(model=model, chat_template=chat_template, data=dict(seq_len=seq_len)), f)
   return out
 

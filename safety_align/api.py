@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from safety_align import calibrate, checkpoint, moderation, scoring, sharding
+from safety_align import calibrate, moderation, scoring, sharding, workdir
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer, check_vocab
 from safety_align.decode import SCHEDULES, Decoder, GateConfig, Prompts, bucket, make_sampler
@@ -496,7 +496,7 @@ def _max_length(config: dict[str, Any], path: str) -> int | None:
         "%s records no context_length, so it serves its training data.seq_len=%d tokens as its "
         "context: add \"context_length\": N to %s (N: max_position_embeddings in the hf_config "
         "of %s/config.json), or pass max_length=N to sa.load.", path, seq_len,
-        os.path.join(path, checkpoint.CONFIG_FILE), config["init_from"])
+        os.path.join(path, workdir.CONFIG_FILE), config["init_from"])
   return seq_len
 
 
@@ -529,30 +529,30 @@ def load(path: str, phase: str | None = None, *, calibrated: bool | None = None,
   if phase is not None and (not isinstance(phase, str) or not phase):
     raise TypeError(f"phase must be a phase name such as 'sft' or 'pretrain', or None; got "
                     f"{phase!r}.")
-  phase = checkpoint.serving_phase(path) if phase is None else phase
+  phase = workdir.serving_phase(path) if phase is None else phase
   kwargs["mesh"] = sharding.as_mesh(kwargs.get("mesh"))
-  model_config, params, extra = checkpoint.load_for_inference(path, phase, mesh=kwargs["mesh"])
-  tokenizer = Tokenizer.load(extra["tokenizer_path"])
-  eos_ids = extra.get("special_tokens", {}).get("eos_ids") or [tokenizer.eos_id]
+  loaded = workdir.load_for_inference(path, phase, mesh=kwargs["mesh"])
+  tokenizer = Tokenizer.load(loaded.tokenizer_path)
+  eos_ids = loaded.special_tokens.get("eos_ids") or [tokenizer.eos_id]
   if "max_length" not in kwargs:
-    kwargs["max_length"] = _max_length(extra.get("config", {}), path)
+    kwargs["max_length"] = _max_length(loaded.config, path)
   kwargs.setdefault("eos_ids", eos_ids)
-  kwargs.setdefault("uses_cls", extra.get("config", {}).get("use_cls", True))
-  loaded_from, calibration = _loaded_from(path, extra), None
+  kwargs.setdefault("uses_cls", loaded.config.get("use_cls", True))
+  loaded_from, calibration = _loaded_from(path, loaded), None
   if "gate_defaults" not in kwargs:
     kwargs["gate_defaults"], calibration = calibrate.for_checkpoint(path, loaded_from,
                                                                     calibrated)
-  model = SafetyModel(model_config, params, tokenizer,
-                      templates.get_template(extra["chat_template"]), **kwargs)
+  model = SafetyModel(loaded.model_config, loaded.params, tokenizer,
+                      templates.get_template(loaded.chat_template), **kwargs)
   model.loaded_from, model.calibration = loaded_from, calibration
   return model
 
 
-def _loaded_from(path: str, extra: dict) -> dict:
+def _loaded_from(path: str, loaded: workdir.Loaded) -> dict:
   """``{"path", "phase", "step", "steps"}`` (``steps``: the phase's configured length, None for
   an import); logs it, and warns if the phase is unfinished."""
-  phase, step = extra["phase"], extra["step"]
-  phase_cfg = extra["config"].get(phase) or {}
+  phase, step = loaded.phase, loaded.step
+  phase_cfg = loaded.config.get(phase) or {}
   steps = phase_cfg.get("steps")  # optimiser steps, as checkpoints count them
   logging.info("Loaded %s: phase %s, step %s.", path, phase, step)
   if steps is not None and step < steps:

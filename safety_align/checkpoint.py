@@ -1,9 +1,8 @@
-"""Checkpoints: orbax lives here and nowhere else.
+"""Checkpoints: orbax lives here and nowhere else (the rest of a workdir: ``workdir.py``).
 
-A workdir holds ``config.json`` (the run's config), ``tokenizer.json`` and
-``checkpoints/<phase>/<step>/{params,opt_state,meta}``. Orbax writes each step into a
-temporary folder and renames it when complete, so an interrupted save leaves the previous
-step loadable. ``meta`` holds the step, the data position, the model config (which a resumed
+A workdir's ``checkpoints/<phase>/<step>/`` holds ``{params,opt_state,meta}``. Orbax writes
+each step into a temporary folder and renames it when complete, so an interrupted save leaves
+the previous step loadable. ``meta`` holds the step, the data position, the model config (which a resumed
 run checks against its own) and a manifest: each array's dtype, shape and a checksum of its
 bits.
 
@@ -17,28 +16,17 @@ existed load with a note.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.sharding import Mesh
 
-from safety_align import sharding
-from safety_align.model import ModelConfig, init_params
 
-CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
-# A workdir's phases, most trained first: ``load_for_inference`` (phase "") loads the first one
-# that has a checkpoint.
-INFERENCE_PHASES = ("sft", "pretrain", "import")
 DAMAGED_DIR = "damaged"  # checkpoints/damaged/<phase>_<step>: steps training moved aside
 _ITEMS = ("params", "opt_state", "meta")
 
@@ -122,11 +110,11 @@ def manifest(tree) -> tuple[dict, list[str]]:
   return out, nonfinite
 
 
-def _named(tree) -> dict[str, Any]:
+def named_leaves(tree) -> dict[str, Any]:
   return {_leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _few(names: list[str]) -> str:
+def few(names: list[str]) -> str:
   return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
@@ -137,7 +125,7 @@ def _save_manifest(items: dict, what: str) -> dict:
     out[item], nonfinite = manifest(tree)
     bad += [f"{item}/{n}" for n in nonfinite]
   if bad:
-    raise NonFiniteError(f"Refusing to save {what}: NaN or Inf in {_few(bad)}.")
+    raise NonFiniteError(f"Refusing to save {what}: NaN or Inf in {few(bad)}.")
   return out
 
 
@@ -199,12 +187,12 @@ def _restore_step(manager: ocp.CheckpointManager, step_dir: str, step: int,
 def _saved_dtypes(item: str, target, saved: dict):
   """(``target`` in the dtypes it was saved in, the target's dtypes); raises if the saved
   arrays are not the target's (another optimiser or model config)."""
-  want = {n: list(t.shape) for n, t in _named(target).items()}
+  want = {n: list(t.shape) for n, t in named_leaves(target).items()}
   have = {n: shape for n, (_, shape, _) in saved.items()}
   if want != have:
     diffs = sorted(set(want) ^ set(have)) or [n for n in want if want[n] != have[n]]
     raise IncompatibleCheckpointError(
-        f"The checkpoint's {item} does not match this run's (e.g. {_few(diffs)}): the model or "
+        f"The checkpoint's {item} does not match this run's (e.g. {few(diffs)}): the model or "
         "the optimiser settings (trainable, cls_lr_scale, grad_accum) changed since it was "
         "saved. Use a fresh --workdir, or set them back.")
   dtypes = jax.tree.map(lambda t: t.dtype, target)
@@ -222,9 +210,9 @@ def _verify(arrays: dict, saved: dict | None) -> None:
       want = saved.get(item, {})
       bad = [n for n in want if got.get(n) != want[n]] + sorted(set(got) - set(want))
       if bad:
-        raise _Damaged(f"checksum mismatch in {item}/{_few(bad)} (corrupted files)")
+        raise _Damaged(f"checksum mismatch in {item}/{few(bad)} (corrupted files)")
     if nonfinite:
-      raise _Damaged(f"NaN or Inf in {item}/{_few(nonfinite)}")
+      raise _Damaged(f"NaN or Inf in {item}/{few(nonfinite)}")
 
 
 def _newest_intact(manager, directory: str, targets: dict, check_meta):
@@ -335,7 +323,7 @@ def save_params(directory: str, phase: str, params, meta: dict) -> None:
   ckpt.close()
 
 
-def latest_params(directory: str, phases=INFERENCE_PHASES, abstract_params=None,
+def latest_params(directory: str, phases: tuple[str, ...], abstract_params=None,
                   check_meta: Callable[[dict], None] = lambda meta: None):
   """Params of the newest intact checkpoint of the first phase in ``phases`` that has one.
 
@@ -357,37 +345,15 @@ def latest_params(directory: str, phases=INFERENCE_PHASES, abstract_params=None,
       logging.warning("Checkpoint %s (step %d) is damaged: %s. Loading step %d instead.",
                       os.path.join(path, str(bad)), bad, why, step)
     return arrays["params"], meta, phase
-  raise _no_checkpoint(directory, phases)
+  raise no_checkpoint(directory, phases)
 
 
-def _no_checkpoint(directory: str, phases) -> FileNotFoundError:
+def no_checkpoint(directory: str, phases) -> FileNotFoundError:
+  """The error for a ``directory`` with no checkpoint of any of ``phases``."""
   return FileNotFoundError(
       f"No checkpoint under {os.path.abspath(directory)}/checkpoints/{{{','.join(phases)}}}: "
       "train first (python -m safety_align.train --workdir=...) or import one "
       "(python -m safety_align.convert import_hf --out=...).")
-
-
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Write the run config as JSON, atomically."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
-
-
-def read_config(workdir: str) -> dict:
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: {workdir} is not a safety_align workdir or "
-                            "import directory.")
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); it is written by "
-                       "training or import: restore it from the run.") from None
 
 
 def check_compatible(saved: dict, current: dict, what: str = "model",
@@ -408,91 +374,3 @@ def check_compatible(saved: dict, current: dict, what: str = "model",
         "The checkpoint in this workdir comes from an incompatible config:\n  "
         + "\n  ".join(diffs)
         + "\nUse a fresh --workdir, or override the config to match the checkpoint.")
-
-
-def run_phases(config: dict) -> list[str]:
-  """A workdir's ``config.phases`` in order ([] for an import directory)."""
-  return [p.strip() for p in str(config.get("phases", "")).split(",") if p.strip()]
-
-
-def serving_phase(path: str) -> str:
-  """The phase ``sa.load`` serves by default: a workdir's last phase (``config.phases``), else
-  (an import directory) the most trained one it has. Raises if a workdir's last phase has no
-  checkpoint yet, naming the phase that has one (which ``sa.load(path, phase=...)`` still
-  serves when asked)."""
-  phases = run_phases(read_config(path))
-  if not phases:
-    have = [p for p in INFERENCE_PHASES if saved_steps(path, p)]
-    if not have:
-      raise _no_checkpoint(path, INFERENCE_PHASES)
-    return have[0]
-  last = phases[-1]
-  if saved_steps(path, last):
-    return last
-  trained = [p for p in phases[:-1] if saved_steps(path, p)]
-  if not trained:
-    raise _no_checkpoint(path, phases)
-  done = trained[-1]
-  raise FileNotFoundError(
-      f"{path}: the run's last phase {last!r} has no checkpoint yet (config.phases="
-      f"{','.join(phases)!r}); the newest checkpoint is {done!r} step "
-      f"{saved_steps(path, done)[-1]}. Resume training to finish {last!r}, or ask for the "
-      f"{done} model explicitly: sa.load(path, phase={done!r}) (CLI: --phase={done}).")
-
-
-def _check_config_json(path: str, saved_model: dict | None, model_cfg: ModelConfig) -> None:
-  """Raise naming each model field of ``config.json`` that differs from the one the
-  parameters were saved with."""
-  current = model_cfg.architecture()
-  diffs = [f"model.{k}={current[k]!r} (the parameters were saved with {saved_model[k]!r})"
-           for k in current if saved_model and k in saved_model and saved_model[k] != current[k]]
-  if diffs:
-    raise IncompatibleCheckpointError(
-        f"{os.path.join(path, CONFIG_FILE)} does not match its checkpoint: {'; '.join(diffs)}. "
-        "The file was edited or copied from another run: set those fields back.")
-
-
-def _check_shapes(path: str, params, model_cfg: ModelConfig) -> None:
-  """Raise naming the parameters whose shapes differ from ``config.json``'s model."""
-  boxed = jax.eval_shape(lambda: init_params(model_cfg, jax.random.key(0)))
-  want = {n: tuple(x.shape) for n, x in _named(nn.meta.unbox(boxed)).items()}
-  have = {n: tuple(x.shape) for n, x in _named(params).items()}
-  diffs = [f"{n}: checkpoint {have.get(n)} vs config {want.get(n)}"
-           for n in sorted(set(want) | set(have)) if want.get(n) != have.get(n)]
-  if diffs:
-    raise IncompatibleCheckpointError(
-        f"{os.path.join(path, CONFIG_FILE)}'s model block does not describe the checkpoint's "
-        f"parameters ({_few(diffs)}): restore the model block the run was trained with.")
-
-
-def load_for_inference(path: str, phase: str = "", mesh: Mesh | None = None
-                       ) -> tuple[ModelConfig, Any, dict]:
-  """(model config, params, extra) of a workdir or an ``import_hf`` directory.
-
-  ``phase`` picks one phase's newest intact checkpoint ("" = the most trained one there is).
-  ``config.json``'s model is checked against the parameters, naming the fields that differ.
-  ``mesh``: restore each parameter straight onto its ``sharding.param_shardings`` placement
-  (each device reads only its slices; no whole copy on one device), in ``config.json``'s
-  parameter dtype; ``None``: as saved, on the default device.
-
-  ``extra`` carries ``tokenizer_path``, ``chat_template``, ``special_tokens`` (import_hf
-  outputs), ``phase``, ``step`` and the saved ``config``.
-  """
-  config = read_config(path)
-  model_cfg = ModelConfig.from_config(config["model"])
-  targets = None
-  if mesh is not None:
-    abstract = jax.eval_shape(lambda: nn.meta.unbox(init_params(model_cfg, jax.random.key(0))))
-    targets = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                           abstract, sharding.param_shardings(model_cfg, mesh, abstract))
-  params, meta, phase = latest_params(
-      path, (phase,) if phase else INFERENCE_PHASES, abstract_params=targets,
-      check_meta=lambda m: _check_config_json(path, m.get("model"), model_cfg))
-  _check_shapes(path, params, model_cfg)
-  params = jax.tree.map(jax.numpy.asarray, params)
-  extra = dict(tokenizer_path=os.path.join(path, TOKENIZER_FILE),
-               chat_template=(config.get("chat_template")  # import_hf output
-                              or config.get("data", {}).get("chat_template", "demo")),
-               special_tokens=config.get("special_tokens", {}),
-               phase=phase, step=meta.get("step"), config=config)
-  return model_cfg, params, extra

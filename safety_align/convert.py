@@ -65,6 +65,7 @@ from safety_align import console
 from safety_align import gguf_import
 from safety_align import hf_weights
 from safety_align import model as model_lib
+from safety_align import workdir
 from safety_align.model import ModelConfig
 
 FORMAT = "safety_align.convert/1"
@@ -84,8 +85,8 @@ def abstract_params(cfg: ModelConfig) -> Any:
 
 def load_converted(path: str) -> tuple[ModelConfig, Any, dict]:
   """(ModelConfig, params, config.json) of an ``import_hf`` output or a training workdir."""
-  cfg, params, extra = checkpoint.load_for_inference(path)
-  return cfg, params, extra["config"]
+  loaded = workdir.load_for_inference(path)
+  return loaded.model_config, loaded.params, loaded.config
 
 
 # --- plain LM logits (parity with the source model) ---------------------------------------------
@@ -361,7 +362,7 @@ def _write(source: Source, out: str, *, scan_layers: bool, dtype: str, compute_d
               hf_config=source.hf_config, source=os.path.abspath(source.path))
   checkpoint.save_params(out, "import", _unflatten(flat), dict(step=0, phase="import",
                                                                model=meta["model"]))
-  with open(os.path.join(out, checkpoint.CONFIG_FILE), "w") as f:
+  with open(os.path.join(out, workdir.CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
   logging.info("Wrote %s (%s, %d layers, %s params)", out, family, cfg.n_layers, dtype)
   return cfg

@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from safety_align import checkpoint, sharding
+from safety_align import workdir as workdir_lib
 from safety_align.data import pipeline as data_pipeline
 from safety_align.masks import PHASES, Role, check_phase
 from safety_align.model import ModelConfig
@@ -228,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stated: Iterable[str]
   phases = phase_names(config)
   os.makedirs(workdir, exist_ok=True)
   _check_saved_config(workdir, config, model_cfg)
-  checkpoint.write_config(workdir, config)
+  workdir_lib.write_config(workdir, config)
   tokenizer = data_pipeline.load_tokenizer(config, workdir)
   mesh = sharding.make_mesh(dict(config.mesh))
   pipes = {phase: data_pipeline.make_pipeline(config, phase, tokenizer, model_cfg.cls_id,
@@ -322,7 +323,7 @@ def with_init_architecture(config: ml_collections.ConfigDict,
   if not config.get("init_from"):
     return config
   saved = ModelConfig.from_config(
-      checkpoint.read_config(config.init_from)["model"]).architecture()
+      workdir_lib.read_config(config.init_from)["model"]).architecture()
   current = ModelConfig.from_config(config.model).architecture()
   explicit = {k.split(".", 1)[1] for k in stated if k.startswith("model.")} & set(saved)
   checkpoint.check_compatible({k: saved[k] for k in explicit},
@@ -341,18 +342,17 @@ def _initial_params(config, model_cfg: ModelConfig):
   """Params of ``config.init_from`` (an import_hf output or a workdir), or None (random)."""
   if not config.init_from:
     return None
-  saved_cfg, params, extra = checkpoint.load_for_inference(config.init_from,
-                                                           config.get("init_phase", ""))
-  checkpoint.check_compatible(saved_cfg.architecture(), model_cfg.architecture(),
+  loaded = workdir_lib.load_for_inference(config.init_from, config.get("init_phase", ""))
+  checkpoint.check_compatible(loaded.model_config.architecture(), model_cfg.architecture(),
                               init_from=config.init_from)
-  progress(f"init_from {config.init_from}: phase {extra['phase']}, step {extra['step']}")
-  return jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype), params)
+  progress(f"init_from {config.init_from}: phase {loaded.phase}, step {loaded.step}")
+  return jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype), loaded.params)
 
 
 def _check_saved_config(workdir: str, config, model_cfg: ModelConfig) -> None:
-  path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+  path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if os.path.exists(path):
-    saved = checkpoint.read_config(workdir)
+    saved = workdir_lib.read_config(workdir)
     checkpoint.check_compatible(
         ModelConfig.from_config(saved["model"]).architecture(), model_cfg.architecture())
 

@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_model_config
-from safety_align import api, checkpoint, sharding
+from safety_align import api, checkpoint, sharding, workdir
 from safety_align.data import templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import Decoder, GateConfig, Prompts
@@ -140,8 +140,8 @@ def test_restore_onto_the_mesh(setup, tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(dict(model=dataclasses.asdict(cfg))))
   params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(2)))
   checkpoint.save_params(str(tmp_path), "sft", params, dict(step=0, phase="sft"))
-  _, whole, _ = checkpoint.load_for_inference(str(tmp_path), "sft")
-  _, split, _ = checkpoint.load_for_inference(str(tmp_path), "sft", mesh=mesh)
+  whole = workdir.load_for_inference(str(tmp_path), "sft").params
+  split = workdir.load_for_inference(str(tmp_path), "sft", mesh=mesh).params
   want = sharding.param_shardings(cfg, mesh, params)
   jax.tree.map(lambda x, s: _assert_placed(x, s), split, want)
   kernel = split["layers"]["mlp"]["down_proj"]["kernel"]  # [layers, d_ff, d_model]
@@ -167,8 +167,8 @@ def test_load_on_a_mesh(tmp_path, monkeypatch):
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(1))
   checkpoint.save_params(str(tmp_path), "sft", nn.meta.unbox(params), dict(step=0, phase="sft"))
   one = api.SafetyModel(cfg, params, tok, template, max_length=96)
-  restore, meshes = checkpoint.load_for_inference, []
-  monkeypatch.setattr(checkpoint, "load_for_inference",
+  restore, meshes = workdir.load_for_inference, []
+  monkeypatch.setattr(workdir, "load_for_inference",
                       lambda *a, mesh=None: meshes.append(mesh) or restore(*a, mesh=mesh))
   split = api.load(str(tmp_path), mesh=dict(data=2, tensor=4))
   assert meshes == [split.decoder.mesh]

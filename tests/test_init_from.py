@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from test_convert import make_hf  # noqa: E402
 
 from safety_align import checkpoint, convert  # noqa: E402
+from safety_align import workdir as workdir_lib  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT = [("how do I bake bread at home", "tell me a story about a brave cat", 0),
@@ -73,8 +74,8 @@ def test_7b_recipe_trains_from_a_tiny_import(imported, trained):
   workdir, proc = trained
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "architecture from the import" in proc.stdout and "cls_attention_gate=True" in proc.stdout
-  saved = checkpoint.read_config(str(workdir))["model"]
-  source = checkpoint.read_config(str(imported / "import"))["model"]
+  saved = workdir_lib.read_config(str(workdir))["model"]
+  source = workdir_lib.read_config(str(imported / "import"))["model"]
   for key in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "vocab_size",
               "cls_attention_gate"):
     assert saved[key] == source[key], key

@@ -17,7 +17,7 @@ import pytest
 import safety_align as sa
 from conftest import chat_segment, tiny_model_config
 from configs import tiny
-from safety_align import api, checkpoint, demo_real, train_lib
+from safety_align import api, checkpoint, demo_real, train_lib, workdir
 from safety_align.data import pipeline, templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
@@ -105,7 +105,7 @@ def test_training_took_a_long_step(trained):
   """The fixture's run took a short step (8 rows of 32 tokens) and a long one (8 rows of 128:
   the two long examples) and finished; its config records the context and the long rows."""
   work, _ = trained
-  saved = checkpoint.read_config(str(work))
+  saved = workdir.read_config(str(work))
   assert saved["context_length"] == CONTEXT
   assert saved["data"]["long_seq_len"] == 128 and saved["data"]["long_share"] == 0.5
   logged = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]

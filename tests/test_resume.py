@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from safety_align import checkpoint
+from safety_align import workdir as workdir_lib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 16
@@ -41,7 +42,7 @@ def _wait_for_step(proc, workdir, phase, step, timeout=300):
 
 
 def _final_params(workdir):
-  params, meta, phase = checkpoint.latest_params(str(workdir))
+  params, meta, phase = checkpoint.latest_params(str(workdir), workdir_lib.INFERENCE_PHASES)
   assert phase == "sft" and meta["step"] == STEPS
   return jax.tree.map(np.asarray, params)
 

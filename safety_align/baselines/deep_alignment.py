@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from safety_align import checkpoint, sharding, train_lib
+from safety_align import checkpoint, sharding, train_lib, workdir
 from safety_align.api import load
 from safety_align.baselines import common
 from safety_align.data import corpus
@@ -96,7 +96,7 @@ def training_segments(records: Sequence[dict], tok, template, cls_id: int,
 
 def train_config(source: str, section, folder: str) -> ml_collections.ConfigDict:
   """The training run's config: the source's model, one SFT phase without [CLS]."""
-  src = checkpoint.read_config(source)
+  src = workdir.read_config(source)
   data = src.get("data", {})
   seq_len = section.seq_len or data.get("seq_len")
   if not seq_len:
@@ -108,7 +108,7 @@ def train_config(source: str, section, folder: str) -> ml_collections.ConfigDict
       mesh=src.get("mesh", dict(data=-1, fsdp=1, tensor=1)),
       special_tokens=src.get("special_tokens", {}),
       data=dict(source="deep_alignment", data_dir="", seq_len=seq_len, overlong="drop",
-                tokenizer=os.path.join(folder, checkpoint.TOKENIZER_FILE), seed=section.seed,
+                tokenizer=os.path.join(folder, workdir.TOKENIZER_FILE), seed=section.seed,
                 chat_template=src.get("chat_template") or data.get("chat_template", "demo")),
       sft=dict(split="deep_alignment", steps=section.steps, batch_size=section.batch_size,
                cls_weight=0.0, lr=section.lr, schedule="cosine",
@@ -123,7 +123,7 @@ def train(source: str, section, records: Sequence[dict], folder: str, tok) -> No
   """SFT of ``source`` on ``training_segments(records)`` into ``folder`` (resumes there)."""
   config = train_config(source, section, folder)
   train_lib.check_config(config)
-  checkpoint.write_config(folder, config)
+  workdir.write_config(folder, config)
   tok.save(config.data.tokenizer)
   tok.save_special_tokens(os.path.join(folder, "tokenizer_config.json"))
   model_cfg = ModelConfig.from_config(config.model)
@@ -132,8 +132,8 @@ def train(source: str, section, records: Sequence[dict], folder: str, tok) -> No
                         section), config.data.seq_len, "drop", tok)
   pipeline = Pipeline(segments, section.batch_size, config.data.seq_len, section.seed,
                       jax.process_index(), jax.process_count())
-  _, params, _ = checkpoint.load_for_inference(source)
-  params = jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype), params)
+  params = jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype),
+                        workdir.load_for_inference(source).params)
   log = train_lib.MetricsLog(folder)
   try:
     train_lib.run_phase(config, folder, PHASE, pipeline, sharding.make_mesh(dict(config.mesh)),

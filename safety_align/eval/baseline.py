@@ -9,6 +9,7 @@ import os
 import ml_collections
 
 from safety_align import checkpoint
+from safety_align import workdir as workdir_lib
 from safety_align.eval.store import newest_step, require_checkpoint
 
 BASELINE_DIR = "baseline_no_cls"
@@ -17,13 +18,13 @@ BASELINE_DIR = "baseline_no_cls"
 def baseline_config(workdir: str, steps: int = 0) -> ml_collections.ConfigDict:
   """The main run's config turned into the baseline (module doc); ``steps``: its SFT steps
   (0: as the main run's)."""
-  c = ml_collections.ConfigDict(checkpoint.read_config(workdir))
+  c = ml_collections.ConfigDict(workdir_lib.read_config(workdir))
   wd = os.path.abspath(workdir)
   c.use_cls = False
   c.phases = "sft"
   c.init_from = wd
   c.init_phase = "pretrain"
-  c.data.tokenizer = os.path.join(wd, checkpoint.TOKENIZER_FILE)
+  c.data.tokenizer = os.path.join(wd, workdir_lib.TOKENIZER_FILE)
   if c.data.source == "demo" and not c.data.data_dir:
     c.data.data_dir = os.path.join(wd, "tfds")
   if steps:

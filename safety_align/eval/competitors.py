@@ -26,7 +26,8 @@ import json
 import os
 from typing import Callable
 
-from safety_align import baselines, checkpoint
+from safety_align import baselines
+from safety_align import workdir as workdir_lib
 from safety_align.baselines import deep_alignment, safedecoding
 from safety_align.data import corpus, tfds_builders
 from safety_align.eval.lists import names
@@ -91,7 +92,7 @@ def training_records(workdir: str, cfg) -> list[dict]:
   """The baselines' training records (module doc)."""
   if cfg.baselines_data:
     return read_records(cfg.baselines_data)
-  config = checkpoint.read_config(workdir)
+  config = workdir_lib.read_config(workdir)
   data = config.get("data", {})
   source = data.get("source", "demo")
   if source == "demo":
@@ -118,7 +119,7 @@ def build(which, cfg, source: str, records, folder: str, *, gate,
   import safety_align as sa  # pylint: disable=g-import-not-at-top
   # An import directory's [CLS] head is the importer's random init, with the text -> [CLS]
   # gate closed: the source is the plain LM, run without [CLS].
-  plain = dict(uses_cls=False) if checkpoint.serving_phase(source) == "import" else {}
+  plain = dict(uses_cls=False) if workdir_lib.serving_phase(source) == "import" else {}
   model = sa.load(source, gate_defaults=gate, batch_size=cfg.batch_size, **plain)
   if model.has_cls_head:
     raise ValueError(f"The baselines' source {source} has a [CLS] head: give the model "

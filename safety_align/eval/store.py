@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any, Callable
 
-from safety_align import checkpoint
+from safety_align import checkpoint, workdir
 
 
 def key(payload) -> str:
@@ -62,7 +62,7 @@ def newest_step(path: str, phase: str) -> int | None:
 
 def fingerprint(path: str) -> str | None:
   """Which checkpoint ``sa.load(path)`` would load: "path:phase:step:mtime", or None."""
-  for phase in checkpoint.INFERENCE_PHASES:
+  for phase in workdir.INFERENCE_PHASES:
     step = newest_step(path, phase)
     if step is not None:
       mtime = os.path.getmtime(os.path.join(checkpoint.phase_dir(path, phase), str(step)))
@@ -72,14 +72,14 @@ def fingerprint(path: str) -> str | None:
 
 def require_checkpoint(path: str, what: str = "workdir") -> str:
   """``fingerprint(path)``; a clear error if ``path`` holds no loadable checkpoint."""
-  if not os.path.isfile(os.path.join(path, checkpoint.CONFIG_FILE)):
+  if not os.path.isfile(os.path.join(path, workdir.CONFIG_FILE)):
     raise FileNotFoundError(f"{what} {path} is not a safety_align workdir (no "
-                            f"{checkpoint.CONFIG_FILE}): train one with python -m "
+                            f"{workdir.CONFIG_FILE}): train one with python -m "
                             "safety_align.train, or import one with safety_align.convert.")
   fp = fingerprint(path)
   if fp is None:
     raise FileNotFoundError(
         f"{what} {path} has no checkpoint under checkpoints/"
-        f"{{{','.join(checkpoint.INFERENCE_PHASES)}}}: train it first "
+        f"{{{','.join(workdir.INFERENCE_PHASES)}}}: train it first "
         "(python -m safety_align.train --workdir=...).")
   return fp

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import time
 
-from safety_align import calibrate, checkpoint
+from safety_align import calibrate
+from safety_align import workdir as workdir_lib
 from safety_align.eval import baseline as baseline_lib
 from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
@@ -33,7 +34,7 @@ def run(workdir: str, eval_config) -> str:
   judge = make_judge(cfg)
   seed = cfg.data_seed
   if seed < 0:
-    seed = checkpoint.read_config(workdir).get("data", {}).get("seed", 0)
+    seed = workdir_lib.read_config(workdir).get("data", {}).get("seed", 0)
   items, benign, pairs = (data.held_out_files(cfg.held_out_dir) if cfg.held_out_dir
                           else data.held_out(seed))
   model = sa.load(workdir, batch_size=cfg.batch_size,
