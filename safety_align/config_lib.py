@@ -1,12 +1,14 @@
 """Helpers the ``configs/*.py`` files share (they are loaded by path, so they import this).
 
 ``phase_config`` builds one training phase; ``sibling_config`` loads another config file of
-the same folder; ``check_variant`` rejects a ``get_config(arg)`` variant a file lacks.
+the same folder; ``check_variant`` rejects a ``get_config(arg)`` variant a file lacks;
+``names``, ``floats`` and ``ints`` read the comma-separated list fields of the configs.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from typing import Sequence
 
@@ -66,3 +68,22 @@ def sibling_config(config_file: str, name: str, arg: str | None = None
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def names(s: str) -> list[str]:
+  """The items of a comma-separated list field, stripped, empty ones dropped."""
+  return [x.strip() for x in str(s).split(",") if x.strip()]
+
+
+def floats(s: str) -> list[float]:
+  """``"0.1,0.5"`` or ``"start:stop:step"`` (stop included)."""
+  s = str(s).strip()
+  if ":" in s:
+    start, stop, step = (float(x) for x in s.split(":"))
+    n = int(math.floor((stop - start) / step + 1e-6)) + 1
+    return [round(start + i * step, 6) for i in range(n)]
+  return [float(x) for x in names(s)]
+
+
+def ints(s: str) -> list[int]:
+  return [int(x) for x in names(s)]

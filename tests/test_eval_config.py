@@ -5,8 +5,9 @@ import os
 
 import pytest
 
+from safety_align import config_lib
 from safety_align.attacks import decoding, templates
-from safety_align.eval import baseline, lists, registry
+from safety_align.eval import baseline, registry
 from safety_align.eval import config as eval_config
 from safety_align.eval import workdir as workdir_lib
 
@@ -37,7 +38,7 @@ def test_bad_schedule_and_judge_are_errors():
 
 def test_default_sweep_and_ranges():
   cfg = eval_config.load("default")
-  assert lists.floats(cfg.decoding.temperatures) == [round(0.05 * i, 2)
+  assert config_lib.floats(cfg.decoding.temperatures) == [round(0.05 * i, 2)
                                                           for i in range(1, 21)]
   attack = registry.build_attack("decoding", cfg)
   assert len(attack.settings) == 20 + 20 + 9 and attack.reduce == "any"
@@ -160,7 +161,7 @@ def test_lazy_attacks_registry(tmp_path, monkeypatch):
   monkeypatch.setitem(registry.LAZY, "finetune", ("fake_attack_mod", "Fake"))
   assert "finetune" in registry.available() and "embedding" not in registry.available()
   default = eval_config.load("default")
-  assert "finetune" in lists.names(default.attacks) and default.finetune.steps == 20
+  assert "finetune" in config_lib.names(default.attacks) and default.finetune.steps == 20
   quick = eval_config.load("quick")
   assert registry.build_attack("finetune", quick).steps == 2
   del quick.finetune

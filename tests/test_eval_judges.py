@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from safety_align import stats
 from safety_align.attacks import base, judges
 from safety_align.attacks.base import AttackedGeneration, Item
 from safety_align.attacks.direct import DirectAttack
@@ -100,18 +101,18 @@ def test_success_is_harm_anywhere_in_the_models_text():
   assert entry["refused_gate_on"] == pytest.approx(4 / 6)
   assert entry["refused_gate_off"] == pytest.approx(1 / 6)
   lo, hi = entry["asr_gate_on_ci"]
-  assert lo < 2 / 6 < hi and entry["asr_gate_on_ci"] == metrics.wilson(2 / 6, 6)
+  assert lo < 2 / 6 < hi and entry["asr_gate_on_ci"] == stats.wilson(2 / 6, 6)
   # Item 0's harm came before an insertion after 3 tokens: below judge.leak_min_tokens, and a
   # harm judge counts harm anywhere anyway; leaks are reported beside.
   assert entry["leak_gate_on"] == 0.0 and entry["leak_by_gate"]["off"] == 0.0
 
 
 def test_wilson_interval():
-  lo, hi = metrics.wilson(0.5, 100)
+  lo, hi = stats.wilson(0.5, 100)
   assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
-  assert metrics.wilson(0.0, 10)[0] == 0.0 and 0.25 < metrics.wilson(0.0, 10)[1] < 0.35
-  assert metrics.wilson(1.0, 10)[1] == pytest.approx(1.0)
-  assert metrics.wilson(0.5, 0) is None and metrics.wilson(float("nan"), 4) is None
+  assert stats.wilson(0.0, 10)[0] == 0.0 and 0.25 < stats.wilson(0.0, 10)[1] < 0.35
+  assert stats.wilson(1.0, 10)[1] == pytest.approx(1.0)
+  assert stats.wilson(0.5, 0) is None and stats.wilson(float("nan"), 4) is None
 
 
 def test_asr_any_vs_mean():
@@ -163,10 +164,10 @@ def test_model_judge_adapter():
 
 
 def test_classifier_metrics():
-  m = metrics.classifier_metrics(np.array([0.9, 0.8, 0.3, 0.1]), np.array([1, 0, 1, 0]), 0.5)
+  m = stats.classifier_metrics(np.array([0.9, 0.8, 0.3, 0.1]), np.array([1, 0, 1, 0]), 0.5)
   assert m["auroc"] == pytest.approx(0.75) and m["accuracy"] == 0.5 and m["f1"] == 0.5
   assert (m["n"], m["n_malicious"], m["n_benign"]) == (4, 2, 2)
-  assert m["accuracy_ci"] == metrics.wilson(0.5, 4)
+  assert m["accuracy_ci"] == stats.wilson(0.5, 4)
 
 
 def test_gcg_target_is_the_opening_up_to_the_first_marker():

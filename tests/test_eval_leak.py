@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 
+from safety_align import stats
 from safety_align.api import Generation
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF, Item, RunSettings, generate_records
@@ -150,7 +151,7 @@ def test_leak_shares_and_where_refusals_came():
   assert entry["leak_gate_on_k8"] == pytest.approx(2 / 4)
   assert entry["leak_gate_on_k32"] == pytest.approx(1 / 4)
   assert entry["leak_by_gate"][GATE_OFF] == 0.0
-  assert entry["leak_gate_on_ci"] == metrics.wilson(1 / 4, 4)
+  assert entry["leak_gate_on_ci"] == stats.wilson(1 / 4, 4)
   # ASR gate on: "none" (not refused) and the one leak; gate off: all but none refused.
   assert entry["asr_gate_on"] == pytest.approx(2 / 4)
   steps = entry["refusal_steps_gate_on"]

@@ -42,14 +42,14 @@ from safety_align import sharding
 from safety_align.api import SafetyModel
 from safety_align.attacks import base
 from safety_align.attacks.base import Attack, asr, duration, remaining
+from safety_align.config_lib import names
 from safety_align.data import corpus
 from safety_align.data.packing import build_segment, without_cls
 from safety_align.data.pipeline import Pipeline
 from safety_align.eval import competitors
 from safety_align.eval import data as eval_data
-from safety_align.eval import metrics as eval_metrics
 from safety_align.eval import registry
-from safety_align.eval.lists import names
+from safety_align.stats import classifier_metrics
 from safety_align.trainer import Trainer
 
 DATA = ("harmful_demo", "benign")
@@ -171,7 +171,7 @@ class FinetuneAttack(Attack):
     out = {}
     for when, m in (("before", model), ("after", tuned)):
       probs = m.classify(prompts)
-      c = eval_metrics.classifier_metrics(probs, labels, theta)
+      c = classifier_metrics(probs, labels, theta)
       out[when] = dict(auroc=c["auroc"], accuracy=c["accuracy"],
                        mean_p_malicious_items=float(np.mean(probs[:len(items)])),
                        fires_on_items=float(np.mean(probs[:len(items)] > theta)))

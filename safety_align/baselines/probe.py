@@ -34,6 +34,7 @@ import numpy as np
 from safety_align.baselines import common
 from safety_align.data import corpus
 from safety_align.masks import Role
+from safety_align.stats import auroc
 
 ACTIONS = ("refuse", "halt")
 READS = ("newest", "header")
@@ -135,8 +136,6 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float, iters: int = 100):
 def train_probe(states: np.ndarray, labels: np.ndarray, *, l2: float, val_fraction: float,
                 seed: int) -> Probe:
   """The probe of ``states`` [L, N, D] (prompt-end states) and ``labels`` [N] (module doc)."""
-  # Imported here: the evaluation, which eval/__init__ loads, imports the baselines.
-  from safety_align.eval.metrics import auroc  # pylint: disable=g-import-not-at-top
   labels = np.asarray(labels)
   if not 0 < val_fraction < 1:
     raise ValueError(f"probe.val_fraction must be in (0, 1), got {val_fraction}.")

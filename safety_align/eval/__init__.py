@@ -13,7 +13,6 @@ from safety_align.eval.baseline import baseline_config
 from safety_align.eval.config import gate_config, gates_for, load, validate
 from safety_align.eval.data import held_out, held_out_files
 from safety_align.eval.judging import Judge, make_judge
-from safety_align.eval.metrics import classifier_metrics, wilson
 from safety_align.eval.registry import ATTACK_NAMES, KNOWN, build_attack, build_attacks
 from safety_align.eval.report import write_outputs
 from safety_align.eval.runner import evaluate_defence, evaluate_model
@@ -21,6 +20,6 @@ from safety_align.eval.store import ResultStore
 from safety_align.eval.workdir import EVAL_DIR, run
 
 __all__ = ["ATTACK_NAMES", "EVAL_DIR", "KNOWN", "Judge", "ResultStore", "baseline_config",
-           "build_attack", "build_attacks", "classifier_metrics", "evaluate_defence",
+           "build_attack", "build_attacks", "evaluate_defence",
            "evaluate_model", "gate_config", "gates_for", "held_out", "held_out_files", "load",
-           "make_judge", "run", "validate", "wilson", "write_outputs"]
+           "make_judge", "run", "validate", "write_outputs"]

@@ -43,7 +43,8 @@ import numpy as np
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF
 from safety_align.data import package_data
-from safety_align.eval.metrics import wilson
+from safety_align.defence import Defence
+from safety_align.stats import wilson
 
 MC_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "boolq", "sciq", "openbookqa",
             "winogrande", "csqa", "socialiqa")
@@ -195,7 +196,7 @@ def read_questions(path: str, n: int = 0) -> list[dict]:
   return [questions[i] for i in subset(len(questions), n)]
 
 
-def mc_choices(model, questions: Sequence[dict], *, chat: bool,
+def mc_choices(model: Defence, questions: Sequence[dict], *, chat: bool,
                batch_size: int | None = None) -> dict:
   """Per question, the choice ``acc`` and ``acc_norm`` pick (module doc):
   ``{"acc": [...], "acc_norm": [...]}`` of 0/1, from one ``model.score`` over every request."""
@@ -326,7 +327,7 @@ def plan(suite, prefix: str) -> None:
     suite.progress.plan(prefix + "ifbench", (b.n_ifbench or 294) * b.max_new_tokens)
 
 
-def evaluate(model, suite, *, model_id: str, prefix: str, gated: bool) -> dict:
+def evaluate(model: Defence, suite, *, model_id: str, prefix: str, gated: bool) -> dict:
   """``{"utility_benchmarks": {task: {"acc", "acc_norm", "n"}, "mc_average": {"acc",
   "acc_norm"}, "ifbench": {...}}, "benign_everyday": {...}}`` of one model (module doc; {}
   when the config runs none). ``gated``: IFBench answers with the defence on (``gate_on``),

@@ -29,8 +29,8 @@ from typing import Callable
 from safety_align import baselines
 from safety_align import workdir as workdir_lib
 from safety_align.baselines import deep_alignment, safedecoding
+from safety_align.config_lib import names
 from safety_align.data import corpus, tfds_builders
-from safety_align.eval.lists import names
 from safety_align.eval.store import fingerprint, key, require_checkpoint
 
 NAMES = tuple(baselines.BUILDERS)  # also the results table's order

@@ -10,9 +10,9 @@ import ml_collections
 
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF
+from safety_align.config_lib import names
 from safety_align.decode import SCHEDULES, GateConfig
 from safety_align.eval import benchmarks, competitors, registry
-from safety_align.eval.lists import names
 
 GATED = tuple(s for s in SCHEDULES if s != GATE_OFF)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(

@@ -21,7 +21,7 @@ from safety_align.attacks.direct import DirectAttack
 from safety_align.attacks.gcg_attack import GCGAttack
 from safety_align.attacks.prefill import PrefillAttack, TargetPrefillAttack
 from safety_align.attacks.templates import TemplateAttack, load_templates
-from safety_align.eval.lists import floats, ints, names
+from safety_align.config_lib import floats, ints, names
 
 ATTACK_NAMES = ("direct", "prefill_5", "prefill_10", "prefill_20", "prefill_40",
                 "prefill_deep", "decoding", "gcg", "gcg_adaptive", "templates")

@@ -10,10 +10,10 @@ import os
 import numpy as np
 
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration
+from safety_align.config_lib import names
 from safety_align.eval import tradeoff
 from safety_align.eval.competitors import SKIPPED
-from safety_align.eval.lists import names
-from safety_align.eval.metrics import wilson
+from safety_align.stats import wilson
 
 
 def clean(x):

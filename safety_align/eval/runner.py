@@ -22,14 +22,16 @@ import numpy as np
 from safety_align.attacks import base
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSettings
 from safety_align.attacks.direct import DirectAttack
+from safety_align.config_lib import names
+from safety_align.defence import Defence
 from safety_align.eval import competitors, tradeoff
 from safety_align.eval import config as config_lib
 from safety_align.eval import benchmarks, metrics, registry, report, utility
 from safety_align.eval.judging import Judge, make_judge
-from safety_align.eval.lists import names
 from safety_align.eval.progress import Progress, attack_cost
 from safety_align.eval.store import ResultStore, key
 from safety_align.eval.timing import timing
+from safety_align.stats import classifier_metrics
 
 STORE_DIR = "cache"
 
@@ -132,7 +134,7 @@ def overhead_gates(cfg, schedules: bool = True) -> list[str]:
   return names(cfg.overhead.schedules) if schedules else [cfg.gate_on]
 
 
-def has_classifier(model) -> bool:
+def has_classifier(model: Defence) -> bool:
   """Whether ``model.classify`` works: a [CLS] head, or a baseline's own classifier."""
   return bool(getattr(model, "has_classifier", model.has_cls_head))
 
@@ -156,7 +158,7 @@ def attack_payload(common: dict, attack: base.Attack, gates: Sequence[str],
   return payload
 
 
-def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
+def evaluate_defence(model: Defence, suite: Suite, *, model_id: str, prefix: str = "",
                      attacks: Sequence[base.Attack] | None = None, gated: bool | None = None,
                      main_records: dict[str, list[AttackedGeneration]] | None = None,
                      overhead: bool | None = None, schedules: bool = True) -> tuple[dict, dict]:
@@ -222,7 +224,7 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
     prompts = [p["prompt"] for p in suite.pairs]
     probs = suite.step(prefix + "classifier", dict(model=model_id, prompts=prompts),
                        lambda: model.classify(prompts).tolist())
-    out["classifier"] = metrics.classifier_metrics(
+    out["classifier"] = classifier_metrics(
         np.array(probs), np.array([p["label"] for p in suite.pairs]), cfg.gate.threshold)
     if suite.groups.get("classifier"):
       out["classifier"].update(metrics.classifier_by_group(
@@ -254,7 +256,7 @@ def evaluate_defence(model, suite: Suite, *, model_id: str, prefix: str = "",
   return out, records
 
 
-def evaluate_model(model, cfg, out_dir: str, *, model_id: str, items: Sequence[Item],
+def evaluate_model(model: Defence, cfg, out_dir: str, *, model_id: str, items: Sequence[Item],
                    benign: Sequence[str], all_pairs: Sequence[dict] = (), baseline=None,
                    baseline_id: str = "",
                    defences: Mapping[str, tuple[Any, str]] | None = None,
