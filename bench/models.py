@@ -17,9 +17,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from safety_align import convert, hf_weights
 from safety_align import workdir as workdir_lib
-from safety_align.model import ModelConfig, init_params
+from safety_align.formats import hf_weights
+from safety_align.model import ModelConfig, init_params, plain_forward
 
 DEMO_WORKDIR = "runs/tiny"
 SMOLLM2_WORKDIR = "runs/smollm2"  # make demo-real's; its source model in ``import/``
@@ -140,10 +140,10 @@ def to_hf(cfg: ModelConfig, params, *, torch_device: str = "cpu"):
   config = transformers.AutoConfig.for_model(**{k: v for k, v in hf_cfg.items()
                                                 if k != "model_type"} | {"model_type": family})
   model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-  flat = {k: np.asarray(v) for k, v in convert._flatten(params).items()}  # pylint: disable=protected-access
+  flat = {k: np.asarray(v) for k, v in hf_weights.flatten(params).items()}
   state = {}
   for e in hf_weights.entries(hf_weights.FAMILIES[family], cfg):
-    x = e.transform.to_hf(convert._slot(flat, e, cfg.scan_layers))  # pylint: disable=protected-access
+    x = e.transform.to_hf(hf_weights.slot(flat, e, cfg.scan_layers))
     state[e.hf] = torch.from_numpy(np.ascontiguousarray(x.astype(np.float32)))
   missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
   missing = [m for m in missing if not (cfg.tie_embeddings and m == "lm_head.weight")]
@@ -159,7 +159,7 @@ def check_logits(cfg: ModelConfig, params, hf_model, seq_len: int = 16) -> float
   """Max |ours - HF| of plain LM logits on random tokens, relative to the logits' scale."""
   import torch  # pylint: disable=g-import-not-at-top
   ids = np.random.default_rng(0).integers(3, cfg.vocab_size, (2, seq_len)).astype(np.int32)
-  ours = convert.plain_lm_logits(cfg, params, ids)
+  ours = np.asarray(plain_forward(cfg, params, ids)[0], np.float32)
   with torch.no_grad():
     theirs = hf_model(torch.from_numpy(ids.astype(np.int64)).to(hf_model.device)
                       ).logits.float().cpu().numpy()

@@ -15,7 +15,9 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 import tokenizers  # noqa: E402
 from tokenizers import models, pre_tokenizers, trainers  # noqa: E402
 
-from safety_align import convert  # noqa: E402
+import safety_align as sa  # noqa: E402
+from safety_align import convert, workdir  # noqa: E402
+from safety_align.formats.source import CLS_FILE  # noqa: E402
 from safety_align.tools import check_parity  # noqa: E402
 
 VOCAB = 64
@@ -73,24 +75,24 @@ def test_round_trip(case, tmp_path):
   ref = hf_logits(make_hf(case, hf_dir), TOKENS)
 
   cfg = convert.import_hf(hf_dir, scan_dir)
-  _, params, meta = convert.load_converted(scan_dir)
-  ours = convert.plain_lm_logits(cfg, params, TOKENS)
+  params, meta = workdir.load_for_inference(scan_dir).params, workdir.read_config(scan_dir)
+  ours = sa.load(scan_dir).lm_logits(TOKENS)
   err = np.abs(ours - ref).max()
   assert err <= 1e-4 * np.abs(ref).max(), (case, err, np.abs(ref).max())
   assert meta["special_tokens"]["bos_id"] == 1 and meta["special_tokens"]["cls_id"] == VOCAB
   assert meta["family"] == case.split("_")[0]
 
-  flat_cfg = convert.import_hf(hf_dir, flat_dir, scan_layers=False)
-  _, flat_params, _ = convert.load_converted(flat_dir)
-  assert "layer_1" in flat_params and "layers" not in flat_params
-  np.testing.assert_allclose(convert.plain_lm_logits(flat_cfg, flat_params, TOKENS), ours,
+  convert.import_hf(hf_dir, flat_dir, scan_layers=False)
+  flat = sa.load(flat_dir)
+  assert "layer_1" in flat.params and "layers" not in flat.params
+  np.testing.assert_allclose(flat.lm_logits(TOKENS), ours,
                              atol=1e-5 * np.abs(ref).max())
 
   convert.export_hf(scan_dir, out)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
   assert type(reloaded).__name__ == meta["hf_config"]["architectures"][0]
   np.testing.assert_allclose(hf_logits(reloaded, TOKENS), ref, atol=1e-5 * np.abs(ref).max())
-  cls = load_file(os.path.join(out, convert.CLS_FILE))
+  cls = load_file(os.path.join(out, CLS_FILE))
   np.testing.assert_array_equal(cls["cls_embed"], np.asarray(params["cls_embed"]))
   assert cls["cls_head.kernel"].shape == (cfg.d_model, 2)
 
@@ -99,7 +101,8 @@ def test_cls_init_and_reimport_of_export(tmp_path):
   hf_dir, a, out, b = (str(tmp_path / n) for n in ("hf", "a", "out", "b"))
   make_hf("llama_gqa", hf_dir)
   convert.import_hf(hf_dir, a, dtype="bfloat16")
-  cfg, params, _ = convert.load_converted(a)
+  loaded = workdir.load_for_inference(a)
+  cfg, params = loaded.model_config, loaded.params
   assert cfg.param_dtype == "bfloat16" and params["embed"].dtype == np.dtype("bfloat16")
   n_text = tokenizers.Tokenizer.from_file(os.path.join(a, "tokenizer.json")).get_vocab_size()
   embed = np.asarray(params["embed"], np.float32)[:n_text]  # rows the tokenizer can produce
@@ -112,7 +115,7 @@ def test_cls_init_and_reimport_of_export(tmp_path):
   convert.export_hf(a, out, max_shard_bytes=4096)  # sharded, with an index
   assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
   convert.import_hf(out, b)  # reads every shard; restores the CLS parameters beside them
-  _, params_b, _ = convert.load_converted(b)
+  params_b = workdir.load_for_inference(b).params
   np.testing.assert_array_equal(np.asarray(params_b["cls_embed"], np.float32), cls_embed)
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(params_b)):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
@@ -191,11 +194,10 @@ def test_missing_tensor(llama_dir, tmp_path):
     convert.import_hf(src, str(tmp_path / "out"))
 
 
-def test_plain_lm_logits_rejects_cls(llama_dir, tmp_path):
+def test_lm_logits_rejects_cls(llama_dir, tmp_path):
   cfg = convert.import_hf(llama_dir, str(tmp_path / "a"))
-  _, params, _ = convert.load_converted(str(tmp_path / "a"))
-  with pytest.raises(ValueError, match=r"token ids must lie in \[0, 64\)"):
-    convert.plain_lm_logits(cfg, params, np.full((1, 3), cfg.cls_id))
+  with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\)"):
+    sa.load(str(tmp_path / "a")).lm_logits(np.full((1, 3), cfg.cls_id))
 
 
 def test_check_parity(llama_dir, tmp_path):
@@ -228,12 +230,12 @@ def test_import_generates_as_its_source_until_the_cls_gate_opens(llama_dir, tmp_
     assert tokens == ref[:len(tokens)]
     assert len(tokens) == 12 or ref[len(tokens)] == model.tokenizer.eos_id  # stopped at EOS
   convert.export_hf(a, out)
-  cls = load_file(os.path.join(out, convert.CLS_FILE))
+  cls = load_file(os.path.join(out, CLS_FILE))
   assert cls["cls_gate"].shape == (cfg.n_layers, cfg.n_heads) and not cls["cls_gate"].any()
   cls["cls_gate"] = np.full_like(cls["cls_gate"], 0.5)
-  save_file(cls, os.path.join(out, convert.CLS_FILE))
+  save_file(cls, os.path.join(out, CLS_FILE))
   convert.import_hf(out, b)
-  _, params, _ = convert.load_converted(b)
+  params = workdir.load_for_inference(b).params
   np.testing.assert_array_equal(np.asarray(params["layers"]["attn"]["cls_gate"]), 0.5)
   opened = [g.tokens for g in sa.load(b).generate(prompts, max_new_tokens=12, gate="off")]
   assert opened != ours  # response tokens now read [CLS]

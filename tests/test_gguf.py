@@ -19,7 +19,7 @@ from tokenizers import pre_tokenizers, trainers  # noqa: E402
 
 import safety_align as sa  # noqa: E402
 from safety_align import convert  # noqa: E402
-from safety_align import gguf_import  # noqa: E402
+from safety_align.formats import gguf_file  # noqa: E402
 from safety_align.data.tokenizer import Tokenizer  # noqa: E402
 from safety_align.tools import check_parity  # noqa: E402
 
@@ -203,19 +203,19 @@ def test_dequantize_matches_gguf(tmp_path):
   w.close()
   tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
   for q, data in raw.items():
-    ours = gguf_import.dequantize(tensors[f"t.{q.name}"])
+    ours = gguf_file.dequantize(tensors[f"t.{q.name}"])
     assert ours.shape == (3, 512) and ours.dtype == np.float32, q
     np.testing.assert_array_equal(ours, gguf.quants.dequantize(data, q), err_msg=q.name)
     if q in QUANTIZABLE:  # and it is the tensor that was quantized
       assert np.abs(ours - x).max() < 0.25 * np.abs(x).max(), q
   with pytest.raises(ValueError, match=r"t.I8 is I8, which the installed gguf package cannot"):
-    gguf_import.dequantize(tensors["t.I8"])
+    gguf_file.dequantize(tensors["t.I8"])
 
 
 def test_unpermute_inverts_llama_cpp_permute():
   w = np.random.default_rng(0).normal(size=(6 * 8, 5))
-  np.testing.assert_array_equal(gguf_import.unpermute(permute(w, 6, 6), 6), w)
-  np.testing.assert_array_equal(gguf_import.unpermute(permute(w, 12, 6), 6), w)  # GQA k
+  np.testing.assert_array_equal(gguf_file.unpermute(permute(w, 6, 6), 6), w)
+  np.testing.assert_array_equal(gguf_file.unpermute(permute(w, 12, 6), 6), w)  # GQA k
   assert not np.array_equal(permute(w, 6, 6), w)
 
 
@@ -228,8 +228,7 @@ def test_logits_match_hf_and_transformers_gguf(tmp_path, qtype, tie):
   cfg = convert.import_gguf(path, out)
   assert cfg.tie_embeddings == tie and cfg.n_kv_heads == 2
   assert cfg.vocab_size == len(byte_level_vocab()[0])
-  _, params, _ = convert.load_converted(out)
-  ours = convert.plain_lm_logits(cfg, params, TOKENS)
+  ours = sa.load(out).lm_logits(TOKENS)
   hf_gguf = transformers.AutoModelForCausalLM.from_pretrained(
       str(tmp_path), gguf_file=os.path.basename(path), dtype=torch.float32)
   theirs = logits_of(hf_gguf, TOKENS)

@@ -36,7 +36,7 @@ import numpy as np
 import tokenizers
 
 import safety_align as sa
-from safety_align import convert
+from safety_align import convert, workdir
 
 FLAGS = flags.FLAGS
 CHAT_PROMPTS = ("What is the capital of France?", "Write a haiku about the sea.",
@@ -96,14 +96,14 @@ def _hf_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 def logits_metrics(hf_model, converted: str, prompt: str) -> dict[str, float]:
   """Logits metrics of ``converted`` against ``hf_model`` on ``prompt``."""
-  cfg, params, meta = convert.load_converted(converted)
+  meta = workdir.read_config(converted)
   ids = tokenizers.Tokenizer.from_file(os.path.join(converted, "tokenizer.json")).encode(prompt).ids
   bos = meta["special_tokens"]["bos_id"]
   if bos is not None and ids[:1] != [bos]:
     ids = [bos] + ids
   tokens = np.asarray([ids])
   with jax.default_matmul_precision("float32"):
-    ours = convert.plain_lm_logits(cfg, params, tokens)
+    ours = sa.load(converted, uses_cls=False).lm_logits(tokens)
   return dict(tokens=len(ids), **compare(_hf_logits(hf_model, tokens), ours))
 
 

@@ -9,15 +9,17 @@ our [D, H, Dh] kernels, so q/k map by a transpose and a reshape.
 
 ``model_config_from_hf`` / ``hf_config_from_model`` translate ``config.json`` and reject what the
 model cannot represent (scaled RoPE, biases other than Qwen2's q/k/v, non-SiLU MLPs) before any
-tensor is read.
+tensor is read. ``flatten`` / ``slot`` address our side of an :class:`Entry` (the importer
+writes through them, the exporter reads).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable
 
 from absl import logging
+import jax.numpy as jnp
 import numpy as np
 
 from safety_align.model import ModelConfig
@@ -94,6 +96,9 @@ FAMILIES = {
 }
 # HF tensors that carry no weights of their own (old checkpoints store RoPE tables).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Stored parameter dtypes an import or export may write (``--dtype``).
+NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jnp.bfloat16),
+             "float16": np.dtype(np.float16)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,3 +204,41 @@ def hf_config_from_model(cfg: ModelConfig, family: str, base: dict | None = None
   if family != "qwen2":
     out.update(attention_bias=False, mlp_bias=False)
   return out
+
+
+# --- our side: the flat parameter dict the tables index ------------------------------------------
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  """A nested parameter dict as ``{"a/b/c": leaf}``."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten(value, f"{prefix}{key}/"))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+  """Inverse of :func:`flatten`."""
+  tree: dict = {}
+  for path, value in flat.items():
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def slot(flat: dict[str, np.ndarray], e: Entry, scan_layers: bool) -> np.ndarray:
+  """Our array for ``e``: the parameter, or (scanned layout) its layer's slice, as a view."""
+  if not scan_layers:
+    return flat[e.path]
+  return flat[e.scan_path()] if e.layer is None else flat[e.scan_path()][e.layer]
+
+
+def gate_slot(flat: dict[str, np.ndarray], layer: int, scan_layers: bool) -> np.ndarray:
+  """Layer ``layer``'s text -> [CLS] attention gate [H] (a view)."""
+  return (flat["layers/attn/cls_gate"][layer] if scan_layers
+          else flat[f"layer_{layer}/attn/cls_gate"])

@@ -1,6 +1,6 @@
 """llama.cpp GGUF files -> HF-named float tensors, an HF ``config.json`` dict and a tokenizer.
 
-``convert.import_gguf`` writes what :class:`GGUFFile` reads through the writer ``import_hf``
+``importer.import_gguf`` writes what :class:`GGUFFile` reads through the writer ``import_hf``
 uses. Everything is read with llama.cpp's own ``gguf`` package: the metadata and the tensor
 headers first (memory-mapped; nothing is dequantized until ``tensors`` is iterated), then each
 tensor through ``gguf.quants.dequantize`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, the
@@ -15,12 +15,8 @@ Mistral, SmolLM, TinyLlama, ...):
 * q/k rows: permuted per head from HF's half-split RoPE layout to llama.cpp's adjacent pairs
   (``permute``); :func:`unpermute` is its exact inverse.
 
-Tokenizer (``tokenizer.json`` for ``tokenizers``): ``tokenizer.ggml.model == "gpt2"`` is a
-byte-level BPE of ``tokenizer.ggml.tokens`` + ``.merges``, split first by the regexes llama.cpp
-uses for ``tokenizer.ggml.pre``; ``"llama"`` is a SentencePiece BPE with byte fallback, merges
-recovered from ``.scores`` (as transformers does). Control tokens become special added tokens,
-user-defined ones plain added tokens; ``add_bos_token`` / ``add_eos_token`` become a
-post-processor. The chat template is ``tokenizer.chat_template`` (Jinja text).
+The tokenizer is built from the metadata by ``gguf_tokenizer``; the chat template is
+``tokenizer.chat_template`` (Jinja text).
 """
 
 from __future__ import annotations
@@ -34,7 +30,8 @@ from absl import logging
 import gguf
 import numpy as np
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, processors
+
+from safety_align.formats import gguf_tokenizer
 
 ARCHITECTURES = ("llama",)
 # GGUF -> HF tensor names; "{i}" is the layer.
@@ -55,31 +52,6 @@ LAYER_NAMES = {
     "ffn_down.weight": "mlp.down_proj.weight",
 }
 _LAYER = re.compile(r"blk\.(\d+)\.(.+)")
-
-# llama.cpp token types (tokenizer.ggml.token_type).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-# Pre-tokenizer regexes by tokenizer.ggml.pre, applied in order as llama.cpp's
-# llama-vocab.cpp does (each splits the pieces of the previous one, keeping all text).
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_PRE_GROUPS = (
-    (("gpt-2", "gpt2", "mpt", "olmo", "jais"), (_GPT2,)),
-    (("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"),
-     (r"\p{N}", _GPT2)),
-    (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"),
-     (_LLAMA3,)),
-    (("qwen2", "stablelm2", "deepseek-r1-qwen"), (_QWEN2,)),
-    # llama.cpp's fallback for a BPE vocabulary that names no pre-tokenizer.
-    (("default",), (r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
-)
-PRE_TOKENIZERS = {name: regexes for names, regexes in _PRE_GROUPS for name in names}
-# llama.cpp takes a whole pre-token that is in the vocabulary before merging (Llama-3 style).
-_IGNORE_MERGES = frozenset(_PRE_GROUPS[2][0])
-
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
   """Inverse of llama.cpp's q/k ``permute``: [n_head * Dh, D] adjacent-pair rows -> HF's
@@ -112,7 +84,11 @@ def dequantize(tensor: gguf.ReaderTensor) -> np.ndarray:
 
 
 class GGUFFile:
-  """One GGUF file: metadata, HF config, tokenizer and tensors, read on demand."""
+  """One GGUF file as a :class:`~safety_align.formats.source.Source`: metadata, HF config,
+  tokenizer and tensors, read on demand."""
+
+  files: tuple[str, ...] = ()  # nothing to copy: the tokenizer is built from the metadata
+  cls = None                   # a GGUF file carries no [CLS] parameters
 
   def __init__(self, path: str):
     if not os.path.isfile(path):
@@ -214,18 +190,10 @@ class GGUFFile:
         eos.append(int(i))
     return dict(bos_id=get("bos"), eos_ids=eos, pad_id=get("padding"))
 
-  @functools.cached_property
-  def _add_special(self) -> tuple[bool, bool]:
-    """(add BOS, add EOS) when encoding, with llama.cpp's defaults for files that omit them."""
-    model = self.meta.get("tokenizer.ggml.model")
-    bos_default = model == "llama" or self.meta.get("tokenizer.ggml.pre") in _IGNORE_MERGES
-    return (bool(self.meta.get("tokenizer.ggml.add_bos_token", bos_default)),
-            bool(self.meta.get("tokenizer.ggml.add_eos_token", False)))
-
   @property
   def tokenizer_config(self) -> dict:
     """The ``tokenizer_config.json`` entries besides the special-token strings."""
-    add_bos, add_eos = self._add_special
+    add_bos, add_eos = gguf_tokenizer.add_special(self.meta)
     out = dict(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=add_bos,
                add_eos_token=add_eos, model_max_length=self.hf_config["max_position_embeddings"])
     if self.chat_template:
@@ -233,110 +201,6 @@ class GGUFFile:
     return out
 
   def tokenizer(self, vocab_size: int) -> tokenizers.Tokenizer:
-    """The ``tokenizers`` tokenizer the metadata describes; raises if it has ids past
-    ``vocab_size`` (the embedding rows)."""
-    tokens = self.meta.get("tokenizer.ggml.tokens")
-    if not tokens:
-      raise ValueError(f"{self.path} has no tokenizer.ggml.tokens: it carries no tokenizer.")
-    if len(tokens) > vocab_size:
-      raise ValueError(f"{self.path} has {len(tokens)} tokens but token_embd.weight only "
-                       f"{vocab_size} rows: the file is inconsistent.")
-    types = self.meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    kind = self.meta.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-      tok = self._byte_level(tokens)
-    elif kind == "llama":
-      tok = self._sentencepiece(tokens, types)
-    else:
-      raise ValueError(f"{self.path}: tokenizer.ggml.model={kind!r} is not supported; "
-                       "supported: 'gpt2' (byte-level BPE) and 'llama' (SentencePiece BPE).")
-    added = {i: tokenizers.AddedToken(t, special=ty == CONTROL, normalized=False)
-             for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (CONTROL, USER_DEFINED)}
-    tok.add_special_tokens([t for t in added.values() if t.special])
-    tok.add_tokens([t for t in added.values() if not t.special])
-    moved = [(t.content, i, tok.token_to_id(t.content)) for i, t in added.items()
-             if tok.token_to_id(t.content) != i]
-    if moved:
-      raise ValueError(f"{self.path}: added tokens landed on other ids than the file's, e.g. "
-                       f"{moved[:3]} (token, file id, id): duplicate token strings?")
-    self._set_post_processor(tok, tokens)
-    return tok
-
-  def _byte_level(self, tokens: list[str]) -> tokenizers.Tokenizer:
-    merges = self.meta.get("tokenizer.ggml.merges")
-    if not merges:
-      raise ValueError(f"{self.path}: a 'gpt2' tokenizer needs tokenizer.ggml.merges, which is "
-                       "missing.")
-    pre = self.meta.get("tokenizer.ggml.pre") or "default"
-    if pre not in PRE_TOKENIZERS:
-      raise ValueError(f"{self.path}: tokenizer.ggml.pre={pre!r} is not supported; supported: "
-                       f"{sorted(PRE_TOKENIZERS)}.")
-    if pre == "default":
-      logging.warning("%s names no pre-tokenizer (tokenizer.ggml.pre): splitting as llama.cpp "
-                      "does then, which may not match the model's own tokenizer.", self.path)
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = tokenizers.Tokenizer(models.BPE(
-        vocab, [tuple(m.split(" ", 1)) for m in merges], ignore_merges=pre in _IGNORE_MERGES))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated")
-         for r in PRE_TOKENIZERS[pre]]
-        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.decoder = decoders.ByteLevel()
-    return tok
-
-  def _sentencepiece(self, tokens: list[str], types: list[int]) -> tokenizers.Tokenizer:
-    scores = self.meta.get("tokenizer.ggml.scores")
-    if not scores:
-      raise ValueError(f"{self.path}: a 'llama' (SentencePiece) tokenizer needs "
-                       "tokenizer.ggml.scores, which is missing.")
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = self.meta.get("tokenizer.ggml.merges")
-    if merges:
-      merges = [tuple(m.split(" ", 1)) for m in merges]
-    else:
-      merges = _merges_from_scores(tokens, types, scores)
-    unk = next((t for t, ty in zip(tokens, types) if ty == UNKNOWN), None)
-    tok = tokenizers.Tokenizer(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True,
-                                          byte_fallback=True))
-    prefix = bool(self.meta.get("tokenizer.ggml.add_space_prefix", True))
-    tok.normalizer = None
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="\u2581", prepend_scheme="first" if prefix else "never", split=False)
-    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
-    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
-    return tok
-
-  def _set_post_processor(self, tok: tokenizers.Tokenizer, tokens: list[str]) -> None:
-    add_bos, add_eos = self._add_special
-    ids = self.special_ids
-    specials, single, pair = [], "$A:0", "$B:1"
-    if add_bos and ids["bos_id"] is not None:
-      bos = tokens[ids["bos_id"]]
-      specials.append((bos, ids["bos_id"]))
-      single, pair = f"{bos}:0 {single}", f"{bos}:1 {pair}"
-    if add_eos and ids["eos_ids"]:
-      eos = tokens[ids["eos_ids"][0]]
-      specials.append((eos, ids["eos_ids"][0]))
-      single, pair = f"{single} {eos}:0", f"{pair} {eos}:1"
-    byte_level = self.meta.get("tokenizer.ggml.model") == "gpt2"
-    steps = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
-    if specials:
-      steps.append(processors.TemplateProcessing(single=single, pair=f"{single} {pair}",
-                                                 special_tokens=specials))
-    if steps:
-      tok.post_processor = steps[0] if len(steps) == 1 else processors.Sequence(steps)
-
-
-def _merges_from_scores(tokens: list[str], types: list[int], scores: list[float],
-                        ) -> list[tuple[str, str]]:
-  """SentencePiece BPE as ranked merges: every split of a normal piece into two normal pieces,
-  best merged score first (the piece SentencePiece merges first); ties in transformers' order."""
-  normal = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if ty == NORMAL}
-  merges = []
-  for piece, i in normal.items():
-    for k in range(1, len(piece)):
-      left, right = piece[:k], piece[k:]
-      if left in normal and right in normal:
-        merges.append((-scores[i], -len(left), -len(right), i, normal[left], normal[right]))
-  merges.sort()
-  return [(tokens[l], tokens[r]) for *_, l, r in merges]
+    """The ``tokenizers`` tokenizer the metadata describes (``gguf_tokenizer.build``); raises
+    if it has ids past ``vocab_size`` (the embedding rows)."""
+    return gguf_tokenizer.build(self.meta, self.path, vocab_size, self.special_ids)
