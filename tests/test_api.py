@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from safety_align import api, generate
+from safety_align import api, generate, safety_model
 from safety_align.data import templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig, decoder
@@ -119,7 +119,7 @@ def test_errors(model):
     model.generate(["hi", ""])
   with pytest.raises(ValueError, match="maximum length of 96"):
     model.generate(["bread " * 40], max_new_tokens=32)
-  plain = {k: v for k, v in model.params.items() if k not in api.CLS_PARAMS}
+  plain = {k: v for k, v in model.params.items() if k not in safety_model.CLS_PARAMS}
   lm_only = api.SafetyModel(model.config, plain, model.tokenizer, model.template)
   with pytest.raises(ValueError, match="gate='annealing' needs the \\[CLS\\]"):
     lm_only.generate(PROMPTS)

@@ -143,19 +143,20 @@ def test_embedding_attack_generates_under_each_gate(model, items):
                           max_length=160, uses_cls=False)
   base = attack.run_baseline(plain, items, [], SETTINGS)
   assert [r.gate for r in base] == [GATE_OFF] and base[0].cls_probs == []
-  # A soft prompt equal to real token embeddings reproduces generate() on that text, where
-  # no re-evaluation runs (gate off: [CLS] read at prefill only; "first"): same tokens, trace.
+  # A soft prompt equal to real token embeddings reproduces generate() on that text under
+  # every gate (the compiled gated decoder, re-evaluations included): same tokens, trace.
   tok, item = model.tokenizer, items[0]
   ids = tok.encode(" ok")
   assert tok.encode(item.prompt + " ok") == tok.encode(item.prompt) + ids
   x = layout_lib.embed(model.config, model.params, jnp.asarray([ids]))[0]
   pieces = model.template.prompt_pieces(tok, item.prompt)
-  for gate in ("off", "first"):
-    tokens, refused, _, probs, steps = embedding.generate_from_embeddings(
-        model, pieces, x, api.resolve_gate(gate, model.gate_defaults, True), 6)
+  for gate in ("off", "first", "every"):
+    got, = embedding.generate_from_embeddings(
+        model, [pieces], [x], api.resolve_gate(gate, model.gate_defaults, True), 6)
     ref = model.generate([item.prompt + " ok"], max_new_tokens=6, gate=gate)[0]
-    assert tokens == ref.tokens and refused == ref.refused and steps == ref.cls_steps
-    np.testing.assert_allclose(probs, ref.cls_probs, rtol=1e-4, atol=1e-6)
+    assert got.tokens == ref.tokens and got.refused == ref.refused
+    assert got.cls_steps == ref.cls_steps
+    np.testing.assert_allclose(got.cls_probs, ref.cls_probs, rtol=1e-5, atol=1e-6)
 
 
 def test_finetune_attack_changes_the_params_and_reruns_the_inner_attacks(model, items):

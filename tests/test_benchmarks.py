@@ -171,7 +171,7 @@ def test_evaluation_writes_utility_benchmarks_per_defence(setup, tmp_path):  # n
   write_requests(bench / "arc_easy.jsonl.gz", requests_rows())
   write_ifbench(bench / benchmarks.IFBENCH_FILE)
   source = api.SafetyModel(plain.config, plain.params, tok, plain.template,
-                           max_length=plain.decoder.max_length, batch_size=8, uses_cls=False)
+                           max_length=plain.max_length, batch_size=8, uses_cls=False)
   source.loaded_from = dict(path="/imports/tiny", phase="import", step=0, steps=None)
   cfg = tiny_eval_config(tmp_path, attacks="direct")
   cfg.update(baseline_attacks="")

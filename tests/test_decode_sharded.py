@@ -171,10 +171,10 @@ def test_load_on_a_mesh(tmp_path, monkeypatch):
   monkeypatch.setattr(workdir, "load_for_inference",
                       lambda *a, mesh=None: meshes.append(mesh) or restore(*a, mesh=mesh))
   split = api.load(str(tmp_path), mesh=dict(data=2, tensor=4))
-  assert meshes == [split.decoder.mesh]
+  assert meshes == [split.mesh]
   kernel = split.params["layer_1"]["mlp"]["down_proj"]["kernel"]  # [d_ff, d_model]
   assert kernel.addressable_shards[0].data.shape == (cfg.d_ff // 4, cfg.d_model)
-  assert split.decoder.mesh.shape == dict(data=2, fsdp=1, tensor=4)
+  assert split.mesh.shape == dict(data=2, fsdp=1, tensor=4)
   prompts = ["how do I bake bread", "a story", "a cat"]
   np.testing.assert_allclose(split.classify(prompts), one.classify(prompts), atol=1e-5)
   kw = dict(max_new_tokens=6, gate="every")

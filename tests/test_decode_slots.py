@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from safety_align import api
+from safety_align import api, safety_model
 from safety_align.decode import GateConfig, bucket, slots as slots_lib
 from test_api import model  # noqa: F401  (the tiny model fixture: a tokenizer, max_length 96)
 
@@ -121,6 +121,6 @@ def test_default_slot_context_is_the_model_context_capped(model, monkeypatch):
   """Slots take the model's context by default, capped at DEFAULT_SLOT_LEN (an 8k source
   context must not cost every slot an 8k KV-cache row)."""
   assert model.slots(max_batch=2).max_len == 96  # the fixture's context, under the cap
-  monkeypatch.setattr(api, "DEFAULT_SLOT_LEN", 64)
+  monkeypatch.setattr(safety_model, "DEFAULT_SLOT_LEN", 64)
   assert model.slots(max_batch=2).max_len == 64
   assert model.slots(max_batch=2, max_len=90).max_len == 90  # asked for explicitly

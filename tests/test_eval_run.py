@@ -151,8 +151,8 @@ def test_end_to_end_schema_outputs_and_resume(setup, tmp_path):
   assert all(r.cls_probs == [] for r in records["no_cls_direct"])
 
   # Resume: nothing is generated again ...
-  counting = _Counting(model.decoder)
-  model.decoder = counting
+  counting = _Counting(model._decoder)
+  model._decoder = counting
   try:
     again, _ = _run(model, plain, cfg, tmp_path)
     assert counting.calls == 0
@@ -162,7 +162,7 @@ def test_end_to_end_schema_outputs_and_resume(setup, tmp_path):
     _run(model, plain, cfg, tmp_path)
     assert counting.calls == 2  # gate off and gate on, one batch each
   finally:
-    model.decoder = counting.inner
+    model._decoder = counting.inner
 
 
 def test_row_sampling_matches_per_call_sampling(setup):

@@ -17,7 +17,7 @@ import pytest
 import safety_align as sa
 from conftest import chat_segment, tiny_model_config
 from configs import tiny
-from safety_align import api, checkpoint, demo_real, train_lib, workdir
+from safety_align import api, calls, checkpoint, demo_real, train_lib, workdir
 from safety_align.data import pipeline, templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
@@ -87,7 +87,7 @@ def test_trained_model_serves_its_source_context(trained):
   both lengths."""
   work, tok = trained
   model = sa.load(str(work))
-  assert model.decoder.max_length == CONTEXT
+  assert model.max_length == CONTEXT
   prompt = _long_prompt(100)
   n = sum(len(ids) for ids, _ in model.template.prompt_pieces(tok, prompt))
   assert 2 * SEQ_LEN < n < CONTEXT - 16
@@ -122,7 +122,7 @@ def test_old_workdir_falls_back_to_seq_len_with_a_fix(trained, tmp_path, caplog)
   del cfg["context_length"]
   (old / "config.json").write_text(json.dumps(cfg))
   model = sa.load(str(old))
-  assert model.decoder.max_length == SEQ_LEN
+  assert model.max_length == SEQ_LEN
   warning = next(r.getMessage() for r in caplog.records if "context_length" in r.getMessage())
   assert f"data.seq_len={SEQ_LEN}" in warning and str(old / "config.json") in warning
   assert "max_position_embeddings" in warning and cfg["init_from"] in warning
@@ -135,14 +135,14 @@ def test_old_workdir_falls_back_to_seq_len_with_a_fix(trained, tmp_path, caplog)
 def test_long_prompts_go_in_smaller_decoder_calls():
   """Short prompts keep whole batches; long ones are split so rows x length^2 stays within a
   batch of ``SHORT_TOKENS``-token rows, in order, every row once."""
-  assert [len(r) for r in api._chunks(np.full(70, 100), 32)] == [32, 32, 6]
+  assert [len(r) for r in calls.chunks(np.full(70, 100), 32)] == [32, 32, 6]
   lengths = np.array([100] * 4 + [2000] * 5 + [100] * 3)
-  chunks = api._chunks(lengths, 32)
+  chunks = calls.chunks(lengths, 32)
   assert [i for rows in chunks for i in rows] == list(range(12))
   assert [len(r) for r in chunks] == [4, 2, 2, 2, 2]
   for rows in chunks:
-    longest = max(api.bucket(int(lengths[i])) for i in rows)
-    assert len(rows) * longest ** 2 <= 32 * api.SHORT_TOKENS ** 2
+    longest = max(calls.bucket(int(lengths[i])) for i in rows)
+    assert len(rows) * longest ** 2 <= 32 * calls.SHORT_TOKENS ** 2
 
 
 # ------------------------------------------------------------------------------ long rows

@@ -106,7 +106,7 @@ def test_cls_model_is_scored_through_its_deployed_layout(imported):
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.7 if "cls_gate" in jax.tree_util.keystr(path) else x, base.params)
   model = api.SafetyModel(base.config, params, base.tokenizer, base.template,
-                          max_length=base.decoder.max_length)
+                          max_length=base.max_length)
   assert model.has_cls_head
   prompts = ["how do I bake bread at home", "tell me a story about a brave cat"]
   conts = ["never share dangerous instructions", "what is the capital"]

@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from safety_align.data import corpus
+from safety_align.defence import Defence
 
 GATE_OFF = "off"
 
@@ -118,18 +119,18 @@ def eta_text(seconds: float, done: int, total: int) -> str:
   return f"{duration(seconds)} elapsed, {done}/{total}, " + remaining(seconds, done, total - done)
 
 
-def prompt_length(model, query: str) -> int:
+def prompt_length(model: Defence, query: str) -> int:
   """Tokens of ``query`` in the model's chat template (BOS, template and query)."""
   return sum(len(ids) for ids, _ in model.template.prompt_pieces(model.tokenizer, query))
 
 
-def fits(model, query: str, n_forced: int, max_new_tokens: int) -> bool:
+def fits(model: Defence, query: str, n_forced: int, max_new_tokens: int) -> bool:
   """Whether prompt + prefill + budget fit the model's maximum length."""
-  limit = getattr(model.decoder, "max_length", None)
+  limit = model.max_length
   return limit is None or prompt_length(model, query) + n_forced + max_new_tokens <= limit
 
 
-def generate_records(model, queries: Sequence[tuple[int, str, str, str]], gate: str,
+def generate_records(model: Defence, queries: Sequence[tuple[int, str, str, str]], gate: str,
                      settings: RunSettings, *, sampling: Sequence[Any] | None = None,
                      batch_size: int | None = None) -> list[AttackedGeneration]:
   """Run ``queries`` (item, variant, query, prefill) under ``gate`` through
@@ -153,7 +154,7 @@ def generate_records(model, queries: Sequence[tuple[int, str, str, str]], gate: 
           for (item, variant, query, prefill), g in zip(kept, gens)]
 
 
-def records_with_extra(model, queries, gates: Sequence[str], settings: "RunSettings",
+def records_with_extra(model: Defence, queries, gates: Sequence[str], settings: "RunSettings",
                        extra: dict[int, dict]) -> list["AttackedGeneration"]:
   """``generate_records`` under each gate, each record's ``extra`` updated with its item's."""
   out = []
@@ -211,12 +212,12 @@ class Attack:
   def config(self) -> dict[str, Any]:
     return {}
 
-  def queries(self, model, items: Sequence[Item],
+  def queries(self, model: Defence, items: Sequence[Item],
               settings: RunSettings) -> list[tuple[int, str, str, str]]:
     """(item, variant, query, prefill) tuples."""
     raise NotImplementedError
 
-  def run(self, model, items: Sequence[Item], gates: Sequence[str],
+  def run(self, model: Defence, items: Sequence[Item], gates: Sequence[str],
           settings: RunSettings) -> list[AttackedGeneration]:
     queries = self.queries(model, items, settings)
     out, t0 = [], time.perf_counter()
@@ -227,7 +228,8 @@ class Attack:
       out += recs
     return out
 
-  def run_baseline(self, model, items: Sequence[Item], records: Sequence[AttackedGeneration],
+  def run_baseline(self, model: Defence, items: Sequence[Item],
+                   records: Sequence[AttackedGeneration],
                    settings: RunSettings) -> list[AttackedGeneration]:
     del records
     return self.run(model, items, [GATE_OFF], settings)

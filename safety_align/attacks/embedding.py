@@ -7,19 +7,17 @@ the embeddings of ``init_token`` (GCG's initial suffix). Adam's step is ``lr`` t
 the embedding table, so one setting suits any model's embedding scale; the lowest-loss point
 seen is kept.
 
-A soft prompt is no text: no user can send it, and the decoder takes tokens. It is therefore
+A soft prompt is no text: no user can send it. It is therefore
 the upper bound that no discrete suffix attack (``gcg``, ``gcg_adaptive``) with the same loss
 exceeds, and is labelled so in every record (``extra["upper_bound"]``) and in the summary.
 Two results:
 
 * loss-based success: target cross-entropy <= ``success_ce`` and every [CLS] term benign
   (first classification and window rows at the gate's threshold);
-* generations: greedy decoding from the embeddings for ``max_new_tokens`` under each gate, a
-  small host loop (one full forward of the block per step) that applies the gate's own rules
-  (``decode/gate.py``: ``init``, ``due``, ``window``, ``update``, ``emit``), so refusals are
-  inserted as the decoder inserts them, and the text is judged as any attack's. Unlike the
-  decoder, response tokens always read the first classification's [CLS] (the implicit path of
-  a re-evaluation is not modelled, as in ``gcg``).
+* generations: greedy decoding from the prompts' input embeddings (the soft suffix in place)
+  for ``max_new_tokens`` under each gate, by the model's own compiled gated decoder
+  (``SafetyModel.decode(prompt_embeds=...)``), so the gate re-evaluates and inserts its
+  refusal exactly as for text, and the text is judged as any attack's.
 
 On a model without [CLS] the loss is the target cross-entropy alone, decoded with the gate off.
 """
@@ -36,12 +34,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from safety_align.api import resolve_gate
+from safety_align.api import Generation, SafetyModel, resolve_gate
 from safety_align.attacks import base
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks.base import Attack, eta_text, fits, record
+from safety_align.decode import Prompts
 from safety_align.decode import gate as gate_lib
+from safety_align.masks import Role
 from safety_align.model import ModelConfig
 
 UPPER_BOUND = ("soft prompt (continuous input embeddings, not sendable as text): an upper "
@@ -145,77 +145,25 @@ def soft_prompt(cfg: ModelConfig, params, tokenizer, prompt_pieces, target_ids, 
                           success=bool(float(m.ce[0]) <= success_ce and benign))
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
-def _next(cfg: ModelConfig, params, cache, layout, suffix_x, response, row, windows):
-  """(logits [V] of response token ``row``, first P(malicious), the window row's P(malicious))
-  with response [R] in the target slots and ``windows`` (one row)."""
-  layout = layout.replace(windows=windows)
-  tokens = layout.block_tokens.at[:, layout.target_rows + 1].set(response[None])
-  x = layout_lib.embed(cfg, params, tokens)
-  s = layout.suffix_start
-  x = x.at[:, s:s + layout.n_suffix].set(suffix_x[None].astype(x.dtype))
-  lm, cls = layout_lib.block_forward(cfg, params, cache, layout, x)
-  p_first, _, window_p, _ = layout_lib.cls_terms(layout, cls)
-  window = window_p[0, 0] if window_p.shape[1] else jnp.zeros((), jnp.float32)  # no [CLS]
-  return lm[0, layout.target_rows[row]], p_first[0], window
-
-
-def generate_from_embeddings(model, prompt_pieces, suffix_x, gate: gate_lib.GateConfig,
-                             max_new_tokens: int):
-  """Greedy decoding of ``model`` after a soft prompt under ``gate`` (resolved, as
-  ``api.resolve_gate`` gives it): (response tokens, refused, refusal_step, cls_probs,
-  cls_steps) as the decoder reports them."""
-  cfg, tok, use_cls = model.config, model.tokenizer, model.has_cls_head
-  pad = tok.pad_id
-  layout = layout_lib.build_layout(cfg, prompt_pieces, [pad] * max_new_tokens, len(suffix_x),
-                                   layout_lib.Windows.of([(False, 0, 0)]) if use_cls else None,
-                                   use_cls)
-  cache = layout_lib.prefill(cfg, model.params, layout)
-  ga = gate.arrays(max_new_tokens)
-  refusal, newline = tok.encode(gate.refusal_prefix), tok.encode("\n")
-  insertion = jnp.asarray(newline + refusal or [pad], jnp.int32)
-  eos = set(np.asarray(model.decoder.eos_ids).tolist())
-  response = np.full(max_new_tokens, pad, np.int32)
-  one = lambda v, dtype=jnp.int32: jnp.asarray([v], dtype)  # noqa: E731
-  no_window = layout_lib.Windows.of([(False, 0, 0)] if use_cls else [])
-
-  def forward(row, windows):
-    return jax.device_get(_next(cfg, model.params, cache, layout, suffix_x, response,
-                                np.int32(row), windows))
-
-  def choose(state, logits, j):
-    token, sampled, finished, state = gate_lib.emit(
-        ga, state, j=j, sampled=one(int(np.argmax(logits))), forced=one(pad),
-        is_forced=one(False, bool), active=one(True, bool), insertion=insertion,
-        n_newline=len(newline))
-    token = int(token[0])
-    return token, bool(sampled[0]) and token in eos, bool(finished[0]), state
-
-  logits, p0, _ = forward(0, no_window)
-  state = gate_lib.init(ga, one(p0, jnp.float32))
-  probs, steps = ([float(p0)], [0]) if gate.enabled else ([], [])
-  token, ended, finished, state = choose(state, logits, 0)
-  tokens = []
-  for n in range(max_new_tokens):
-    if ended:
-      break
-    tokens.append(token)
-    response[n] = token
-    if finished or n + 1 >= max_new_tokens:
-      break
-    m = n + 1
-    due = bool(gate_lib.due(ga, state, m, one(True, bool))[0])
-    sees_query, lo, hi = gate_lib.window(ga, state, m)
-    windows = layout_lib.Windows(sees_query=sees_query, lo=jnp.maximum(lo, 0),
-                                 hi=jnp.minimum(hi, m - 1)) if use_cls else no_window
-    logits, _, p_window = forward(m, windows)
-    if due:
-      state = gate_lib.update(ga, state, one(True, bool), one(p_window, jnp.float32), m)
-      probs.append(float(p_window))
-      steps.append(m)
-    token, ended, finished, state = choose(state, logits, m)
-  refusal_step = int(state.refusal_step[0])
-  return tokens, refusal_step >= 0, refusal_step if refusal_step >= 0 else None, probs, steps
+def generate_from_embeddings(model: SafetyModel, prompts, suffixes, gate: gate_lib.GateConfig,
+                             max_new_tokens: int) -> list[Generation]:
+  """Greedy generations of ``model`` after soft prompts under ``gate``: per prompt (chat
+  pieces, as ``template.prompt_pieces`` gives them) its suffix [n, D] of input embeddings
+  after the query, decoded in one ``SafetyModel.decode`` call from the prompts' embeddings
+  (the gate and its refusals exactly as for text)."""
+  pieces, starts = [], []
+  for prompt_pieces, suffix_x in zip(prompts, suffixes, strict=True):
+    prefix, closing = layout_lib.split_prompt(prompt_pieces)
+    starts.append(sum(len(ids) for ids, _ in prefix))
+    pieces.append(prefix + [([model.tokenizer.pad_id] * len(suffix_x), Role.QUERY)] + closing)
+  encoded = Prompts.from_pieces(pieces)
+  embeds = []
+  for ids, start, suffix_x in zip(encoded.ids, starts, suffixes):
+    x = np.array(layout_lib.embed(model.config, model.params, jnp.asarray([ids]))[0],
+                 np.float32)
+    x[start:start + len(suffix_x)] = np.asarray(suffix_x, np.float32)
+    embeds.append(x)
+  return model.decode(encoded, max_new_tokens=max_new_tokens, gate=gate, prompt_embeds=embeds)
 
 
 def nearest_tokens(params, suffix_x: np.ndarray) -> list[int]:
@@ -286,17 +234,17 @@ class EmbeddingAttack(Attack):
     out, t0 = [], time.perf_counter()
     for k, gate_name in enumerate(gates):
       gate = resolve_gate(gate_name, model.gate_defaults, model.has_cls_head)
-      for i, r in found:
-        pieces = model.template.prompt_pieces(tok, items[i].prompt)
-        tokens, refused, step, probs, steps = generate_from_embeddings(
-            model, pieces, jnp.asarray(r.suffix_x), gate, settings.max_new_tokens)
+      gens = generate_from_embeddings(
+          model, [model.template.prompt_pieces(tok, items[i].prompt) for i, _ in found],
+          [r.suffix_x for _, r in found], gate, settings.max_new_tokens) if found else []
+      for (i, r), g in zip(found, gens):
         extra = dict(upper_bound=UPPER_BOUND, soft_prompt=True,
                      nearest_tokens=tok.decode(nearest_tokens(model.params, r.suffix_x)),
                      loss_initial=float(r.losses[0]), loss=r.loss, ce=r.ce,
                      cls_prob=None if np.isnan(r.cls_prob) else r.cls_prob,
                      window_prob=r.window_prob, loss_success=r.success, seconds=r.seconds)
-        out.append(record(i, "", items[i].prompt, "", gate_name, tokens, refused, step, probs,
-                          steps, tok, extra))
+        out.append(record(i, "", items[i].prompt, "", gate_name, g.tokens, g.refused,
+                          g.refusal_step, g.cls_probs, g.cls_steps, tok, extra))
       settings.log(f"{self.name}: gate={gate_name} {len(found)} generations from embeddings; "
                    + eta_text(time.perf_counter() - t0, k + 1, len(gates)))
     return out

@@ -132,7 +132,7 @@ class FinetuneAttack(Attack):
   def finetune(self, model, settings) -> tuple[SafetyModel, list[float]]:
     """(the fine-tuned copy of ``model``, its SFT losses per step)."""
     s = self.settings
-    limit = model.decoder.max_length
+    limit = model.max_length
     seq_len = min(s["seq_len"], limit) if limit else s["seq_len"]
     pipeline = Pipeline(self.segments(model), s["batch_size"], seq_len, s["seed"])
     phase = ml_collections.ConfigDict(dict(
@@ -154,7 +154,7 @@ class FinetuneAttack(Attack):
                      + remaining(elapsed, k + 1, s["steps"] - k - 1))
     tuned = SafetyModel(model.config, state.params, model.tokenizer, model.template,
                         model.gate_defaults, max_length=limit, batch_size=model.batch_size,
-                        eos_ids=np.asarray(model.decoder.eos_ids).tolist(),
+                        eos_ids=list(model.eos_ids),
                         uses_cls=model.has_cls_head, mesh=model.mesh)
     return tuned, losses
 

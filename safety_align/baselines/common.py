@@ -2,10 +2,9 @@
 ``gate`` means for a baseline, token-level continuation through the source's ``decode``, and
 the folder of trained artefacts.
 
-A baseline is a model-like object that the evaluation's attacks run unchanged (``generate``,
-``classify``, ``has_cls_head``, ``has_classifier``, ``tokenizer``, ``template``, ``decoder``,
-``config``, ``params``, ``gate_defaults``): ``Defended`` holds the source model and forwards
-all of it; each baseline overrides what it changes. ``gate``: ``"off"`` (or a ``GateConfig``
+A baseline implements ``defence.Defence`` (what the evaluation's attacks run unchanged):
+``Defended`` holds the source model and forwards all of it but ``generate``; each baseline
+defines ``generate`` and overrides what else it changes. ``gate``: ``"off"`` (or a ``GateConfig``
 whose schedule is off) is the undefended source model, decoded as
 ``SafetyModel.generate(gate="off")`` does; any other schedule name turns the baseline's defence
 on (which schedule does not matter: the baseline has its own). ``has_cls_head`` is False (no
@@ -21,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from safety_align import api
+from safety_align import calls
 from safety_align.api import check_arg, load
 from safety_align.decode import SCHEDULES, GateConfig
 
@@ -48,8 +47,12 @@ class Defended:
     return self.source.template
 
   @property
-  def decoder(self):
-    return self.source.decoder
+  def max_length(self):
+    return self.source.max_length
+
+  @property
+  def eos_ids(self):
+    return self.source.eos_ids
 
   @property
   def config(self):
@@ -101,7 +104,7 @@ def samplers(sampling: Sequence[Any] | None, n: int, temperature: float, top_k: 
   does."""
   for name, value in dict(temperature=temperature, top_k=top_k, top_p=top_p).items():
     check_arg(name, value)
-  return api._sampler(sampling, n, (temperature, top_k, top_p))  # pylint: disable=protected-access
+  return calls.sampler_of(sampling, n, (temperature, top_k, top_p))
 
 
 def temperatures(sampling: Sequence[Any] | None, n: int, temperature: float) -> np.ndarray:
@@ -152,7 +155,7 @@ def load_source(source, **kwargs):
   with ``kwargs``) or a model already loaded."""
   if isinstance(source, str):
     return load(source, **kwargs)
-  if not all(hasattr(source, a) for a in ("generate", "decoder", "params", "template")):
+  if not all(hasattr(source, a) for a in ("generate", "decode", "params", "template")):
     raise TypeError(f"source must be a workdir path or a SafetyModel, got "
                     f"{type(source).__name__}.")
   return source

@@ -21,8 +21,8 @@ folder (``use_cls=False``, as ``eval.baseline`` trains the no-[CLS] baseline), w
 whose folder already has the finished checkpoint only loads it (an unfinished one resumes).
 
 ``DeepAlignedModel``: gate off is the source, any other gate the aligned model (decoded gate
-off: a plain LM). Its ``config``, ``params`` and ``decoder`` are the aligned model's, so
-white-box attacks search against the defended weights.
+off: a plain LM). Its ``config``, ``params``, ``max_length`` and ``eos_ids`` are the aligned
+model's, so white-box attacks search against the defended weights.
 """
 
 from __future__ import annotations
@@ -152,8 +152,12 @@ class DeepAlignedModel(common.Defended):
     self.aligned = aligned
 
   @property
-  def decoder(self):
-    return self.aligned.decoder
+  def max_length(self):
+    return self.aligned.max_length
+
+  @property
+  def eos_ids(self):
+    return self.aligned.eos_ids
 
   @property
   def config(self):
@@ -208,6 +212,6 @@ def build(source, section: ml_collections.ConfigDict, train_data, log,
   else:
     log(f"deep_alignment: training {section.steps} SFT steps from {source} into {folder}")
     train(source, section, records, folder, model.tokenizer)
-  aligned = load(folder, max_length=model.decoder.max_length, batch_size=model.batch_size,
+  aligned = load(folder, max_length=model.max_length, batch_size=model.batch_size,
                  gate_defaults=model.gate_defaults)
   return DeepAlignedModel(model, aligned)

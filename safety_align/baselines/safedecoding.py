@@ -113,7 +113,7 @@ class SafeDecodingModel(common.Defended):
       raise ValueError(f"{len(prefill)} prefills for {n} prompts: give one string per prompt "
                        "('' for none).")
     forced = [tok.encode(p) for p in prefill] if prefill else [[] for _ in prompts]
-    eos = set(self.source.decoder.eos_ids.tolist())
+    eos = set(self.source.eos_ids)
     chosen, ended = [[] for _ in prompts], [False] * n
     for _ in range(min(self.first_m, max_new_tokens)):
       live = [i for i in range(n) if not ended[i]]
@@ -148,7 +148,7 @@ def build(source, section: ml_collections.ConfigDict, train_data, log, folder: s
   else the deep-alignment model trained (or reused) in ``folder/expert`` on ``train_data``."""
   model = common.load_source(source)
   if expert is None and section.expert:
-    expert = common.load_source(section.expert, max_length=model.decoder.max_length)
+    expert = common.load_source(section.expert, max_length=model.max_length)
   elif expert is None:
     expert = deep_alignment.build(source, section.expert_training, train_data, log,
                                   os.path.join(folder, "expert"))

@@ -3,9 +3,9 @@
 A ``SlotDecoder`` holds ``max_batch`` rows (slots) of one ``LoopState``: each slot its row of
 the KV cache (``2 + max_len`` key slots, ``cache.py``'s layout), its gate state and its
 ``RowSettings`` (budget, forced prefill, sampler settings, seed, gate settings and schedule,
-refusal). ``start`` runs one request's prompt pass (``decoder.start_rows``; the prompt padded
+refusal). ``start`` runs one request's prompt pass (``loop.start_rows``; the prompt padded
 to a power-of-two bucket, so lengths share programs) and writes its row; ``advance(n)`` moves
-every live slot ``n`` steps in one compiled call (``decoder.run_steps``: the same steps as a
+every live slot ``n`` steps in one compiled call (``loop.run_steps``: the same steps as a
 whole ``Decoder`` call, the [CLS] row riding in the token's forward when some slot
 re-evaluates), the state's buffers donated; ``free`` releases a slot. Settings are arrays, so
 slots with different settings share the one ``advance`` program: nothing recompiles as
@@ -33,8 +33,8 @@ from safety_align import sharding
 from safety_align.decode import gate as gate_lib
 from safety_align.decode import sampling
 from safety_align.decode.cache import PROMPT_SLOT, Prompts, bucket, check_context
-from safety_align.decode.decoder import (DecodeInputs, DecodeSpec, LoopState, RowSettings,
-                                         run_steps, start_rows)
+from safety_align.decode.loop import (DecodeInputs, DecodeSpec, LoopState, RowSettings,
+                                      run_steps, start_rows)
 from safety_align.model import ModelConfig, unroll_layers
 
 

@@ -149,7 +149,7 @@ def _expert(cfg, built: dict, model, source: str, records, folder: str, log):
   section = cfg.safedecoding
   if section.expert:
     require_checkpoint(section.expert, "safedecoding.expert")
-    expert = sa.load(section.expert, max_length=model.decoder.max_length)
+    expert = sa.load(section.expert, max_length=model.max_length)
     return expert, fingerprint(section.expert)
   shared = built.get("deep_alignment")
   if shared and section.expert_training.to_dict() == cfg.deep_alignment.to_dict():

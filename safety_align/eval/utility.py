@@ -18,6 +18,7 @@ import os
 from typing import Sequence
 
 from safety_align.data import corpus, json_files
+from safety_align.defence import Defence
 
 FILE = "utility.jsonl"
 
@@ -38,7 +39,7 @@ def reference_answers(held_out_dir: str, seed: int, n: int) -> list[dict]:
   return [dict(prompt=r["prompt"], response=r["response"]) for r in rows][:n or None]
 
 
-def self_answer_nll(model, prompts: Sequence[str], responses: Sequence[str]) -> float:
+def self_answer_nll(model: Defence, prompts: Sequence[str], responses: Sequence[str]) -> float:
   """Mean per-token NLL of ``responses`` (their tokens, no EOS; cut to the model's maximum
   length) after ``prompts`` under ``model`` (a ``SafetyModel`` or a wrapper baseline),
   teacher-forced by ``model.score``: the model as it is deployed, gate off. On the source's

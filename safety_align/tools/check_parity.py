@@ -123,7 +123,7 @@ def greedy(hf_model, hf_tok, converted: str, prompts: Sequence[str],
   ours = sa.load(converted, uses_cls=False)
   with jax.default_matmul_precision("float32"):
     generations = ours.generate(list(prompts), max_new_tokens=max_new_tokens, gate="off")
-  eos_ids = [int(i) for i in ours.decoder.eos_ids]
+  eos_ids = list(ours.eos_ids)
   rows, logits = [], []
   for prompt, gen in zip(prompts, generations):
     our_ids = [t for ids, _ in ours.template.prompt_pieces(ours.tokenizer, prompt) for t in ids]
