@@ -1,7 +1,9 @@
 """The Python API of API.md: ``load`` a checkpoint into a ``SafetyModel`` (``safety_model.py``:
 ``classify``, ``generate`` with the safety gate, ``decode``, ``score``, plain ``lm_logits``, ...),
 whose results and argument checks (``Generation``, ``Rendered``, ``check_arg``,
-``resolve_gate``) live in ``calls.py``; all are importable from here.
+``resolve_gate``) live in ``calls.py``, and the gate's settings (``GateConfig``, ``SCHEDULES``,
+``DEFAULT_REFUSAL``); all are importable from here, so no caller above the model object needs
+``decode``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from safety_align import calibrate, sharding, workdir
 from safety_align.calls import Generation, Rendered, check_arg, resolve_gate
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer
-from safety_align.decode import SCHEDULES
+from safety_align.decode import SCHEDULES, GateConfig
+from safety_align.decode.gate import DEFAULT_REFUSAL
 from safety_align.safety_model import SafetyModel
 
-__all__ = ["Generation", "Rendered", "SCHEDULES", "SafetyModel", "check_arg", "load",
-           "resolve_gate"]
+__all__ = ["DEFAULT_REFUSAL", "GateConfig", "Generation", "Rendered", "SCHEDULES", "SafetyModel",
+           "check_arg", "load", "resolve_gate"]
 
 
 def _max_length(config: dict[str, Any], path: str) -> int | None:

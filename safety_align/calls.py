@@ -1,7 +1,7 @@
 """What the model object's calls take and give: their results (``Generation``, ``Rendered``),
 the checks of their arguments (``check_arg``, ``texts``), the one meaning of a public ``gate``
-(``resolve_gate``), per-row samplers (``sampler_of``) and how prompts are split into decoder
-calls (``chunks``). ``SafetyModel`` (``safety_model.py``) and the defences built around it use
+(``resolve_gate``), per-row samplers (``sampler_of``) and their key stream (``sampling_key``), and
+how prompts are split into decoder calls (``chunks``). ``SafetyModel`` (``safety_model.py``) and the defences built around it use
 these; ``api`` re-exports the public ones.
 """
 
@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from safety_align.decode import SCHEDULES, GateConfig, Prompts, bucket, make_sampler
-from safety_align.decode.sampling import PerRow
+from safety_align.decode.sampling import PerRow, row_keys
 
 SHORT_TOKENS = 512  # prompt + response length up to which a decoder call takes a whole batch
 NO_CLS = ("needs the [CLS] embedding and head, which this checkpoint lacks; use gate='off', "
@@ -136,6 +136,12 @@ def sampler_of(sampling: Sequence[Any] | None, n: int, shared: tuple[float, int,
                         "and top_p (e.g. attacks.decoding.Setting).")
       check_arg(name, getattr(s, name))
   return lambda rows: PerRow.of([sampling[i] for i in rows])
+
+
+def sampling_key(seed: int, row: int, step: int):
+  """The PRNG key prompt ``row`` of a decode with ``seed`` samples its response token ``step``
+  with (a defence that samples outside the decoder draws from the same stream)."""
+  return row_keys(seed, np.array([row]), step)[0]
 
 
 def chunks(lengths: np.ndarray, size: int) -> list[range]:

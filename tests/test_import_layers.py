@@ -95,10 +95,6 @@ PENDING = {
         "GateConfig imported from safety_align.api once it exports it",
     ("safety_align.eval.judging", "safety_align.decode.gate"):
         "DEFAULT_REFUSAL imported from safety_align.api once it exports it",
-    ("safety_align.baselines.common", "safety_align.decode"):
-        "the door rewrite of baselines/ (SCHEDULES, GateConfig from safety_align.api)",
-    ("safety_align.baselines.safedecoding", "safety_align.decode.sampling"):
-        "the door rewrite of baselines/ (sampling through the model object)",
     ("safety_align.eval.registry", "importlib"):
         "an eager registry, once finetune no longer imports it (the two inversions above)",
     ("safety_align.tools.aot", "safety_align.tools.tpu_aot"):

@@ -21,8 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from safety_align import calls
-from safety_align.api import check_arg, load
-from safety_align.decode import SCHEDULES, GateConfig
+from safety_align.api import SCHEDULES, GateConfig, check_arg, load
 
 SETTINGS_FILE = "settings.json"
 
@@ -115,7 +114,7 @@ def temperatures(sampling: Sequence[Any] | None, n: int, temperature: float) -> 
 
 
 def decode(model, prompts: Sequence[str], forced: Sequence[Sequence[int]], *,
-           max_new_tokens: int | Sequence[int], sampler_of, seed: int,
+           max_new_tokens: int | Sequence[int], seed: int, sampler_of=None,
            rows: Sequence[int] | None = None, system: str | None = None,
            return_logits: bool = False) -> list[tuple[list[int], np.ndarray | None]]:
   """Per prompt, (response tokens, forced ones included; the [N, V] logits each response
@@ -123,10 +122,11 @@ def decode(model, prompts: Sequence[str], forced: Sequence[Sequence[int]], *,
   the token-level prefix ``forced[i]`` (no text round trip), through ``SafetyModel.decode``.
   ``rows``: each prompt's index for the sampling keys (and ``sampler_of``), so a continuation
   draws what the uncut decode would have; ``max_new_tokens``: shared or per prompt (tokens
-  after the prefix)."""
+  after the prefix); ``sampler_of``: ``samplers``' (None: greedy)."""
   rows = list(range(len(prompts))) if rows is None else list(rows)
   gens = model.decode(list(prompts), system=system, max_new_tokens=max_new_tokens, gate="off",
-                      sampler_of=lambda chunk: sampler_of([rows[i] for i in chunk]), seed=seed,
+                      sampler_of=None if sampler_of is None
+                      else lambda chunk: sampler_of([rows[i] for i in chunk]), seed=seed,
                       prefill_ids=forced, row_ids=rows, return_logits=return_logits)
   return [(g.tokens, g.logits) for g in gens]
 

@@ -25,9 +25,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from safety_align import calls
 from safety_align.api import Generation, check_arg
 from safety_align.baselines import common, deep_alignment
-from safety_align.decode import sampling as sampling_lib
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -79,9 +79,8 @@ class SafeDecodingModel(common.Defended):
 
   def next_probs(self, model, prompts, prefixes, rows, system) -> list[np.ndarray]:
     """Per prompt, ``model``'s [V] next-token distribution after its token ``prefixes``."""
-    out = common.decode(model, prompts, prefixes, max_new_tokens=1, seed=0,
-                        sampler_of=lambda r: sampling_lib.Greedy(), rows=rows, system=system,
-                        return_logits=True)
+    out = common.decode(model, prompts, prefixes, max_new_tokens=1, seed=0, rows=rows,
+                        system=system, return_logits=True)
     return [_softmax(logits[len(p)]) for (_, logits), p in zip(out, prefixes)]
 
   def choose(self, p_base, p_expert, temperature: float, seed: int, row: int, step: int) -> int:
@@ -90,7 +89,7 @@ class SafeDecodingModel(common.Defended):
                           min_common=self.min_common)
     if temperature == 0:
       return int(ids[np.argmax(probs)])
-    key = sampling_lib.row_keys(seed, np.array([row]), step)[0]
+    key = calls.sampling_key(seed, row, step)
     return int(ids[int(jax.random.categorical(key, np.log(probs) / temperature))])
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64,
