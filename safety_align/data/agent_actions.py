@@ -26,17 +26,16 @@ from __future__ import annotations
 import json
 from typing import Iterator, Sequence
 
-from safety_align.data import real_datasets
 from safety_align.data.real_splits import normalise_prompt
+from safety_align.data.records import get, record
 
 PACKAGE = "agent-action-guard"
 MEMBER = "agent_action_guard/harmactions_dataset.json"
 LABELS = {"safe": 0, "harmful": 1, "unethical": 1}
-_get = real_datasets._get  # pylint: disable=protected-access
 
 
 def _actions(members) -> Iterator[tuple[str, dict]]:
-  """``(where, action)`` for each object of each member (``package_data.Member``)."""
+  """``(where, action)`` for each object of each member (``wheels.Member``)."""
   for member in members:
     try:
       items = json.loads(member.text)
@@ -49,7 +48,7 @@ def _actions(members) -> Iterator[tuple[str, dict]]:
       where = f"{member.where}: item {i}"
       if not isinstance(item, dict):
         raise ValueError(f"{where}: expected an object, got {type(item).__name__}.")
-      kind = _get(item, "classification", where)
+      kind = get(item, "classification", where)
       if kind not in LABELS:
         raise ValueError(f"{where}: classification must be one of {sorted(LABELS)}, got "
                          f"{kind!r}.")
@@ -60,8 +59,7 @@ def parse(members) -> Iterator[dict]:
   """Records (without ``source``) of the request of each action, in file order."""
   for where, item in _actions(members):
     kind = item["classification"]
-    yield real_datasets._record(  # pylint: disable=protected-access
-        _get(item, "prompt", where).strip(), LABELS[kind], category=kind)
+    yield record(get(item, "prompt", where).strip(), LABELS[kind], category=kind)
 
 
 def variants(members: Sequence) -> dict[str, str]:
@@ -69,7 +67,7 @@ def variants(members: Sequence) -> dict[str, str]:
   request differs from its request."""
   out = {}
   for where, item in _actions(members):
-    prompt, disguised = (_get(item, k, where).strip() for k in ("prompt", "manipulated_prompt"))
+    prompt, disguised = (get(item, k, where).strip() for k in ("prompt", "manipulated_prompt"))
     if normalise_prompt(disguised) != normalise_prompt(prompt):
       out[normalise_prompt(prompt)] = disguised
   return out

@@ -26,126 +26,25 @@ naming the expected path and the download page; a malformed row raises ``ValueEr
 
 from __future__ import annotations
 
-import abc
-import csv
 import dataclasses
 import glob
 import hashlib
 import os
 import re
-from typing import Iterator
 
 import tensorflow_datasets as tfds
 
-from safety_align.data import json_files
-
-SPLIT = "train"
-_LABEL = tfds.features.ClassLabel(names=("benign", "malicious"))
-_TEXT = tfds.features.Text()
-
-
-def _prompt_features(*extra: str) -> tfds.features.FeaturesDict:
-  names = ("prompt", "response", "target", "category") + extra
-  return tfds.features.FeaturesDict({**{k: _TEXT for k in names}, "label": _LABEL})
-
-
-def _record(prompt: str, label: int, *, response: str = "", target: str = "",
-            category: str = "", **extra: str) -> dict:
-  return dict(prompt=prompt, response=response, label=label, target=target,
-              category=category, **extra)
-
-
-# ---------------------------------------------------------------------------------------------
-# Row readers: every error names file:line.
-
+from safety_align.data import json_files, manual_builder
+from safety_align.data.manual_builder import ManualBuilder, check_files, prompt_features
+from safety_align.data.records import csv_rows, get, record
+from safety_align.data.tfds_prepare import prepare_and_read
 
 _jsonl = json_files.iter_jsonl
-
-
-def _get(obj: dict, key: str, where: str, types=(str,)):
-  """``obj[key]``, checked to exist and to be one of ``types``."""
-  if key not in obj:
-    raise ValueError(f"{where}: missing key {key!r} (the record has {sorted(obj)}).")
-  value = obj[key]
-  if not isinstance(value, types) or isinstance(value, bool):
-    names = " or ".join(t.__name__ for t in types)
-    raise ValueError(f"{where}: {key!r} must be a {names}, got {type(value).__name__}.")
-  return value
-
-
-def _csv(path: str, columns: tuple[str, ...] | None,
-         n_columns: int = 1) -> Iterator[tuple[str, dict | list]]:
-  """``(where, row)`` of a CSV file: a dict when ``columns`` (a header that must contain them),
-  else the list of ``n_columns`` fields (no header). Blank rows are skipped."""
-  with open(path, encoding="utf-8-sig", newline="") as f:
-    reader = csv.reader(f)
-    header = None
-    try:
-      for row in reader:
-        where = f"{path}:{reader.line_num}"
-        if not any(cell.strip() for cell in row):
-          continue
-        if columns is not None and header is None:
-          missing = [c for c in columns if c not in row]
-          if missing:
-            raise ValueError(f"{where}: the header lacks columns {missing}; expected a header "
-                             f"row with {list(columns)}, got {row}.")
-          header = row
-          continue
-        width = len(header) if header is not None else n_columns
-        if len(row) != width:
-          raise ValueError(f"{where}: expected {width} columns, got {len(row)} (unquoted comma "
-                           "or a truncated row?).")
-        yield where, dict(zip(header, row)) if header is not None else row
-    except csv.Error as e:
-      raise ValueError(f"{path}:{reader.line_num}: malformed CSV ({e}).") from None
+_instructions = manual_builder.instructions
 
 
 # ---------------------------------------------------------------------------------------------
-# Builders.
-
-
-class _ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-  """A dataset read from local files in ``manual_dir``; subclasses define the files and rows."""
-
-  VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name="default")]
-  HOMEPAGE = ""
-  LAYOUT = ""  # the expected files, for MANUAL_DOWNLOAD_INSTRUCTIONS and errors
-
-  @classmethod
-  @abc.abstractmethod
-  def required_files(cls, config) -> tuple[str, ...]:
-    """File names (or glob patterns) that must exist in ``manual_dir`` for ``config``."""
-
-  @abc.abstractmethod
-  def _records(self, manual_dir: str) -> Iterator[dict]:
-    """The records of the files in ``manual_dir``."""
-
-  def _features(self) -> tfds.features.FeaturesDict:
-    return _prompt_features()
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=self._features(), homepage=self.HOMEPAGE,
-                                          disable_shuffling=True)  # records in file order
-
-  def _split_generators(self, dl_manager):
-    manual_dir = os.fspath(dl_manager.manual_dir)
-    check_files(type(self), self.builder_config, manual_dir)
-    return {SPLIT: self._generate_examples(manual_dir)}
-
-  def _generate_examples(self, manual_dir):
-    n = 0
-    for n, record in enumerate(self._records(manual_dir), 1):
-      yield n, record
-    if not n:
-      files = ", ".join(check_files(type(self), self.builder_config, manual_dir))
-      raise ValueError(f"{self.name}: no records in {files} (empty, or every row filtered out "
-                       "by the config's options).")
-
-
-def _instructions(homepage: str, layout: str) -> str:
-  return f"Download the release from {homepage} and place in manual_dir:\n{layout}"
+# Builders (``manual_builder.ManualBuilder``; rows through ``records``: errors name file:line).
 
 
 @dataclasses.dataclass
@@ -162,7 +61,7 @@ def strip_alert_wrapping(prompt: str) -> str:
   return match.group(1) if match else prompt.strip()
 
 
-class Alert(_ManualBuilder):
+class Alert(ManualBuilder):
   """ALERT (Tedeschi et al. 2024): red-teaming prompts in 32 categories, all malicious.
 
   Config ``standard`` reads ``alert.jsonl``, ``adversarial`` reads ``alert_adversarial.jsonl``
@@ -184,16 +83,16 @@ class Alert(_ManualBuilder):
     return ("alert_adversarial.jsonl" if config.adversarial else "alert.jsonl",)
 
   def _features(self):
-    return _prompt_features("attack_type") if self.builder_config.adversarial \
-        else _prompt_features()
+    return prompt_features("attack_type") if self.builder_config.adversarial \
+        else prompt_features()
 
   def _records(self, manual_dir):
     adversarial = self.builder_config.adversarial
     path = os.path.join(manual_dir, self.required_files(self.builder_config)[0])
     for where, obj in _jsonl(path):
-      extra = {"attack_type": _get(obj, "attack_type", where)} if adversarial else {}
-      yield _record(strip_alert_wrapping(_get(obj, "prompt", where)), 1,
-                    category=_get(obj, "category", where), **extra)
+      extra = {"attack_type": get(obj, "attack_type", where)} if adversarial else {}
+      yield record(strip_alert_wrapping(get(obj, "prompt", where)), 1,
+                    category=get(obj, "category", where), **extra)
 
 
 # LIMA's safety items are its refusals of harmful requests: match refusal phrases in the answer
@@ -220,7 +119,7 @@ def _keyword_pattern(keywords) -> re.Pattern:
   return re.compile(r"\b(?:" + "|".join(re.escape(k) for k in keywords) + r")\b", re.IGNORECASE)
 
 
-class Lima(_ManualBuilder):
+class Lima(ManualBuilder):
   """LIMA (Zhou et al. 2023): 1,000 curated conversations, benign; the first user/assistant
   turn pair of each. Config ``filtered`` (default) drops the safety items (``SAFETY_KEYWORDS``),
   as the paper did; ``unfiltered`` keeps all. ``category`` is the item's ``source``.
@@ -241,17 +140,17 @@ class Lima(_ManualBuilder):
     cfg = self.builder_config
     unsafe = _keyword_pattern(cfg.safety_keywords) if cfg.safety_filter else None
     for where, obj in _jsonl(os.path.join(manual_dir, "train.jsonl")):
-      turns = _get(obj, "conversations", where, (list,))
+      turns = get(obj, "conversations", where, (list,))
       if len(turns) < 2 or not all(isinstance(t, str) for t in turns[:2]):
         raise ValueError(f"{where}: 'conversations' must start with a user and an assistant "
                          f"turn (strings), got {len(turns)} turn(s).")
       prompt, response = turns[0], turns[1]
       if unsafe is not None and unsafe.search(prompt + "\n" + response):
         continue
-      yield _record(prompt, 0, response=response, category=str(obj.get("source", "")))
+      yield record(prompt, 0, response=response, category=str(obj.get("source", "")))
 
 
-class Alpaca(_ManualBuilder):
+class Alpaca(ManualBuilder):
   """Stanford Alpaca: 52k instruction-following pairs, benign. ``prompt`` = instruction, plus
   ``"\\n\\n" + input`` when the input is non-empty; ``response`` = output."""
 
@@ -270,12 +169,12 @@ class Alpaca(_ManualBuilder):
       where = f"{path}: item {i}"
       if not isinstance(item, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}.")
-      instruction, extra = _get(item, "instruction", where), _get(item, "input", where)
+      instruction, extra = get(item, "instruction", where), get(item, "input", where)
       prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-      yield _record(prompt, 0, response=_get(item, "output", where))
+      yield record(prompt, 0, response=get(item, "output", where))
 
 
-class AdvBench(_ManualBuilder):
+class AdvBench(ManualBuilder):
   """AdvBench harmful behaviours (Zou et al. 2023): 520 goals, malicious; ``target`` is the
   release's compliant opening ("Sure, here is ..."), used by prefill attacks."""
 
@@ -290,8 +189,8 @@ class AdvBench(_ManualBuilder):
 
   def _records(self, manual_dir):
     path = os.path.join(manual_dir, "harmful_behaviors.csv")
-    for _, row in _csv(path, ("goal", "target")):
-      yield _record(row["goal"], 1, target=row["target"])
+    for _, row in csv_rows(path, ("goal", "target")):
+      yield record(row["goal"], 1, target=row["target"])
 
 
 HEX_PHI_CATEGORIES = {
@@ -306,7 +205,7 @@ class HexPhiConfig(tfds.core.BuilderConfig):
   with_prefix: bool = False
 
 
-class HexPhi(_ManualBuilder):
+class HexPhi(ManualBuilder):
   """HEx-PHI (Qi et al. 2023): 330 harmful instructions in 11 categories, malicious.
 
   Config ``categories`` reads ``category_<n>.csv`` (one prompt per row, no header; the public
@@ -331,12 +230,12 @@ class HexPhi(_ManualBuilder):
   def _records(self, manual_dir):
     if self.builder_config.with_prefix:
       for where, obj in _jsonl(os.path.join(manual_dir, "hex_phi_with_prefix.jsonl")):
-        yield _record(_get(obj, "prompt", where), 1, target=_get(obj, "prefix", where),
-                      category=str(_get(obj, "category", where, (str, int))))
+        yield record(get(obj, "prompt", where), 1, target=get(obj, "prefix", where),
+                      category=str(get(obj, "category", where, (str, int))))
       return
     for n, path in _hex_phi_files(manual_dir):
-      for _, (prompt,) in _csv(path, None):
-        yield _record(prompt, 1, category=HEX_PHI_CATEGORIES.get(n, f"category_{n}"))
+      for _, (prompt,) in csv_rows(path, None):
+        yield record(prompt, 1, category=HEX_PHI_CATEGORIES.get(n, f"category_{n}"))
 
 
 def _hex_phi_files(manual_dir: str) -> list[tuple[int, str]]:
@@ -358,7 +257,7 @@ class HarmBenchConfig(tfds.core.BuilderConfig):
   functional_categories: tuple[str, ...] = ("standard",)
 
 
-class HarmBench(_ManualBuilder):
+class HarmBench(ManualBuilder):
   """HarmBench text behaviours (Mazeika et al. 2024), malicious. Config ``standard`` keeps the
   standard functional category (the GCG set), ``all`` adds contextual and copyright. A
   ``ContextString`` is prepended as HarmBench does (``context\\n\\n---\\n\\nbehavior``);
@@ -381,16 +280,16 @@ class HarmBench(_ManualBuilder):
   def _records(self, manual_dir):
     keep = self.builder_config.functional_categories
     path = os.path.join(manual_dir, "harmbench_behaviors_text_all.csv")
-    for _, row in _csv(path, ("Behavior", "FunctionalCategory", "SemanticCategory",
+    for _, row in csv_rows(path, ("Behavior", "FunctionalCategory", "SemanticCategory",
                               "ContextString")):
       if row["FunctionalCategory"] not in keep:
         continue
       context = row["ContextString"].strip()
       prompt = f"{context}\n\n---\n\n{row['Behavior']}" if context else row["Behavior"]
-      yield _record(prompt, 1, category=row["SemanticCategory"])
+      yield record(prompt, 1, category=row["SemanticCategory"])
 
 
-class MaliciousInstruct(_ManualBuilder):
+class MaliciousInstruct(ManualBuilder):
   """MaliciousInstruct (Huang et al. 2023, the decoding-parameter attack): 100 prompts, one
   per line, malicious."""
 
@@ -407,7 +306,7 @@ class MaliciousInstruct(_ManualBuilder):
     with open(os.path.join(manual_dir, "MaliciousInstruct.txt"), encoding="utf-8") as f:
       for line in f:
         if line.strip():
-          yield _record(line.strip(), 1)
+          yield record(line.strip(), 1)
 
 
 @dataclasses.dataclass
@@ -415,7 +314,7 @@ class WikiConfig(tfds.core.BuilderConfig):
   threshold: float = 0.5  # unsafe_score >= threshold -> label 1
 
 
-class WikiLabeled(_ManualBuilder):
+class WikiLabeled(ManualBuilder):
   """A text dump (the paper: Wikipedia) labelled by the user's safety classifier, for the
   pretraining phase. Each line ``{"text", "label"}`` (0 / 1) or ``{"text", "unsafe_score"}``
   (a probability in [0, 1], labelled 1 when ``>= threshold``). ``docs/datasets.md`` shows how
@@ -433,18 +332,19 @@ class WikiLabeled(_ManualBuilder):
     return ("wiki_labeled.jsonl",)
 
   def _features(self):
-    return tfds.features.FeaturesDict({"text": _TEXT, "label": _LABEL})
+    return tfds.features.FeaturesDict({"text": manual_builder.TEXT,
+                                       "label": manual_builder.LABEL})
 
   def _records(self, manual_dir):
     threshold = self.builder_config.threshold
     for where, obj in _jsonl(os.path.join(manual_dir, "wiki_labeled.jsonl")):
-      text = _get(obj, "text", where)
+      text = get(obj, "text", where)
       if "label" in obj:
-        label = _get(obj, "label", where, (int,))
+        label = get(obj, "label", where, (int,))
         if label not in (0, 1):
           raise ValueError(f"{where}: label must be 0 (benign) or 1 (malicious), got {label}.")
       elif "unsafe_score" in obj:
-        score = _get(obj, "unsafe_score", where, (int, float))
+        score = get(obj, "unsafe_score", where, (int, float))
         if not 0.0 <= score <= 1.0:
           raise ValueError(f"{where}: unsafe_score must be in [0, 1], got {score}.")
         label = int(score >= threshold)
@@ -454,7 +354,7 @@ class WikiLabeled(_ManualBuilder):
       yield {"text": text, "label": label}
 
 
-BUILDERS: dict[str, type[_ManualBuilder]] = {
+BUILDERS: dict[str, type[ManualBuilder]] = {
     cls.name: cls for cls in (Alert, Lima, Alpaca, AdvBench, HexPhi, HarmBench,
                               MaliciousInstruct, WikiLabeled)}
 
@@ -463,22 +363,7 @@ BUILDERS: dict[str, type[_ManualBuilder]] = {
 # Loading.
 
 
-def check_files(cls: type[_ManualBuilder], config, manual_dir: str) -> list[str]:
-  """The paths of ``config``'s files in ``manual_dir``; raise naming any that is missing."""
-  paths = []
-  for name in cls.required_files(config):
-    pattern = os.path.join(manual_dir, name)
-    found = sorted(glob.glob(pattern)) if any(c in name for c in "*?[") else \
-        [pattern] if os.path.isfile(pattern) else []
-    if not found:
-      raise FileNotFoundError(
-          f"{cls.name}: missing {pattern}. Download it from {cls.HOMEPAGE} and lay out "
-          f"{manual_dir} as:\n{cls.LAYOUT}")
-    paths += found
-  return paths
-
-
-def _builder_config(cls: type[_ManualBuilder], config: str | None, options: dict):
+def _builder_config(cls: type[ManualBuilder], config: str | None, options: dict):
   configs = {c.name: c for c in cls.BUILDER_CONFIGS}
   name = config or next(iter(configs))
   if name not in configs:
@@ -520,12 +405,4 @@ def load(name: str, manual_dir: str, data_dir: str, *, config: str | None = None
     stat = os.stat(path)
     digest.update(f"{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
   cfg = dataclasses.replace(cfg, name=f"{cfg.name}_{digest.hexdigest()[:16]}")
-  builder = cls(config=cfg, data_dir=data_dir)
-  tfds.disable_progress_bar()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, compute_stats=tfds.download.ComputeStatsMode.SKIP,
-      try_download_gcs=False))
-  columns = tfds.as_numpy(builder.as_dataset(split=SPLIT, batch_size=-1, shuffle_files=False))
-  columns = {k: [x.decode("utf-8") for x in v] if v.dtype == object else v.tolist()
-             for k, v in columns.items()}
-  return [dict(zip(columns, values)) for values in zip(*columns.values())]
+  return prepare_and_read(cls(config=cfg, data_dir=data_dir), manual_builder.SPLIT, manual_dir)

