@@ -1,10 +1,11 @@
 """The gate as a stream guard: its ``[CLS]`` windows over a response written by any model.
 
 ``GateStream`` runs the gate (``decode/gate.py``'s rules: schedule, windows, rules 1-3) over
-response text that arrives in pieces, teacher-forced in the model's own KV cache: the prompt
-pass first (the query's classification, step 0), then the response tokens, each reading the
-``[CLS]`` slot as the gate left it, and each due step ``n`` adds the window ``[CLS]`` row to
-the forward of token ``n - 1``, as the decoder does. So its trace and firing step are the ones
+response text that arrives in pieces, teacher-forced in the model's own KV cache: the
+decoder's prompt pass first (``decode.loop.prompt_pass``: the query's classification, step 0,
+the prompt packed at the cache's front), then the response tokens, each reading the ``[CLS]``
+slot as the gate left it, and each due step ``n`` adds the window ``[CLS]`` row to the forward
+of token ``n - 1``, as the decoder does. So its trace and firing step are the ones
 ``SafetyModel.generate(prefill=[response])`` records over the same tokens (to float tolerance:
 the tokens between two due steps go through one forward).
 
@@ -27,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from safety_align.decode import gate as gate_lib
+from safety_align.decode import loop
 from safety_align.decode.cache import (CLS_SLOT, PROMPT_SLOT, DecodeState, bucket,
-                                       prompt_pass_inputs, response_mask, window_mask)
+                                       response_mask, window_mask)
 from safety_align.masks import Role
 from safety_align.model import KVCache, ModelConfig, Transformer
 
@@ -156,7 +158,7 @@ class GateStream:
     at = lambda a, new: a.at[:, :, CLS_SLOT:CLS_SLOT + 1].set(new)  # noqa: E731
     self.cache = self.cache.replace(
         kv=KVCache(k=tuple(map(at, kv.k, snap.cls_k)), v=tuple(map(at, kv.v, snap.cls_v))),
-        roles=self.cache.roles.at[:, PROMPT_SLOT + self._p + n:].set(Role.PAD),
+        roles=self.cache.roles.at[:, self._slot(n):].set(Role.PAD),
         positions=self.cache.positions.at[:, CLS_SLOT].set(snap.cls_position))
     self._state = snap.gate
     del self.steps[snap.n_evals:], self.probs[snap.n_evals:]
@@ -217,7 +219,8 @@ class GateStream:
       self._snapshots.append(self._snapshot(m))
 
   def _slot(self, j: int) -> int:
-    return PROMPT_SLOT + self._p + j
+    """Cache slot of response token ``j`` (the prompt packed at the front, as the decoder's)."""
+    return PROMPT_SLOT + self.n_prompt + j
 
   def _padded(self, a: int, b: int) -> np.ndarray:
     """[1, bucket(b - a)] response tokens a .. b-1, padded (one compiled program a bucket)."""
@@ -228,18 +231,10 @@ class GateStream:
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _prompt_pass(cfg: ModelConfig, params, tokens, roles, lengths, s_len: int):
-  """The prompt pass of one left-padded row into a fresh cache of ``s_len`` slots:
-  (``DecodeState``, P(malicious) [1])."""
-  toks, rls, positions, mask = prompt_pass_inputs(cfg.cls_id, tokens, roles, lengths, True)
-  t = toks.shape[1]
-  pad = ((0, 0), (0, s_len - t))
-  key_roles = jnp.pad(rls, pad)
-  _, cls, kv = Transformer(cfg).apply(
-      {"params": params}, toks, positions, jnp.pad(mask, ((0, 0), (0, 0), (0, s_len - t))),
-      KVCache.zeros(cfg, 1, s_len), jnp.arange(t)[None], lm_rows=slice(0, 0),
-      cls_keys=key_roles == Role.CLS)
-  cache = DecodeState(kv=kv, roles=key_roles, positions=jnp.pad(positions, pad))
-  return cache, jax.nn.softmax(cls[:, CLS_SLOT])[:, 1]
+  """The decoder's prompt pass (``loop.prompt_pass``) of one left-padded row, its cache padded
+  to ``s_len`` slots: (``DecodeState``, P(malicious) [1])."""
+  cache, _, p0 = loop.prompt_pass(cfg, params, tokens, roles, lengths, True)
+  return cache.padded(s_len), p0
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -125,8 +125,8 @@ class LoopState:
   rows: RowSettings
 
 
-def _prompt_pass(cfg: ModelConfig, params, tokens, roles, lengths, with_cls: bool,
-                 embeds=None):
+def prompt_pass(cfg: ModelConfig, params, tokens, roles, lengths, with_cls: bool,
+                embeds=None):
   """``DecodeState`` of the prompt ([B, 2+P] slots, packed: the prompt at the front),
   next-token logits [B, V] and P(malicious) [B] after the prompt. ``embeds`` [B, P, D]: the
   input embeddings of the prompt's (non-PAD) tokens instead of their own."""
@@ -219,8 +219,8 @@ def start_rows(spec: DecodeSpec, params, inputs: DecodeInputs,
     chex.assert_shape(rows.cls_override, (b, n_max + 1))
   if inputs.embeds is not None:
     chex.assert_shape(inputs.embeds, inputs.tokens.shape + (spec.cfg.d_model,))
-  cache, lm, p0 = _prompt_pass(spec.cfg, params, inputs.tokens, inputs.roles, rows.length,
-                               spec.with_cls, inputs.embeds)
+  cache, lm, p0 = prompt_pass(spec.cfg, params, inputs.tokens, inputs.roles, rows.length,
+                              spec.with_cls, inputs.embeds)
   if s_len is not None:
     cache = cache.padded(s_len)
   p0 = _scripted(rows, p0, 0)
