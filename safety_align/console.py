@@ -27,12 +27,20 @@ _SHORT_FORMAT = py_logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%
 T = TypeVar("T")
 
 
+# Library warnings that are notices, not problems: TFDS warns once per dataset it builds from a
+# config ("Using custom data configuration: <the whole config>"), as the project always does.
+_LIBRARY_NOTICES = ("Using custom data configuration",)
+
+
 class ProjectOnly(py_logging.Filter):
-  """Keeps warnings and errors of every logger and lower records only from this package."""
+  """Keeps warnings and errors of every logger (but ``_LIBRARY_NOTICES``) and lower records
+  only from this package."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if os.path.abspath(record.pathname).startswith(_PACKAGE_DIR):
+      return True
     return (record.levelno >= py_logging.WARNING
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
+            and not str(record.msg).startswith(_LIBRARY_NOTICES))
 
 
 def verbosity() -> int:
@@ -79,3 +87,30 @@ def stage(name: str, prefix: str = "") -> Iterator[None]:
   t0 = time.perf_counter()
   yield
   print(f"{prefix}{name}: {time.perf_counter() - t0:,.1f} s", flush=True)
+
+
+@contextlib.contextmanager
+def library_quiet() -> Iterator[None]:
+  """Inside: a library's own stdout prints and its warnings are dropped (TFDS prints "Downloading
+  and preparing dataset …" and warns "Using custom data configuration …" for each dataset it
+  builds), unless ``--verbosity`` >= 1. The project's warnings and every error still show."""
+  if verbosity() >= 1:
+    yield
+    return
+  handler = logging.get_absl_handler()
+  quiet = _ProjectWarnings()
+  handler.addFilter(quiet)
+  try:
+    with contextlib.redirect_stdout(open(os.devnull, "w")) as devnull:
+      with devnull:
+        yield
+  finally:
+    handler.removeFilter(quiet)
+
+
+class _ProjectWarnings(py_logging.Filter):
+  """Keeps errors of every logger and lower records only from this package."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.ERROR
+            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))

@@ -47,3 +47,25 @@ def test_stage_prints_one_line_with_its_time(capsys):
     pass
   out = capsys.readouterr().out.splitlines()
   assert len(out) == 1 and out[0].startswith("[demo] import: ") and out[0].endswith(" s")
+
+
+def test_library_quiet_drops_library_prints_and_warnings_only_inside(restore_handler, capsys):
+  console.configure(0)
+  own = os.path.join(os.path.dirname(console.__file__), "data", "package_data.py")
+  library = "/usr/lib/python3/site-packages/tensorflow_datasets/core/dataset_builder.py"
+  with console.library_quiet():
+    print("Downloading and preparing dataset")
+    assert not restore_handler.filter(_record(library, py_logging.WARNING))
+    assert restore_handler.filter(_record(library, py_logging.ERROR))
+    assert restore_handler.filter(_record(own, py_logging.WARNING))
+  print("after")
+  assert capsys.readouterr().out == "after\n"
+  assert restore_handler.filter(_record(library, py_logging.WARNING))
+
+
+def test_tfds_custom_config_notice_is_dropped_by_default(restore_handler):
+  console.configure(0)
+  library = "/usr/lib/python3/site-packages/tensorflow_datasets/core/dataset_builder.py"
+  notice = _record(library, py_logging.WARNING)
+  notice.msg = "Using custom data configuration: %s"
+  assert not restore_handler.filter(notice)

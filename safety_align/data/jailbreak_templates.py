@@ -56,9 +56,10 @@ def jailbreak_templates(cache_dir: str | None = None) -> list[dict]:
   name; ``name`` is the path under templates/ without ``.yaml``; ``template`` holds exactly one
   ``{{ prompt }}`` (fill it with ``render``). No Jinja runs: raw blocks and string literals are
   written out (``_resolve_jinja``). A template with parameters other than ``prompt``, other
-  Jinja, or not exactly one slot is skipped (logged); a repeated template is kept once, the
-  shallowest path's (pyrit's own before the in_the_wild collection's)."""
-  templates, skipped, seen = [], [], set()
+  Jinja, or not exactly one slot is skipped (counted by reason in one log line, named at
+  ``--verbosity=1``); a repeated template is kept once, the shallowest path's (pyrit's own
+  before the in_the_wild collection's)."""
+  templates, skipped, seen = [], {}, set()
   members = wheels.read_members(wheels.wheel_path("pyrit", cache_dir), _TEMPLATE_MEMBERS)
   for member in sorted(members, key=lambda m: (m.name.count("/"), m.name)):  # top level first
     name = member.name[len(_TEMPLATES_DIR):-len(".yaml")]
@@ -66,19 +67,20 @@ def jailbreak_templates(cache_dir: str | None = None) -> list[dict]:
     template, problem = _resolve_jinja(get(doc, "value", member.where))
     key = normalise_prompt(template)
     if doc.get("parameters") != ["prompt"]:
-      problem = f"parameters {doc.get('parameters')}"
+      problem = "other parameters"
     elif not problem and template.count(SLOT) != 1:
-      problem = f"{template.count(SLOT)} prompt slots"
+      problem = "not one prompt slot"
     elif not problem and key in seen:
-      problem = "a repeat"
+      problem = "repeats"
     if problem:
-      skipped.append(f"{name} ({problem})")
+      skipped.setdefault(problem.split(" at ")[0], []).append(name)
       continue
     seen.add(key)
     templates.append({"name": name, "template": template})
   if skipped:
-    logging.warning("Skipped %d of %d jailbreak templates: %s", len(skipped), len(members),
-                    "; ".join(skipped))
+    logging.info("jailbreak templates: %d of %d kept; skipped: %s", len(templates), len(members),
+                 ", ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items())))
+    logging.vlog(1, "skipped jailbreak templates: %s", skipped)
   return sorted(templates, key=lambda t: t["name"])
 
 

@@ -4,6 +4,8 @@ Each step of the suite (an attack on a model, the benign set, the timing) is pla
 cost estimate in decoded-token equivalents (``attack_cost``). The ETA is the remaining cost at
 the rate measured so far on the steps that ran (stored steps cost nothing and are left out of
 the rate), so it is an estimate that sharpens as the run goes; it says so until a step ran.
+With ``bar``, one progress bar over the planned cost (``console.progress``) shows it instead of
+a line per step.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
+from safety_align import console
 from safety_align.attacks.base import duration, remaining
 
 
@@ -30,20 +33,28 @@ def attack_cost(attack, n_items: int, n_gates: int, max_new_tokens: int) -> floa
 
 
 class Progress:
-  """Planned steps with costs; ``start``/``finish`` log done/total and the ETA."""
+  """Planned steps with costs; ``start``/``finish`` log done/total and the ETA, or with ``bar``
+  advance one progress bar (in decoded-token equivalents) over the steps."""
 
-  def __init__(self, log: Callable[[str], None]):
+  def __init__(self, log: Callable[[str], None], bar: bool = False):
     self.log, self.t0 = log, time.perf_counter()
     self.planned: dict[str, float] = {}
     self.finished: set[str] = set()
     self.ran_cost, self.ran_seconds = 0.0, 0.0
     self._started: tuple[str, float] | None = None
+    self._bar = None
+    self._use_bar = bar
 
   def plan(self, name: str, cost: float) -> None:
     self.planned[name] = max(float(cost), 1.0)
 
   def start(self, name: str) -> None:
     self._started = (name, time.perf_counter())
+    if self._use_bar:
+      if self._bar is None:
+        self._bar = console.progress(total=0, desc="evaluation", unit="tok")
+      self._bar.total = round(sum(self.planned.values()))
+      self._bar.set_postfix_str(name, refresh=False)
     self.log(f"[{len(self.finished) + 1}/{len(self.planned)}] {name}: starting; "
              + self.eta())
 
@@ -56,6 +67,12 @@ class Progress:
       self.planned[name] = 0.0
     self.finished.add(name)
     self._started = None
+    if self._bar is not None:
+      self._bar.total = round(sum(self.planned.values()))
+      self._bar.update(round(self.planned[name]))
+      if self.finished >= set(self.planned):
+        self._bar.close()
+        self._bar = None
 
   def eta(self) -> str:
     """Time left at the rate of the steps that ran (module doc)."""

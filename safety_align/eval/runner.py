@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from safety_align import console
 from safety_align.attacks import base
 from safety_align.attacks.base import GATE_OFF, AttackedGeneration, Item, RunSettings
 from safety_align.attacks.direct import DirectAttack
@@ -53,6 +54,8 @@ class Suite:
   answers: list[dict] = dataclasses.field(default_factory=list)  # eval.utility's references
   # "malicious" / "benign" / "classifier": each prompt's "source/category" (eval.data), or {}
   groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+  headline: Callable[[str], None] = print  # the result lines (settings.log: the details)
 
   @property
   def log(self) -> Callable[[str], None]:
@@ -101,11 +104,16 @@ def make_suite(cfg, out_dir: str, items: Sequence[Item], benign: Sequence[str],
                                            ("benign", groups.get("benign", ()), len(benign)),
                                            ("classifier", groups.get("classifier", ()),
                                             len(pairs) if given else 0)) if v}
+  # Per-step lines (starting, generations, stored) only with --verbosity >= 1; by default one
+  # progress bar over the steps and one result line per attack.
+  detail = log if console.verbosity() >= 1 else lambda msg: None
   return Suite(cfg=cfg, items=items, benign=benign, pairs=pairs, judge=judge or make_judge(cfg),
-               store=ResultStore(os.path.join(out_dir, STORE_DIR), log),
+               store=ResultStore(os.path.join(out_dir, STORE_DIR), detail),
                attacks=registry.build_attacks(cfg),
-               settings=RunSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, log=log),
-               progress=Progress(log), answers=list(answers), groups=groups)
+               settings=RunSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                                    log=detail),
+               progress=Progress(detail, bar=console.verbosity() < 1), answers=list(answers),
+               groups=groups, headline=log)
 
 
 def plan(suite: Suite, prefix: str, attacks: Sequence[base.Attack], gated: bool,
@@ -203,7 +211,7 @@ def evaluate_defence(model: Defence, suite: Suite, *, model_id: str, prefix: str
         attack, recs, suite.items, suite.judge, gates, cfg.gate_on, stored["seconds"],
         newline_tokens=len(model.tokenizer.encode("\n")),
         groups=suite.groups.get("malicious", ()))
-    log(f"{prefix}{attack.name}: " + report.asr_line(entry, cfg.gate_on, gated))
+    suite.headline(f"{prefix}{attack.name}: " + report.asr_line(entry, cfg.gate_on, gated))
 
   gates = suite.benign_gates(gated, schedules)
   benign_items = [Item(p, "") for p in suite.benign]
