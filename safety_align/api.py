@@ -13,7 +13,7 @@ from typing import Any
 
 from absl import logging
 
-from safety_align import calibrate, sharding, workdir
+from safety_align import gate_calibration, sharding, workdir
 from safety_align.calls import Generation, Rendered, check_arg, resolve_gate
 from safety_align.data import templates
 from safety_align.data.tokenizer import Tokenizer
@@ -85,8 +85,8 @@ def load(path: str, phase: str | None = None, *, calibrated: bool | None = None,
   kwargs.setdefault("uses_cls", loaded.config.get("use_cls", True))
   loaded_from, calibration = _loaded_from(path, loaded), None
   if "gate_defaults" not in kwargs:
-    kwargs["gate_defaults"], calibration = calibrate.for_checkpoint(path, loaded_from,
-                                                                    calibrated)
+    kwargs["gate_defaults"], calibration = gate_calibration.for_checkpoint(path, loaded_from,
+                                                                           calibrated)
   model = SafetyModel(loaded.model_config, loaded.params, tokenizer,
                       templates.get_template(loaded.chat_template), **kwargs)
   model.loaded_from, model.calibration = loaded_from, calibration

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 
-from safety_align import calibrate
+from safety_align import gate_calibration
 from safety_align import workdir as workdir_lib
 from safety_align.eval import baseline as baseline_lib
 from safety_align.eval import competitors
@@ -39,7 +39,7 @@ def run(workdir: str, eval_config) -> str:
                           else data.held_out(seed))
   model = sa.load(workdir, batch_size=cfg.batch_size,
                   calibrated=None if cfg.gate_calibration == "on" else False)
-  cfg = calibrate.eval_config(cfg, model.calibration)
+  cfg = gate_calibration.eval_config(cfg, model.calibration)
   gate = model.gate_defaults = config_lib.gate_config(cfg, cfg.gate_on)
   if not model.has_cls_head:
     raise ValueError(f"{workdir} holds a model without [CLS] (use_cls=False): evaluate the "
@@ -71,7 +71,7 @@ def run(workdir: str, eval_config) -> str:
                                             if cfg.held_out_dir else None))
   results["model"] = os.path.abspath(workdir)
   results["gate"] = dict(schedule=cfg.gate_on, **dict(cfg.gate))
-  results["calibration"] = calibrate.summary(workdir, model.calibration)
+  results["calibration"] = gate_calibration.summary(workdir, model.calibration)
   if which:
     results["baselines_source"] = os.path.abspath(source)
   results["seconds"] = time.time() - t0

@@ -18,7 +18,7 @@ import pytest
 
 import safety_align as sa
 from conftest import tiny_model_config
-from safety_align import calibrate, checkpoint, generate
+from safety_align import calibrate, checkpoint, gate_calibration, generate
 from safety_align.data import templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig, gate as gate_lib
@@ -177,13 +177,13 @@ def test_evaluation_uses_the_calibration(workdir, calibrated):
   ``gate_calibration="off"`` keeps the config's own."""
   cfg = eval_config.load("quick")
   model = sa.load(str(workdir))
-  cal = calibrate.eval_config(cfg, model.calibration)
+  cal = gate_calibration.eval_config(cfg, model.calibration)
   gate = calibrated["gate"]
   assert (cal.gate_on, cal.gate.threshold, cal.gate.tau) == (gate["schedule"],
                                                              gate["threshold"], gate["tau"])
   assert (cfg.gate.threshold, cfg.gate.tau) == (0.5, 3)
-  assert calibrate.eval_config(cfg, None) is cfg
-  summary = calibrate.summary(str(workdir), model.calibration)
+  assert gate_calibration.eval_config(cfg, None) is cfg
+  summary = gate_calibration.summary(str(workdir), model.calibration)
   assert summary["gate"] == gate and summary["path"] == str(workdir / "calibration.json")
   cfg.gate_calibration = "maybe"
   with pytest.raises(ValueError, match="gate_calibration must be 'on'"):
