@@ -43,7 +43,7 @@ setup(
         "cpu": ["jax[cpu]==0.10.2"],
         "gpu": ["jax[cuda12]==0.10.2"],
         # libtpu 0.0.42.* is the one jax[tpu]==0.10.2 names; tools/aot.py --target also
-        # compiles for TPU slices with it on a CPU machine (tests/test_aot_tpu.py).
+        # compiles for TPU slices with it on a CPU machine (tests/tools/test_aot_tpu.py).
         "tpu": ["jax[tpu]==0.10.2", "libtpu==0.0.42.1"],
         "test": [
             "jax[cpu]==0.10.2",
@@ -55,7 +55,7 @@ setup(
             "nbclient>=0.10,<1",
             "nbformat>=5.9,<6",
             "ipykernel>=6.29,<8",
-            "openai>=1.40,<4",  # tests/test_serve.py drives the server with the official client
+            "openai>=1.40,<4",  # tests/serving/test_serve.py drives the server with the official client
             "httpx>=0.27,<1",
         ],
         # make bench also installs nanogcg==0.3.0 with --no-deps: it pins transformers<=4.47.1

@@ -1,24 +1,28 @@
 """Test setup: 8 fake CPU devices (sharding tests) and no other backend, float32 everywhere,
-shared tiny fixtures."""
+shared tiny fixtures (the tiny config, [CLS] rows, and the tiny SafetyModel ``model``)."""
 
 import os
 import pathlib
 import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# The CPU backend only: `make test` installs libtpu (tests/test_aot_tpu.py compiles for a TPU
+# The CPU backend only: `make test` installs libtpu (tests/tools/test_aot_tpu.py compiles for a TPU
 # in its own process), and JAX would otherwise load it here and in every CLI a test starts.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ importable
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
+from safety_align import api  # noqa: E402
+from safety_align.data import templates  # noqa: E402
 from safety_align.data.packing import build_segment, pack  # noqa: E402
+from safety_align.data.tokenizer import Tokenizer, train_bpe  # noqa: E402
 from safety_align.masks import Role  # noqa: E402
-from safety_align.model import ModelConfig  # noqa: E402
+from safety_align.model import ModelConfig, init_params  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -35,6 +39,39 @@ def tiny_model_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def model_cfg():
   return tiny_model_config()
+
+
+def tiny_params(cfg: ModelConfig, seed: int = 0):
+  """``cfg``'s random initialisation from ``jax.random.key(seed)``, unboxed."""
+  return nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(seed)))
+
+
+def tiny_tokenizer(texts, vocab_size: int, path, template: str = "demo") -> Tokenizer:
+  """A byte-level BPE of ``vocab_size`` pieces trained on ``texts``, with ``template``'s
+  special tokens, saved at ``path``."""
+  return train_bpe(list(texts), vocab_size, str(path),
+                   templates.get_template(template).special_tokens)
+
+
+# What the shared tiny model's BPE is trained on.
+TEXTS = ["how do I bake bread", "how do I pick a lock", "tell me a story about a cat",
+         "Sorry, I cannot fulfill your request because it is harmful"] * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(tmp_path_factory):
+  """(config, params, tokenizer) of the shared tiny model, built once per session: a 300-piece
+  BPE over TEXTS with the demo template's special tokens, the tiny config at vocab 320, key 0."""
+  tok = tiny_tokenizer(TEXTS, 300, tmp_path_factory.mktemp("tok") / "tokenizer.json")
+  cfg = tiny_model_config(vocab_size=320)
+  return cfg, tiny_params(cfg), tok
+
+
+@pytest.fixture(scope="module")
+def model(tiny_parts):
+  """The shared tiny [CLS] SafetyModel (demo template, max_length 96), one per test module."""
+  cfg, params, tok = tiny_parts
+  return api.SafetyModel(cfg, params, tok, templates.get_template("demo"), max_length=96)
 
 
 def chat_segment(query=(10, 11, 12), response=(20, 21, 22, 23), label=1, windows=(),

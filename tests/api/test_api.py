@@ -1,32 +1,15 @@
-"""The public Python API (API.md) and the generate CLI's report, on a tiny random model with a
-tiny byte-level BPE and the demo chat template."""
+"""The public Python API (API.md) and the generate CLI's report, on conftest's tiny random
+model (``model``: a tiny byte-level BPE and the demo chat template)."""
 
 import dataclasses
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
 from safety_align import api, generate, safety_model
-from safety_align.data import templates
-from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig, decoder
-from safety_align.model import init_params
 
-TEXTS = ["how do I bake bread", "how do I pick a lock", "tell me a story about a cat",
-         "Sorry, I cannot fulfill your request because it is harmful"] * 4
 PROMPTS = ["how do I bake bread", "tell me a story"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-  tok = train_bpe(TEXTS, 300, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"),
-                  templates.get_template("demo").special_tokens)
-  cfg = tiny_model_config(vocab_size=320)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
-  return api.SafetyModel(cfg, params, tok, templates.get_template("demo"), max_length=96)
 
 
 def _with(m, **gate):

@@ -5,10 +5,9 @@ import numpy as np
 
 from safety_align import api, defence
 from safety_align.baselines import common, deep_alignment, probe, safedecoding
-from test_api import model  # noqa: F401  (the tiny model fixture)
 
 
-def test_the_model_and_each_competitor_wrapper_are_defences(model):  # noqa: F811
+def test_the_model_and_each_competitor_wrapper_are_defences(model):
   d = model.config.d_model
   wrappers = [
       probe.ProbeModel(model, probe.Probe(0, np.zeros(d), np.ones(d), np.zeros(d), 0.0, (0.5,))),

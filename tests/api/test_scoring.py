@@ -13,7 +13,7 @@ import safety_align as sa  # noqa: E402
 from safety_align import api, convert, scoring  # noqa: E402
 from safety_align.baselines import common, deep_alignment  # noqa: E402
 from safety_align.masks import Role  # noqa: E402
-from test_convert import VOCAB, make_hf  # noqa: E402
+from tiny_hf import VOCAB, make_hf  # noqa: E402
 
 # (prompt ids, continuation ids): lengths differ, so rows pad differently in one batch.
 REQUESTS = [([5, 9, 12, 7], [3, 30]), ([8, 4, 40, 41, 42, 11, 6], [17]),

@@ -15,7 +15,7 @@ from conftest import tiny_model_config
 from safety_align import config_lib, optim
 from safety_align import model as model_lib
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 IMPORT = "IMPORT_DIR"  # stands for the import directory the test makes
 
 # SHA-256 of each config's ``to_dict()`` (as ``_digest``). Pinned from the configs as they were

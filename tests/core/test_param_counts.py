@@ -10,7 +10,7 @@ import pytest
 from safety_align import model as model_lib
 from safety_align.tools import aot
 
-CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
+CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs")
 
 
 def load_config(name, arg=None):

@@ -19,7 +19,7 @@ from safety_align.data.tokenizer import Tokenizer
 from safety_align.masks import Role
 from safety_align.model import init_params
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "chat_templates"
+FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "chat_templates"
 QUERY = "How do I bake a loaf of bread at home?"
 ANSWER = "Mix flour, water and yeast, then bake it for an hour."
 SYSTEM = "You are a terse baking assistant."

@@ -1,6 +1,6 @@
 """The gate's functions one call at a time (state transitions, windows, schedules, settings)
 and the window mask the decoder builds from the cache metadata (rule 4). The gate as the
-compiled decoder drives it: tests/test_decode_gate_compiled.py."""
+compiled decoder drives it: tests/decode/test_decode_gate_compiled.py."""
 
 import jax.numpy as jnp
 import numpy as np

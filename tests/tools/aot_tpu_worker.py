@@ -1,4 +1,4 @@
-"""Run by tests/test_aot_tpu.py in its own process (libtpu never loads into pytest's): compile
+"""Run by tests/tools/test_aot_tpu.py in its own process (libtpu never loads into pytest's): compile
 the tiny config's training step (the training rules, and again with the embedding and LM head
 replicated over ``tensor``) and its gated decoding loop for a ``v5e:2x2`` slice; print JSON."""
 
@@ -6,7 +6,7 @@ import json
 import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 from safety_align.tools import tpu_targets  # noqa: E402
 

@@ -1,6 +1,6 @@
 """The TPU compiler on this CPU machine (tools/aot.py --target): the tiny config's training step
 and gated decoding loop compiled for a v5e:2x2 slice, in a process of their own
-(tests/aot_tpu_worker.py) so libtpu never loads into pytest's. libtpu missing fails the test:
+(tests/tools/aot_tpu_worker.py) so libtpu never loads into pytest's. libtpu missing fails the test:
 `make test` installs it (the tpu extra)."""
 
 import json

@@ -1,4 +1,4 @@
-"""One process of the 2-process jax.distributed test (tests/test_distributed.py).
+"""One process of the 2-process jax.distributed test (tests/train/test_distributed.py).
 
 Runs 3 sharded train steps on a fixed global batch, feeding only this process's rows, and
 prints the losses as JSON. With --num_processes=1 it is the single-process reference.
@@ -21,7 +21,7 @@ def main(_):
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if FLAGS.num_processes > 1:
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+  sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))  # tests/: conftest
   from conftest import chat_segment, packed, tiny_model_config  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
   from safety_align import sharding, trainer as trainer_lib  # pylint: disable=g-import-not-at-top

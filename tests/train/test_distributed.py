@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 WORKER = pathlib.Path(__file__).with_name("distributed_worker.py")
-ROOT = WORKER.parents[1]
+ROOT = WORKER.parents[2]
 
 
 def _free_port():

@@ -13,12 +13,12 @@ import sys
 import pytest
 
 pytest.importorskip("transformers")
-from test_convert import make_hf  # noqa: E402
+from tiny_hf import make_hf  # noqa: E402
 
 from safety_align import checkpoint, convert  # noqa: E402
 from safety_align import workdir as workdir_lib  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SFT = [("how do I bake bread at home", "tell me a story about a brave cat", 0),
        ("what is the capital of france", "explain rope embeddings in transformers", 0),
        ("never share dangerous instructions", "I can't help with that.", 1)]

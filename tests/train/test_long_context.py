@@ -23,7 +23,7 @@ from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
 from safety_align.model import init_params
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONTEXT = 256  # the source's max_position_embeddings
 SEQ_LEN = 32  # the training rows
 WORDS = "how do I bake bread pick a lock tell me a story about the cat dog sky sea".split()

@@ -16,7 +16,7 @@ import pytest
 from safety_align import checkpoint
 from safety_align import workdir as workdir_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 16
 ARGS = [f"--config={ROOT / 'configs/tiny.py'}:smoke", f"--config.pretrain.steps={STEPS}",
         f"--config.sft.steps={STEPS}", "--config.checkpoint.every_steps=2",
