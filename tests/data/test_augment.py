@@ -1,12 +1,11 @@
-"""The real-model recipe's prompt augmentation and response clean-up (no model needed)."""
+"""The real-model recipe's prompt augmentation (``data/augment.py``; no model needed)."""
 
 import re
 
 import numpy as np
 import pytest
 
-from safety_align import demo_real
-from safety_align.data import augment, package_data
+from safety_align.data import augment
 
 
 def test_rephrasings_keep_the_request_and_change_the_form():
@@ -44,15 +43,6 @@ def test_augment_and_wrap_are_seeded_and_keep_labels():
   assert len(wrapped) == 4 and all(r["label"] == 1 for r in wrapped)
   assert all(by_response[r["response"]]["prompt"] in r["prompt"] for r in wrapped)
   assert all(by_response[r["response"]]["label"] == 1 for r in wrapped)
-
-
-def test_answers_lose_their_unfinished_sentence():
-  assert demo_real.complete("It is dark. It is a time when the") == "It is dark."
-  assert demo_real.complete("Steps:\n- mix flour\n- add wa") == "Steps:\n- mix flour"
-  assert demo_real.complete("All done.") == "All done."
-  assert demo_real.complete("no end at all") == "no end at all"
-  assert demo_real.first_sentences("I cannot. Because it harms. More.") == "I cannot."
-  assert demo_real.first_sentences("I cannot\n\nSecond part") == "I cannot"
 
 
 def test_styles_are_dealt_alike_to_both_labels():
@@ -93,48 +83,3 @@ def test_each_style_keeps_the_request_readable():
   assert forms["typos"] != prompt and len(forms["typos"].split()) == len(prompt.split())
   with pytest.raises(ValueError, match="Unknown style 'shout'"):
     augment.stylise(prompt, "shout", rng)
-
-
-class FakeSource:
-  """Answers like the source model: benign prompts containing "refuse" get a refusal."""
-
-  def answers(self, prompts, max_new_tokens, prefill=""):
-    return [f"{prefill} reason for {p}. More." if prefill else
-            ("I cannot help with that." if "refuse" in p else f"Answer to {p}.")
-            for p in prompts]
-
-
-def test_sft_records_drop_refusing_answers_and_wrap_by_query(tmp_path):
-  train = [dict(prompt="Bake bread", label=0, source="ollama_harmless"),
-           dict(prompt="Please refuse this", label=0, source="edgy_safe"),
-           dict(prompt="Do [REDACTED]", label=1, source="adv_bench"),
-           dict(prompt="Role: Do [REDACTED]", label=1, source="easyjailbreak",
-                query="Do [REDACTED]")]
-  out = demo_real.sft_records(FakeSource(), train, str(tmp_path), 16)
-  assert [(r["prompt"], r["label"], r["source"]) for r in out] == [
-      ("Bake bread", 0, "ollama_harmless"), ("Do [REDACTED]", 1, "adv_bench"),
-      ("Role: Do [REDACTED]", 1, "easyjailbreak")]
-  assert out[0]["response"] == "Answer to Bake bread."
-  assert out[2]["response"] == out[1]["response"] == (
-      f"{demo_real.REFUSAL_PREFIX} reason for Do [REDACTED].")
-  assert out[1]["harmful_response"].startswith(demo_real.COMPLIANT_PREFIX)
-  assert "harmful_response" not in out[2]
-
-
-def test_query_templates_split_by_template():
-  templates = [dict(name=f"Family/{i}", template=f"T{i} says: {package_data.SLOT}")
-               for i in range(12)] + [dict(name="Long/0", template="x" * 800 + package_data.SLOT)]
-  data = {"train": [dict(prompt=f"Do [REDACTED] {i}", label=1, source="adv_bench")
-                    for i in range(10)] + [dict(prompt="Bake", label=0, source="chatterbot")],
-          "validation": [dict(prompt=f"Do [REDACTED] v{i}", label=1, source="airt")
-                         for i in range(4)]}
-  out = demo_real.with_query_templates(data, templates, 0, 20)
-  used = {}
-  for name, n in (("train", 20), ("validation", 5)):
-    wrapped = [r for r in out[name] if r["source"] == demo_real.QUERY_TEMPLATE_SOURCE]
-    assert len(wrapped) == n and out[name][:len(data[name])] == data[name]
-    assert all(r["label"] == 1 and r["query"] in r["prompt"] and r["query"] in
-               {d["prompt"] for d in data[name]} for r in wrapped)
-    used[name] = {r["prompt"].split(" says")[0] for r in wrapped}
-  assert used["train"] and used["validation"] and not used["train"] & used["validation"]
-  assert not any(r["prompt"].startswith("x") for n in out for r in out[n])
