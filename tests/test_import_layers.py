@@ -78,26 +78,8 @@ TABLE = {
 # Known violations, each in a file another change of issue 29 is rewriting: (importer, imported)
 # -> what removes it. A new violation fails; so does an entry here that no longer occurs.
 PENDING = {
-    ("safety_align.attacks.finetune", "safety_align.eval.registry"):
-        "the registry passes build_attack in (finetune's from_config)",
-    ("safety_align.attacks.finetune", "safety_align.eval.competitors"):
-        "read_records moves to the data layer",
-    ("safety_align.attacks.finetune", "safety_align.eval.data"):
-        "the registry passes the held-out benign prompts in",
-    ("safety_align.eval.config", "safety_align.decode"):
-        "GateConfig / SCHEDULES imported from safety_align.api once it exports them",
-    ("safety_align.eval.judging", "safety_align.decode"):
-        "GateConfig imported from safety_align.api once it exports it",
-    ("safety_align.eval.judging", "safety_align.decode.gate"):
-        "DEFAULT_REFUSAL imported from safety_align.api once it exports it",
-    ("safety_align.eval.registry", "importlib"):
-        "an eager registry, once finetune no longer imports it (the two inversions above)",
     ("safety_align.tools.aot", "safety_align.tools.tpu_aot"):
         "aot.py's memory formula (Estimate, Compiled) apart from its command line (item 5)",
-    ("configs/eval/default.py", "safety_align"): "default.py's sections spelled out as data",
-    ("configs/eval/default.py", "safety_align.eval"): "the same",
-    ("configs/eval/quick.py", "safety_align.eval"): "quick.py's overrides as plain data",
-    ("configs/eval/real.py", "safety_align.eval"): "real.py loads default.py by config_lib",
 }
 
 

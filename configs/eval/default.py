@@ -21,17 +21,15 @@ from this config.
 
 import ml_collections
 
-from safety_align import baselines
-from safety_align.eval import benchmarks
-from safety_align.eval import config as eval_config
-from safety_align.eval import registry
+from safety_align.config_lib import (attack_sections, benchmarks_section, check_variant,
+                                     defence_sections)
 
 
 def get_config(arg=None):
-  if arg:
-    raise eval_config.unknown_variant(__file__, arg, ())
+  check_variant(__file__, arg)
   c = ml_collections.ConfigDict()
-  c.attacks = ",".join(registry.ATTACK_NAMES + tuple(registry.available()))
+  c.attacks = ("direct,prefill_5,prefill_10,prefill_20,prefill_40,prefill_deep,decoding,gcg,"
+               "gcg_adaptive,templates,prefill_adaptive,embedding,finetune")
   c.n_malicious = 0          # held-out malicious prompts (0: all of them)
   c.n_benign = 0             # held-out benign prompts for over-refusal (0: all)
   c.n_utility = 48           # reference answers of the self-answer NLL (eval.utility; 0: all)
@@ -68,7 +66,7 @@ def get_config(arg=None):
       builtin=True,          # include safety_align/attacks/data/
       names="",              # run only these (comma-separated; "" = all)
       n_prompts=0))
-  for name, section in registry.sections().items():  # prefill_adaptive, embedding, finetune
+  for name, section in attack_sections().items():  # prefill_adaptive, embedding, finetune
     c[name] = section
   # agent_obfuscated (not in the default attacks: it needs HarmActions in the held-out set):
   # the wheel cache its disguised requests are read from ("" = package_data's default)
@@ -99,11 +97,11 @@ def get_config(arg=None):
                              # an imported model: its import dir, e.g. runs/smollm2/import)
   c.baselines_data = ""      # their training records: a chat JSONL file or a folder with
                              # sft.jsonl ("": the [CLS] run's own SFT records)
-  for name, section in baselines.SECTIONS.items():  # probe, deep_alignment, safedecoding
-    c[name] = section()
+  for name, section in defence_sections().items():  # probe, deep_alignment, safedecoding
+    c[name] = section
   # Judge-free utility benchmarks (eval/benchmarks.py: multiple-choice tasks, MMLU, IFBench
   # and the everyday over-refusal), read from pinned wheels; off here (tasks="", ifbench=False).
-  c.benchmarks = benchmarks.default_config()
+  c.benchmarks = benchmarks_section()
   c.n_traces = 4             # generations drawn in cls_trace.png
   c.plots = True
   return c

@@ -9,14 +9,12 @@ tokens), 3 prompts x every built-in template; sized so the demo model's whole ev
 ``:smoke`` shrinks it further for the notebook tests (4 prompts, few steps, no baseline).
 """
 
-from safety_align.eval import config as eval_config
-from safety_align.eval import registry
+from safety_align.config_lib import attack_sections, check_variant, sibling_config
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "smoke"):
-    raise eval_config.unknown_variant(__file__, arg, ("smoke",))
-  c = eval_config.load("default")
+  check_variant(__file__, arg, ("smoke",))
+  c = sibling_config(__file__, "default")
   # 16 prompts everywhere: one batch bucket, so few decoder programs to compile.
   c.n_malicious = 16
   c.n_benign = 16
@@ -28,7 +26,7 @@ def get_config(arg=None):
   c.gcg.update(n_prompts=2, steps=100, search_width=128, topk=128, n_suffix=20)
   c.templates.n_prompts = 3
   c.overhead.update(n_prompts=16, new_tokens=64, repeats=15)
-  for name, section in registry.sections(quick=True).items():
+  for name, section in attack_sections(quick=True).items():
     c[name] = section
   if arg == "smoke":
     c.update(n_malicious=4, n_benign=4, n_utility=4, max_new_tokens=16, train_baseline=False)

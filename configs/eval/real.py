@@ -23,13 +23,13 @@ decoding budgets (hours on a CPU); ``:demo`` is ``make demo``'s time-boxed subse
 table layout (no competitors).
 """
 
-from safety_align.eval import config as eval_config
+from safety_align.config_lib import sibling_config, unknown_variant
 
 
 def get_config(arg=None):
   if arg not in (None, "", "full", "demo"):
-    raise eval_config.unknown_variant(__file__, arg, ("full", "demo"))
-  c = eval_config.load("default")
+    raise unknown_variant(__file__, arg, ("full", "demo"))
+  c = sibling_config(__file__, "default")
   c.attacks = ("direct,prefill_target,prefill_5,prefill_10,prefill_20,prefill_40,decoding,"
                "gcg,gcg_adaptive,templates,prefill_adaptive,embedding,finetune,agent_obfuscated")
   c.judge.update(harm="not_refused", refusals="harmbench")

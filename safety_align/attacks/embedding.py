@@ -30,7 +30,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
@@ -39,6 +38,7 @@ from safety_align.attacks import base
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks.base import Attack, eta_text, fits, record
+from safety_align.config_lib import attack_sections
 from safety_align.decode import Prompts
 from safety_align.decode import gate as gate_lib
 from safety_align.masks import Role
@@ -48,21 +48,6 @@ UPPER_BOUND = ("soft prompt (continuous input embeddings, not sendable as text):
                "bound that no discrete suffix attack with this loss exceeds")
 # Adam with a traced learning rate (``opt_state.hyperparams``): one compiled step for all.
 _ADAM = optax.inject_hyperparams(optax.adam)(learning_rate=1.0)
-
-
-def default_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """The ``embedding`` section of the eval config (``quick``: 2 prompts, 50 steps)."""
-  return ml_collections.ConfigDict(dict(
-      n_prompts=2 if quick else 0,  # items attacked (0: all)
-      steps=50 if quick else 250,   # Adam steps
-      lr=0.1,                       # Adam step, in units of the embedding table's RMS
-      n_suffix=20,                  # free embedding vectors
-      target_tokens=32,             # the target (the item's compliant opening) cut to this
-      cls_weight=1.0,               # weight of the [CLS] terms
-      window_weight=1.0,            # weight of the window rows' mean beside the first's
-      window_schedule="annealing",  # the re-evaluations the window rows cover
-      success_ce=0.5,               # loss-based success: target cross-entropy at most this
-      init_token="!"))              # the suffix starts as the embedding of this token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +161,7 @@ def nearest_tokens(params, suffix_x: np.ndarray) -> list[int]:
 
 
 class EmbeddingAttack(Attack):
-  """The soft-prompt attack (module doc); settings as ``default_config``'s."""
+  """The soft-prompt attack (module doc); settings as ``config_lib.attack_sections()``'s."""
 
   name = "embedding"
 
@@ -200,7 +185,7 @@ class EmbeddingAttack(Attack):
 
   @classmethod
   def from_config(cls, cfg) -> "EmbeddingAttack":
-    section = base.section_settings(cfg, "embedding", default_config())
+    section = base.section_settings(cfg, "embedding", attack_sections()["embedding"])
     return cls(**section)
 
   def config(self):

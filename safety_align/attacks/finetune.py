@@ -32,6 +32,7 @@ of the items (whether [CLS] still fires).
 from __future__ import annotations
 
 import time
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,42 +43,27 @@ from safety_align import sharding
 from safety_align.api import SafetyModel
 from safety_align.attacks import base
 from safety_align.attacks.base import Attack, asr, duration, remaining
-from safety_align.config_lib import names
+from safety_align.config_lib import attack_sections, names
 from safety_align.data import corpus
 from safety_align.data.packing import build_segment, without_cls
 from safety_align.data.pipeline import Pipeline
-from safety_align.eval import competitors
-from safety_align.eval import data as eval_data
-from safety_align.eval import registry
+from safety_align.data.tfds_builders import read_chat_records
 from safety_align.stats import classifier_metrics
 from safety_align.trainer import Trainer
 
 DATA = ("harmful_demo", "benign")
 
 
-def default_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """The ``finetune`` section of the eval config (``quick``: 10 steps)."""
-  return ml_collections.ConfigDict(dict(
-      data="harmful_demo",   # "harmful_demo" | "benign" (module doc)
-      data_file="",          # "": the demo corpus' train split; else chat records (module doc)
-      steps=10 if quick else 50,  # SFT steps
-      lr=1e-3,               # constant AdamW learning rate
-      batch_size=8,          # packed rows per step
-      seq_len=256,           # tokens per row
-      n_pairs=0,             # training examples (0: all of the split's)
-      seed=0,                # data order
-      attacks="direct,prefill_5",  # inner attacks on the fine-tuned model
-      n_benign=64))          # benign prompts for the classifier check (0: all)
-
-
 class FinetuneAttack(Attack):
   """The fine-tuning attack (module doc). ``inner``: the attacks run after fine-tuning;
-  ``benign_source``: (held_out_dir, seed) of the classifier check's benign prompts."""
+  ``benign_source``: (held_out_dir, seed) of the classifier check's benign prompts, which
+  ``benign_prompts(held_out_dir, seed)`` reads (the evaluation's held-out reader)."""
 
   name = "finetune"
   reduce = "any"
 
-  def __init__(self, inner, *, data: str = "harmful_demo", data_file: str = "",
+  def __init__(self, inner, *, benign_prompts: Callable[[str, int], Sequence[str]],
+               data: str = "harmful_demo", data_file: str = "",
                steps: int = 50, lr: float = 1e-3,
                batch_size: int = 8, seq_len: int = 256, n_pairs: int = 0, seed: int = 0,
                n_benign: int = 64, benign_source: tuple[str, int] = ("", 0)):
@@ -95,15 +81,21 @@ class FinetuneAttack(Attack):
                          batch_size=batch_size, seq_len=seq_len, n_pairs=n_pairs, seed=seed,
                          n_benign=n_benign)
     self.benign_source = benign_source
+    self.benign_prompts = benign_prompts
 
   @classmethod
-  def from_config(cls, cfg) -> "FinetuneAttack":
-    section = base.section_settings(cfg, "finetune", default_config())
+  def from_config(cls, cfg, build_attack: Callable[[str, ml_collections.ConfigDict], Attack],
+                  benign_prompts: Callable[[str, int], Sequence[str]]) -> "FinetuneAttack":
+    """From the eval config's ``finetune`` section; ``build_attack(name, cfg)`` builds the
+    inner attacks and ``benign_prompts`` reads the held-out benign prompts (the registry
+    passes both)."""
+    section = base.section_settings(cfg, "finetune", attack_sections()["finetune"])
     listed = names(section.pop("attacks"))
     if cls.name in listed:
       raise ValueError("finetune.attacks cannot hold 'finetune' itself.")
     seed = cfg.get("data_seed", -1)
-    return cls([registry.build_attack(n, cfg) for n in listed], **section,
+    return cls([build_attack(n, cfg) for n in listed], **section,
+               benign_prompts=benign_prompts,
                benign_source=(cfg.get("held_out_dir", ""), max(seed, 0)))
 
   def config(self):
@@ -114,7 +106,7 @@ class FinetuneAttack(Attack):
     """The fine-tuning examples as unlabelled SFT segments (module doc)."""
     s, tok = self.settings, model.tokenizer
     label = 1 if s["data"] == "harmful_demo" else 0
-    records = (competitors.read_records(s["data_file"], "finetune.data_file")
+    records = (read_chat_records(s["data_file"], "finetune.data_file")
                if s["data_file"] else corpus.sft_pairs("train", seed=s["seed"]))
     pairs = [p for p in records if p["label"] == label]
     pairs = pairs[:s["n_pairs"] or None]
@@ -162,9 +154,7 @@ class FinetuneAttack(Attack):
     """The [CLS] classifier before and after fine-tuning (module doc); None without [CLS]."""
     if not model.has_cls_head:
       return None
-    directory, seed = self.benign_source
-    benign = (eval_data.held_out_files(directory) if directory
-              else eval_data.held_out(seed))[1][:self.settings["n_benign"] or None]
+    benign = list(self.benign_prompts(*self.benign_source))[:self.settings["n_benign"] or None]
     prompts = [i.prompt for i in items] + list(benign)
     labels = np.array([1] * len(items) + [0] * len(benign))
     theta = model.gate_defaults.threshold

@@ -31,27 +31,15 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from safety_align.attacks import base
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks.base import Attack, eta_text, fits
+from safety_align.config_lib import attack_sections
 from safety_align.decode.gate import SCHEDULES, GateConfig
 from safety_align.model import ModelConfig
-
-
-def default_config(quick: bool = False) -> ml_collections.ConfigDict:
-  """The ``prefill_adaptive`` section of the eval config (``quick``: shorter prefills)."""
-  return ml_collections.ConfigDict(dict(
-      n_prompts=0,          # items attacked (0: all)
-      opening_tokens=5,     # harmful-answer tokens forced first
-      n_tokens=16 if quick else 24,  # tokens the beam adds
-      width=4,              # beams kept
-      topk=8,               # next tokens tried per beam
-      penalty=2.0,          # weight of the gate term against the log-likelihood
-      schedule="annealing"))  # the re-evaluations the gate term covers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +161,7 @@ def beam_prefill(cfg: ModelConfig, params, tokenizer, prompt_pieces, opening_ids
 
 
 class PrefillAdaptiveAttack(Attack):
-  """The adaptive prefill (module doc); settings as ``default_config``'s."""
+  """The adaptive prefill (module doc); settings as ``config_lib.attack_sections()``'s."""
 
   name = "prefill_adaptive"
 
@@ -193,7 +181,7 @@ class PrefillAdaptiveAttack(Attack):
 
   @classmethod
   def from_config(cls, cfg) -> "PrefillAdaptiveAttack":
-    section = base.section_settings(cfg, "prefill_adaptive", default_config())
+    section = base.section_settings(cfg, "prefill_adaptive", attack_sections()["prefill_adaptive"])
     return cls(**section)
 
   def config(self):

@@ -5,16 +5,14 @@
 * ``deep_alignment``: Qi et al.'s harmful-prefix -> refusal SFT augmentation;
 * ``safedecoding``: Xu et al.'s reweighting of the first tokens toward a safety expert.
 
-Each module has ``default_config()`` (its section of the evaluation config) and
-``build(source, section, train_data, log, folder)``, which trains what it needs into
-``folder`` (or loads it from there) and returns the model-like object.
+Each module has ``build(source, section, train_data, log, folder)`` (``section``: its section of
+the evaluation config, defaults in ``config_lib.defence_sections()``), which trains what it
+needs into ``folder`` (or loads it from there) and returns the model-like object.
 """
 
 from safety_align.baselines import deep_alignment, probe, safedecoding
 
 BUILDERS = {"probe": probe.build, "deep_alignment": deep_alignment.build,
             "safedecoding": safedecoding.build}
-SECTIONS = {"probe": probe.default_config, "deep_alignment": deep_alignment.default_config,
-            "safedecoding": safedecoding.default_config}
 
-__all__ = ["BUILDERS", "SECTIONS", "deep_alignment", "probe", "safedecoding"]
+__all__ = ["BUILDERS", "deep_alignment", "probe", "safedecoding"]

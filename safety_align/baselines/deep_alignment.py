@@ -48,17 +48,6 @@ from safety_align.model import ModelConfig
 PHASE = "sft"
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The ``deep_alignment`` section of the evaluation config."""
-  return ml_collections.ConfigDict(dict(
-      steps=100, batch_size=16, lr=5e-4, warmup_steps=10, weight_decay=0.1,
-      seq_len=0,              # training rows (0: the source's data.seq_len)
-      augment_fraction=1.0,   # of the malicious pairs with a harmful response
-      k_short=10, k_max=100, short_fraction=0.5,  # the harmful prefix length (``sample_k``)
-      seed=0,
-  ))
-
-
 def sample_k(rng: np.random.Generator, n_harmful: int, *, k_short: int, k_max: int,
              short_fraction: float) -> int:
   """Harmful prefix tokens of one recovery example (module doc)."""

@@ -41,21 +41,6 @@ READS = ("newest", "header")
 PROBE_FILE = "probe.npz"
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The ``probe`` section of the evaluation config."""
-  return ml_collections.ConfigDict(dict(
-      every=25,              # check every this many response tokens (ADA's k)
-      action="refuse",       # "refuse": insert the refusal prefix and go on; "halt": and stop
-      threshold=0.5,         # malicious iff P(malicious) > threshold
-      read="newest",         # "newest": the newest token's state; "header": ADA's re-read header
-      l2=1e-2,               # L2 penalty on the standardised weights (mean log-loss + l2/2 |w|^2)
-      val_fraction=0.25,     # of the training prompts, held out to choose the layer
-      n_train=0,             # training prompts used (0: all)
-      batch_size=32,         # rows per feature forward
-      seed=0,
-  ))
-
-
 def hidden_states(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
                   batch_size: int = 32) -> np.ndarray:
   """[L, M, D] float32: the source's state after each block at ``positions[i]`` of token

@@ -30,15 +30,6 @@ from safety_align.api import Generation, check_arg
 from safety_align.baselines import common, deep_alignment
 
 
-def default_config() -> ml_collections.ConfigDict:
-  """The ``safedecoding`` section of the evaluation config."""
-  return ml_collections.ConfigDict(dict(
-      first_m=2, alpha=3.0, top_k=10, min_common=5,
-      expert="",  # the expert's workdir; "": the source's deep-alignment model
-      expert_training=deep_alignment.default_config(),
-  ))
-
-
 def reweight(p_base: np.ndarray, p_expert: np.ndarray, *, alpha: float, top_k: int,
              min_common: int) -> tuple[np.ndarray, np.ndarray]:
   """SafeDecoding's distribution at one step: (token ids [c'], probabilities [c']) over the

@@ -138,6 +138,20 @@ def read_jsonl(path: str, fmt: str) -> list[dict]:
   return records
 
 
+CHAT_FILE = "sft.jsonl"  # a folder's chat records (make demo-real writes WORKDIR/data/sft.jsonl)
+
+
+def read_chat_records(path: str, field: str) -> list[dict]:
+  """Chat records {prompt, response, label, harmful_response} of a JSONL file, or of a
+  folder's ``sft.jsonl`` (``field``: the config field named in the error)."""
+  file = os.path.join(path, CHAT_FILE) if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise FileNotFoundError(f"{field}={path}: {file} does not exist; give a chat JSONL "
+                            "file (prompt, response, label and optionally harmful_response) "
+                            f"or a folder with {CHAT_FILE}.")
+  return read_jsonl(file, "chat")
+
+
 def _jsonl_config(kind: str, source_dir: str, splits) -> JsonlConfig:
   """A config for ``source_dir``'s files, named by their digest; checks the files."""
   fmt = _FORMAT_OF_KIND[kind]

@@ -37,7 +37,6 @@ import os
 import zipfile
 from typing import Any, Sequence
 
-import ml_collections
 import numpy as np
 
 from safety_align.attacks import judges
@@ -59,20 +58,6 @@ UNCONDITIONAL = 1_000_000  # doc_id offset of OLMES' unconditional-context reque
 SUBSET_SEED = 0
 # A text every IFBench checker can read: one that raises LookupError on it lacks NLTK data.
 PROBE = "Hello world. This is a short probe sentence.\n\nA second paragraph follows here."
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The ``benchmarks`` section of the evaluation config (off by default)."""
-  return ml_collections.ConfigDict(dict(
-      tasks="",             # comma-separated of TASKS ("all": every one; "": none)
-      n=0,                  # questions per task (0: all), a fixed seeded subset
-      chat=False,           # contexts through the chat template (False: bare QUERY text)
-      ifbench=False,        # IFBench + the everyday over-refusal
-      n_ifbench=0,          # IFBench prompts (0: all 294), a fixed seeded subset
-      max_new_tokens=256,   # IFBench answer budget
-      batch_size=16,        # scored rows per forward pass
-      data_dir="",          # "": <eval dir>/benchmarks
-  ))
 
 
 def task_names(section) -> list[str]:

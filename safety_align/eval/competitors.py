@@ -31,11 +31,11 @@ from safety_align import workdir as workdir_lib
 from safety_align.baselines import deep_alignment, safedecoding
 from safety_align.config_lib import names
 from safety_align.data import corpus, tfds_builders
+from safety_align.data.tfds_builders import CHAT_FILE
 from safety_align.eval.store import fingerprint, key, require_checkpoint
 
 NAMES = tuple(baselines.BUILDERS)  # also the results table's order
 DIR = "baselines"
-DATA_FILE = "sft.jsonl"
 # Attacks a baseline is not run on: a wrapper's defence lives in its ``generate``.
 SKIPPED = {
     "gcg_adaptive": "its loss targets the [CLS] head; against a baseline it is gcg",
@@ -56,8 +56,7 @@ def chosen(cfg) -> list[str]:
   for n in listed:
     if n not in cfg:
       raise ValueError(f"baselines={cfg.baselines!r} needs the config section {n!r} "
-                       f"(safety_align.baselines.{n}.default_config()): add it to the eval "
-                       "config.")
+                       "(config_lib.defence_sections()): add it to the eval config.")
   return [n for n in NAMES if n in listed]
 
 
@@ -77,21 +76,10 @@ def source_dir(cfg, no_cls_dir: str | None) -> str:
   return src
 
 
-def read_records(path: str, field: str = "baselines_data") -> list[dict]:
-  """Chat records {prompt, response, label, harmful_response} of a JSONL file, or of a
-  folder's ``sft.jsonl`` (``field``: the config field named in the error)."""
-  file = os.path.join(path, DATA_FILE) if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    raise FileNotFoundError(f"{field}={path}: {file} does not exist; give a chat JSONL "
-                            "file (prompt, response, label and optionally harmful_response) "
-                            f"or a folder with {DATA_FILE}.")
-  return tfds_builders.read_jsonl(file, "chat")
-
-
 def training_records(workdir: str, cfg) -> list[dict]:
   """The baselines' training records (module doc)."""
   if cfg.baselines_data:
-    return read_records(cfg.baselines_data)
+    return tfds_builders.read_chat_records(cfg.baselines_data, "baselines_data")
   config = workdir_lib.read_config(workdir)
   data = config.get("data", {})
   source = data.get("source", "demo")
@@ -104,7 +92,7 @@ def training_records(workdir: str, cfg) -> list[dict]:
         f"The baselines train on {workdir}'s SFT records (data.source={source!r}), but "
         f"{file or 'its config has no data.data_dir'}"
         f"{' is missing' if file else ''}: set baselines_data=<a chat JSONL file, or a folder "
-        f"with {DATA_FILE}> (make demo-real writes WORKDIR/data/{DATA_FILE}).")
+        f"with {CHAT_FILE}> (make demo-real writes WORKDIR/data/{CHAT_FILE}).")
   return tfds_builders.read_jsonl(file, "chat")
 
 

@@ -8,10 +8,10 @@ import os
 
 import ml_collections
 
+from safety_align.api import SCHEDULES, GateConfig
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF
 from safety_align.config_lib import names
-from safety_align.decode import SCHEDULES, GateConfig
 from safety_align.eval import benchmarks, competitors, registry
 
 GATED = tuple(s for s in SCHEDULES if s != GATE_OFF)
@@ -32,18 +32,6 @@ def load(name: str, arg: str = "") -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg or None)
-
-
-def unknown_variant(path: str, arg, known: tuple[str, ...]) -> ValueError:
-  """The error of a config file asked for a variant it does not have."""
-  path = os.path.abspath(path)
-  where = (os.path.join("configs", "eval", os.path.basename(path))
-           if os.path.dirname(path) == CONFIG_DIR else path)
-  if not known:
-    return ValueError(f"{where} takes no variant, got {arg!r}: override fields with "
-                      "--config.<field>=... instead.")
-  return ValueError(f"{where}: unknown variant {arg!r}; expected one of "
-                    f"{', '.join(repr(k) for k in known)} (--config={where}:<variant>) or none.")
 
 
 def gate_config(cfg, schedule: str = "annealing") -> GateConfig:

@@ -22,6 +22,12 @@ def held_out(seed: int) -> tuple[list[Item], list[str], list[dict]]:
           [p["prompt"] for p in pairs if p["label"] == 0], pairs)
 
 
+def held_out_benign(directory: str, seed: int) -> list[str]:
+  """The held-out benign prompts: ``directory``'s (``held_out_files``) when given, else the
+  demo corpus' test split's (``held_out(seed)``)."""
+  return (held_out_files(directory) if directory else held_out(seed))[1]
+
+
 def held_out_files(directory: str) -> tuple[list[Item], list[str], list[dict]]:
   """(malicious items, benign prompts, classifier pairs) from ``directory``:
   ``malicious.jsonl`` ``{"prompt", "harmful_response", "target"}`` (the prefill source and

@@ -19,10 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
+from safety_align.api import DEFAULT_REFUSAL, GateConfig
 from safety_align.attacks import judges
 from safety_align.attacks.base import AttackedGeneration, Item
-from safety_align.decode import GateConfig
-from safety_align.decode.gate import DEFAULT_REFUSAL
 from safety_align.eval.store import require_checkpoint
 
 

@@ -1,16 +1,13 @@
 """The attack registry: attack name -> its constructor from the evaluation config.
 
-Built-in attacks are imported here; the three adaptive ones (``prefill_adaptive``,
-``embedding``, ``finetune``) live in their own modules and are imported when first asked for,
-so the registry (and every config) works whether or not those modules are installed: their
-``from_config(cfg)`` reads the config section of the same name, which their module-level
-``default_config()`` provides (``sections``).
+Every attack is imported here. The three adaptive ones (``prefill_adaptive``, ``embedding``,
+``finetune``) read the config section of their name (defaults:
+``config_lib.attack_sections()``); the registry hands ``finetune`` what it runs after
+fine-tuning (``build_attack``) and the held-out benign prompts' reader (``eval.data``).
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Callable
 
 from safety_align.attacks import base
@@ -18,19 +15,20 @@ from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks.agent_obfuscated import AgentObfuscatedAttack
 from safety_align.attacks.decoding import DecodingAttack, sweep
 from safety_align.attacks.direct import DirectAttack
+from safety_align.attacks.embedding import EmbeddingAttack
+from safety_align.attacks.finetune import FinetuneAttack
 from safety_align.attacks.gcg_attack import GCGAttack
 from safety_align.attacks.prefill import PrefillAttack, TargetPrefillAttack
+from safety_align.attacks.prefill_adaptive import PrefillAdaptiveAttack
 from safety_align.attacks.templates import TemplateAttack, load_templates
 from safety_align.config_lib import floats, ints, names
+from safety_align.eval import data as eval_data
 
 ATTACK_NAMES = ("direct", "prefill_5", "prefill_10", "prefill_20", "prefill_40",
                 "prefill_deep", "decoding", "gcg", "gcg_adaptive", "templates")
-# name -> (module, class): each class has ``from_config(cfg)``, its module ``default_config()``.
-LAZY = {"prefill_adaptive": ("safety_align.attacks.prefill_adaptive", "PrefillAdaptiveAttack"),
-        "embedding": ("safety_align.attacks.embedding", "EmbeddingAttack"),
-        "finetune": ("safety_align.attacks.finetune", "FinetuneAttack")}
+ADAPTIVE = ("prefill_adaptive", "embedding", "finetune")  # each reads its own config section
 KNOWN = ("direct, prefill_<k> (k tokens, e.g. prefill_5), prefill_deep, prefill_target, "
-         "decoding, gcg, gcg_adaptive, templates, agent_obfuscated, " + ", ".join(LAZY))
+         "decoding, gcg, gcg_adaptive, templates, agent_obfuscated, " + ", ".join(ADAPTIVE))
 
 
 def _gcg(name: str, cfg) -> GCGAttack:
@@ -53,7 +51,7 @@ def _templates(cfg) -> TemplateAttack:
                         n_prompts=t.n_prompts)
 
 
-BUILTIN: dict[str, Callable] = {
+ATTACKS: dict[str, Callable] = {
     "direct": lambda cfg: DirectAttack(),
     "prefill_target": lambda cfg: TargetPrefillAttack(),
     "prefill_deep": lambda cfg: PrefillAttack(cfg.prefill.deep_tokens, deep=True,
@@ -65,49 +63,22 @@ BUILTIN: dict[str, Callable] = {
     "templates": _templates,
     # HarmActions' disguised requests (a cross-source test source; its wheel is needed)
     "agent_obfuscated": lambda cfg: AgentObfuscatedAttack(cfg.agent_obfuscated.wheels),
+    "prefill_adaptive": PrefillAdaptiveAttack.from_config,
+    "embedding": EmbeddingAttack.from_config,
+    "finetune": lambda cfg: FinetuneAttack.from_config(cfg, build_attack,
+                                                       eval_data.held_out_benign),
 }
-
-
-def lazy_module(name: str):
-  """The module of lazy attack ``name``, or None if it is not installed."""
-  try:
-    return importlib.import_module(LAZY[name][0])
-  except ModuleNotFoundError as e:
-    if e.name != LAZY[name][0]:
-      raise  # the module exists but one of its imports is missing: say so
-    return None
-
-
-def available() -> list[str]:
-  """The lazy attacks whose modules are installed."""
-  return [n for n in LAZY if lazy_module(n) is not None]
-
-
-def sections(quick: bool = False) -> dict:
-  """{name: default config section} of the installed lazy attacks (``quick``: their quick
-  variant, where their ``default_config`` has one)."""
-  out = {}
-  for name in available():
-    make = lazy_module(name).default_config
-    out[name] = make(quick=quick) if "quick" in inspect.signature(make).parameters else make()
-  return out
 
 
 def build_attack(name: str, cfg) -> base.Attack:
   """The attack called ``name`` (see ``KNOWN``), configured from the evaluation config."""
-  if name in BUILTIN:
-    return BUILTIN[name](cfg)
+  if name in ADAPTIVE and name not in cfg:
+    raise ValueError(f"Attack {name!r} needs the config section {name!r} "
+                     "(config_lib.attack_sections()): add it to the eval config.")
+  if name in ATTACKS:
+    return ATTACKS[name](cfg)
   if name.startswith("prefill_") and name[len("prefill_"):].isdigit():
     return PrefillAttack(int(name[len("prefill_"):]))
-  if name in LAZY:
-    module = lazy_module(name)
-    if module is None:
-      raise ValueError(f"Attack {name!r} needs {LAZY[name][0]} ({LAZY[name][1]}), which is not "
-                       "installed: drop it from attacks=... or add that module.")
-    if name not in cfg:
-      raise ValueError(f"Attack {name!r} needs the config section {name!r} "
-                       f"({LAZY[name][0]}.default_config()): add it to the eval config.")
-    return getattr(module, LAZY[name][1]).from_config(cfg)
   raise ValueError(f"Unknown attack {name!r}: known attacks are {KNOWN}.")
 
 

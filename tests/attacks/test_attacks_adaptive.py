@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from safety_align import api
+from safety_align import api, config_lib
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks import embedding, finetune, prefill_adaptive
@@ -21,6 +21,7 @@ from safety_align.data import corpus, templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig
 from safety_align.eval import config as eval_config
+from safety_align.eval import registry
 from safety_align.model import init_params
 
 GATES = [GATE_OFF, "annealing"]
@@ -74,7 +75,7 @@ def test_beam_prefill_keeps_the_windows_lower_than_greedy(model, items):
 
 
 def test_prefill_adaptive_attack_records(model, items):
-  cfg = ml_collections.ConfigDict(dict(prefill_adaptive=prefill_adaptive.default_config(True)))
+  cfg = ml_collections.ConfigDict(dict(prefill_adaptive=config_lib.attack_sections(True)["prefill_adaptive"]))
   cfg.prefill_adaptive.update(n_tokens=4, width=2, topk=2)
   attack = prefill_adaptive.PrefillAdaptiveAttack.from_config(cfg)
   assert attack.name == "prefill_adaptive"
@@ -94,7 +95,7 @@ def test_prefill_adaptive_attack_records(model, items):
   assert {r.gate for r in base} == {GATE_OFF} and len(base) == 2
   assert all(r.extra["prefill_cls_probs"] == [] and r.extra["first_cls_prob"] is None
              for r in base)
-  cfg.prefill_adaptive = dict(prefill_adaptive.default_config(), widht=3)
+  cfg.prefill_adaptive = dict(config_lib.attack_sections()["prefill_adaptive"], widht=3)
   with pytest.raises(ValueError, match="widht"):
     prefill_adaptive.PrefillAdaptiveAttack.from_config(cfg)
 
@@ -126,7 +127,7 @@ def test_soft_prompt_beats_init_and_discrete_gcg_on_the_same_budget(model, items
 
 
 def test_embedding_attack_generates_under_each_gate(model, items):
-  cfg = ml_collections.ConfigDict(dict(embedding=embedding.default_config(quick=True)))
+  cfg = ml_collections.ConfigDict(dict(embedding=config_lib.attack_sections(quick=True)["embedding"]))
   cfg.embedding.update(n_prompts=1, steps=2, n_suffix=3, target_tokens=4)
   attack = embedding.EmbeddingAttack.from_config(cfg)
   # "every" re-evaluates at each step: its trace is the prefill + one per generated token.
@@ -163,7 +164,7 @@ def test_finetune_attack_changes_the_params_and_reruns_the_inner_attacks(model, 
   cfg = eval_config.load("quick")
   cfg.finetune.update(steps=2, batch_size=2, seq_len=128, n_pairs=4, n_benign=4,
                       attacks="direct,prefill_5")
-  attack = finetune.FinetuneAttack.from_config(cfg)
+  attack = registry.build_attack("finetune", cfg)
   assert [a.name for a in attack.inner] == ["direct", "prefill_5"]
   logs = []
   settings = dataclasses.replace(SETTINGS, log=logs.append)
@@ -196,7 +197,7 @@ def test_finetune_attack_changes_the_params_and_reruns_the_inner_attacks(model, 
   assert base[0].extra["classifier"] is None
   cfg.finetune.attacks = "direct,finetune"
   with pytest.raises(ValueError, match="cannot hold"):
-    finetune.FinetuneAttack.from_config(cfg)
+    registry.build_attack("finetune", cfg)
 
 
 def test_finetune_data_file_trains_on_those_records_of_the_label(model, tmp_path):
@@ -206,14 +207,14 @@ def test_finetune_data_file_trains_on_those_records_of_the_label(model, tmp_path
   (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   cfg = eval_config.load("quick")
   cfg.finetune.update(data="benign", data_file=str(tmp_path))
-  segments = finetune.FinetuneAttack.from_config(cfg).segments(model)
+  segments = registry.build_attack("finetune", cfg).segments(model)
   tok = model.tokenizer
   texts = [tok.decode([t for t in seg.tokens if t != model.config.cls_id]) for seg in segments]
   assert len(texts) == 2 and "Blue is a colour." in texts[0] and "Hello there." in texts[1]
   assert all((seg.cls_labels == -1).all() for seg in segments)  # the attacker trains the LM only
   cfg.finetune.data = "harmful_demo"  # these records have no harmful_response
   with pytest.raises(ValueError, match="1 with that label, 1 of them without 'harmful_response'"):
-    finetune.FinetuneAttack.from_config(cfg).segments(model)
+    registry.build_attack("finetune", cfg).segments(model)
   cfg.finetune.data_file = str(tmp_path / "missing.jsonl")
   with pytest.raises(FileNotFoundError, match="finetune.data_file="):
-    finetune.FinetuneAttack.from_config(cfg).segments(model)
+    registry.build_attack("finetune", cfg).segments(model)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_model_config
-from safety_align import api, checkpoint, losses
+from safety_align import api, checkpoint, config_lib, losses
 from safety_align.baselines import deep_alignment, probe, safedecoding
 from safety_align.data import corpus, templates
 from safety_align.data.packing import pack
@@ -121,7 +121,7 @@ def test_probe_header_reads_the_reinserted_assistant_header(tiny):
 def test_probe_build_trains_once_and_checks_its_data(tiny, tmp_path, monkeypatch):
   _, _, _, model, _ = tiny
   data = [{"prompt": p["prompt"], "label": p["label"]} for p in corpus.sft_pairs("train", n=48)]
-  section = probe.default_config()
+  section = config_lib.defence_sections()["probe"]
   section.update(every=4, action="halt")
   folder = str(tmp_path / "probe")
   built = probe.build(model, section, data, lambda msg: None, folder)
@@ -175,7 +175,7 @@ def _source_workdir(path, tok, cfg, params):
 def test_deep_alignment_builds_once_into_its_folder(tiny, tmp_path, monkeypatch):
   tok, cfg, params, _, _ = tiny
   source = _source_workdir(tmp_path / "source", tok, cfg, params)
-  section = deep_alignment.default_config()
+  section = config_lib.defence_sections()["deep_alignment"]
   section.update(steps=2, batch_size=8, warmup_steps=1, seq_len=128, lr=1e-2)
   data = corpus.sft_pairs("train", n=16)
   folder = str(tmp_path / "deep")
@@ -214,7 +214,7 @@ def test_safedecoding_reweighting_has_the_known_answer():
 def test_safedecoding_reweights_only_the_first_m_tokens(tiny, tmp_path):
   _, _, _, model, expert = tiny
   budget, m = 10, 2
-  sd = safedecoding.build(model, safedecoding.default_config(), None, lambda msg: None,
+  sd = safedecoding.build(model, config_lib.defence_sections()["safedecoding"], None, lambda msg: None,
                           str(tmp_path), expert=deep_alignment.DeepAlignedModel(model, expert))
   assert sd.expert is expert and sd.first_m == m
   base = model.generate([PROMPT], max_new_tokens=budget, gate="off")[0]

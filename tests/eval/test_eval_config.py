@@ -135,35 +135,20 @@ def test_config_files_and_variants():
     eval_config.load("quik")
 
 
-def test_lazy_attacks_registry(tmp_path, monkeypatch):
-  """The three adaptive attacks are known; a missing module is a clear error naming it; an
-  installed one is built by its from_config and its section joins the default config."""
+def test_adaptive_attacks_registry():
+  """The three adaptive attacks are registered eagerly and built by their from_config from
+  their config sections (the quick ones from quick.py); a missing section is a clear error."""
   for name in ("prefill_adaptive", "embedding", "finetune"):
-    assert name in registry.KNOWN
-  monkeypatch.setitem(registry.LAZY, "embedding", ("no_such_module_xyz", "EmbeddingAttack"))
-  cfg = eval_config.load("quick")
-  cfg.attacks = "direct,embedding"
-  with pytest.raises(ValueError, match="'embedding' needs no_such_module_xyz.*not installed"):
-    eval_config.validate(cfg)
-  (tmp_path / "fake_attack_mod.py").write_text(
-      "import ml_collections\n"
-      "from safety_align.attacks.direct import DirectAttack\n"
-      "def default_config(quick=False):\n"
-      "  return ml_collections.ConfigDict(dict(steps=2 if quick else 20))\n"
-      "class Fake(DirectAttack):\n"
-      "  name = 'finetune'\n"
-      "  @classmethod\n"
-      "  def from_config(cls, cfg):\n"
-      "    attack = cls()\n"
-      "    attack.steps = cfg.finetune.steps\n"
-      "    return attack\n")
-  monkeypatch.syspath_prepend(str(tmp_path))
-  monkeypatch.setitem(registry.LAZY, "finetune", ("fake_attack_mod", "Fake"))
-  assert "finetune" in registry.available() and "embedding" not in registry.available()
+    assert name in registry.KNOWN and name in registry.ATTACKS
   default = eval_config.load("default")
-  assert "finetune" in config_lib.names(default.attacks) and default.finetune.steps == 20
+  assert {"prefill_adaptive", "embedding", "finetune"} <= set(config_lib.names(default.attacks))
+  assert default.finetune.to_dict() == config_lib.attack_sections()["finetune"].to_dict()
   quick = eval_config.load("quick")
-  assert registry.build_attack("finetune", quick).steps == 2
+  assert quick.embedding.to_dict() == config_lib.attack_sections(True)["embedding"].to_dict()
+  tuned = registry.build_attack("finetune", quick)
+  assert tuned.settings["steps"] == 10 and [a.name for a in tuned.inner] == ["direct",
+                                                                            "prefill_5"]
+  assert registry.build_attack("embedding", quick).name == "embedding"
   del quick.finetune
   with pytest.raises(ValueError, match="config section 'finetune'"):
     registry.build_attack("finetune", quick)
