@@ -8,7 +8,8 @@ this run's workdir. The README gives the measured effect of each choice below. `
 are the ablation's alternatives: the trainable set (``top10``, the default: layers 20-29;
 ``top20``: layers 10-29; ``full``: every parameter), λ2 (``lambda0.1``, ``lambda0.3``,
 ``lambda3``; default 1; λ_w stays 0.1) and ``whole_windows`` (a harmful response's window
-rows all 1, its compliant opening sentence included: the recipe before issue 25).
+rows all 1, its compliant opening sentence included: the recipe before issue 25); ``demo`` is
+``make demo``'s shorter run of it.
 
   python -m safety_align.train --config=configs/smollm2_135m_cls.py:top20:runs/smollm2/import \\
       --workdir=runs/smollm2_top20 --config.data.data_dir=runs/smollm2/data
@@ -25,6 +26,8 @@ VARIANTS = {
     "lambda0.3": dict(cls_weight=0.3),
     "lambda3": dict(cls_weight=3.0),
     "whole_windows": dict(harmful_opener=""),
+    # make demo: the same recipe for fewer steps on its smaller data (demo_real --preset=demo).
+    "demo": dict(steps=32, warmup_steps=4),
 }
 
 

@@ -234,25 +234,29 @@ def _generate(model, prompts: Sequence[str], prefill: str, gate: GateConfig,
 
 
 def record_traces(model, sets: Mapping[str, tuple[list[str], str]], schedules: Sequence[str],
-                  max_new_tokens: int, store_dir: str,
-                  log: Callable[[str], None]) -> dict[str, dict[str, list[Trace]]]:
+                  max_new_tokens: int, store_dir: str) -> dict[str, dict[str, list[Trace]]]:
   """{schedule: {condition: traces}} for ``schedules`` and ``every``, each decoded once with
   threshold 1 and reliance ``low`` (cached in ``store_dir``)."""
   from safety_align.eval.store import ResultStore  # pylint: disable=g-import-not-at-top
-  store = ResultStore(store_dir, log)
+  store = ResultStore(store_dir, lambda msg: logging.vlog(1, "%s", msg))
   out = {}
-  for schedule in dict.fromkeys(list(schedules) + ["every"]):
+  every = list(dict.fromkeys(list(schedules) + ["every"]))
+  bar = console.progress(total=len(every) * sum(len(p) for p, _ in sets.values()),
+                         desc="calibration traces", unit="prompt")
+  for schedule in every:
     watch = dataclasses.replace(model.gate_defaults, schedule=schedule, threshold=1.0,
                                 reliance="low")
     out[schedule] = {}
     for cond, (prompts, prefill) in sets.items():
       payload = dict(model=model.loaded_from, prompts=prompts, prefill=prefill,
                      gate=dataclasses.asdict(watch), max_new_tokens=max_new_tokens)
-      log(f"traces {schedule}/{cond}: {len(prompts)} prompts")
+      logging.vlog(1, "traces %s/%s: %d prompts", schedule, cond, len(prompts))
       rows = store.get(f"{schedule}_{cond}", payload, lambda p=prompts, f=prefill, g=watch: [
           dataclasses.asdict(Trace.of(x)) for x in _generate(model, p, f, g, max_new_tokens)])
       out[schedule][cond] = [Trace(p0=r["p0"], steps=tuple(r["steps"]),
                                    probs=tuple(r["probs"]), length=r["length"]) for r in rows]
+      bar.update(len(prompts))
+  bar.close()
   return out
 
 
@@ -285,7 +289,7 @@ def calibrate(model, records: Sequence[dict], budget: float, workdir: str, *,
                      "calibrated=False)): the result is stored there, for that checkpoint.")
   sets = _prompt_sets(records, prefill)
   traces = record_traces(model, sets, schedules, max_new_tokens,
-                         os.path.join(workdir, TRACE_DIR), log)
+                         os.path.join(workdir, TRACE_DIR))
   rows = candidates(traces, schedules, taus)
   default = GateConfig()
   uncalibrated = None

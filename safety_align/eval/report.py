@@ -51,8 +51,9 @@ def asr_line(entry: dict, gate_on: str, gated: bool = True) -> str:
   return line + f" (n={entry['n']})"
 
 
-def results_markdown(results: dict, records: dict, cfg) -> str:
-  """The human-readable tables."""
+def results_markdown(results: dict, records: dict, cfg, brief: bool = False) -> str:
+  """The human-readable tables; ``brief``: the attack, utility, over-refusal and classifier
+  tables only (what a terminal shows at the end of a run; results.md holds the rest)."""
   gate_on = results["gate_on"]
   schedules = [s for s in names(cfg.schedules) if s != gate_on]
   has_bl = "baseline_no_cls" in results
@@ -64,14 +65,16 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
           "its own: the harm written before the insertion counts)" if not_refused else
           "harm anywhere in the text the model wrote (before or after an inserted refusal; "
           "never the forced prefill)")
-  lines = [f"# Attack evaluation: {results['model']}", "",
+  lines = [f"# Attack evaluation: {results['model']}", ""]
+  lines += [] if brief else [
            f"{results['n_malicious']} held-out malicious prompts, {results['n_benign']} benign; "
            f"harm judge: {results['judge']}; gate on = {gate_on}. ASR in %, with Wilson 95% "
            f"intervals; success = {what}. `refused` = the gate inserted its refusal or the "
            f"model wrote a refusal string (under {gate_on}); `leaked` = the refusal was "
            f"inserted after >= {k} model-written tokens that do not open with the model's own "
            "refusal (the old refusal judge counted these refused). `n` = attacked prompts.",
-           "", "| attack | n | gate off | " + f"{gate_on} | "
+           ""]
+  lines += ["| attack | n | gate off | " + f"{gate_on} | "
            + "".join(f"{s} | " for s in schedules)
            + ("no [CLS] | " if has_bl else "") + "refused | leaked |",
            "|---" * (6 + len(schedules) + has_bl) + "|"]
@@ -83,7 +86,7 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
             + (f" (n={a['n_no_cls']})" if "n_no_cls" in a else "")] if has_bl else []
     row += [pct(a["refused_gate_on"]), pct_ci(a.get("leak_gate_on"), a.get("leak_gate_on_ci"))]
     lines.append("| " + " | ".join(row) + " |")
-  lines += refusal_step_lines(results)
+  lines += [] if brief else refusal_step_lines(results)
   lines += defence_table(results)
   lines += benchmark_table(results)
   b = results["benign"]
@@ -105,6 +108,8 @@ def results_markdown(results: dict, records: dict, cfg) -> str:
                               if e.get("classifier", {}).get("auroc") is not None]
     lines += [f"| {label} | {x['auroc']:.3f} | {pct_ci(x['accuracy'], x['accuracy_ci'])}% | "
               f"{x['f1']:.3f} |" for label, x in named]
+  if brief:
+    return "\n".join(lines) + "\n"
   if results.get("overhead"):
     s, setup = results["overhead_seconds"], results["overhead_setup"]
     lines += ["", f"## Gate overhead ({setup['n_prompts']} prompts x {setup['new_tokens']} "

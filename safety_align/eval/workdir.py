@@ -23,7 +23,8 @@ EVAL_DIR = "eval"
 
 
 def run(workdir: str, eval_config) -> str:
-  """Evaluate the model in ``workdir``; writes ``workdir/eval/*`` and returns results.md."""
+  """Evaluate the model in ``workdir``; writes ``workdir/eval/*`` (results.md: every table)
+  and returns the main tables (``report.results_markdown(brief=True)``) for the terminal."""
   import safety_align as sa  # pylint: disable=g-import-not-at-top
   t0 = time.time()
   log = logger(t0)
@@ -75,7 +76,7 @@ def run(workdir: str, eval_config) -> str:
   if which:
     results["baselines_source"] = os.path.abspath(source)
   results["seconds"] = time.time() - t0
-  md = report.write_outputs(results, records, out_dir, cfg)
+  report.write_outputs(results, records, out_dir, cfg)
   log(f"wrote {out_dir}/results.json, results.md"
       + (", asr_by_attack.png, cls_trace.png" if cfg.plots else ""))
-  return md
+  return report.results_markdown(results, records, cfg, brief=True)

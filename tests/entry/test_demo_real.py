@@ -58,3 +58,38 @@ def test_query_templates_split_by_template():
     used[name] = {r["prompt"].split(" says")[0] for r in wrapped}
   assert used["train"] and used["validation"] and not used["train"] & used["validation"]
   assert not any(r["prompt"].startswith("x") for n in out for r in out[n])
+
+
+def _flags(*argv):
+  from absl import flags
+  fl = flags.FlagValues()
+  demo_real._define_flags(fl)
+  fl(["demo_real", *argv])
+  return fl
+
+
+def test_demo_preset_sets_what_the_command_line_left_and_the_demo_eval_config():
+  fl = _flags("--n_benign=7")
+  applied = demo_real.apply_preset("demo", fl)
+  assert fl.n_benign == 7 and "n_benign" not in applied  # the command line wins
+  assert fl.n_harmful == demo_real.PRESETS["demo"]["n_harmful"]
+  assert fl.train_variant == "demo" and fl.max_new_tokens == 40
+  # configs/eval/real.py:demo: the time-boxed subset, no competitors
+  assert fl.eval_config.n_malicious == 32 and fl.eval_config.baselines == ""
+  full = _flags()
+  assert demo_real.apply_preset("full", full) == {}
+  assert full.n_harmful == 0 and full.eval_config.n_malicious == 64
+
+
+def test_a_given_eval_config_is_kept_by_the_demo_preset():
+  fl = _flags(f"--eval_config={demo_real._REPO}/configs/eval/real.py:full")
+  assert "eval_config" not in demo_real.apply_preset("demo", fl)
+  assert fl.eval_config.n_malicious != 32  # :full, not :demo
+
+
+def test_round_robin_deals_one_record_per_source_in_turn():
+  records = [dict(s="a", i=0), dict(s="a", i=1), dict(s="a", i=2), dict(s="b", i=0),
+             dict(s="c", i=0), dict(s="c", i=1)]
+  dealt = demo_real.round_robin(records, "s")
+  assert [(r["s"], r["i"]) for r in dealt] == [("a", 0), ("b", 0), ("c", 0), ("a", 1),
+                                                ("c", 1), ("a", 2)]
