@@ -13,7 +13,7 @@ from safety_align import sharding
 from safety_align.data.packing import build_segment, pack
 from safety_align.masks import Role
 from safety_align.model import ModelConfig
-from safety_align.tools import aot
+from safety_align.tools import memory_estimate as memory
 from safety_align.trainer import Trainer
 
 PHASE = "sft"
@@ -42,7 +42,7 @@ def _trainer(cfg: ModelConfig, attention: str, batch: int) -> Trainer:
 
 
 def memory_vs_seq(cfg: ModelConfig, *, tokens: int, seq_lens, attentions) -> dict:
-  """Compiled per-step memory (``aot.step_memory``, bytes) of each attention at each length,
+  """Compiled per-step memory (``memory.step_memory``, bytes) of each attention at each length,
   ``tokens // T`` rows of ``T``: ``{attention: {T: Compiled.to_json()}}``. Compiled only."""
   out = {}
   for attention in attentions:
@@ -50,7 +50,7 @@ def memory_vs_seq(cfg: ModelConfig, *, tokens: int, seq_lens, attentions) -> dic
     for t in seq_lens:
       if tokens % t:
         raise ValueError(f"tokens={tokens} is not a multiple of seq_len={t}.")
-      out[attention][t] = aot.step_memory(_trainer(cfg, attention, tokens // t), tokens // t,
+      out[attention][t] = memory.step_memory(_trainer(cfg, attention, tokens // t), tokens // t,
                                           t).to_json()
   return out
 

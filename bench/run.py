@@ -254,8 +254,9 @@ def run_attention_memory(s, device):
   cfg = models.m100_config(scan_layers=True)
   config = dict(model="m100_config (scan_layers=True, remat none, float32)", phase=
                 attention.PHASE, tokens_per_batch=s["mem_tokens"], seq_lens=s["mem_seqs"],
-                devices=1, memory="XLA memory_analysis of the compiled step (aot.step_memory): "
-                "peak = arguments + outputs - aliased + temp; compiled only, nothing run",
+                devices=1, memory="XLA memory_analysis of the compiled step "
+                "(memory_estimate.step_memory): peak = arguments + outputs - aliased + temp; "
+                "compiled only, nothing run",
                 ratio=f"blockwise peak(T={s['mem_seqs'][-1]}) / peak(T={s['mem_seqs'][0]})")
   why = attention.unsupported("blockwise")
   attentions = [a for a in attention.ATTENTIONS if attention.unsupported(a) is None]

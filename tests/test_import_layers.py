@@ -78,8 +78,6 @@ TABLE = {
 # Known violations, each in a file another change of issue 29 is rewriting: (importer, imported)
 # -> what removes it. A new violation fails; so does an entry here that no longer occurs.
 PENDING = {
-    ("safety_align.tools.aot", "safety_align.tools.tpu_aot"):
-        "aot.py's memory formula (Estimate, Compiled) apart from its command line (item 5)",
 }
 
 

@@ -27,7 +27,8 @@ import numpy as np
 
 from safety_align import model as model_lib
 from safety_align import sharding
-from safety_align.tools import aot, roofline, tpu_targets
+from safety_align.tools import roofline, tpu_targets
+from safety_align.tools.memory_estimate import Compiled, Estimate, estimate, with_attention
 
 GIB = 2**30
 
@@ -45,7 +46,7 @@ class Report:
 
   what: str
   target: tpu_targets.Target
-  memory: aot.Compiled
+  memory: Compiled
   xla_flops: float
   model_flops: float
   hardware_flops: float
@@ -56,7 +57,7 @@ class Report:
   hlo_expected: float = 0.0
   notes: tuple = ()
   per_step: bool = False  # a decoding step: the HLO covers the whole program, not one step
-  estimate: aot.Estimate | None = None  # the formula's memory (training steps)
+  estimate: Estimate | None = None  # the formula's memory (training steps)
 
   @property
   def fits(self) -> bool:
@@ -115,11 +116,11 @@ class Report:
 SLACK = 1.3  # the compiled peak may exceed the formula by this much before it is flagged
 
 
-def memory_problem(report: Report, e: aot.Estimate, slack: float = SLACK) -> str | None:
+def memory_problem(report: Report, e: Estimate, slack: float = SLACK) -> str | None:
   """Why ``report``'s compiled arguments (the state the step keeps between steps, and the
-  batch) are over ``slack`` x the formula's sharded state (``aot.estimate``: parameters and
-  optimiser state over every chip), or None. Over it, some state is not sharded as the
-  formula assumes, e.g. a parameter replicated by a missing logical-axis rule. (The peak is
+  batch) are over ``slack`` x the formula's sharded state (``memory_estimate.estimate``:
+  parameters and optimiser state over every chip), or None. Over it, some state is not sharded
+  as the formula assumes, e.g. a parameter replicated by a missing logical-axis rule. (The peak is
   not checked against the formula: XLA may hold a whole float32 gradient of the embedding
   before reduce-scattering it, which the formula does not model.)"""
   state = e.params + e.opt_state
@@ -137,7 +138,7 @@ class Program:
   ``cost_analysis()`` per chip and the optimised HLO text. ``save`` / ``load`` keep it
   (``aot.py --hlo_dir``) so the report can be recomputed without compiling again."""
 
-  memory: aot.Compiled
+  memory: Compiled
   xla_flops: float
   hlo: str
 
@@ -149,7 +150,7 @@ class Program:
     peak = getattr(stats, "peak_memory_in_bytes", 0) or args + out - alias + temp
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return cls(aot.Compiled(devices=devices, arguments=args, outputs=out, aliased=alias,
+    return cls(Compiled(devices=devices, arguments=args, outputs=out, aliased=alias,
                             temp=temp, peak=peak),
                float(cost.get("flops", 0.0)), compiled.as_text())
 
@@ -166,7 +167,7 @@ class Program:
     saved = json.loads(path.with_suffix(".json").read_text())
     with gzip.open(path.with_suffix(".hlo.gz"), "rt") as f:
       hlo = f.read()
-    return cls(aot.Compiled(**saved["memory"]), saved["xla_flops"], hlo)
+    return cls(Compiled(**saved["memory"]), saved["xla_flops"], hlo)
 
 
 def tpu_attention(attention: str) -> tuple[str, tuple]:
@@ -205,7 +206,7 @@ def train_step(config: ml_collections.ConfigDict, phase: str, target: tpu_target
   check fail). ``hlo_dir``: keep the compiled program's analyses there (``_cached``)."""
   from safety_align import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   attention, notes = tpu_attention(attention)
-  model_cfg = aot.with_attention(model_lib.ModelConfig.from_config(config.model), attention)
+  model_cfg = with_attention(model_lib.ModelConfig.from_config(config.model), attention)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
   p, seq_len = config[phase], config.data.seq_len
   n_data = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -218,7 +219,7 @@ def train_step(config: ml_collections.ConfigDict, phase: str, target: tpu_target
   program = _cached(hlo_dir, repr((config.to_json(), phase, target.topology, model_cfg, rules)),
                     f"{target.topology.replace(':', '_')}-{phase}-{model_cfg.attention}", chips,
                     lambda: trainer.lower(p.batch_size, seq_len))
-  e = aot.estimate(model_cfg, devices=chips, batch_size=p.batch_size, seq_len=seq_len,
+  e = estimate(model_cfg, devices=chips, batch_size=p.batch_size, seq_len=seq_len,
                    grad_accum=trainer.grad_accum)
   tokens = p.batch_size * seq_len * trainer.grad_accum
   per_chip = lambda f, **kw: f(model_cfg, e.n_params, tokens, seq_len, **kw) / chips
@@ -236,7 +237,7 @@ def train_step(config: ml_collections.ConfigDict, phase: str, target: tpu_target
       estimate=e)
 
 
-def _train_hbm_bytes(cfg: model_lib.ModelConfig, e: aot.Estimate, chips: int, k: int) -> float:
+def _train_hbm_bytes(cfg: model_lib.ModelConfig, e: Estimate, chips: int, k: int) -> float:
   """A lower bound on one step's HBM traffic per chip: AdamW reads the float32 parameters,
   gradients and both moments and writes three of them back (28 bytes per parameter, sharded);
   each micro-step reads the gathered compute-dtype weights three times (forward, and the

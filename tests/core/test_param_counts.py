@@ -8,7 +8,7 @@ import jax
 import pytest
 
 from safety_align import model as model_lib
-from safety_align.tools import aot
+from safety_align.tools import memory_estimate as memory
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs")
 
@@ -42,19 +42,19 @@ def test_mistral_variants():
 def test_memory_estimate_7b():
   cfg = model_lib.ModelConfig.from_config(load_config("llama2_7b").model)
   bf16 = dataclasses.replace(cfg, param_dtype="bfloat16")
-  e = aot.estimate(bf16, devices=8, batch_size=8, seq_len=2048, grad_accum=8)
+  e = memory.estimate(bf16, devices=8, batch_size=8, seq_len=2048, grad_accum=8)
   assert 13.4e9 < e.param_bytes < 13.6e9  # 2 bytes x 6.74B
   assert e.params == e.grads == e.param_bytes / 8
   # AdamW mu, nu in float32, plus the MultiSteps accumulator when accumulating
   assert e.opt_state == pytest.approx(3 * 4 * e.n_params / 8)
-  assert aot.estimate(bf16, devices=8, batch_size=8, seq_len=2048).opt_state == pytest.approx(
+  assert memory.estimate(bf16, devices=8, batch_size=8, seq_len=2048).opt_state == pytest.approx(
       2 * 4 * e.n_params / 8)
-  e32 = aot.estimate(cfg, devices=8, batch_size=8, seq_len=2048, grad_accum=8)
+  e32 = memory.estimate(cfg, devices=8, batch_size=8, seq_len=2048, grad_accum=8)
   assert e32.param_bytes == pytest.approx(2 * e.param_bytes)
   # One 2048-token row per device: saved activations of 32 layers, a few GiB to tens of GiB.
-  assert 4 * aot.GIB < e32.activations < 40 * aot.GIB
-  policies = [aot.estimate(dataclasses.replace(cfg, remat=r), devices=8,
+  assert 4 * memory.GIB < e32.activations < 40 * memory.GIB
+  policies = [memory.estimate(dataclasses.replace(cfg, remat=r), devices=8,
                            batch_size=8, seq_len=2048).activations
               for r in ("full", "dots_no_batch", "dots", "none")]
   assert policies == sorted(policies)
-  assert aot.estimate(cfg, devices=16, batch_size=64, seq_len=2048).params == e32.params / 2
+  assert memory.estimate(cfg, devices=16, batch_size=64, seq_len=2048).params == e32.params / 2
