@@ -69,6 +69,11 @@ def _figures(report: Mapping, results: Mapping) -> list[str]:
       lines.append(f"- `[CLS]` first classification, {split.replace('_', ' ')}: AUROC "
                    f"{m['auroc']:.3f}, accuracy {_pct(m.get('accuracy'), m.get('accuracy_ci'))}"
                    f" (n = {m.get('n', '?')})")
+  c = results.get("classifier", {})
+  if "test_cross_source" not in report.get("classifier", {}) and c.get("auroc") is not None:
+    lines.append(f"- `[CLS]` first classification, held-out sources (the evaluation): AUROC "
+                 f"{c['auroc']:.3f}, accuracy {_pct(c.get('accuracy'), c.get('accuracy_ci'))}"
+                 f" (n = {c.get('n', '?')})")
   attacks = results.get("attacks", {})
   if attacks:
     lines += ["", "| attack | n | ASR gate off | ASR gate on | refused (gate on) |",

@@ -46,3 +46,18 @@ def test_card_has_sources_recipe_figures_and_limits(tmp_path):
   assert "| direct | 64 | 70.0% [58.0, 80.0] | 17.2% [10.0, 28.0] | 83.0% |" in text
   assert "gate on 25.2%, gate off 5.7%" in text
   assert "## Limits" in text and "English only" in text
+
+
+def test_card_takes_the_cross_source_auroc_from_the_evaluation_when_the_report_lacks_it(
+    tmp_path):
+  (tmp_path / "eval").mkdir()
+  (tmp_path / "config.json").write_text(json.dumps(dict(phases="sft", model=dict(n_layers=2))))
+  (tmp_path / "report.json").write_text(json.dumps(dict(classifier=dict(
+      test_in_distribution=dict(auroc=0.97, accuracy=0.9, n=53)))))
+  (tmp_path / "eval" / "results.json").write_text(json.dumps(dict(
+      classifier=dict(auroc=0.82, accuracy=0.75, accuracy_ci=[0.7, 0.8], n=320))))
+  source = dict(name="Src", package="llm-x", version="1", licence="MIT", member="m.gguf")
+  text = open(model_card.write(str(tmp_path), source=source, sources=[])).read()
+  assert "test in distribution: AUROC 0.970" in text
+  assert "held-out sources (the evaluation): AUROC 0.820, accuracy 75.0% [70.0, 80.0] (n = 320)" \
+      in text
