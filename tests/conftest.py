@@ -1,6 +1,9 @@
 """Test setup: 8 fake CPU devices (sharding tests) and no other backend, float32 everywhere,
-shared tiny fixtures (the tiny config, [CLS] rows, and the tiny SafetyModel ``model``)."""
+shared tiny fixtures (the tiny config, [CLS] rows, the tiny SafetyModel ``model``, and a
+finished smoke training run ``trained``)."""
 
+import glob
+import hashlib
 import os
 import pathlib
 import sys
@@ -17,7 +20,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
-from safety_align import api  # noqa: E402
+from configs import tiny  # noqa: E402
+from safety_align import api, training_loop  # noqa: E402
 from safety_align.data import templates  # noqa: E402
 from safety_align.data.packing import build_segment, pack  # noqa: E402
 from safety_align.data.tokenizer import Tokenizer, train_bpe  # noqa: E402
@@ -84,6 +88,34 @@ def chat_segment(query=(10, 11, 12), response=(20, 21, 22, 23), label=1, windows
 
 def packed(segments, seq_len=24, batch=1):
   return pack(segments, batch, seq_len)
+
+
+def smoke_config(phases="pretrain,sft", steps=4, like=None):
+  """The smoke config, 8-row batches, checkpoints every 2 steps; ``like``: a workdir whose
+  prepared data and tokenizer to reuse."""
+  c = tiny.get_config("smoke")
+  c.phases = phases
+  if like is not None:
+    c.data.update(data_dir=str(like / "tfds"), tokenizer=str(like / "tokenizer.json"))
+  for phase in (c.pretrain, c.sft):
+    phase.update(steps=steps, batch_size=8)  # the 8 devices above
+  c.checkpoint.update(every_steps=2, keep=2, async_save=False)
+  return c
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+  """A finished two-phase smoke run (``smoke_config()``): checkpoints pretrain/{2,4},
+  sft/{2,4}. Shared: a test that changes it works on a copy."""
+  work = tmp_path_factory.mktemp("run") / "w"
+  training_loop.train(smoke_config(), str(work))
+  return work
+
+
+def file_digests(path) -> dict:
+  """{relative path: SHA-256} of every file under ``path``."""
+  return {os.path.relpath(f, path): hashlib.sha256(open(f, "rb").read()).hexdigest()
+          for f in sorted(glob.glob(f"{path}/**", recursive=True)) if os.path.isfile(f)}
 
 
 @pytest.fixture(autouse=True, scope="module")

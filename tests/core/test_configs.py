@@ -2,6 +2,7 @@
 the shared helpers of ``safety_align.config_lib``."""
 
 import hashlib
+import importlib.util
 import json
 import pathlib
 
@@ -104,6 +105,16 @@ def test_paper_values():
 def test_unknown_variant_is_a_clear_error(name, arg, error, match):
   with pytest.raises(error, match=match):
     config_lib.sibling_config(str(CONFIGS / "tiny.py"), name, arg)
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(CONFIGS.parent)) for p in
+                                        CONFIGS.glob("**/*.py")))
+def test_every_config_file_rejects_an_unknown_variant(path):
+  spec = importlib.util.spec_from_file_location("config_under_test", CONFIGS.parent / path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  with pytest.raises((ValueError, FileNotFoundError)):
+    module.get_config("no_such_variant")
 
 
 def test_phase_config_and_sibling_config(tmp_path):

@@ -1,9 +1,11 @@
 """HF round trip (levanter-style): tiny random HF model -> import_hf -> logits match HF ->
 export_hf -> transformers reloads it -> same logits. One case per family/variant, plus the
-errors raised before any tensor is read."""
+errors raised before any tensor is read and an export into its own workdir refused."""
 
 import json
 import os
+import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ torch = pytest.importorskip("torch")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 import tokenizers  # noqa: E402
 
+from conftest import file_digests  # noqa: E402
 import safety_align as sa  # noqa: E402
 from safety_align import convert, workdir  # noqa: E402
 from safety_align.formats.source import CLS_FILE  # noqa: E402
@@ -109,6 +112,15 @@ def test_config_errors(llama_dir, tmp_path, changes, message):
   with pytest.raises(ValueError, match=message):
     convert.import_hf(src, str(tmp_path / "out"))
   assert not os.path.exists(tmp_path / "out")
+
+
+def test_export_onto_the_workdir_is_refused_before_writing(trained, tmp_path):
+  work = pathlib.Path(shutil.copytree(trained, tmp_path / "w"))
+  before = file_digests(work)
+  for out in (work, work / "hf"):
+    with pytest.raises(ValueError, match="is the workdir .* or inside it"):
+      convert.export_hf(str(work), str(out))
+  assert file_digests(work) == before
 
 
 JINJA = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
