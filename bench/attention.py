@@ -14,7 +14,7 @@ from safety_align.data.packing import build_segment, pack
 from safety_align.masks import Role
 from safety_align.model import ModelConfig
 from safety_align.tools import memory_estimate as memory
-from safety_align.trainer import Trainer
+from safety_align.train_step import Trainer
 
 PHASE = "sft"
 ATTENTIONS = ("dense", "blockwise")

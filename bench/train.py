@@ -16,7 +16,7 @@ from safety_align import sharding
 from safety_align.data.packing import build_segment, pack
 from safety_align.masks import Role
 from safety_align.model import ModelConfig, count_params
-from safety_align.trainer import Trainer
+from safety_align.train_step import Trainer
 
 PHASE = "pretrain"
 

@@ -17,7 +17,7 @@ from ml_collections import config_flags
 import numpy as np
 
 import safety_align as sa
-from safety_align import console, train_lib
+from safety_align import console, training_loop
 from safety_align.data import corpus
 from safety_align.stats import auroc
 
@@ -60,11 +60,11 @@ def main(argv):
   config, workdir = flags.FLAGS.config, flags.FLAGS.workdir
   console.configure()
   t0 = time.time()
-  train_lib.train(config, workdir)
+  training_loop.train(config, workdir)
   train_seconds = time.time() - t0
   model = sa.load(workdir)
   report = classifier_report(model, config.data.seed)
-  train_lib.progress(
+  training_loop.progress(
       f"\nTrained in {train_seconds:.0f}s. Held-out [CLS] classifier on {report['n']} unseen "
       f"prompts: accuracy {report['accuracy']:.3f}, AUROC {report['auroc']:.3f}")
   show_generations(model, config.data.seed)

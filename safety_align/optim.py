@@ -2,7 +2,7 @@
 cosine, step or constant learning-rate schedule, global-norm clipping as one scalar factor, and
 per-parameter learning-rate factors (``trainable`` freezes what it does not match,
 ``cls_lr_scale`` scales the [CLS] branch's parameters). It makes one update per optimiser step;
-``trainer.Trainer`` accumulates the gradients.
+``train_step.Trainer`` accumulates the gradients.
 """
 
 from __future__ import annotations

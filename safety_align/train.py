@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from safety_align import checkpoint, console, train_lib
+from safety_align import checkpoint, console, training_loop
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -47,7 +47,7 @@ def _parse_flags(argv):
     if spec is None:
       raise
     config = flags.FLAGS["config"].parser.parse(spec)
-    problems = [p for p in (train_lib.unknown_key(config, m.group(1))
+    problems = [p for p in (training_loop.unknown_key(config, m.group(1))
                             for m in map(_OVERRIDE.match, argv) if m) if p]
     if not problems:
       raise
@@ -66,12 +66,12 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
   if _COMPILATION_CACHE.value:
     jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.value)
-  train_lib.progress(f"JAX devices: {jax.devices()} (process {jax.process_index()} of "
-                     f"{jax.process_count()})")
+  training_loop.progress(f"JAX devices: {jax.devices()} (process {jax.process_index()} of "
+                         f"{jax.process_count()})")
   try:
-    train_lib.train(_CONFIG.value, _WORKDIR.value,
-                    stated=config_flags.get_override_values(flags.FLAGS["config"]))
-  except train_lib.Interrupted as e:
+    training_loop.train(_CONFIG.value, _WORKDIR.value,
+                        stated=config_flags.get_override_values(flags.FLAGS["config"]))
+  except training_loop.Interrupted as e:
     print(f"train: {e}", file=sys.stderr)
     sys.exit(130)
   except KeyboardInterrupt:  # before the loop: nothing of this run was saved

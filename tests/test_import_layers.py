@@ -52,8 +52,8 @@ TABLE = {
     "safety_align.scoring": ("model_object", "the [CLS] scoring layout behind SafetyModel"),
     "safety_align.moderation": ("model_object", "GateStream, SafetyModel's streaming moderation"),
     # train
-    "safety_align.trainer": ("train", "the compiled training step"),
-    "safety_align.train_lib": ("train", "the training run: phases, data, checkpoints"),
+    "safety_align.train_step": ("train", "the compiled training step"),
+    "safety_align.training_loop": ("train", "the training run: phases, data, checkpoints"),
     # attacks and defences: take a model, attack or defend it
     "safety_align.attacks": ("attacks_defences", "the attacks (white-box: may use the gate)"),
     "safety_align.baselines": ("attacks_defences", "the competitor defences"),

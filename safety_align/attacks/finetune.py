@@ -2,7 +2,7 @@
 compromises safety"; METHOD.md section 7): someone with the weights fine-tunes a copy for a
 few steps, then attacks it.
 
-Fine-tuning: ``steps`` SFT steps (``trainer.Trainer``, grad_accum 1, AdamW at a constant
+Fine-tuning: ``steps`` SFT steps (``train_step.Trainer``, grad_accum 1, AdamW at a constant
 ``lr``, no weight decay) on the model's own copy of its parameters, with ``data``:
 
 * ``"harmful_demo"`` (the demo model): the demo corpus' training-split malicious prompts with
@@ -49,7 +49,7 @@ from safety_align.data.packing import build_segment, without_cls
 from safety_align.data.pipeline import Pipeline
 from safety_align.data.tfds_builders import read_chat_records
 from safety_align.stats import classifier_metrics
-from safety_align.trainer import Trainer
+from safety_align.train_step import Trainer
 
 DATA = ("harmful_demo", "benign")
 

@@ -15,7 +15,7 @@ Data (``training_segments``):
 * anchors: every training pair as ordinary SFT (benign pairs: their answer, the utility
   anchor; malicious pairs: their refusal from the first token).
 
-Training: the source's parameters, one ``sft`` phase of ``train_lib.run_phase`` into the
+Training: the source's parameters, one ``sft`` phase of ``training_loop.run_phase`` into the
 folder (``use_cls=False``, as ``eval.baseline`` trains the no-[CLS] baseline), with a
 ``config.json`` and the source's tokenizer beside it so ``sa.load`` reads the folder. A build
 whose folder already has the finished checkpoint only loads it (an unfinished one resumes).
@@ -36,7 +36,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from safety_align import checkpoint, sharding, train_lib, workdir
+from safety_align import checkpoint, sharding, training_loop, workdir
 from safety_align.api import load
 from safety_align.baselines import common
 from safety_align.data import corpus
@@ -111,7 +111,7 @@ def train_config(source: str, section, folder: str) -> ml_collections.ConfigDict
 def train(source: str, section, records: Sequence[dict], folder: str, tok) -> None:
   """SFT of ``source`` on ``training_segments(records)`` into ``folder`` (resumes there)."""
   config = train_config(source, section, folder)
-  train_lib.check_config(config)
+  training_loop.check_config(config)
   workdir.write_config(folder, config)
   tok.save(config.data.tokenizer)
   tok.save_special_tokens(os.path.join(folder, "tokenizer_config.json"))
@@ -123,10 +123,10 @@ def train(source: str, section, records: Sequence[dict], folder: str, tok) -> No
                       jax.process_index(), jax.process_count())
   params = jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype),
                         workdir.load_for_inference(source).params)
-  log = train_lib.MetricsLog(folder)
+  log = training_loop.MetricsLog(folder)
   try:
-    train_lib.run_phase(config, folder, PHASE, pipeline, sharding.make_mesh(dict(config.mesh)),
-                        log, init_params_=params)
+    training_loop.run_phase(config, folder, PHASE, pipeline, sharding.make_mesh(dict(config.mesh)),
+                            log, init_params_=params)
   finally:
     log.close()
 

@@ -59,8 +59,8 @@ def resolve_baseline(workdir: str, cfg, log) -> str | None:
   out = os.path.join(workdir, BASELINE_DIR)
   config = baseline_config(workdir, cfg.baseline_steps)
   if not baseline_done(out, config.sft.steps):
-    from safety_align import train_lib  # pylint: disable=g-import-not-at-top
+    from safety_align import training_loop  # pylint: disable=g-import-not-at-top
     log(f"training the no-[CLS] baseline into {out} ({config.sft.steps} SFT steps from "
         f"{workdir}'s pretraining checkpoint)")
-    train_lib.train(config, out)
+    training_loop.train(config, out)
   return out

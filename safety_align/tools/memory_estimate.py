@@ -15,13 +15,13 @@ gradient accumulator; activations are those of each device's share of one micro-
 plus one layer's full working set (recomputed in the backward pass) and the float32 LM logits
 and their gradient. Estimates, not compiler output: leave ~10% headroom.
 
-``compiled_memory`` (``--compiled``) lowers the real sharded step (``trainer.Trainer``: state
+``compiled_memory`` (``--compiled``) lowers the real sharded step (``train_step.Trainer``: state
 and the ``[grad_accum, batch_size, seq_len]`` micro-batches as sharded ``ShapeDtypeStruct``s,
 nothing allocated) on ``devices`` fake CPU devices, compiles it and reports XLA's
 ``memory_analysis()`` per device: arguments (state + batch), outputs, temporaries and the peak.
 XLA:CPU's fusion and layouts differ from a TPU's or GPU's, so read it as the partitioned
 program's buffer sizes, not a hardware measurement. ``Trainer`` traces under
-``trainer.mesh_context`` (``jax.set_mesh``), so the model's logical activation constraints
+``train_step.mesh_context`` (``jax.set_mesh``), so the model's logical activation constraints
 are in the compiled program: each device holds its own rows' activations.
 """
 
@@ -76,7 +76,7 @@ def estimate(model_cfg: model_lib.ModelConfig, *, devices: int, batch_size: int,
              grad_accum: int = 1) -> Estimate:
   """Per-device memory of one training step (see the module docstring for the model).
 
-  ``batch_size`` rows go through each micro-step (as in ``trainer``); ``grad_accum`` > 1
+  ``batch_size`` rows go through each micro-step (as in ``train_step``); ``grad_accum`` > 1
   adds the step's float32 gradient accumulator (counted with the optimiser state).
   """
   if devices <= 0 or batch_size <= 0 or grad_accum <= 0:
@@ -129,7 +129,7 @@ def compiled_memory(config: ml_collections.ConfigDict, phase: str, *, devices: i
                     attention: str = "") -> Compiled:
   """Compile ``phase``'s train step of ``config`` (mesh ``config.mesh``) on the first
   ``devices`` devices from abstract, sharded inputs, and read XLA's memory analysis."""
-  from safety_align import sharding, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from safety_align import sharding, train_step as step_lib  # pylint: disable=g-import-not-at-top
   if jax.device_count() < devices:
     raise ValueError(f"compiled_memory: {devices} devices asked for, {jax.device_count()} "
                      f"present: set XLA_FLAGS=--xla_force_host_platform_device_count={devices} "
@@ -142,12 +142,12 @@ def compiled_memory(config: ml_collections.ConfigDict, phase: str, *, devices: i
     raise ValueError(f"config.{phase}.batch_size={p.batch_size} is not divisible by the "
                      f"{n_data} data-parallel devices of {devices}: override it, e.g. "
                      f"--config.{phase}.batch_size={n_data * math.ceil(p.batch_size / n_data)}.")
-  return step_memory(trainer_lib.Trainer(model_cfg, p, phase, mesh), p.batch_size,
+  return step_memory(step_lib.Trainer(model_cfg, p, phase, mesh), p.batch_size,
                      config.data.seq_len)
 
 
 def step_memory(trainer, batch_size: int, seq_len: int) -> Compiled:
-  """XLA's memory analysis of ``trainer``'s step (a ``trainer.Trainer``) compiled for
+  """XLA's memory analysis of ``trainer``'s step (a ``train_step.Trainer``) compiled for
   ``batch_size`` rows of ``seq_len`` per micro-batch."""
   stats = trainer.lower(batch_size, seq_len).compile().memory_analysis()
   args, out = stats.argument_size_in_bytes, stats.output_size_in_bytes

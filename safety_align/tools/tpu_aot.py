@@ -1,6 +1,6 @@
 """The run's programs compiled by the TPU compiler for a TPU slice, on a CPU machine.
 
-``train_step``: the sharded training step of a phase (``trainer.Trainer``: state and the
+``train_step``: the sharded training step of a phase (``train_step.Trainer``: state and the
 ``[grad_accum, batch_size, seq_len]`` micro-batches as sharded ``ShapeDtypeStruct``s, nothing
 allocated) over the config's mesh on the slice's devices (``tpu_targets.devices``).
 ``decode_loop``: the compiled gated decoding program (prompt pass + loops, ``decode.decoder``)
@@ -204,7 +204,7 @@ def train_step(config: ml_collections.ConfigDict, phase: str, target: tpu_target
   """Compile ``phase``'s sharded training step for ``target`` and report it per chip.
   ``rules``: the logical-axis rules of the parameters (tests replicate one to see the memory
   check fail). ``hlo_dir``: keep the compiled program's analyses there (``_cached``)."""
-  from safety_align import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from safety_align import train_step as step_lib  # pylint: disable=g-import-not-at-top
   attention, notes = tpu_attention(attention)
   model_cfg = with_attention(model_lib.ModelConfig.from_config(config.model), attention)
   mesh = sharding.make_mesh(dict(config.mesh), devices)
@@ -214,7 +214,7 @@ def train_step(config: ml_collections.ConfigDict, phase: str, target: tpu_target
     raise ValueError(f"config.{phase}.batch_size={p.batch_size} is not divisible by the "
                      f"{n_data} data-parallel chips of {target.slice_name}: override it, e.g. "
                      f"--config.{phase}.batch_size={n_data}.")
-  trainer = trainer_lib.Trainer(model_cfg, p, phase, mesh, rules)
+  trainer = step_lib.Trainer(model_cfg, p, phase, mesh, rules)
   chips = target.chips
   program = _cached(hlo_dir, repr((config.to_json(), phase, target.topology, model_cfg, rules)),
                     f"{target.topology.replace(':', '_')}-{phase}-{model_cfg.attention}", chips,

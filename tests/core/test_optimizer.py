@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from configs import tiny
-from safety_align import optim, trainer as trainer_lib
+from safety_align import optim, train_step as step_lib
 
 
 def _grads(scale):
@@ -79,7 +79,7 @@ def _train_steps(phase_updates, n=3):
     cfg[k] = v
   model_cfg = tiny_model_config(scan_layers=True)
   mesh = sharding.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices=jax.devices()[:1])
-  trainer = trainer_lib.Trainer(model_cfg, cfg, "sft", mesh)
+  trainer = step_lib.Trainer(model_cfg, cfg, "sft", mesh)
   state = trainer.init_state(jax.random.key(0))
   start = jax.tree.map(np.asarray, state.params)
   batch = packed([chat_segment(), chat_segment(label=0, query=(13, 14))], seq_len=32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import chat_segment, packed, tiny_model_config
-from safety_align import sharding, trainer as trainer_lib
+from safety_align import sharding, train_step as step_lib
 
 from configs import tiny
 
@@ -29,8 +29,8 @@ def _batches(n):
 
 def _losses(mesh_sizes, devices):
   mesh = sharding.make_mesh(mesh_sizes, devices)
-  trainer = trainer_lib.Trainer(tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128),
-                                _phase_cfg(), "sft", mesh)
+  trainer = step_lib.Trainer(tiny_model_config(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128),
+                             _phase_cfg(), "sft", mesh)
   state = trainer.init_state(jax.random.key(0))
   out = []
   for b in _batches(3):

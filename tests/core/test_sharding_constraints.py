@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import chat_segment, packed, tiny_model_config
-from safety_align import attention, model as model_lib, sharding, trainer as trainer_lib
+from safety_align import attention, model as model_lib, sharding, train_step as step_lib
 from safety_align.masks import Role
 
 from configs import tiny
@@ -47,7 +47,7 @@ def test_train_step_constrains_every_activation():
   rows over (data, fsdp) and heads / MLP / vocabulary over tensor (under a bare ``with mesh:``
   flax finds no abstract mesh on JAX 0.10 and drops them all)."""
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
-  trainer = trainer_lib.Trainer(_cfg(), _phase(), "sft", _mesh())
+  trainer = step_lib.Trainer(_cfg(), _phase(), "sft", _mesh())
   found = _constraints(trainer.lower(8, 32).as_text())
   assert found.get((8, 32, 64)) == {f"{BATCH}, {{}}, {{}}"}, found          # residual stream
   assert found.get((8, 32, 4, 16)) == {f'{BATCH}, {{}}, {{"tensor"}}, {{}}'}, found  # q
@@ -59,13 +59,13 @@ def test_init_constrains_multi_axis_kernels_in_their_own_shape():
   """Initialised under the mesh, the 3-axis attention kernels and 2-axis biases are created
   and constrained in their full shapes, and the sharded init equals the unsharded one."""
   cfg = _cfg(qkv_bias=True)
-  with trainer_lib.mesh_context(_mesh()):
+  with step_lib.mesh_context(_mesh()):
     found = _constraints(jax.jit(lambda r: nn.meta.unbox(model_lib.init_params(cfg, r)))
                          .lower(jax.random.key(0)).as_text())
   assert found[(64, 4, 16)] == {'{"fsdp"}, {"tensor"}, {}'}  # q_proj kernel [D, H, Dh]
   assert found[(4, 16, 64)] == {'{"tensor"}, {}, {"fsdp"}'}  # o_proj kernel [H, Dh, D]
   assert found[(4, 16)] == {'{"tensor"}, {}'}  # q_proj bias [H, Dh]
-  state = trainer_lib.Trainer(cfg, _phase(), "sft", _mesh()).init_state(jax.random.key(0))
+  state = step_lib.Trainer(cfg, _phase(), "sft", _mesh()).init_state(jax.random.key(0))
   plain = jax.jit(lambda r: nn.meta.unbox(model_lib.init_params(cfg, r)))(jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, state.params, plain)
   bias = state.params["layer_0"]["attn"]["k_proj"]["bias"]  # [Hkv, Dh] over tensor

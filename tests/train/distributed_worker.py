@@ -24,12 +24,12 @@ def main(_):
   sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1]))  # tests/: conftest
   from conftest import chat_segment, packed, tiny_model_config  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from safety_align import sharding, trainer as trainer_lib  # pylint: disable=g-import-not-at-top
+  from safety_align import sharding, train_step as step_lib  # pylint: disable=g-import-not-at-top
 
   phase_cfg = tiny.phase_config(steps=3, batch_size=8, cls_weight=0.1, lr=1e-2, split="sft")
   phase_cfg.warmup_steps = 1
   mesh = sharding.make_mesh(dict(data=-1, fsdp=2, tensor=1))
-  trainer = trainer_lib.Trainer(tiny_model_config(d_model=64, d_ff=128), phase_cfg, "sft", mesh)
+  trainer = step_lib.Trainer(tiny_model_config(d_model=64, d_ff=128), phase_cfg, "sft", mesh)
   state = trainer.init_state(jax.random.key(0))
   rng = np.random.default_rng(0)
   losses = []

@@ -1,5 +1,5 @@
 """Gradient accumulation as a global token mean, and the main / window [CLS] terms normalised
-separately (losses.py, trainer.Trainer)."""
+separately (losses.py, train_step.Trainer)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +9,7 @@ import pytest
 
 from conftest import VOCAB, chat_segment, packed, tiny_model_config
 from configs import tiny
-from safety_align import losses, sharding, train_lib, trainer as trainer_lib
+from safety_align import losses, sharding, training_loop, train_step as step_lib
 from safety_align.masks import Role
 
 K, B, T = 3, 2, 32
@@ -41,7 +41,7 @@ def _trainer(grad_accum, batch_size, window_cls_weight=0.3):
   cfg = tiny.phase_config(steps=10, batch_size=batch_size, cls_weight=0.5, lr=1e-2, split="sft")
   cfg.update(grad_accum=grad_accum, window_cls_weight=window_cls_weight, warmup_steps=1)
   mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), devices=jax.devices()[:2])
-  return trainer_lib.Trainer(tiny_model_config(scan_layers=True), cfg, "sft", mesh)
+  return step_lib.Trainer(tiny_model_config(scan_layers=True), cfg, "sft", mesh)
 
 
 def _grads(trainer, params, stacked):
@@ -99,16 +99,16 @@ def test_micro_batches_are_consecutive_pipeline_batches():
   class Numbered:
     def batch(self, k):
       return {"tokens": np.full((B, T), k)}
-  out = trainer_lib.micro_batches(Numbered(), step=4, k=3)
+  out = step_lib.micro_batches(Numbered(), step=4, k=3)
   assert out["tokens"].shape == (3, B, T)
   np.testing.assert_array_equal(out["tokens"][:, 0, 0], [12, 13, 14])
 
 
 def test_resume_with_another_grad_accum_is_refused():
-  train_lib._check_data_position("sft", 5, 3, dict(data_position=15))  # pylint: disable=protected-access
+  training_loop._check_data_position("sft", 5, 3, dict(data_position=15))  # pylint: disable=protected-access
   with pytest.raises(ValueError, match=r"data position 10 .*grad_accum=3 resumes at 15: set "
                                        r"grad_accum back to 2"):
-    train_lib._check_data_position("sft", 5, 3, dict(data_position=10))  # pylint: disable=protected-access
+    training_loop._check_data_position("sft", 5, 3, dict(data_position=10))  # pylint: disable=protected-access
 
 
 def _random_logits(batch, seed=0):
@@ -171,17 +171,17 @@ def test_term_counts_and_global_denominators_sum_over_micro_batches():
 
 def test_window_cls_weight_config_checks():
   config = tiny.get_config("smoke")
-  assert trainer_lib.objective(config.sft) == (config.sft.cls_weight, config.sft.cls_weight)
+  assert step_lib.objective(config.sft) == (config.sft.cls_weight, config.sft.cls_weight)
   config.sft.window_cls_weight = -1.0
   with pytest.raises(ValueError, match=r"config.sft.window_cls_weight=-1.0: expected a number "
                                        r">= 0"):
-    train_lib.check_config(config)
+    training_loop.check_config(config)
   config.sft = ml_collections.ConfigDict(
       {k: v for k, v in config.sft.items() if k != "window_cls_weight"})
   assert ("add window_cls_weight=... to the config file's phase block (default: its "
-          "cls_weight)") in train_lib.unknown_key(config, "sft.window_cls_weight")
-  assert "has no field 'window_cls_wieght'" in train_lib.unknown_key(config,
-                                                                     "sft.window_cls_wieght")
+          "cls_weight)") in training_loop.unknown_key(config, "sft.window_cls_weight")
+  assert "has no field 'window_cls_wieght'" in training_loop.unknown_key(config,
+                                                                         "sft.window_cls_wieght")
 
 
 def test_loss_entry_checks_ranks_dtypes_and_shapes():

@@ -17,7 +17,7 @@ import pytest
 import safety_align as sa
 from conftest import chat_segment, tiny_model_config
 from configs import tiny
-from safety_align import api, calls, checkpoint, demo_real, train_lib, workdir
+from safety_align import api, calls, checkpoint, demo_real, training_loop, workdir
 from safety_align.data import pipeline, templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
@@ -73,7 +73,7 @@ def trained(source, tmp_path_factory):
   c.sft.update(steps=2, batch_size=8, grad_accum=1, warmup_steps=1)
   c.checkpoint.update(every_steps=2, async_save=False)
   work = tmp_path_factory.mktemp("run") / "w"
-  train_lib.train(c, str(work))
+  training_loop.train(c, str(work))
   return work, tok
 
 

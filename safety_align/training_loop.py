@@ -7,7 +7,7 @@ run resumes from the newest intact checkpoint of the phase it stopped in; the mi
 is a pure function of ``(seed, m)``, so a resumed run sees exactly the data it would have seen.
 A non-finite loss or gradient norm stops the phase before anything from it is saved. The
 optimiser is in ``optim``, the sharded state and jitted step (with gradient accumulation) in
-``trainer``.
+``train_step``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from safety_align import workdir as workdir_lib
 from safety_align.data import pipeline as data_pipeline
 from safety_align.masks import PHASES, Role, check_phase
 from safety_align.model import ModelConfig
-from safety_align.trainer import FINITE, Trainer, TrainState, micro_batches, objective
+from safety_align.train_step import FINITE, Trainer, TrainState, micro_batches, objective
 
 
 class Interrupted(KeyboardInterrupt):
@@ -303,7 +303,7 @@ def unknown_key(config: ml_collections.ConfigDict, path: str) -> str | None:
   return None
 
 
-# Phase fields train_lib reads with a default, so a config file may lack them: the default.
+# Phase fields training_loop reads with a default, so a config file may lack them: the default.
 OPTIONAL_PHASE_FIELDS = {"window_cls_weight": "its cls_weight"}
 
 
