@@ -16,7 +16,7 @@ Data (``training_segments``):
   anchor; malicious pairs: their refusal from the first token).
 
 Training: the source's parameters, one ``sft`` phase of ``training_loop.run_phase`` into the
-folder (``use_cls=False``, as ``eval.baseline`` trains the no-[CLS] baseline), with a
+folder (``use_cls=False``, as ``eval.no_cls`` trains the no-[CLS] baseline), with a
 ``config.json`` and the source's tokenizer beside it so ``sa.load`` reads the folder. A build
 whose folder already has the finished checkpoint only loads it (an unfinished one resumes).
 

@@ -3,13 +3,13 @@
 Modules: ``registry`` (attack name -> constructor), ``config`` (loading ``configs/eval/*.py``,
 checks, gates), ``data`` (held-out prompts), ``judging`` (harm and refusal of a generation),
 ``metrics`` (ASR with Wilson intervals, over-refusal, classifier), ``store`` (``ResultStore``:
-resumable results), ``baseline`` (the no-[CLS] baseline), ``competitors`` (the competitor
+resumable results), ``no_cls`` (the no-[CLS] baseline), ``competitors`` (the competitor
 baselines of ``safety_align.baselines``: ``baselines=...``), ``timing`` (a defence's overhead),
 ``progress`` (ETA), ``runner`` (the suite per model), ``workdir`` (``run`` on a training
 workdir) and ``report`` (markdown and plots).
 """
 
-from safety_align.eval.baseline import baseline_config
+from safety_align.eval.no_cls import baseline_config
 from safety_align.eval.config import gate_config, gates_for, load, validate
 from safety_align.eval.data import held_out, held_out_files
 from safety_align.eval.judging import Judge, make_judge

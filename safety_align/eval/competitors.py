@@ -4,7 +4,7 @@ evaluates it as the [CLS] model (``runner.evaluate_defence``) into
 ``results["baselines"][name]``.
 
 * source (``source_dir``): a model without [CLS], ``baselines_source`` or else the no-[CLS]
-  baseline the run resolves (``eval.baseline``: ``baseline_workdir`` or
+  baseline the run resolves (``eval.no_cls``: ``baseline_workdir`` or
   ``WORKDIR/baseline_no_cls``); for an imported real model, its import directory (e.g.
   ``runs/smollm2/import``), run as the plain LM (its untrained [CLS] left out);
 * training data (``training_records``): ``baselines_data`` (a chat JSONL file, or a folder

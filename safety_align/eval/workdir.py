@@ -1,6 +1,6 @@
 """``run``: the evaluation of a training workdir (what ``python -m safety_align.evaluate``
 does): its checkpoint and data seed, the held-out prompts, the no-[CLS] baseline it names or
-trains (``eval.baseline``) and the competitor baselines (``eval.competitors``), all through
+trains (``eval.no_cls``) and the competitor baselines (``eval.competitors``), all through
 ``runner.evaluate_model``, with the outputs written under ``workdir/eval`` (``EVAL_DIR``).
 """
 
@@ -11,7 +11,7 @@ import time
 
 from safety_align import gate_calibration
 from safety_align import workdir as workdir_lib
-from safety_align.eval import baseline as baseline_lib
+from safety_align.eval import no_cls
 from safety_align.eval import competitors
 from safety_align.eval import config as config_lib
 from safety_align.eval import data, report, utility
@@ -31,7 +31,7 @@ def run(workdir: str, eval_config) -> str:
   cfg = eval_config
   config_lib.validate(cfg)
   model_id = require_checkpoint(workdir)
-  baseline_lib.check_baseline_trainable(workdir, cfg)
+  no_cls.check_baseline_trainable(workdir, cfg)
   judge = make_judge(cfg)
   seed = cfg.data_seed
   if seed < 0:
@@ -47,7 +47,7 @@ def run(workdir: str, eval_config) -> str:
                      "[CLS] model, and give this one as baseline_workdir.")
   log(f"model {model_id}; {min(len(items), cfg.n_malicious or len(items))} malicious, "
       f"{min(len(benign), cfg.n_benign or len(benign))} benign prompts")
-  baseline_dir = baseline_lib.resolve_baseline(workdir, cfg, log)
+  baseline_dir = no_cls.resolve_baseline(workdir, cfg, log)
   baseline, baseline_id = None, ""
   if baseline_dir:
     baseline_id = require_checkpoint(baseline_dir, "baseline")

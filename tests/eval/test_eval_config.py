@@ -7,7 +7,7 @@ import pytest
 
 from safety_align import config_lib
 from safety_align.attacks import decoding, templates
-from safety_align.eval import baseline, registry
+from safety_align.eval import no_cls, registry
 from safety_align.eval import config as eval_config
 from safety_align.eval import workdir as workdir_lib
 
@@ -101,7 +101,7 @@ def test_baseline_config(tmp_path):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   c = tiny.get_config()
   (tmp_path / "config.json").write_text(c.to_json())
-  b = baseline.baseline_config(str(tmp_path), steps=7)
+  b = no_cls.baseline_config(str(tmp_path), steps=7)
   assert (b.use_cls, b.phases, b.init_phase, b.sft.steps) == (False, "sft", "pretrain", 7)
   assert b.sft.replay == c.sft.replay > 0  # the same SFT recipe as the [CLS] model
   assert b.sft.recovery == c.sft.recovery > 0
@@ -109,7 +109,7 @@ def test_baseline_config(tmp_path):
   assert b.data.data_dir == str(tmp_path / "tfds")
   cfg = eval_config.load("quick")
   with pytest.raises(FileNotFoundError, match="pretraining checkpoint"):
-    baseline.check_baseline_trainable(str(tmp_path), cfg)
+    no_cls.check_baseline_trainable(str(tmp_path), cfg)
 
 
 def test_config_files_and_variants():
