@@ -56,8 +56,7 @@ TABLE = {
     "safety_align.training_loop": ("train", "the training run: phases, data, checkpoints"),
     # attacks and defences: take a model, attack or defend it
     "safety_align.attacks": ("attacks_defences", "the attacks (white-box: may use the gate)"),
-    "safety_align.baselines": ("attacks_defences", "the competitor defences"),
-    "safety_align.defences": ("attacks_defences", "the competitor defences (issue 29's name)"),
+    "safety_align.defences": ("attacks_defences", "the competitor defences"),
     # eval: runs attacks and defences, judges and reports
     "safety_align.eval": ("eval", "the evaluation: registry, judging, metrics, report"),
     # serving: the HTTP server over the model object
@@ -88,8 +87,7 @@ def _new(found: list[tuple[tuple[str, str], str]]) -> list[str]:
 
 # Packages whose modules reach the decoder only through the model object (api): they import no
 # safety_align.decode module (GateConfig and SCHEDULES come from safety_align.api).
-THROUGH_MODEL_OBJECT = ("safety_align.eval", "safety_align.baselines", "safety_align.defences",
-                        "safety_align.serving")
+THROUGH_MODEL_OBJECT = ("safety_align.eval", "safety_align.defences", "safety_align.serving")
 # What the config files (configs/**/*.py, loaded by path) may import from the package.
 CONFIG_IMPORTS = ("safety_align.config_lib",)
 

@@ -89,7 +89,7 @@ def get_config(arg=None):
   c.train_baseline = True    # if baseline_workdir is "": train one into DIR/baseline_no_cls
   c.baseline_steps = 0       # its SFT steps (0: as the main run's)
   c.baseline_attacks = ""    # attacks run on the baseline (comma-separated; "" = all)
-  # Competitor baselines (safety_align/baselines, eval/competitors.py): comma-separated of
+  # Competitor baselines (safety_align/defences, eval/competitors.py): comma-separated of
   # probe, deep_alignment, safedecoding; each trained (once) into DIR/eval/baselines/<name>/
   # and evaluated as the [CLS] model, gate off vs its defence on, into results["baselines"].
   c.baselines = ""

@@ -4,7 +4,7 @@ Modules: ``registry`` (attack name -> constructor), ``config`` (loading ``config
 checks, gates), ``data`` (held-out prompts), ``judging`` (harm and refusal of a generation),
 ``metrics`` (ASR with Wilson intervals, over-refusal, classifier), ``store`` (``ResultStore``:
 resumable results), ``no_cls`` (the no-[CLS] baseline), ``competitors`` (the competitor
-baselines of ``safety_align.baselines``: ``baselines=...``), ``timing`` (a defence's overhead),
+baselines of ``safety_align.defences``: ``baselines=...``), ``timing`` (a defence's overhead),
 ``progress`` (ETA), ``runner`` (the suite per model), ``workdir`` (``run`` on a training
 workdir) and ``report`` (markdown and plots).
 """

@@ -1,4 +1,4 @@
-"""The competitor baselines (``safety_align.baselines``) in the evaluation:
+"""The competitor baselines (``safety_align.defences``) in the evaluation:
 ``--config.baselines=probe,deep_alignment,safedecoding`` builds each (``build``) and the runner
 evaluates it as the [CLS] model (``runner.evaluate_defence``) into
 ``results["baselines"][name]``.
@@ -26,15 +26,15 @@ import json
 import os
 from typing import Callable
 
-from safety_align import baselines
+from safety_align import defences
 from safety_align import workdir as workdir_lib
-from safety_align.baselines import deep_alignment, safedecoding
+from safety_align.defences import deep_alignment, safedecoding
 from safety_align.config_lib import names
 from safety_align.data import corpus, tfds_builders
 from safety_align.data.tfds_builders import CHAT_FILE
 from safety_align.eval.store import fingerprint, key, require_checkpoint
 
-NAMES = tuple(baselines.BUILDERS)  # also the results table's order
+NAMES = tuple(defences.BUILDERS)  # also the results table's order
 DIR = "baselines"
 # Attacks a baseline is not run on: a wrapper's defence lives in its ``generate``.
 SKIPPED = {
@@ -125,7 +125,7 @@ def build(which, cfg, source: str, records, folder: str, *, gate,
       expert, extra = _expert(cfg, out, model, source, records, sub, log)
       m = safedecoding.build(model, section, records, log, sub, expert=expert)
     else:
-      m = baselines.BUILDERS[name](model, section, records, log, sub)
+      m = defences.BUILDERS[name](model, section, records, log, sub)
       extra = None
     out[name] = (m, f"{name}:" + key(dict(common, section=section.to_dict(), artefacts=extra)))
   return out

@@ -7,7 +7,7 @@ measure (``eval.benchmarks`` is).
 Reference answers (``reference_answers``): ``utility.jsonl`` ``{"prompt", "response"}`` in
 ``held_out_dir`` (``make demo-real`` writes the source model's own answers to held-out
 in-distribution benign prompts), else the demo corpus' test-split benign pairs. A wrapper
-baseline (``safety_align.baselines``) is scored by its ``score``: deep alignment's tuned model;
+baseline (``safety_align.defences``) is scored by its ``score``: deep alignment's tuned model;
 the probe's and SafeDecoding's source (their intervention, halting or reweighting the first
 tokens, acts in ``generate``).
 """

@@ -4,7 +4,7 @@ and the evaluation call on a defence."""
 import numpy as np
 
 from safety_align import api, defence
-from safety_align.baselines import common, deep_alignment, probe, safedecoding
+from safety_align.defences import common, deep_alignment, probe, safedecoding
 
 
 def test_the_model_and_each_competitor_wrapper_are_defences(model):

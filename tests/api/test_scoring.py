@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 import safety_align as sa  # noqa: E402
 from safety_align import api, convert, scoring  # noqa: E402
-from safety_align.baselines import common, deep_alignment  # noqa: E402
+from safety_align.defences import common, deep_alignment  # noqa: E402
 from safety_align.masks import Role  # noqa: E402
 from tiny_hf import VOCAB, make_hf  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The competitor baselines (``safety_align/baselines``) on tiny random models: the probe's
+"""The competitor baselines (``safety_align/defences``) on tiny random models: the probe's
 training and its refusal insertion at a known check, the deep-alignment augmentation's loss
 mask and its train-once build, SafeDecoding's reweighted first tokens."""
 
@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_model_config
 from safety_align import api, checkpoint, config_lib, losses
-from safety_align.baselines import deep_alignment, probe, safedecoding
+from safety_align.defences import deep_alignment, probe, safedecoding
 from safety_align.data import corpus, templates
 from safety_align.data.packing import pack
 from safety_align.data.tokenizer import train_bpe

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from safety_align import checkpoint, evaluate
-from safety_align.baselines import deep_alignment, probe
+from safety_align.defences import deep_alignment, probe
 from safety_align.eval import competitors, registry, runner
 from safety_align.eval import workdir as workdir_lib
 from safety_align.eval import config as eval_config

@@ -38,7 +38,7 @@ import numpy as np
 
 from safety_align import checkpoint, sharding, training_loop, workdir
 from safety_align.api import load
-from safety_align.baselines import common
+from safety_align.defences import common
 from safety_align.data import corpus
 from safety_align.data.packing import Segment, build_segment, without_cls
 from safety_align.data.pipeline import Pipeline, encode_sft, fit_examples

@@ -10,7 +10,7 @@ the evaluation config, defaults in ``config_lib.defence_sections()``), which tra
 needs into ``folder`` (or loads it from there) and returns the model-like object.
 """
 
-from safety_align.baselines import deep_alignment, probe, safedecoding
+from safety_align.defences import deep_alignment, probe, safedecoding
 
 BUILDERS = {"probe": probe.build, "deep_alignment": deep_alignment.build,
             "safedecoding": safedecoding.build}

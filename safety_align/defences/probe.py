@@ -31,7 +31,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
-from safety_align.baselines import common
+from safety_align.defences import common
 from safety_align.data import corpus
 from safety_align.masks import Role
 from safety_align.stats import auroc

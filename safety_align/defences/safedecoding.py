@@ -27,7 +27,7 @@ import numpy as np
 
 from safety_align import calls
 from safety_align.api import Generation, check_arg
-from safety_align.baselines import common, deep_alignment
+from safety_align.defences import common, deep_alignment
 
 
 def reweight(p_base: np.ndarray, p_expert: np.ndarray, *, alpha: float, top_k: int,
