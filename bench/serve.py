@@ -11,20 +11,16 @@ returns, so it is the queueing, the prompt pass and the first chunk, not the who
 request's (last token - first token) / (tokens - 1). Warm-up requests first compile the prompt
 buckets and the chunk.
 
-``write_workdir`` and ``Server`` are also what ``tests/test_serve.py`` serves with.
+The server runs as ``safety_align.serving.process.ServerProcess``; the random-init model is
+written by ``workdir.write_import``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
-import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -32,74 +28,8 @@ import numpy as np
 
 from bench import common, models
 import safety_align as sa
-from safety_align import checkpoint
 from safety_align import workdir as workdir_lib
-
-READY = re.compile(r"Uvicorn running on (http://\S+)")
-
-
-def write_workdir(out: str, cfg, params, tokenizer, chat_template: str, seq_len: int) -> str:
-  """A loadable directory (as ``convert.import_hf`` writes one) holding ``params``; ``out``
-  must not exist yet."""
-  os.makedirs(out)
-  tokenizer.save(os.path.join(out, workdir_lib.TOKENIZER_FILE))
-  tokenizer.save_special_tokens(os.path.join(out, "tokenizer_config.json"))
-  model = dataclasses.asdict(cfg)
-  checkpoint.save_params(out, "import", params, dict(step=0, phase="import", model=model))
-  with open(os.path.join(out, workdir_lib.CONFIG_FILE), "w") as f:
-    json.dump(dict(model=model, chat_template=chat_template, data=dict(seq_len=seq_len)), f)
-  return out
-
-
-class Server:
-  """``python -m safety_align.serve`` on a free port of 127.0.0.1, its log in ``log_path``.
-
-  A context manager: entering waits until it listens (``url``), leaving stops it (SIGTERM,
-  then SIGKILL after ``stop_timeout`` s).
-  """
-
-  def __init__(self, workdir: str, log_path: str, *flags: str, start_timeout: float = 120.0,
-               stop_timeout: float = 30.0):
-    self.workdir, self.log_path, self.flags = workdir, log_path, flags
-    self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
-    self.proc: subprocess.Popen | None = None
-    self.url = ""
-
-  def __enter__(self) -> "Server":
-    self._log = open(self.log_path, "w")  # pylint: disable=consider-using-with
-    self.proc = subprocess.Popen(  # pylint: disable=consider-using-with
-        [sys.executable, "-m", "safety_align.serve", f"--workdir={self.workdir}",
-         "--host=127.0.0.1", "--port=0", *self.flags],
-        stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    deadline = time.monotonic() + self.start_timeout
-    while not self.url:
-      if self.proc.poll() is not None or time.monotonic() > deadline:
-        self.__exit__()
-        raise RuntimeError(f"The server did not start; its log ends:\n{self.log()[-3000:]}")
-      found = READY.search(self.log())
-      self.url = found.group(1) if found else ""
-      time.sleep(0.05)
-    return self
-
-  def log(self) -> str:
-    with open(self.log_path) as f:
-      return f.read()
-
-  def stop(self) -> int:
-    """SIGTERM and wait; returns the exit code (SIGKILL past ``stop_timeout``: -9)."""
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGTERM)
-      try:
-        self.proc.wait(self.stop_timeout)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-    return self.proc.returncode
-
-  def __exit__(self, *exc) -> None:
-    self.stop()
-    self._log.close()
-
+from safety_align.serving.process import ServerProcess
 
 async def _stream(client, url: str, body: dict) -> dict:
   """One streamed chat completion: seconds to the first content chunk, to the end, and the
@@ -151,7 +81,7 @@ def measure(workdir: str, prompts: list[str], *, clients: int, max_tokens: int, 
   texts = [prompts[i % len(prompts)] for i in range(clients)]
   bodies = [dict(messages=[dict(role="user", content=t)], max_tokens=max_tokens,
                  temperature=0.0) for t in texts]
-  with Server(workdir, log_path, f"--max_batch={clients}",
+  with ServerProcess(workdir, log_path, f"--max_batch={clients}",
               f"--chunk_tokens={chunk_tokens}") as server:
     out = asyncio.run(_rounds(server.url, bodies, rounds))
   model = sa.load(workdir)
@@ -188,5 +118,5 @@ def demo_workdir(demo, cache_dir: str) -> str:
   from configs import tiny  # pylint: disable=g-import-not-at-top
   out = os.path.join(cache_dir, "serve_workdir")
   shutil.rmtree(out, ignore_errors=True)
-  return write_workdir(out, demo.cfg, demo.params, demo.tokenizer, "demo",
+  return workdir_lib.write_import(out, demo.cfg, demo.params, demo.tokenizer, "demo",
                        tiny.get_config().data.seq_len)

@@ -54,6 +54,21 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   os.replace(tmp, path)
 
 
+def write_import(out: str, model_config: ModelConfig, params, tokenizer, chat_template: str,
+                 seq_len: int) -> str:
+  """Write ``params`` of ``model_config`` as a loadable directory (as ``convert.import_hf``
+  writes one: phase ``import``, ``tokenizer`` saved beside it, ``chat_template`` a built-in
+  name or Jinja text, ``seq_len`` the context it serves); ``out`` must not exist yet."""
+  os.makedirs(out)
+  tokenizer.save(os.path.join(out, TOKENIZER_FILE))
+  tokenizer.save_special_tokens(os.path.join(out, "tokenizer_config.json"))
+  model = dataclasses.asdict(model_config)
+  checkpoint.save_params(out, "import", params, dict(step=0, phase="import", model=model))
+  with open(os.path.join(out, CONFIG_FILE), "w") as f:
+    json.dump(dict(model=model, chat_template=chat_template, data=dict(seq_len=seq_len)), f)
+  return out
+
+
 def read_config(workdir: str) -> dict:
   """``workdir``'s ``config.json``; raises naming the file if it is missing or malformed."""
   path = os.path.join(workdir, CONFIG_FILE)

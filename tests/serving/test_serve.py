@@ -12,21 +12,17 @@ import socket
 import threading
 import time
 
-import flax.linen as nn
 import httpx
-import jax
 import numpy as np
 import openai
 import pytest
 import uvicorn
 
-from conftest import tiny_model_config
-from bench.serve import Server, write_workdir
+from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 import safety_align as sa
-from safety_align.data import templates
-from safety_align.data.tokenizer import train_bpe
-from safety_align.model import init_params
+from safety_align import workdir as workdir_lib
 from safety_align.serving import create_app
+from safety_align.serving.process import ServerProcess
 from safety_align.serving.reply import token_texts
 
 KEY = "sk-test"
@@ -41,13 +37,10 @@ SAMPLED = dict(temperature=0.8, top_p=0.9, seed=7)
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-  chatml = templates.get_template("chatml")
-  tok = train_bpe(TEXTS, 300, str(tmp_path_factory.mktemp("bpe") / "tokenizer.json"),
-                  chatml.special_tokens)
+  tok = tiny_tokenizer(TEXTS, 300, tmp_path_factory.mktemp("bpe") / "tokenizer.json", "chatml")
   cfg = tiny_model_config(vocab_size=320)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
-  return write_workdir(str(tmp_path_factory.mktemp("serve") / "model"), cfg, params, tok,
-                       "chatml", seq_len=160)
+  return workdir_lib.write_import(str(tmp_path_factory.mktemp("serve") / "model"), cfg,
+                                  tiny_params(cfg), tok, "chatml", seq_len=160)
 
 
 @pytest.fixture(scope="module")
@@ -580,8 +573,8 @@ def test_sigterm_drains_connected_clients_and_exits_0(workdir, model, tmp_path):
   """The real server, one step per chunk: SIGTERM while a stream and a plain request decode;
   both finish (drained), the process exits 0 within --shutdown_timeout and stops
   listening."""
-  with Server(workdir, str(tmp_path / "server.log"), "--shutdown_timeout=20",
-              "--max_batch=2", "--chunk_tokens=1") as s:
+  with ServerProcess(workdir, str(tmp_path / "server.log"), "--shutdown_timeout=20",
+                     "--max_batch=2", "--chunk_tokens=1") as s:
     body = dict(messages=_messages("bread"), max_tokens=130, stream=True, **GREEDY)
     other = []
     with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
@@ -610,8 +603,8 @@ def test_sigterm_past_the_bound_ends_streams_and_exits_0(workdir, tmp_path):
   """--shutdown_timeout=0.5, less than the 130 one-step chunks a connected stream still
   needs: the stream ends with an error event and the process exits 0 within the bound (and
   a margin for the interpreter's exit)."""
-  with Server(workdir, str(tmp_path / "server.log"), "--shutdown_timeout=0.5",
-              "--chunk_tokens=1") as s:
+  with ServerProcess(workdir, str(tmp_path / "server.log"), "--shutdown_timeout=0.5",
+                     "--chunk_tokens=1") as s:
     body = dict(messages=_messages("bread"), max_tokens=130, stream=True, **GREEDY)
     with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=body, timeout=60) as r:
       events = _sse_lines(r)
