@@ -81,6 +81,14 @@ def progress(items: Iterable[T] | None = None, *, total: int | None = None, desc
                         disable=disable, leave=True)
 
 
+def say(message: str) -> None:
+  """One line on stdout that does not break an active progress bar (the bar, on stderr, is
+  cleared and redrawn under it)."""
+  from tqdm import auto as tqdm_auto  # pylint: disable=import-outside-toplevel
+  tqdm_auto.tqdm.write(message, file=sys.stdout)
+  sys.stdout.flush()
+
+
 @contextlib.contextmanager
 def stage(name: str, prefix: str = "") -> Iterator[None]:
   """One line when the stage ends: ``<prefix>name: 12.3 s``."""

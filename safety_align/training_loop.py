@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from safety_align import checkpoint, sharding
+from safety_align import checkpoint, console, sharding
 from safety_align import workdir as workdir_lib
 from safety_align.data import pipeline as data_pipeline
 from safety_align.masks import PHASES, Role, check_phase
@@ -360,7 +360,7 @@ def _check_saved_config(workdir: str, config, model_cfg: ModelConfig) -> None:
 def progress(message: str) -> None:
   """A progress line on process 0 (stdout, independent of absl's log verbosity)."""
   if jax.process_index() == 0:
-    print(message, flush=True)
+    console.say(message)
 
 
 def _meta(step: int, grad_accum: int, phase: str, model_meta: dict) -> dict:

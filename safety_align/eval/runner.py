@@ -334,5 +334,5 @@ def evaluate_model(model: Defence, cfg, out_dir: str, *, model_id: str, items: S
 
 def logger(t0: float) -> Callable[[str], None]:
   def log(msg: str) -> None:
-    print(f"[evaluate {time.time() - t0:6.1f}s] {msg}", flush=True)
+    console.say(f"[evaluate {time.time() - t0:6.1f}s] {msg}")
   return log

@@ -69,3 +69,13 @@ def test_tfds_custom_config_notice_is_dropped_by_default(restore_handler):
   notice = _record(library, py_logging.WARNING)
   notice.msg = "Using custom data configuration: %s"
   assert not restore_handler.filter(notice)
+
+
+def test_say_prints_a_line_under_an_active_bar(capsys):
+  bar = console.progress(total=3, desc="work")
+  bar.update(1)
+  console.say("a result line")
+  bar.close()
+  out = capsys.readouterr()
+  assert out.out == "a result line\n"
+  assert "work" in out.err
