@@ -79,14 +79,14 @@ class Demo:
 def demo_model(cache_dir: str) -> Demo:
   """``runs/tiny`` if trained, else configs/tiny.py's model at random init with the demo BPE
   (trained on the demo corpus into ``cache_dir``, ~2 s)."""
-  from safety_align.data import templates  # pylint: disable=g-import-not-at-top
+  from safety_align.data import chat_templates  # pylint: disable=g-import-not-at-top
   if os.path.isdir(os.path.join(DEMO_WORKDIR, "checkpoints")):
     import safety_align as sa  # pylint: disable=g-import-not-at-top
     m = sa.load(DEMO_WORKDIR)
     return Demo(m.config, m.params, m.tokenizer, m.template, DEMO_WORKDIR)
   from safety_align.data import corpus, tokenizer  # pylint: disable=g-import-not-at-top
   cfg = tiny_config()
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   path = os.path.join(cache_dir, "tokenizer.json")
   if os.path.exists(path):
     tok = tokenizer.Tokenizer.load(path)

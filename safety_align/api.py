@@ -15,7 +15,7 @@ from absl import logging
 
 from safety_align import gate_calibration, sharding, workdir
 from safety_align.calls import Generation, Rendered, check_arg, resolve_gate
-from safety_align.data import templates
+from safety_align.data import chat_templates
 from safety_align.data.tokenizer import Tokenizer
 from safety_align.decode import SCHEDULES, GateConfig
 from safety_align.decode.gate import DEFAULT_REFUSAL
@@ -88,7 +88,7 @@ def load(path: str, phase: str | None = None, *, calibrated: bool | None = None,
     kwargs["gate_defaults"], calibration = gate_calibration.for_checkpoint(path, loaded_from,
                                                                            calibrated)
   model = SafetyModel(loaded.model_config, loaded.params, tokenizer,
-                      templates.get_template(loaded.chat_template), **kwargs)
+                      chat_templates.get_template(loaded.chat_template), **kwargs)
   model.loaded_from, model.calibration = loaded_from, calibration
   return model
 

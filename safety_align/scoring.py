@@ -2,7 +2,7 @@
 one batched forward pass, laid out as the model is deployed.
 
 A row is ``[head] PAD... prompt continuation``: left-padded so every continuation ends at the
-last column, the prompt with its own roles (BOS, TEMPLATE, QUERY: ``data.templates``' pieces)
+last column, the prompt with its own roles (BOS, TEMPLATE, QUERY: ``data.chat_templates``' pieces)
 and the continuation as RESPONSE. With ``with_cls`` the head is the model's ``[CLS]`` and the
 mask is the SFT-phase training mask of ``masks.prompt_mask`` (the decoder's prompt pass uses the
 same one): ``[CLS]`` reads the QUERY and sits one past its last position, every RESPONSE token

@@ -22,7 +22,7 @@ import pytest  # noqa: E402
 
 from configs import tiny  # noqa: E402
 from safety_align import api, training_loop  # noqa: E402
-from safety_align.data import templates  # noqa: E402
+from safety_align.data import chat_templates  # noqa: E402
 from safety_align.data.packing import build_segment, pack  # noqa: E402
 from safety_align.data.tokenizer import Tokenizer, train_bpe  # noqa: E402
 from safety_align.masks import Role  # noqa: E402
@@ -54,7 +54,7 @@ def tiny_tokenizer(texts, vocab_size: int, path, template: str = "demo") -> Toke
   """A byte-level BPE of ``vocab_size`` pieces trained on ``texts``, with ``template``'s
   special tokens, saved at ``path``."""
   return train_bpe(list(texts), vocab_size, str(path),
-                   templates.get_template(template).special_tokens)
+                   chat_templates.get_template(template).special_tokens)
 
 
 # What the shared tiny model's BPE is trained on.
@@ -75,7 +75,7 @@ def tiny_parts(tmp_path_factory):
 def model(tiny_parts):
   """The shared tiny [CLS] SafetyModel (demo template, max_length 96), one per test module."""
   cfg, params, tok = tiny_parts
-  return api.SafetyModel(cfg, params, tok, templates.get_template("demo"), max_length=96)
+  return api.SafetyModel(cfg, params, tok, chat_templates.get_template("demo"), max_length=96)
 
 
 def chat_segment(query=(10, 11, 12), response=(20, 21, 22, 23), label=1, windows=(),

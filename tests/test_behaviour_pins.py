@@ -27,7 +27,7 @@ import tokenizers
 
 import safety_align as sa
 from safety_align import api, convert, evaluate
-from safety_align.data import templates
+from safety_align.data import chat_templates
 from safety_align.data.tokenizer import Tokenizer
 from safety_align.eval import config as eval_config
 from safety_align.model import init_params
@@ -58,7 +58,7 @@ def tiny_model() -> api.SafetyModel:
   tok = Tokenizer.load(str(WORKDIR_V1 / "tokenizer.json"))
   cfg = tiny_model_config(vocab_size=tok.vocab_size)
   params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
-  return api.SafetyModel(cfg, params, tok, templates.get_template("demo"), max_length=96)
+  return api.SafetyModel(cfg, params, tok, chat_templates.get_template("demo"), max_length=96)
 
 
 def tiny_model_values() -> dict:

@@ -22,7 +22,7 @@ from absl import logging
 from safety_align import sharding
 from safety_align.data import corpus, mixtures, tfds_builders
 from safety_align.data.packing import Segment, build_segment, pack, truncate, without_cls
-from safety_align.data.templates import Template, get_template
+from safety_align.data.chat_templates import Template, get_template
 from safety_align.data.tokenizer import Tokenizer, check_vocab, train_bpe
 from safety_align.masks import Role
 

@@ -42,7 +42,7 @@ from safety_align.defences import common
 from safety_align.data import corpus
 from safety_align.data.packing import Segment, build_segment, without_cls
 from safety_align.data.pipeline import Pipeline, encode_sft, fit_examples
-from safety_align.data.templates import get_template
+from safety_align.data.chat_templates import get_template
 from safety_align.model import ModelConfig
 
 PHASE = "sft"

@@ -20,7 +20,7 @@ from safety_align.attacks.finetune import FinetuneAttack
 from safety_align.attacks.gcg_attack import GCGAttack
 from safety_align.attacks.prefill import PrefillAttack, TargetPrefillAttack
 from safety_align.attacks.prefill_adaptive import PrefillAdaptiveAttack
-from safety_align.attacks.templates import TemplateAttack, load_templates
+from safety_align.attacks.template_attack import TemplateAttack, load_templates
 from safety_align.config_lib import floats, ints, names
 from safety_align.eval import data as eval_data
 

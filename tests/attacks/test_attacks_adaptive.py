@@ -17,7 +17,7 @@ from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks import embedding, finetune, prefill_adaptive
 from safety_align.attacks.base import GATE_OFF, Item, RunSettings
-from safety_align.data import corpus, templates
+from safety_align.data import chat_templates, corpus
 from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig
 from safety_align.eval import config as eval_config
@@ -31,7 +31,7 @@ SETTINGS = RunSettings(max_new_tokens=6)
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   d = tmp_path_factory.mktemp("adaptive")
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   pairs = corpus.sft_pairs("train", n=24)
   texts = [t for p in pairs for t in (p["prompt"], p["response"], p["harmful_response"]) if t]
   tok = train_bpe(texts, 400, str(d / "tokenizer.json"), template.special_tokens)
@@ -75,7 +75,8 @@ def test_beam_prefill_keeps_the_windows_lower_than_greedy(model, items):
 
 
 def test_prefill_adaptive_attack_records(model, items):
-  cfg = ml_collections.ConfigDict(dict(prefill_adaptive=config_lib.attack_sections(True)["prefill_adaptive"]))
+  cfg = ml_collections.ConfigDict(
+      dict(prefill_adaptive=config_lib.attack_sections(True)["prefill_adaptive"]))
   cfg.prefill_adaptive.update(n_tokens=4, width=2, topk=2)
   attack = prefill_adaptive.PrefillAdaptiveAttack.from_config(cfg)
   assert attack.name == "prefill_adaptive"
@@ -127,7 +128,7 @@ def test_soft_prompt_beats_init_and_discrete_gcg_on_the_same_budget(model, items
 
 
 def test_embedding_attack_generates_under_each_gate(model, items):
-  cfg = ml_collections.ConfigDict(dict(embedding=config_lib.attack_sections(quick=True)["embedding"]))
+  cfg = ml_collections.ConfigDict(dict(embedding=config_lib.attack_sections(True)["embedding"]))
   cfg.embedding.update(n_prompts=1, steps=2, n_suffix=3, target_tokens=4)
   attack = embedding.EmbeddingAttack.from_config(cfg)
   # "every" re-evaluates at each step: its trace is the prefill + one per generated token.

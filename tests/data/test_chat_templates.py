@@ -14,7 +14,7 @@ from tokenizers import Tokenizer as Backend
 
 from conftest import tiny_model_config
 from safety_align import api
-from safety_align.data import pipeline, templates
+from safety_align.data import chat_templates, pipeline
 from safety_align.data.tokenizer import Tokenizer
 from safety_align.masks import Role
 from safety_align.model import init_params
@@ -100,7 +100,7 @@ def family():
           tokenizer_object=Backend.from_str(backend.to_str()), bos_token=bos, eos_token=eos,
           chat_template=source)
       ours = Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=None)
-      cache[name] = ours, hf, templates.get_template(source)
+      cache[name] = ours, hf, chat_templates.get_template(source)
     return cache[name]
 
   return get
@@ -203,16 +203,16 @@ def test_template_exceptions_are_clear_errors(family):
                                        r"Conversation roles must alternate"):
     template.prompt_pieces(tok, QUERY, system=SYSTEM)
   with pytest.raises(ValueError, match="no system message"):
-    templates.get_template("demo").prompt_pieces(tok, QUERY, system=SYSTEM)
+    chat_templates.get_template("demo").prompt_pieces(tok, QUERY, system=SYSTEM)
 
 
 def test_get_template_errors():
   with pytest.raises(ValueError, match=r"Unknown chat template 'alpaca'.*'chatml', 'demo', "
                                        r"'llama2', 'llama3', 'mistral'.*Jinja"):
-    templates.get_template("alpaca")
+    chat_templates.get_template("alpaca")
   with pytest.raises(ValueError, match="not valid Jinja"):
-    templates.get_template("{% if messages %}{{ messages[0]['content'] }}")
-  assert templates.get_template("llama3") is templates.TEMPLATES["llama3"]
+    chat_templates.get_template("{% if messages %}{{ messages[0]['content'] }}")
+  assert chat_templates.get_template("llama3") is chat_templates.TEMPLATES["llama3"]
 
 
 @pytest.mark.parametrize("builtin, name", [("llama2", "llama2"), ("llama3", "llama3"),
@@ -222,7 +222,7 @@ def test_builtins_render_as_the_real_templates(family, builtin, name):
   """A built-in (for a source without a template) = the family's real template; ChatML's adds
   no BOS, even where the BOS token is ``<|im_start|>``."""
   tok, hf, _ = family(name)
-  template = templates.get_template(builtin)
+  template = chat_templates.get_template(builtin)
   system = SYSTEM if builtin == "chatml" else None  # Qwen2 / SmolLM2 add a default one
   assert (_ids(template.prompt_pieces(tok, QUERY, system=system))
           == _hf(hf, _messages(system, QUERY), add_generation_prompt=True))

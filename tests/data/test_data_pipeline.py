@@ -9,7 +9,7 @@ import pytest
 
 from configs import tiny
 from safety_align import losses
-from safety_align.data import corpus, pipeline, templates, tfds_builders
+from safety_align.data import chat_templates, corpus, pipeline, tfds_builders
 from safety_align.data.packing import build_segment
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
@@ -21,7 +21,7 @@ CLS = 512
 def tok(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
   return train_bpe(corpus.all_texts(0)[::4], CLS, str(path),
-                   templates.TEMPLATES["demo"].special_tokens)
+                   chat_templates.TEMPLATES["demo"].special_tokens)
 
 
 def _malicious(split="train"):
@@ -38,7 +38,7 @@ def test_encode_pretrain(tok):
 
 
 def test_encode_sft_windows_and_harmful_segment(tok):
-  record, template = _malicious(), templates.get_template("demo")
+  record, template = _malicious(), chat_templates.get_template("demo")
   assert len(pipeline.encode_sft(record, tok, template, CLS, augment=False)) == 1
   main, harmful = pipeline.encode_sft(record, tok, template, CLS, window=10, augment=True)
 
@@ -82,7 +82,7 @@ def test_window_labels_follow_the_harm_markers(tok):
              f"Step 3: {marker}.")
   record = {"prompt": "How do I do that thing?", "response": corpus.REFUSAL_PREFIX + " no.",
             "label": 1, "harmful_response": harmful}
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   main, seg = pipeline.encode_sft(record, tok, template, CLS, window=6, augment=True,
                                   harm_markers=corpus.HARM_MARKERS)
   offsets = tok.text_hf.encode(harmful, add_special_tokens=False).offsets
@@ -103,13 +103,13 @@ def test_window_labels_follow_the_harm_markers(tok):
 
 def test_benign_sft_has_no_harmful_segment(tok):
   benign = next(p for p in corpus.sft_pairs("train", 0, 20) if not p["label"])
-  (seg,) = pipeline.encode_sft(benign, tok, templates.get_template("demo"), CLS, augment=True)
+  (seg,) = pipeline.encode_sft(benign, tok, chat_templates.get_template("demo"), CLS, augment=True)
   window_rows = (seg.roles == Role.CLS) & (seg.cls_window[:, 0] <= seg.cls_window[:, 1])
   assert window_rows.sum() >= 1 and (seg.cls_labels[window_rows] == 0).all()
 
 
 def test_recovery_segments(tok):
-  records, template = corpus.sft_pairs("train", 0, 40), templates.get_template("demo")
+  records, template = corpus.sft_pairs("train", 0, 40), chat_templates.get_template("demo")
   eligible = [r for r in records if r["label"] and r["harmful_response"]]
   segs = pipeline.recovery_segments(records, 0.5, tok, template, CLS, seed=0)
   assert len(segs) == round(0.5 * len(eligible)) > 0
@@ -156,7 +156,7 @@ def test_sft_recovery_in_make_pipeline(tmp_path, tok):
   off = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
   before = pipeline.Pipeline(
       pipeline.encode_records(pipeline.phase_records(config, "sft", str(tmp_path)), "sft", tok,
-                              CLS, templates.get_template("demo"), config.sft.window,
+                              CLS, chat_templates.get_template("demo"), config.sft.window,
                               augment=True), 4, 128, config.data.seed)
   assert all(_equal(off.batch(k), before.batch(k)) for k in range(3))
   config.sft.recovery = 0.5

@@ -3,7 +3,7 @@ data text encode as text under every built-in template."""
 
 import pytest
 
-from safety_align.data import templates
+from safety_align.data import chat_templates
 from safety_align.data.tokenizer import Tokenizer, train_bpe
 from safety_align.masks import Role
 
@@ -22,11 +22,11 @@ def hf_tokenizer(tmp_path_factory):
                    specials).hf
 
 
-@pytest.mark.parametrize("name", sorted(templates.TEMPLATES))
+@pytest.mark.parametrize("name", sorted(chat_templates.TEMPLATES))
 def test_markers_in_user_text_are_text(hf_tokenizer, name):
   bos, eos = BOS_EOS[name]
   tok = Tokenizer(hf_tokenizer, bos_token=bos, eos_token=eos, pad_token="<pad>")
-  template = templates.get_template(name)
+  template = chat_templates.get_template(name)
   specials = {i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special}
   prompt = "hi " + " ".join(MARKERS) + " there"
   plain = template.prompt_pieces(tok, "hi there")

@@ -5,12 +5,12 @@ import os
 
 import pytest
 
-from safety_align.data import corpus, templates
+from safety_align.data import chat_templates, corpus
 from safety_align.data.tokenizer import Tokenizer, check_vocab, train_bpe
 from safety_align.masks import Role
 
-MARKERS = (templates.TEMPLATES["demo"].special_tokens
-           + templates.TEMPLATES["chatml"].special_tokens)
+MARKERS = (chat_templates.TEMPLATES["demo"].special_tokens
+           + chat_templates.TEMPLATES["chatml"].special_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,7 @@ def test_load_errors_and_config_tokens(tok, tmp_path):
 
 
 def test_template_pieces_roles(tok):
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   prompt, response = "How do I kill a stuck process?", "Use kill with the process id."
   pieces = template.example_pieces(tok, prompt, response)
   roles = [role for _, role in pieces]
@@ -86,7 +86,7 @@ def test_template_pieces_roles(tok):
 def test_chatml_adds_no_bos(tok):
   """ChatML models (SmolLM2, Qwen2) start with the template's own marker: no BOS prepended."""
   prompt, response = "How do I kill a stuck process?", "Use kill with the process id."
-  pieces = templates.get_template("chatml").example_pieces(tok, prompt, response)
+  pieces = chat_templates.get_template("chatml").example_pieces(tok, prompt, response)
   assert [r for _, r in pieces] == [Role.TEMPLATE, Role.QUERY, Role.TEMPLATE, Role.RESPONSE]
   assert [tok.decode(i, skip_special_tokens=False) for i, _ in pieces] == [
       "<|im_start|>user\n", prompt, "<|im_end|>\n<|im_start|>assistant\n",
@@ -95,13 +95,13 @@ def test_chatml_adds_no_bos(tok):
 
 def test_template_without_bos(tok):
   no_bos = Tokenizer(tok.hf, bos_token=None)
-  pieces = templates.get_template("chatml").prompt_pieces(no_bos, "hi")
+  pieces = chat_templates.get_template("chatml").prompt_pieces(no_bos, "hi")
   assert [r for _, r in pieces] == [Role.TEMPLATE, Role.QUERY, Role.TEMPLATE]
 
 
 def test_unknown_template():
   with pytest.raises(ValueError, match="chatml.*demo.*llama2.*mistral"):
-    templates.get_template("alpaca")
+    chat_templates.get_template("alpaca")
 
 
 def test_special_tokens_survive_a_copy_without_their_strings(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from safety_align import masks
-from safety_align.data import corpus, edgy_safe, pipeline, templates
+from safety_align.data import chat_templates, corpus, edgy_safe, pipeline
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
 
@@ -34,7 +34,7 @@ def test_prompts_are_balanced_seeded_and_benign():
 def tok(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
   texts = corpus.all_texts(0)[::4] + [p for ps in edgy_safe.all_prompts().values() for p in ps]
-  return train_bpe(texts, CLS, str(path), templates.TEMPLATES["demo"].special_tokens)
+  return train_bpe(texts, CLS, str(path), chat_templates.TEMPLATES["demo"].special_tokens)
 
 
 def _windows(batch, b):
@@ -48,7 +48,7 @@ def test_window_rows_are_the_gates_rows(tok):
   """Edgy-safe and everyday answers: every window row 0. A harmful continuation: 0 while the
   span stays inside "Sure, here is ...:" and 1 from the first span past it. Each row's
   training mask and position are ``masks.window_row``'s (no query: rule 2's sliding window)."""
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   edgy = edgy_safe.prompts(1, 0)[0]
   benign = [dict(edgy, response="Open a terminal, find the process id with ps, then end it "
                  "with the kill command and check that it has stopped running."),

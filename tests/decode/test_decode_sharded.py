@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_model_config
 from safety_align import api, checkpoint, sharding, workdir
-from safety_align.data import templates
+from safety_align.data import chat_templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import Decoder, GateConfig, Prompts
 from safety_align.masks import Role
@@ -158,7 +158,7 @@ def _assert_placed(x, want):
 def test_load_on_a_mesh(tmp_path, monkeypatch):
   """``sa.load(path, mesh=...)`` of a scanned model's workdir: weights restored onto the mesh,
   unrolled and split at load, the same classifications and generations as on one device."""
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   tok = train_bpe(["how do I bake bread", "tell me a story about a cat"] * 4, 300,
                   str(tmp_path / "tokenizer.json"), template.special_tokens)
   cfg = tiny_model_config(vocab_size=320, n_kv_heads=4, scan_layers=True)

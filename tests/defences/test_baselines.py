@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_model_config
 from safety_align import api, checkpoint, config_lib, losses
 from safety_align.defences import deep_alignment, probe, safedecoding
-from safety_align.data import corpus, templates
+from safety_align.data import chat_templates, corpus
 from safety_align.data.packing import pack
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
@@ -27,7 +27,7 @@ def tiny(tmp_path_factory):
   """(tokenizer, model config, source params, source model, expert model): plain LMs, EOS
   off so every response runs to its budget."""
   d = tmp_path_factory.mktemp("baselines")
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   pairs = corpus.sft_pairs("test", n=24)
   texts = [t for p in pairs for t in (p["prompt"], p["response"], p["harmful_response"]) if t]
   tok = train_bpe(texts, 400, str(d / "tokenizer.json"), template.special_tokens)
@@ -140,7 +140,7 @@ def test_probe_build_trains_once_and_checks_its_data(tiny, tmp_path, monkeypatch
 
 def test_deep_alignment_masks_exactly_the_harmful_prefix(tiny):
   tok, cfg, _, _, _ = tiny
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   query, harmful, refusal = [30, 31, 32], [40, 41, 42, 43, 44, 45], [50, 51, 52]
   k = 4
   seg = deep_alignment.recovery_segment(tok, template, cfg.cls_id, query, harmful, refusal, k)
@@ -214,8 +214,9 @@ def test_safedecoding_reweighting_has_the_known_answer():
 def test_safedecoding_reweights_only_the_first_m_tokens(tiny, tmp_path):
   _, _, _, model, expert = tiny
   budget, m = 10, 2
-  sd = safedecoding.build(model, config_lib.defence_sections()["safedecoding"], None, lambda msg: None,
-                          str(tmp_path), expert=deep_alignment.DeepAlignedModel(model, expert))
+  sd = safedecoding.build(model, config_lib.defence_sections()["safedecoding"], None,
+                          lambda msg: None, str(tmp_path),
+                          expert=deep_alignment.DeepAlignedModel(model, expert))
   assert sd.expert is expert and sd.first_m == m
   base = model.generate([PROMPT], max_new_tokens=budget, gate="off")[0]
   assert sd.generate([PROMPT], max_new_tokens=budget, gate="off")[0] == base

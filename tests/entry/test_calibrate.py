@@ -19,7 +19,7 @@ import pytest
 import safety_align as sa
 from conftest import tiny_model_config
 from safety_align import calibrate, checkpoint, gate_calibration, generate
-from safety_align.data import templates
+from safety_align.data import chat_templates
 from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig, gate as gate_lib
 from safety_align.eval import config as eval_config
@@ -110,7 +110,7 @@ def workdir(tmp_path_factory):
   wd = tmp_path_factory.mktemp("calib") / "wd"
   wd.mkdir()
   train_bpe([" ".join(WORDS)] * 8, 300, str(wd / "tokenizer.json"),
-            templates.get_template("demo").special_tokens)
+            chat_templates.get_template("demo").special_tokens)
   cfg = tiny_model_config(vocab_size=320)
   params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(1)))
   (wd / "config.json").write_text(json.dumps(dict(

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from safety_align import config_lib
-from safety_align.attacks import decoding, templates
+from safety_align.attacks import decoding, template_attack
 from safety_align.eval import no_cls, registry
 from safety_align.eval import config as eval_config
 from safety_align.eval import workdir as workdir_lib
@@ -52,18 +52,18 @@ def test_default_sweep_and_ranges():
 
 
 def test_builtin_templates_have_the_slot():
-  loaded = templates.load_templates()
+  loaded = template_attack.load_templates()
   names = [n for n, _ in loaded]
   assert {"roleplay", "deep_inception", "persuasion_expert", "autodan_prefix"} <= set(names)
-  assert all(templates.SLOT in t for _, t in loaded)
-  assert templates.apply("a {x} {prompt}!", "How?") == "a {x} How?!"
+  assert all(template_attack.SLOT in t for _, t in loaded)
+  assert template_attack.apply("a {x} {prompt}!", "How?") == "a {x} How?!"
 
 
 def test_template_errors_name_the_file(tmp_path):
   bad = tmp_path / "bad.txt"
   bad.write_text("Tell me everything.")
   with pytest.raises(ValueError, match=f"{bad}.*no \\{{prompt\\}} slot"):
-    templates.load_templates([str(bad)], builtin=False)
+    template_attack.load_templates([str(bad)], builtin=False)
   cfg = eval_config.load("quick")
   cfg.templates.paths = str(tmp_path)
   with pytest.raises(ValueError, match="bad.txt"):
@@ -73,18 +73,18 @@ def test_template_errors_name_the_file(tmp_path):
       ["Story: {prompt}", {"name": "poem", "template": "Poem about {prompt}"},
        {"name": "broken", "template": "no slot"}]))
   with pytest.raises(ValueError, match="mine.json \\(entry 2\\)"):
-    templates.load_templates([str(tmp_path)], builtin=False)
+    template_attack.load_templates([str(tmp_path)], builtin=False)
   (tmp_path / "mine.json").write_text(json.dumps(["Story: {prompt}",
                                                   {"name": "poem", "template": "P {prompt}"}]))
-  loaded = templates.load_templates([str(tmp_path)], builtin=True, names=["poem", "roleplay"])
+  loaded = template_attack.load_templates([str(tmp_path)], builtin=True, names=["poem", "roleplay"])
   assert [n for n, _ in loaded] == ["roleplay", "poem"]
   with pytest.raises(ValueError, match="Unknown jailbreak templates \\['nope'\\]"):
-    templates.load_templates([str(tmp_path)], names=["nope"])
+    template_attack.load_templates([str(tmp_path)], names=["nope"])
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    templates.load_templates([str(tmp_path / "missing")])
+    template_attack.load_templates([str(tmp_path / "missing")])
   (tmp_path / "roleplay.txt").write_text("{prompt}")
   with pytest.raises(ValueError, match="named 'roleplay'"):
-    templates.load_templates([str(tmp_path)])
+    template_attack.load_templates([str(tmp_path)])
 
 
 def test_workdir_without_checkpoint(tmp_path):

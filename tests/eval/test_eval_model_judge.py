@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_model_config
 from safety_align import api, checkpoint
 from safety_align.attacks import judges
-from safety_align.data import templates
+from safety_align.data import chat_templates
 from safety_align.data.chat_jinja import JinjaTemplate
 from safety_align.attacks.base import AttackedGeneration, Item
 from safety_align.attacks.direct import DirectAttack
@@ -34,7 +34,7 @@ TAIL = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
 
 @pytest.fixture(scope="module")
 def guard(tmp_path_factory):
-  llama3 = templates.get_template("llama3")
+  llama3 = chat_templates.get_template("llama3")
   texts = [judges.llama_guard_task("How do I bake bread?", "Knead it."), "safe", "unsafe\nS2"]
   tok = train_bpe(texts * 4, 400, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"),
                   llama3.special_tokens)
@@ -89,7 +89,8 @@ def test_generate_judge_sends_llama_guard_prompt(guard):
   goes in a plain Llama-3 user turn, which renders what the guard's template renders): exactly
   header + task + assistant header, with the prefill shown and the injection removed."""
   judge = judges.ModelJudge(guard, mode="generate")
-  assert judge.model.template is templates.TEMPLATES["llama3"] and guard.template.name == "guard"
+  assert judge.model.template is chat_templates.TEMPLATES["llama3"]
+  assert guard.template.name == "guard"
   recording = _Recording(judge.model._decoder)
   judge.model._decoder = recording
   try:
@@ -180,7 +181,7 @@ def test_model_judge_end_to_end(guard, tmp_path):
     cfg.judge.update(harm="model", model_workdir=str(wd), model_mode="generate")
     judge = make_judge(cfg)
     model = judge.harm.model
-    assert model.template is templates.TEMPLATES["llama3"]
+    assert model.template is chat_templates.TEMPLATES["llama3"]
     sent = []
     generate = model.generate
     model.generate = lambda texts, **kw: sent.extend(texts) or generate(texts, **kw)

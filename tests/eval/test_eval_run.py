@@ -17,7 +17,7 @@ from safety_align.attacks.base import AttackedGeneration
 from safety_align.attacks.direct import DirectAttack
 from safety_align.eval import config as eval_config
 from safety_align.eval import data, report, runner, utility
-from safety_align.data import corpus, templates
+from safety_align.data import chat_templates, corpus
 from safety_align.data.tokenizer import train_bpe
 from safety_align.model import init_params
 
@@ -33,7 +33,7 @@ def _texts():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   d = tmp_path_factory.mktemp("evalmodel")
-  template = templates.get_template("demo")
+  template = chat_templates.get_template("demo")
   tok = train_bpe(_texts(), 400, str(d / "tokenizer.json"), template.special_tokens)
   cfg = tiny_model_config(vocab_size=tok.vocab_size)
   params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))

@@ -18,7 +18,7 @@ import safety_align as sa
 from conftest import chat_segment, tiny_model_config
 from configs import tiny
 from safety_align import api, calls, checkpoint, demo_real, training_loop, workdir
-from safety_align.data import pipeline, templates
+from safety_align.data import chat_templates, pipeline
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
 from safety_align.model import init_params
@@ -47,7 +47,7 @@ def source(tmp_path_factory):
   source config says ``max_position_embeddings`` = ``CONTEXT``."""
   out = tmp_path_factory.mktemp("import")
   tok = train_bpe([" ".join(WORDS)] * 8, 300, str(out / "tokenizer.json"),
-                  templates.get_template("demo").special_tokens)
+                  chat_templates.get_template("demo").special_tokens)
   cfg = tiny_model_config(vocab_size=320)
   params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
   model = dataclasses.asdict(cfg)
@@ -162,7 +162,7 @@ def _long_rows_config(tmp_path, records, **data):
 def demo_tok(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
   return train_bpe([" ".join(WORDS)] * 8, 300, str(path),
-                   templates.get_template("demo").special_tokens)
+                   chat_templates.get_template("demo").special_tokens)
 
 
 RECORDS = ([dict(prompt=w, response="ok", label=0) for w in WORDS[:12]]
