@@ -1,1 +1,1 @@
-"""Benchmarks of safety_align against side-by-side baselines (``python -m bench.run``)."""
+"""Benchmarks of safety_align against side-by-side peers (``python -m bench.run``)."""

@@ -30,7 +30,7 @@ def device_name() -> str:
 
 
 def torch_device() -> str:
-  """Where the PyTorch baselines run: the GPU when JAX has one (and torch sees it)."""
+  """Where the PyTorch peers run: the GPU when JAX has one (and torch sees it)."""
   import torch  # pylint: disable=g-import-not-at-top
   if on_gpu() and torch.cuda.is_available():
     return "cuda"
@@ -57,8 +57,8 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1, *
   """Best-of-``reps`` wall time (s) of each no-argument function, run interleaved (one of each
   per round, the order rotating) so machine load drifts hit every side alike. Each function
   must block until its work is done. ``warmup`` untimed rounds first (compilation).
-  ``reps_of`` lowers the rounds of some functions (expensive baselines: they run in the
-  first rounds only); ``prior`` holds times already taken (e.g. an uncompiled baseline's
+  ``reps_of`` lowers the rounds of some functions (expensive peers: they run in the
+  first rounds only); ``prior`` holds times already taken (e.g. an uncompiled peer's
   first call), which count in the minimum. ``samples``, if given, receives every timed
   round's time per function (for paired comparisons)."""
   names = list(fns)

@@ -2,8 +2,8 @@
 
   python -m bench.run [--only=decode_vs_hf,gcg_vs_nanogcg] [--quick]
 
-Every benchmark times ours and its baseline in the same process, interleaved, best of N
-(``bench/common.py``); ratios are ours over the baseline (overheads: gate-on time over
+Every benchmark times ours and its peer in the same process, interleaved, best of N
+(``bench/common.py``); ratios are ours over the peer (overheads: gate-on time over
 gate-off time, minus 1). Benchmarks:
 
 * ``gate_overhead_{first,periodic,every,annealing}``: decode time with the gate on vs off on
