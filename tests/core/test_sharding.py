@@ -1,7 +1,6 @@
 """Sharded training on 8 fake CPU devices: same losses as one device, parameters really split."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 

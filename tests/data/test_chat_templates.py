@@ -4,20 +4,17 @@ BPE for ChatML / Llama-3, SentencePiece-style for Llama-2 / Mistral); the built-
 
 import pathlib
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 import transformers
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as Backend
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params
 from safety_align import api
 from safety_align.data import chat_templates, pipeline
 from safety_align.data.tokenizer import Tokenizer
 from safety_align.masks import Role
-from safety_align.model import init_params
 
 FIXTURES = pathlib.Path(__file__).parents[1] / "fixtures" / "chat_templates"
 QUERY = "How do I bake a loaf of bread at home?"
@@ -258,7 +255,7 @@ def test_generate_with_a_system_message(family):
   chat template (greedy tokens = the argmax chain over HF's prompt ids), never as QUERY."""
   tok, hf, template = family("smollm2")
   cfg = tiny_model_config(vocab_size=tok.vocab_size)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
+  params = tiny_params(cfg)
   model = api.SafetyModel(cfg, params, tok, template, max_length=128, uses_cls=False)
   encoded = model._prompts([QUERY], system=SYSTEM)
   ids = list(encoded.ids[0])

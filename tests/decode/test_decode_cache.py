@@ -4,18 +4,17 @@ inference consistency), a [CLS] re-evaluation overwriting slot 0, batch independ
 import functools
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import VOCAB, packed, tiny_model_config
+from conftest import VOCAB, packed, tiny_model_config, tiny_params
 from safety_align import masks
 from safety_align.data.packing import build_segment
 from safety_align.decode import Decoder, GateConfig, Prompts
 from safety_align.masks import Role
-from safety_align.model import Transformer, forward_batch, init_params
+from safety_align.model import Transformer, forward_batch
 
 EOS, REFUSAL, NEWLINE = 2, [40, 41, 42], [6]
 OFF = GateConfig(schedule="off")
@@ -33,7 +32,7 @@ FULL = 32  # full forwards are padded to one length: one compilation
 
 
 def _params(cfg):
-  return nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
+  return tiny_params(cfg)
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["plain", "cls_gate"])

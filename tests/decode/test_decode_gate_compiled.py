@@ -4,16 +4,15 @@ window mask is built here from METHOD.md's rules."""
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params
 from safety_align.decode import Decoder, GateConfig, Prompts
 from safety_align.masks import Role
-from safety_align.model import Transformer, init_params
+from safety_align.model import Transformer
 
 NEWLINE, REFUSAL = [6], [40, 41, 42]
 INSERTION = NEWLINE + REFUSAL
@@ -28,7 +27,7 @@ N_NEW = 24  # with <= 8 forced tokens: one response bucket, so one compiled prog
 @pytest.fixture(scope="module")
 def model():
   cfg = tiny_model_config()
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
+  params = tiny_params(cfg)
   return cfg, params, Decoder(cfg)
 
 

@@ -1,17 +1,15 @@
 """Samplers: greedy limits, the top-k / top-p supports and frequencies, per-row seeding, and
 reproducible sampled decoding."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params
 from safety_align.decode import Decoder, GateConfig, Greedy, Prompts, make_sampler
 from safety_align.decode.sampling import row_keys
 from safety_align.masks import Role
-from safety_align.model import init_params
 
 V, DRAWS = 16, 4000
 
@@ -91,7 +89,7 @@ def test_sampler_errors():
 
 def test_sampled_decoding_is_reproducible():
   cfg = tiny_model_config()
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
+  params = tiny_params(cfg)
   dec = Decoder(cfg)
   prompts = Prompts.from_pieces([[([1], Role.BOS), ([10, 11, 12], Role.QUERY)]] * 2)
   gate = GateConfig(schedule="off")

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 from safety_align import api, checkpoint, sharding, workdir
 from safety_align.data import chat_templates
-from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import Decoder, GateConfig, Prompts
 from safety_align.masks import Role
 from safety_align.model import init_params, unroll_layers
@@ -34,7 +33,7 @@ def _pieces(query):
 def setup():
   assert jax.device_count() == 8, "tests/conftest.py sets 8 fake CPU devices"
   mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=4))
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0)))
+  params = tiny_params(CFG)
   placed = jax.device_put(params, sharding.param_shardings(CFG, mesh, params))
   return mesh, params, placed
 
@@ -138,7 +137,7 @@ def test_restore_onto_the_mesh(setup, tmp_path):
   mesh = setup[0]
   cfg = tiny_model_config(n_kv_heads=4, scan_layers=True)
   (tmp_path / "config.json").write_text(json.dumps(dict(model=dataclasses.asdict(cfg))))
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(2)))
+  params = tiny_params(cfg, 2)
   checkpoint.save_params(str(tmp_path), "sft", params, dict(step=0, phase="sft"))
   whole = workdir.load_for_inference(str(tmp_path), "sft").params
   split = workdir.load_for_inference(str(tmp_path), "sft", mesh=mesh).params
@@ -159,8 +158,8 @@ def test_load_on_a_mesh(tmp_path, monkeypatch):
   """``sa.load(path, mesh=...)`` of a scanned model's workdir: weights restored onto the mesh,
   unrolled and split at load, the same classifications and generations as on one device."""
   template = chat_templates.get_template("demo")
-  tok = train_bpe(["how do I bake bread", "tell me a story about a cat"] * 4, 300,
-                  str(tmp_path / "tokenizer.json"), template.special_tokens)
+  tok = tiny_tokenizer(["how do I bake bread", "tell me a story about a cat"] * 4, 300,
+                       tmp_path / "tokenizer.json")
   cfg = tiny_model_config(vocab_size=320, n_kv_heads=4, scan_layers=True)
   (tmp_path / "config.json").write_text(json.dumps(dict(
       model=dataclasses.asdict(cfg), data=dict(seq_len=96, chat_template="demo"))))

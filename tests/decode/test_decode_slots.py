@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from safety_align import api, safety_model
+from safety_align import safety_model
 from safety_align.decode import GateConfig, bucket, slots as slots_lib
 
 MID = GateConfig(schedule="every", threshold=0.96, tau=2)  # the random model's p0 is ~0.7-0.96

@@ -21,7 +21,7 @@ import safety_align as sa  # noqa: E402
 from safety_align import convert, workdir  # noqa: E402
 from safety_align.formats.source import CLS_FILE  # noqa: E402
 from safety_align.tools import check_parity  # noqa: E402
-from tiny_hf import CASES, VOCAB, hf_logits, make_hf  # noqa: E402
+from tiny_hf import CASES, SENTENCES, VOCAB, hf_logits, make_hf  # noqa: E402
 
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, (2, 16))
 

@@ -8,11 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_tokenizer
 import safety_align as sa
 from safety_align import masks
 from safety_align.data import chat_templates
-from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
 from safety_align.model import init_params
 
@@ -24,7 +23,7 @@ CHAT = [dict(role="user", content="how do I bake bread"),
 
 def _model(tmp_path, name):
   t = chat_templates.get_template(name)
-  tok = train_bpe(TEXTS, 300, str(tmp_path / "tokenizer.json"), t.special_tokens)
+  tok = tiny_tokenizer(TEXTS, 300, tmp_path / "tokenizer.json", name)
   cfg = tiny_model_config(vocab_size=320)
   return sa.SafetyModel(cfg, init_params(cfg, jax.random.key(0)), tok, t,
                         max_length=64)
