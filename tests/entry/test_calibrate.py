@@ -10,20 +10,15 @@ import shutil
 import subprocess
 import sys
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import safety_align as sa
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 from safety_align import calibrate, checkpoint, gate_calibration, generate
-from safety_align.data import chat_templates
-from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig, gate as gate_lib
 from safety_align.eval import config as eval_config
-from safety_align.model import init_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORDS = "how do I bake bread pick a lock tell me a story about the cat dog sky sea".split()
@@ -109,10 +104,9 @@ def workdir(tmp_path_factory):
   [CLS] model, and a validation file."""
   wd = tmp_path_factory.mktemp("calib") / "wd"
   wd.mkdir()
-  train_bpe([" ".join(WORDS)] * 8, 300, str(wd / "tokenizer.json"),
-            chat_templates.get_template("demo").special_tokens)
+  tiny_tokenizer([" ".join(WORDS)] * 8, 300, wd / "tokenizer.json")
   cfg = tiny_model_config(vocab_size=320)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(1)))
+  params = tiny_params(cfg, 1)
   (wd / "config.json").write_text(json.dumps(dict(
       model=dataclasses.asdict(cfg), data=dict(seq_len=128, chat_template="demo", seed=0))))
   checkpoint.save_params(str(wd), "sft", params, dict(step=0, phase="sft"))

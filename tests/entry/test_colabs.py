@@ -1,6 +1,5 @@
 """Every notebook in colabs/ runs end to end (SAFETY_ALIGN_SMOKE=1 shrinks sizes; same cells)."""
 
-import os
 import pathlib
 
 import nbformat

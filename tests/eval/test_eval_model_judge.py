@@ -6,12 +6,11 @@ unparsed ones counted in ``judge_unparsed``)."""
 import dataclasses
 import json
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params
 from safety_align import api, checkpoint
 from safety_align.attacks import judges
 from safety_align.data import chat_templates
@@ -22,7 +21,6 @@ from safety_align.data.tokenizer import train_bpe
 from safety_align.eval import config as eval_config
 from safety_align.eval import metrics
 from safety_align.eval.judging import make_judge
-from safety_align.model import init_params
 
 # A Llama-Guard-style template: it writes the task itself from the messages.
 GUARD = ("{{ bos_token }}<|start_header_id|>user<|end_header_id|>\n\nTask: ... "
@@ -39,7 +37,7 @@ def guard(tmp_path_factory):
   tok = train_bpe(texts * 4, 400, str(tmp_path_factory.mktemp("tok") / "tokenizer.json"),
                   llama3.special_tokens)
   cfg = tiny_model_config(vocab_size=tok.vocab_size)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(1)))
+  params = tiny_params(cfg, 1)
   return api.SafetyModel(cfg, params, tok, JinjaTemplate(GUARD, "guard"), max_length=1024,
                          batch_size=4)
 

@@ -5,12 +5,11 @@ import dataclasses
 import json
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 from safety_align import api, checkpoint, evaluate
 from safety_align.attacks import decoding, judges
 from safety_align.attacks.base import AttackedGeneration
@@ -18,8 +17,6 @@ from safety_align.attacks.direct import DirectAttack
 from safety_align.eval import config as eval_config
 from safety_align.eval import data, report, runner, utility
 from safety_align.data import chat_templates, corpus
-from safety_align.data.tokenizer import train_bpe
-from safety_align.model import init_params
 
 API_KEYS = {"model", "n_malicious", "n_benign", "classifier", "attacks", "benign", "overhead"}
 MAX_LENGTH = 160
@@ -34,9 +31,9 @@ def _texts():
 def setup(tmp_path_factory):
   d = tmp_path_factory.mktemp("evalmodel")
   template = chat_templates.get_template("demo")
-  tok = train_bpe(_texts(), 400, str(d / "tokenizer.json"), template.special_tokens)
+  tok = tiny_tokenizer(_texts(), 400, d / "tokenizer.json")
   cfg = tiny_model_config(vocab_size=tok.vocab_size)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
+  params = tiny_params(cfg)
   # Uncommitted arrays, as sa.load gives: the loaded model in test_run_on_a_workdir then
   # reuses this model's compiled programs.
   params = jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)), params)

@@ -9,19 +9,15 @@ import json
 import pathlib
 import shutil
 
-import flax.linen as nn
-import jax
 import numpy as np
 import pytest
 
 import safety_align as sa
-from conftest import chat_segment, tiny_model_config
+from conftest import chat_segment, tiny_model_config, tiny_params, tiny_tokenizer
 from configs import tiny
 from safety_align import api, calls, checkpoint, demo_real, training_loop, workdir
-from safety_align.data import chat_templates, pipeline
-from safety_align.data.tokenizer import train_bpe
+from safety_align.data import pipeline
 from safety_align.masks import Role
-from safety_align.model import init_params
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CONTEXT = 256  # the source's max_position_embeddings
@@ -46,10 +42,9 @@ def source(tmp_path_factory):
   """An import directory (as ``convert.import_hf`` writes one): a tiny random model whose
   source config says ``max_position_embeddings`` = ``CONTEXT``."""
   out = tmp_path_factory.mktemp("import")
-  tok = train_bpe([" ".join(WORDS)] * 8, 300, str(out / "tokenizer.json"),
-                  chat_templates.get_template("demo").special_tokens)
+  tok = tiny_tokenizer([" ".join(WORDS)] * 8, 300, out / "tokenizer.json")
   cfg = tiny_model_config(vocab_size=320)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
+  params = tiny_params(cfg)
   model = dataclasses.asdict(cfg)
   checkpoint.save_params(str(out), "import", params, dict(step=0, phase="import", model=model))
   (out / "config.json").write_text(json.dumps(dict(
@@ -161,8 +156,7 @@ def _long_rows_config(tmp_path, records, **data):
 @pytest.fixture(scope="module")
 def demo_tok(tmp_path_factory):
   path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-  return train_bpe([" ".join(WORDS)] * 8, 300, str(path),
-                   chat_templates.get_template("demo").special_tokens)
+  return tiny_tokenizer([" ".join(WORDS)] * 8, 300, path)
 
 
 RECORDS = ([dict(prompt=w, response="ok", label=0) for w in WORDS[:12]]
