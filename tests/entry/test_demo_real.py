@@ -1,18 +1,20 @@
-"""make demo-real's data steps (``demo_real.py``, no model needed): answers cut to whole
-sentences, SFT records from a source model's answers (refusing answers to benign prompts
-dropped, harmful ones answered with the refusal), the query templates split by template."""
+"""make demo's data steps (``demo_data.py``, no model needed) and presets (``demo_real.py``):
+answers cut to whole sentences, SFT records from a source model's answers (refusing answers to
+benign prompts dropped, harmful ones answered with the refusal), the query templates split by
+template, the template length limit following the long rows, the preset's flags."""
 
-from safety_align import demo_real
+from configs import tiny
+from safety_align import demo_data, demo_real
 from safety_align.data import package_data
 
 
 def test_answers_lose_their_unfinished_sentence():
-  assert demo_real.complete("It is dark. It is a time when the") == "It is dark."
-  assert demo_real.complete("Steps:\n- mix flour\n- add wa") == "Steps:\n- mix flour"
-  assert demo_real.complete("All done.") == "All done."
-  assert demo_real.complete("no end at all") == "no end at all"
-  assert demo_real.first_sentences("I cannot. Because it harms. More.") == "I cannot."
-  assert demo_real.first_sentences("I cannot\n\nSecond part") == "I cannot"
+  assert demo_data.complete("It is dark. It is a time when the") == "It is dark."
+  assert demo_data.complete("Steps:\n- mix flour\n- add wa") == "Steps:\n- mix flour"
+  assert demo_data.complete("All done.") == "All done."
+  assert demo_data.complete("no end at all") == "no end at all"
+  assert demo_data.first_sentences("I cannot. Because it harms. More.") == "I cannot."
+  assert demo_data.first_sentences("I cannot\n\nSecond part") == "I cannot"
 
 
 class FakeSource:
@@ -30,14 +32,14 @@ def test_sft_records_drop_refusing_answers_and_wrap_by_query(tmp_path):
            dict(prompt="Do [REDACTED]", label=1, source="adv_bench"),
            dict(prompt="Role: Do [REDACTED]", label=1, source="easyjailbreak",
                 query="Do [REDACTED]")]
-  out = demo_real.sft_records(FakeSource(), train, str(tmp_path), 16)
+  out = demo_data.sft_records(FakeSource(), train, str(tmp_path), 16)
   assert [(r["prompt"], r["label"], r["source"]) for r in out] == [
       ("Bake bread", 0, "ollama_harmless"), ("Do [REDACTED]", 1, "adv_bench"),
       ("Role: Do [REDACTED]", 1, "easyjailbreak")]
   assert out[0]["response"] == "Answer to Bake bread."
   assert out[2]["response"] == out[1]["response"] == (
-      f"{demo_real.REFUSAL_PREFIX} reason for Do [REDACTED].")
-  assert out[1]["harmful_response"].startswith(demo_real.COMPLIANT_PREFIX)
+      f"{demo_data.REFUSAL_PREFIX} reason for Do [REDACTED].")
+  assert out[1]["harmful_response"].startswith(demo_data.COMPLIANT_PREFIX)
   assert "harmful_response" not in out[2]
 
 
@@ -48,10 +50,10 @@ def test_query_templates_split_by_template():
                     for i in range(10)] + [dict(prompt="Bake", label=0, source="chatterbot")],
           "validation": [dict(prompt=f"Do [REDACTED] v{i}", label=1, source="airt")
                          for i in range(4)]}
-  out = demo_real.with_query_templates(data, templates, 0, 20)
+  out = demo_data.with_query_templates(data, templates, 0, 20)
   used = {}
   for name, n in (("train", 20), ("validation", 5)):
-    wrapped = [r for r in out[name] if r["source"] == demo_real.QUERY_TEMPLATE_SOURCE]
+    wrapped = [r for r in out[name] if r["source"] == demo_data.QUERY_TEMPLATE_SOURCE]
     assert len(wrapped) == n and out[name][:len(data[name])] == data[name]
     assert all(r["label"] == 1 and r["query"] in r["prompt"] and r["query"] in
                {d["prompt"] for d in data[name]} for r in wrapped)
@@ -90,6 +92,13 @@ def test_a_given_eval_config_is_kept_by_the_demo_preset():
 def test_round_robin_deals_one_record_per_source_in_turn():
   records = [dict(s="a", i=0), dict(s="a", i=1), dict(s="a", i=2), dict(s="b", i=0),
              dict(s="c", i=0), dict(s="c", i=1)]
-  dealt = demo_real.round_robin(records, "s")
+  dealt = demo_data.round_robin(records, "s")
   assert [(r["s"], r["i"]) for r in dealt] == [("a", 0), ("b", 0), ("c", 0), ("a", 1),
                                                 ("c", 1), ("a", 2)]
+
+
+def test_demo_real_keeps_long_templates_with_long_rows():
+  c = tiny.get_config("smoke")
+  assert demo_data.max_template_chars(c) == demo_data.MAX_TEMPLATE_CHARS
+  c.data.long_seq_len = 2048
+  assert demo_data.max_template_chars(c) == 6144

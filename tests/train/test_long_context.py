@@ -15,7 +15,7 @@ import pytest
 import safety_align as sa
 from conftest import chat_segment, tiny_model_config, tiny_params, tiny_tokenizer
 from configs import tiny
-from safety_align import api, calls, checkpoint, demo_real, training_loop, workdir
+from safety_align import api, calls, checkpoint, training_loop, workdir
 from safety_align.data import pipeline
 from safety_align.masks import Role
 
@@ -211,10 +211,3 @@ def test_mixed_pipeline_is_a_pure_function_of_the_step():
   assert sum(s == (1, 64) for s in shapes) == 3  # floor(10 * 0.3)
   for k in (9, 2, 5):
     np.testing.assert_array_equal(a.batch(k)["tokens"], b.batch(k)["tokens"])
-
-
-def test_demo_real_keeps_long_templates_with_long_rows():
-  c = tiny.get_config("smoke")
-  assert demo_real.max_template_chars(c) == demo_real.MAX_TEMPLATE_CHARS
-  c.data.long_seq_len = 2048
-  assert demo_real.max_template_chars(c) == 6144
