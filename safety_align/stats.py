@@ -40,3 +40,8 @@ def classifier_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) 
   return dict(auroc=auroc(probs, labels), accuracy=accuracy,
               accuracy_ci=wilson(accuracy, len(labels)), f1=float(f1), n=int(len(labels)),
               n_malicious=int((labels == 1).sum()), n_benign=int((labels == 0).sum()))
+
+
+def missing(x) -> bool:
+  """``x`` is no number to report: None, NaN or infinite."""
+  return x is None or (isinstance(x, float) and not math.isfinite(x))

@@ -69,7 +69,8 @@ TABLE = {
     "safety_align.convert": ("entry", "python -m safety_align.convert: import and export"),
     "safety_align.calibrate": ("entry", "python -m safety_align.calibrate (and its procedure)"),
     "safety_align.demo": ("entry", "make demo's driver"),
-    "safety_align.demo_real": ("entry", "make demo-real's driver"),
+    "safety_align.demo_real": ("entry", "make demo's driver"),
+    "safety_align.demo_data": ("entry", "make demo's data stage (reads the eval's utility file)"),
     "safety_align.model_card": ("entry", "MODEL_CARD.md, written by make demo-real's driver"),
     "safety_align.tools": ("entry", "command-line tools: AOT compilation, parity, roofline"),
 }
