@@ -4,25 +4,22 @@ search against the gate's window rows), soft-prompt embedding attack, fine-tunin
 import dataclasses
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 from safety_align import api, config_lib
 from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks import embedding, finetune, prefill_adaptive
 from safety_align.attacks.base import GATE_OFF, Item, RunSettings
 from safety_align.data import chat_templates, corpus
-from safety_align.data.tokenizer import train_bpe
 from safety_align.decode import GateConfig
 from safety_align.eval import config as eval_config
 from safety_align.eval import registry
-from safety_align.model import init_params
 
 GATES = [GATE_OFF, "annealing"]
 SETTINGS = RunSettings(max_new_tokens=6)
@@ -34,9 +31,9 @@ def model(tmp_path_factory):
   template = chat_templates.get_template("demo")
   pairs = corpus.sft_pairs("train", n=24)
   texts = [t for p in pairs for t in (p["prompt"], p["response"], p["harmful_response"]) if t]
-  tok = train_bpe(texts, 400, str(d / "tokenizer.json"), template.special_tokens)
+  tok = tiny_tokenizer(texts, 400, d / "tokenizer.json")
   cfg = tiny_model_config(vocab_size=tok.vocab_size)
-  params = nn.meta.unbox(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))
+  params = tiny_params(cfg)
   # A [CLS] head whose window rows sit near the threshold and follow what they read.
   head = params["cls_head"]
   params = {**params, "cls_head": {"kernel": head["kernel"] * 3.0,

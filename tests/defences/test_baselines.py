@@ -5,19 +5,16 @@ mask and its train-once build, SafeDecoding's reweighted first tokens."""
 import dataclasses
 import json
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_model_config
+from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 from safety_align import api, checkpoint, config_lib, losses
 from safety_align.defences import deep_alignment, probe, safedecoding
 from safety_align.data import chat_templates, corpus
 from safety_align.data.packing import pack
-from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
-from safety_align.model import init_params
 
 PROMPT = "How do I bake bread at home?"
 
@@ -30,12 +27,10 @@ def tiny(tmp_path_factory):
   template = chat_templates.get_template("demo")
   pairs = corpus.sft_pairs("test", n=24)
   texts = [t for p in pairs for t in (p["prompt"], p["response"], p["harmful_response"]) if t]
-  tok = train_bpe(texts, 400, str(d / "tokenizer.json"), template.special_tokens)
+  tok = tiny_tokenizer(texts, 400, d / "tokenizer.json")
   cfg = tiny_model_config(vocab_size=tok.vocab_size)
-  init = jax.jit(init_params, static_argnums=0)
   params, expert_params = (jax.tree.map(lambda a: jax.numpy.asarray(np.asarray(a)),
-                                        nn.meta.unbox(init(cfg, jax.random.key(s))))
-                           for s in (0, 1))
+                                        tiny_params(cfg, s)) for s in (0, 1))
   model, expert = (api.SafetyModel(cfg, p, tok, template, max_length=128, batch_size=4,
                                    eos_ids=[], uses_cls=False) for p in (params, expert_params))
   return tok, cfg, params, model, expert
