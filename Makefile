@@ -19,8 +19,8 @@ $(VENV)/.installed-cpu: setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[cpu]"
 	touch $@
 
-# tpu: libtpu for tests/test_aot_tpu.py (compiling for a TPU slice on this CPU machine);
-# benchmarks: the IFBench checkers tests/test_benchmarks.py runs.
+# tpu: libtpu for tests/tools/test_aot_tpu.py (compiling for a TPU slice on this CPU machine);
+# benchmarks: the IFBench checkers tests/eval/test_benchmarks.py runs.
 $(VENV)/.installed-test: setup.py | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[cpu,test,tpu,benchmarks]"
 	touch $@ $(VENV)/.installed-cpu $(VENV)/.installed-demo

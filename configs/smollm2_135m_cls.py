@@ -57,7 +57,7 @@ def get_config(arg=None):
       warmup_steps=8,
       # Window [CLS] rows (r2 = 10 tokens) over the answers and refusals (benign text, 0) and
       # over the source's own continuation of "Sure, here is" (never an LM target): 0 over its
-      # opening sentence, 1 from the first span past it (data/pipeline.past_opener). Without
+      # opening sentence, 1 from the first span past it (data/encoding.past_opener). Without
       # them the gate's re-evaluations of generated text are untrained and refused 82% of the
       # over-refusal prompts under annealing.
       window_augmentation=True,

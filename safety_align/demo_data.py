@@ -124,7 +124,7 @@ def sft_records(source: Answers, train: Sequence[dict], workdir: str,
       lambda ps: source.answers(ps, reason_tokens, REFUSAL_PREFIX), batch_size=32,
       desc="refusals", settings=dict(prefix=REFUSAL_PREFIX, max_new_tokens=reason_tokens))
   # The source model's own continuations of "Sure, here is" (never LM targets): what the
-  # window [CLS] rows must learn to call malicious in generated text (pipeline.encode_sft).
+  # window [CLS] rows must learn to call malicious in generated text (encoding.encode_sft).
   compliant = compliant_openings(source, harmful, workdir, max_new_tokens)
   kept = [(r, a) for r, a in zip(benign, answers) if not opens_with_refusal(a)]
   logging.info("benign answers: %d of %d open with a refusal, dropped", len(benign) - len(kept),

@@ -1,6 +1,6 @@
 """From records to packed training batches, resumable as a pure function of the step.
 
-``encode_pretrain`` / ``encode_sft`` turn records into :class:`~packing.Segment` s; a
+``encoding.encode_pretrain`` / ``encode_sft`` turn records into :class:`~packing.Segment` s; a
 :class:`Pipeline` groups a seeded permutation of them into batches and packs batch ``k`` on
 demand; a :class:`MixedPipeline` gives a share of the steps long rows (``data.long_seq_len``:
 the SFT examples longer than ``data.seq_len``, e.g. queries inside real jailbreak wrappers);
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from typing import Iterator, Sequence
 
 import jax
@@ -21,126 +20,13 @@ from absl import logging
 
 from safety_align import sharding
 from safety_align.data import corpus, mixtures, tfds_builders
+from safety_align.data.encoding import encode_records
 from safety_align.data.packing import Segment, build_segment, pack, truncate, without_cls
 from safety_align.data.chat_templates import Template, get_template
 from safety_align.data.tokenizer import Tokenizer, check_vocab, train_bpe
 from safety_align.masks import Role
 
-MAX_WINDOWS = 8  # window [CLS] rows per segment at most
 OVERLONG = ("drop", "truncate_response", "error")  # config.data.overlong: SFT examples > seq_len
-
-
-def _pretrain_segment(ids: Sequence[int], label: int, tok: Tokenizer, cls_id: int) -> Segment:
-  pieces = [([tok.bos_id], Role.BOS)] if tok.bos_id is not None else []
-  pieces.append((list(ids) + [tok.eos_id], Role.RESPONSE))
-  return build_segment(cls_id, pieces, label)
-
-
-def encode_pretrain(record: dict, tok: Tokenizer, cls_id: int) -> Segment:
-  """``[CLS] <s> document </s>``: the document (and EOS) as RESPONSE tokens, all LM targets;
-  the main [CLS] (which reads the whole document under the pretrain mask) has the record's
-  label."""
-  return _pretrain_segment(tok.encode(record["text"]), record["label"], tok, cls_id)
-
-
-def response_windows(n: int, window: int, max_windows: int = MAX_WINDOWS) -> list[tuple[int, int]]:
-  """Inclusive ``(lo, hi)`` spans of ``window`` consecutive tokens (stride ``window``, the
-  last may be shorter) over ``n`` response tokens, at most ``max_windows`` of them."""
-  if window < 1:
-    raise ValueError(f"The window length r2 must be >= 1, got {window} (config.sft.window).")
-  return [(lo, min(lo + window, n) - 1) for lo in range(0, n, window)][:max_windows]
-
-
-def _response_ids(pieces: Sequence[tuple[Sequence[int], Role]]) -> list[int]:
-  return [int(t) for ids, role in pieces if role == Role.RESPONSE for t in ids]
-
-
-def _token_spans(ids: Sequence[int], tok: Tokenizer) -> tuple[np.ndarray, np.ndarray, str]:
-  """(starts [n], ends [n], text): the decoded text of ``ids`` and the characters each token
-  spans in it (token ``k``: those the decoded prefix gains with it)."""
-  prefixes = tok.hf.decode_batch([list(ids[:k]) for k in range(1, len(ids) + 1)])
-  ends = np.array([len(p) for p in prefixes], np.int64)
-  return np.concatenate([[0], ends[:-1]]), ends, prefixes[-1] if prefixes else ""
-
-
-def marked_tokens(ids: Sequence[int], tok: Tokenizer, markers: Sequence[str]) -> np.ndarray:
-  """[n] bool: whether each token of ``ids`` overlaps one of ``markers`` in their decoded
-  text."""
-  starts, ends, text = _token_spans(ids, tok)
-  marked = np.zeros(len(ids), bool)
-  for m in markers:
-    for hit in re.finditer(re.escape(m), text):
-      marked |= (starts < hit.end()) & (ends > hit.start())
-  return marked
-
-
-_SENTENCE_END = re.compile(r"[.!?:](?=\s)|\n")
-
-
-def past_opener(ids: Sequence[int], tok: Tokenizer, opener: str) -> np.ndarray:
-  """[n] bool: the tokens of a harmful response ``ids`` that reach past its compliant opening
-  sentence. The opening sentence is the decoded text up to its first ``.``, ``!``, ``?`` or
-  ``:`` before a space, or its first line break, when the text starts with ``opener`` ("Sure,
-  here is") and goes on after it; otherwise every token is past it."""
-  starts, ends, text = _token_spans(ids, tok)
-  end = _SENTENCE_END.search(text) if text.lstrip().startswith(opener) else None
-  rest = text[end.end():] if end else ""
-  if not rest.strip():
-    return np.ones(len(ids), bool)
-  return ends > len(text) - len(rest.lstrip())
-
-
-def _window_rows(pieces, text: str, harmful: bool, window: int, tok: Tokenizer,
-                 markers: Sequence[str], opener: str = "") -> list[tuple[int, int, int]]:
-  """``(lo, hi, label)`` window rows over the response of ``pieces`` (``text``) before its
-  end-of-turn token, labelled as ``encode_sft`` says."""
-  ids = _response_ids(pieces)[:-1]
-  if not markers and harmful and opener:
-    marked = past_opener(ids, tok, opener)
-  elif not markers:
-    marked = np.full(len(ids), harmful)
-  elif any(m in text for m in markers):
-    marked = marked_tokens(ids, tok, markers)
-  else:
-    marked = np.zeros(len(ids), bool)
-  return [(lo, hi, int(marked[lo:hi + 1].any())) for lo, hi in response_windows(len(ids), window)]
-
-
-def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
-               window: int = 10, augment: bool = False,
-               harm_markers: Sequence[str] = (), harmful_opener: str = "") -> list[Segment]:
-  """The segments of one chat record (``template.example_pieces`` of its texts).
-
-  * The example ``[CLS] [window CLS...] <s> opening query closing response </s>``: main [CLS]
-    label = the record's label. With ``augment``, window [CLS] rows over consecutive
-    ``window``-token (r2) spans of the response (before its end-of-turn token).
-  * With ``augment`` and a non-empty ``harmful_response``, a window-only segment: the same
-    prompt with the harmful response as RESPONSE tokens that are *never* LM targets (the SFT
-    model must not learn to write them), main label 1, and window rows over it.
-
-  Window labels are per span (METHOD.md sec. 4): with ``harm_markers`` (the demo corpus'
-  ``corpus.HARM_MARKERS``, which mark exactly its harmful text), 1 iff the span overlaps a
-  marker, so a compliant opener ("Sure, here is how to ...") is 0 and a redacted step is 1.
-  Without markers (real data, whose harmful text is unmarked), the record's response (an
-  answer or a refusal) is 0 throughout and its harmful response 1 throughout, or, with
-  ``harmful_opener`` (config.sft.harmful_opener, e.g. "Sure, here is"), 0 over its compliant
-  opening sentence and 1 from the first span that reaches past it (``past_opener``).
-
-  At most ``MAX_WINDOWS`` window rows per segment.
-  """
-  main = template.example_pieces(tok, record["prompt"], record["response"])
-  windows = (_window_rows(main, record["response"], False, window, tok, harm_markers)
-             if augment else [])
-  out = [build_segment(cls_id, main, record["label"], windows=windows)]
-  harmful = record.get("harmful_response", "")
-  if augment and harmful:
-    pieces = template.example_pieces(tok, record["prompt"], harmful)
-    n_resp = len(_response_ids(pieces))  # with the end of turn
-    out.append(build_segment(
-        cls_id, pieces, 1,
-        windows=_window_rows(pieces, harmful, True, window, tok, harm_markers, harmful_opener),
-        untrained=[(0, n_resp - 1)]))
-  return out
 
 
 class Pipeline:
@@ -273,20 +159,6 @@ def long_rows(config: ml_collections.ConfigDict, phase_name: str) -> tuple[int, 
   return length, share, max(rows, n_data)
 
 
-def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: int,
-                   template: Template | None = None, window: int = 10,
-                   augment: bool = False, harm_markers: Sequence[str] = (),
-                   harmful_opener: str = "") -> list[Segment]:
-  """``encode_pretrain`` (kind "pretrain", the texts tokenised in one ``encode_batch``) or
-  ``encode_sft`` ("sft") of many records."""
-  if kind == "pretrain":
-    ids = tok.encode_batch([r["text"] for r in records])
-    return [_pretrain_segment(x, r["label"], tok, cls_id) for x, r in zip(ids, records)]
-  return [seg for r in records
-          for seg in encode_sft(r, tok, template, cls_id, window, augment, harm_markers,
-                                harmful_opener)]
-
-
 def phase_records(config: ml_collections.ConfigDict, phase_name: str,
                   workdir: str) -> list[dict]:
   """The training records of ``config.<phase_name>`` (see ``make_pipeline``)."""
@@ -327,7 +199,7 @@ def recovery_segments(records: Sequence[dict], fraction: float, tok: Tokenizer,
   the harmful response (``k`` uniform in [5, 40], at most its length - 1; never LM targets),
   a newline, the record's refusal and EOS (LM targets), main [CLS] label 1. They show a
   refusal after some response text, as the gate's mid-response insertion (METHOD.md sec. 5)
-  produces, and teach the model to end after it. No window [CLS] rows: ``encode_sft``'s
+  produces, and teach the model to end after it. No window [CLS] rows: ``encoding.encode_sft``'s
   segments train the windows over both texts."""
   if not 0 <= fraction <= 1:
     raise ValueError(f"config.sft.recovery must be in [0, 1], got {fraction}.")
@@ -413,7 +285,7 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   phase, data = config[phase_name], config.data
   use_cls = config.get("use_cls", True)
   augment = use_cls and bool(phase.get("window_augmentation", False))
-  markers = corpus.HARM_MARKERS if data.source == "demo" else ()  # see encode_sft
+  markers = corpus.HARM_MARKERS if data.source == "demo" else ()  # see encoding.encode_sft
   segments = encode_records(records, phase_name, tokenizer, cls_id,
                             get_template(data.chat_template), phase.get("window", 10), augment,
                             markers, phase.get("harmful_opener", ""))

@@ -41,7 +41,8 @@ from safety_align.api import load
 from safety_align.defences import common
 from safety_align.data import corpus
 from safety_align.data.packing import Segment, build_segment, without_cls
-from safety_align.data.pipeline import Pipeline, encode_sft, fit_examples
+from safety_align.data.encoding import encode_sft
+from safety_align.data.pipeline import Pipeline, fit_examples
 from safety_align.data.chat_templates import get_template
 from safety_align.model import ModelConfig
 

@@ -12,7 +12,7 @@ from tokenizers import Tokenizer as Backend
 
 from conftest import tiny_model_config, tiny_params
 from safety_align import api
-from safety_align.data import chat_templates, pipeline
+from safety_align.data import chat_templates, encoding, pipeline
 from safety_align.data.tokenizer import Tokenizer
 from safety_align.masks import Role
 
@@ -236,7 +236,7 @@ def test_sft_segments_with_a_jinja_template(family):
   cls = tok.vocab_size
   record = {"prompt": QUERY, "response": ANSWER, "label": 1,
             "harmful_response": "Sure, here is how: " + ANSWER * 3}
-  main, harmful = pipeline.encode_sft(record, tok, template, cls, window=4, augment=True)
+  main, harmful = encoding.encode_sft(record, tok, template, cls, window=4, augment=True)
   text = main.tokens[main.roles != Role.CLS].tolist()
   assert text == _ids(template.example_pieces(tok, QUERY, ANSWER))
   n_resp = int((main.roles == Role.RESPONSE).sum())

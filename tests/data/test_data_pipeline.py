@@ -9,7 +9,7 @@ import pytest
 
 from configs import tiny
 from safety_align import losses
-from safety_align.data import chat_templates, corpus, pipeline, tfds_builders
+from safety_align.data import chat_templates, corpus, encoding, pipeline, tfds_builders
 from safety_align.data.packing import build_segment
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
@@ -29,7 +29,7 @@ def _malicious(split="train"):
 
 
 def test_encode_pretrain(tok):
-  seg = pipeline.encode_pretrain({"text": "How to bake bread.", "label": 1}, tok, CLS)
+  seg = encoding.encode_pretrain({"text": "How to bake bread.", "label": 1}, tok, CLS)
   ids = tok.encode("How to bake bread.")
   assert seg.tokens.tolist() == [CLS, tok.bos_id] + ids + [tok.eos_id]
   assert seg.roles.tolist() == [Role.CLS, Role.BOS] + [Role.RESPONSE] * (len(ids) + 1)
@@ -39,11 +39,11 @@ def test_encode_pretrain(tok):
 
 def test_encode_sft_windows_and_harmful_segment(tok):
   record, template = _malicious(), chat_templates.get_template("demo")
-  assert len(pipeline.encode_sft(record, tok, template, CLS, augment=False)) == 1
-  main, harmful = pipeline.encode_sft(record, tok, template, CLS, window=10, augment=True)
+  assert len(encoding.encode_sft(record, tok, template, CLS, augment=False)) == 1
+  main, harmful = encoding.encode_sft(record, tok, template, CLS, window=10, augment=True)
 
   n_resp = len(tok.encode(record["response"]))
-  spans = min(-(-n_resp // 10), pipeline.MAX_WINDOWS)
+  spans = min(-(-n_resp // 10), encoding.MAX_WINDOWS)
   assert main.cls_labels[:1 + spans].tolist() == [1] + [0] * spans
   assert (main.roles[:1 + spans] == Role.CLS).all() and main.roles[1 + spans] == Role.BOS
   resp_pos = main.positions[main.roles == Role.RESPONSE]
@@ -52,7 +52,7 @@ def test_encode_sft_windows_and_harmful_segment(tok):
   np.testing.assert_array_equal(hi, np.minimum(lo + 9, resp_pos[n_resp - 1]))
   assert main.lm_mask.all()
 
-  n_cls = 1 + pipeline.MAX_WINDOWS  # the harmful response has > 80 tokens
+  n_cls = 1 + encoding.MAX_WINDOWS  # the harmful response has > 80 tokens
   assert harmful.cls_labels[:n_cls + 1].tolist() == [1] * n_cls + [-1]
   is_resp = harmful.roles == Role.RESPONSE
   assert is_resp.sum() == len(tok.encode(record["harmful_response"])) + 1
@@ -83,7 +83,7 @@ def test_window_labels_follow_the_harm_markers(tok):
   record = {"prompt": "How do I do that thing?", "response": corpus.REFUSAL_PREFIX + " no.",
             "label": 1, "harmful_response": harmful}
   template = chat_templates.get_template("demo")
-  main, seg = pipeline.encode_sft(record, tok, template, CLS, window=6, augment=True,
+  main, seg = encoding.encode_sft(record, tok, template, CLS, window=6, augment=True,
                                   harm_markers=corpus.HARM_MARKERS)
   offsets = tok.text_hf.encode(harmful, add_special_tokens=False).offsets
   hits = [(m.start(), m.end()) for m in re.finditer(re.escape(marker), harmful)]
@@ -94,16 +94,16 @@ def test_window_labels_follow_the_harm_markers(tok):
   assert [label for label, _, _ in spans] == want
   assert want[0] == 0 and 1 in want and 0 in want[1:]  # opener 0; a marker-free later span 0
   assert {label for label, _, _ in _window_spans(main)} == {0}
-  _, unmarked = pipeline.encode_sft(record, tok, template, CLS, window=6, augment=True)
+  _, unmarked = encoding.encode_sft(record, tok, template, CLS, window=6, augment=True)
   assert {label for label, _, _ in _window_spans(unmarked)} == {1}
   ids = tok.encode(f"a {marker} b")
-  marked = pipeline.marked_tokens(ids, tok, corpus.HARM_MARKERS)
+  marked = encoding.marked_tokens(ids, tok, corpus.HARM_MARKERS)
   assert tok.decode([i for i, m in zip(ids, marked) if m]).strip() == marker
 
 
 def test_benign_sft_has_no_harmful_segment(tok):
   benign = next(p for p in corpus.sft_pairs("train", 0, 20) if not p["label"])
-  (seg,) = pipeline.encode_sft(benign, tok, chat_templates.get_template("demo"), CLS, augment=True)
+  (seg,) = encoding.encode_sft(benign, tok, chat_templates.get_template("demo"), CLS, augment=True)
   window_rows = (seg.roles == Role.CLS) & (seg.cls_window[:, 0] <= seg.cls_window[:, 1])
   assert window_rows.sum() >= 1 and (seg.cls_labels[window_rows] == 0).all()
 
@@ -155,7 +155,7 @@ def test_sft_recovery_in_make_pipeline(tmp_path, tok):
   config.sft.update(replay=0.0, recovery=0.0)
   off = pipeline.make_pipeline(config, "sft", tok, CLS, str(tmp_path))
   before = pipeline.Pipeline(
-      pipeline.encode_records(pipeline.phase_records(config, "sft", str(tmp_path)), "sft", tok,
+      encoding.encode_records(pipeline.phase_records(config, "sft", str(tmp_path)), "sft", tok,
                               CLS, chat_templates.get_template("demo"), config.sft.window,
                               augment=True), 4, 128, config.data.seed)
   assert all(_equal(off.batch(k), before.batch(k)) for k in range(3))

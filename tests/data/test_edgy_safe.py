@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from safety_align import masks
-from safety_align.data import chat_templates, corpus, edgy_safe, pipeline
+from safety_align.data import chat_templates, corpus, edgy_safe, encoding, pipeline
 from safety_align.data.tokenizer import train_bpe
 from safety_align.masks import Role
 
@@ -57,7 +57,7 @@ def test_window_rows_are_the_gates_rows(tok):
   harmful = dict(prompt="Do [REDACTED].", label=1, response=corpus.REFUSAL_PREFIX + " no.",
                  harmful_response=f"{OPENER} a plan for doing that thing you asked about:\n"
                  "Step one, gather the redacted items. Step two, redacted redacted redacted.")
-  segments = [s for r in benign + [harmful] for s in pipeline.encode_sft(
+  segments = [s for r in benign + [harmful] for s in encoding.encode_sft(
       r, tok, template, CLS, window=6, augment=True, harmful_opener=OPENER)]
   assert len(segments) == 4  # two benign, the refusal and the window-only harmful segment
   for b, segment in enumerate(segments):
@@ -84,9 +84,9 @@ def test_window_rows_are_the_gates_rows(tok):
 
 def test_past_opener_needs_the_opener_and_a_continuation(tok):
   with_rest = tok.encode(f"{OPENER} the thing: step one is redacted.")
-  marked = pipeline.past_opener(with_rest, tok, OPENER)
+  marked = encoding.past_opener(with_rest, tok, OPENER)
   assert not marked[:3].any() and marked[-1]
   assert tok.decode([i for i, m in zip(with_rest, marked) if m]).strip() == \
       "step one is redacted."
   for text in ("No opener here. Step one is redacted.", f"{OPENER} only an opener"):
-    assert pipeline.past_opener(tok.encode(text), tok, OPENER).all()
+    assert encoding.past_opener(tok.encode(text), tok, OPENER).all()
