@@ -99,7 +99,7 @@ def _loaded_from(path: str, loaded: workdir.Loaded) -> dict:
   phase, step = loaded.phase, loaded.step
   phase_cfg = loaded.config.get(phase) or {}
   steps = phase_cfg.get("steps")  # optimiser steps, as checkpoints count them
-  logging.info("Loaded %s: phase %s, step %s.", path, phase, step)
+  logging.vlog(1, "Loaded %s: phase %s, step %s.", path, phase, step)
   if steps is not None and step < steps:
     logging.warning("%s: the %s phase is unfinished (step %d of %d): serving its latest "
                     "checkpoint.", path, phase, step, steps)

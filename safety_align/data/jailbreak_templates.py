@@ -78,8 +78,8 @@ def jailbreak_templates(cache_dir: str | None = None) -> list[dict]:
     seen.add(key)
     templates.append({"name": name, "template": template})
   if skipped:
-    logging.info("jailbreak templates: %d of %d kept; skipped: %s", len(templates), len(members),
-                 ", ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items())))
+    logging.vlog(1, "jailbreak templates: %d of %d kept; skipped: %s", len(templates),
+                 len(members), ", ".join(f"{len(v)} {k}" for k, v in sorted(skipped.items())))
     logging.vlog(1, "skipped jailbreak templates: %s", skipped)
   return sorted(templates, key=lambda t: t["name"])
 

@@ -97,7 +97,7 @@ def cached_responses(path: str, records: Sequence[Mapping],
   done = read_cache(path)
   todo = [k for k in prompts if k not in done]
   total, cached = len(prompts), len(prompts) - len(todo)
-  logging.info("%s: %d/%d cached in %s", desc, cached, total, path)
+  logging.vlog(1, "%s: %d/%d cached in %s", desc, cached, total, path)
   bar = console.progress(total=total, initial=cached, desc=desc, unit="answer",
                          disable=not todo)
   for first in range(0, len(todo), batch_size):

@@ -81,8 +81,8 @@ def results_markdown(results: dict, records: dict, cfg, brief: bool = False) -> 
     row += [pct(a["refused_gate_on"]), pct_ci(a.get("leak_gate_on"), a.get("leak_gate_on_ci"))]
     lines.append("| " + " | ".join(row) + " |")
   lines += [] if brief else refusal_step_lines(results)
-  lines += defence_table(results)
-  lines += benchmark_table(results)
+  lines += defence_table(results, brief)
+  lines += benchmark_table(results, brief)
   b = results["benign"]
   lines += ["", f"## Over-refusal on {b['n']} held-out benign prompts (%, Wilson 95%)", "",
             "| gate | over-refusal | n |", "|---|---|---|"]
@@ -205,10 +205,13 @@ def baseline_label(entry: dict) -> str:
   return "no-[CLS] SFT (gate off)"
 
 
-def defence_table(results: dict) -> list[str]:
+def defence_table(results: dict, brief: bool = False) -> list[str]:
   """One row per defence ([CLS] gate, no-[CLS] SFT, the competitor baselines), a column per
   attack (ASR with the defence on, n), over-refusal, self-answer NLL (``eval.utility``; if
-  the results have it) and overhead."""
+  the results have it) and overhead. ``brief``: without the explanation, and nothing when no
+  competitor ran (the attack table already has the no-[CLS] column)."""
+  if brief and not results.get("baselines"):
+    return []
   gate_on, attacks = results["gate_on"], list(results["attacks"])
   nll = (lambda e: f"{e['self_answer_nll']['nll']:.3f}"  # noqa: E731
          if "self_answer_nll" in e else "–")
@@ -246,6 +249,8 @@ def defence_table(results: dict) -> list[str]:
            "", "| defence | " + "".join(f"{n} | " for n in attacks) + "over-refusal | "
            + ("self-answer NLL | " if utility else "") + "overhead |",
            "|---" * (len(attacks) + 3 + bool(utility)) + "|"]
+  if brief:
+    del lines[3:5]  # the explanation and its blank line
   for label, per_attack, over, nll_cell, overhead in rows:
     cells = [label] + [_asr_n(per_attack.get(n)) for n in attacks] + [over]
     cells += [nll_cell] if utility else []
@@ -266,10 +271,10 @@ def benchmark_entries(results: dict) -> list[tuple[str, dict]]:
   return [(label, e) for label, e in rows if e.get("utility_benchmarks")]
 
 
-def benchmark_table(results: dict) -> list[str]:
+def benchmark_table(results: dict, brief: bool = False) -> list[str]:
   """Utility benchmarks per defence (``eval.benchmarks``): multiple-choice ``acc`` (acc_norm)
   per task and their average, IFBench prompt/instruction accuracy, everyday over-refusal;
-  each with its Wilson 95% interval."""
+  each with its Wilson 95% interval. ``brief``: without the explanation."""
   rows = benchmark_entries(results)
   if not rows:
     return []
@@ -288,6 +293,8 @@ def benchmark_table(results: dict) -> list[str]:
            "data that is not installed are left out). Everyday over-refusal: the share of "
            "those IFBench answers that refuse.", "",
            "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+  if brief:
+    del lines[3:5]  # the explanation and its blank line
   for label, e in rows:
     u = e["utility_benchmarks"]
     cells = [label]

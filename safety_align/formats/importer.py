@@ -186,7 +186,7 @@ def write(source: Source, out: str, *, scan_layers: bool, dtype: str, compute_dt
                          dict(step=0, phase="import", model=meta["model"]))
   with open(os.path.join(out, workdir.CONFIG_FILE), "w") as f:
     json.dump(meta, f, indent=2)
-  logging.info("Wrote %s (%s, %d layers, %s params)", out, family, cfg.n_layers, dtype)
+  logging.vlog(1, "Wrote %s (%s, %d layers, %s params)", out, family, cfg.n_layers, dtype)
   return cfg
 
 

@@ -95,7 +95,10 @@ def test_run_with_baselines_and_cached_artefacts(setup, tmp_path, monkeypatch): 
     assert e["overhead_tokens"]["off"] == 2 * 10, name
   assert set(saved["overhead"]) == {"first", "annealing"}
 
-  table = md[md.index("## Defences compared"):].split("\n\n")[2].splitlines()
+  # The terminal's tables (brief: no explanation) and results.md's (with it) hold the same one.
+  full = (tmp_path / "wd" / "eval" / "results.md").read_text()
+  table = full[full.index("## Defences compared"):].split("\n\n")[2].splitlines()
+  assert table == md[md.index("## Defences compared"):].split("\n\n")[1].splitlines()
   assert table[0] == ("| defence | direct | prefill_5 | over-refusal | self-answer NLL | "
                       "overhead |")
   # Self-answer NLL: the weights each defence decodes with (its score); the probe and
