@@ -221,7 +221,7 @@ def test_held_out_files_and_the_target_prefill(tmp_path):
 
   class _Model:
     tokenizer = _Tok()
-    decoder = type("D", (), {"max_length": None})()
+    max_length = None
 
   attack = registry.build_attack("prefill_target", eval_config.load("default"))
   queries = attack.queries(_Model(), items, base.RunSettings(max_new_tokens=8))

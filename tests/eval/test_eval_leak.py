@@ -42,7 +42,7 @@ class _Scripted:
   """``generate`` in the gate's layout: per prompt, the model's own text, whether the gate
   inserts its refusal after it (gate on only), and what the model writes after that."""
 
-  decoder = None  # no length limit
+  max_length = None  # no length limit
 
   def __init__(self, script):
     self.tokenizer, self.script = _WordTokenizer(), script
