@@ -89,6 +89,12 @@ class Hold:
     self.held, self._go = threading.Event(), threading.Event()
 
   def __enter__(self):
+    # An earlier test's request (a cancelled stream is freed at the next chunk boundary) must
+    # not be the one held: wait until the engine is idle.
+    deadline = time.monotonic() + 60
+    while any(self.engine.stats()[k] for k in ("live", "queued", "work_queued")):
+      assert time.monotonic() < deadline, f"the engine never went idle: {self.engine.stats()}"
+      time.sleep(0.01)
     self.engine.after_chunk = self._hook
     return self
 
