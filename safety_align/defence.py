@@ -1,7 +1,7 @@
 """``Defence``: what a defended model provides to the attacks and the evaluation.
 
 ``SafetyModel`` (the [CLS] model) provides it, and so does each competitor defence
-(``baselines.common.Defended`` and its subclasses, which declare it): the attacks generate
+(``defences.common.Defended`` and its subclasses, which declare it): the attacks generate
 through it (``generate``, with ``gate`` "off" the undefended model and any other schedule the
 defence on), read the prompt layout (``tokenizer``, ``template``, ``max_length``, ``eos_ids``),
 search white-box against its weights (``config``, ``params``, ``has_cls_head``,
