@@ -52,8 +52,11 @@ def run(workdir: str, eval_config) -> str:
   if baseline_dir:
     baseline_id = require_checkpoint(baseline_dir, "baseline")
     baseline = sa.load(baseline_dir, gate_defaults=gate, batch_size=cfg.batch_size)
-    if baseline.has_cls_head:
-      log(f"warning: baseline {baseline_dir} has a [CLS] head; it is run with gate off.")
+    # An import's [CLS] is untrained and closed off (it generates as its source); a trained
+    # one in the baseline is worth a warning.
+    if baseline.has_cls_head and (baseline.loaded_from or {}).get("phase") != "import":
+      log(f"warning: baseline {baseline_dir} has a trained [CLS] head; it is run with gate "
+          "off.")
   out_dir = os.path.join(workdir, EVAL_DIR)
   defences = {}
   which = competitors.chosen(cfg)
