@@ -33,13 +33,17 @@ _LIBRARY_NOTICES = ("Using custom data configuration",)
 
 
 class ProjectOnly(py_logging.Filter):
-  """Keeps warnings and errors of every logger (but ``_LIBRARY_NOTICES``) and lower records
-  only from this package."""
+  """Keeps every record of this package, and of other loggers those at ``level`` or above
+  (default: warnings and errors) but ``_LIBRARY_NOTICES``."""
+
+  def __init__(self, level: int = py_logging.WARNING):
+    super().__init__()
+    self.level = level
 
   def filter(self, record: py_logging.LogRecord) -> bool:
     if os.path.abspath(record.pathname).startswith(_PACKAGE_DIR):
       return True
-    return (record.levelno >= py_logging.WARNING
+    return (record.levelno >= self.level
             and not str(record.msg).startswith(_LIBRARY_NOTICES))
 
 
@@ -106,7 +110,7 @@ def library_quiet() -> Iterator[None]:
     yield
     return
   handler = logging.get_absl_handler()
-  quiet = _ProjectWarnings()
+  quiet = ProjectOnly(py_logging.ERROR)
   handler.addFilter(quiet)
   try:
     with contextlib.redirect_stdout(open(os.devnull, "w")) as devnull:
@@ -114,11 +118,3 @@ def library_quiet() -> Iterator[None]:
         yield
   finally:
     handler.removeFilter(quiet)
-
-
-class _ProjectWarnings(py_logging.Filter):
-  """Keeps errors of every logger and lower records only from this package."""
-
-  def filter(self, record: py_logging.LogRecord) -> bool:
-    return (record.levelno >= py_logging.ERROR
-            or os.path.abspath(record.pathname).startswith(_PACKAGE_DIR))
