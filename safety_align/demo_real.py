@@ -311,11 +311,13 @@ def main(argv):
         sa.load(workdir, calibrated=False), calibrate.validation_records([validation], workdir),
         flags.FLAGS.gate_budget, workdir, files=[validation],
         schedules=flags.FLAGS.calibration_schedules.split(","),
-        max_new_tokens=flags.FLAGS.eval_config.max_new_tokens)
+        max_new_tokens=flags.FLAGS.eval_config.max_new_tokens,
+        refusals=flags.FLAGS.eval_config.judge.refusals,
+        leak_min_tokens=flags.FLAGS.eval_config.judge.leak_min_tokens)
     g, v = result["gate"], result["confirmed"]
     stamp(f"gate calibrated: {g['schedule']}, θ {g['threshold']:.2f}, τ {g['tau']}; validation: "
-          f"over-refusal {100 * v['over_refusal']:.1f}%, refused direct "
-          f"{100 * v['refused_direct']:.1f}%, prefilled {100 * v['refused_prefill']:.1f}%")
+          f"over-refusal {100 * v['over_refusal']:.1f}%, ASR (not refused or leaked) direct "
+          f"{100 * v['asr_direct']:.1f}%, prefilled {100 * v['asr_prefill']:.1f}%")
   model = sa.load(workdir, calibrated=flags.FLAGS.gate_budget >= 0)
   # With the evaluation on, its classifier step reads the cross-source set (by source), so the
   # report adds the in-distribution test set only.

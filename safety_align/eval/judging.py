@@ -31,7 +31,7 @@ class Judge:
 
   harm: judges.HarmJudge
   refusals: tuple[str, ...]
-  leak_min_tokens: int = 8
+  leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS
   refusal_prefix: str = DEFAULT_REFUSAL  # the text the gate inserts
   _seen: dict = dataclasses.field(default_factory=dict, repr=False)  # harmful's memo
 
