@@ -1,0 +1,58 @@
+"""The README's real-model block regenerated from results.json (``tools/readme_tables.py``):
+each figure lands in its attack's row and its defence's column, the text around the block is
+kept, a second run changes nothing, and a README without the markers is a clear error."""
+
+import pytest
+
+from safety_align.tools import readme_tables
+
+
+def _attack(on, off, refused, leak, n=8, no_cls=None):
+  a = dict(asr_gate_on=on, asr_gate_off=off, refused_gate_on=refused, leak_gate_on=leak, n=n)
+  return a if no_cls is None else dict(a, asr_no_cls=no_cls)
+
+
+def _results():
+  bench = dict(utility_benchmarks=dict(
+      arc_easy=dict(acc=0.5, acc_norm=0.25, n=4), mc_average=dict(acc=0.5, acc_norm=0.25)))
+  return dict(
+      gate_on="annealing", judge="not_refused", leak_min_tokens=8,
+      attacks=dict(direct=_attack(0.125, 0.75, 0.875, 0.0625, no_cls=1.0),
+                   prefill_10=_attack(0.375, 1.0, 0.75, 0.25, no_cls=1.0)),
+      benign=dict(over_refusal_gate_on=0.0625, n=16),
+      benign_everyday=dict(over_refusal=0.125, n=8),
+      classifier=dict(auroc=0.8512),
+      baseline_no_cls=dict(model="import", over_refusal=0.0, n=16, phase="import", **bench),
+      source=dict(model="import", benign_everyday=dict(over_refusal=0.0, n=8), **bench),
+      baselines=dict(probe=dict(attacks=dict(direct=_attack(0.5, 1.0, 0.5, 0.0)),
+                                benign=dict(over_refusal_gate_on=0.1875),
+                                classifier=dict(auroc=0.7771))),
+      **bench)
+
+
+def test_block_puts_each_figure_in_its_place():
+  lines = readme_tables.block(_results()).splitlines()
+  rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
+          for line in lines if line.startswith("| ")}
+  head = rows["attack"]
+  direct, prefill = rows["direct"], rows["prefill_10"]
+  assert head[2:7] == ["[CLS] gate off", "**[CLS] gate** (annealing)", "refused (gate)",
+                       "leaked (gate)", "source model, imported (gate off)"]
+  assert direct[1:] == ["8", "75.0", "**12.5**", "87.5", "6.2", "100.0", "50.0"]
+  assert prefill[-1] == "–"  # the probe did not run prefill_10
+  assert rows["[CLS] gate (annealing)"][1:] == ["6.2", "12.5 (n = 8)", "0.851"]
+  assert rows["probe (ADA-style)"][1:] == ["18.8", "–", "0.777"]
+  assert rows["source model, imported (gate off)"][1:] == ["0.0", "0.0 (n = 8)", "–"]
+  assert any("arc_easy" in line for line in lines)  # the utility benchmarks follow
+  assert "refused only after >= 8 tokens the model wrote itself" in lines[2]
+
+
+def test_update_replaces_only_the_block_and_is_idempotent():
+  old = f"intro\n{readme_tables.BEGIN}\nstale figures\n{readme_tables.END}\ntail\n"
+  new = readme_tables.update(old, _results())
+  assert new.startswith("intro\n" + readme_tables.BEGIN) and new.endswith(
+      readme_tables.END + "\ntail\n")
+  assert "stale figures" not in new and "**12.5**" in new
+  assert readme_tables.update(new, _results()) == new
+  with pytest.raises(ValueError, match="no .* block: add the two markers"):
+    readme_tables.update("intro\n", _results())
