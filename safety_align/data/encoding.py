@@ -1,10 +1,11 @@
 """Records to :class:`~packing.Segment` s with their [CLS] rows (METHOD.md sec. 4).
 
 ``encode_pretrain``: a labelled document under the pretraining mask; ``encode_sft``: a chat
-example (main [CLS] = the record's label) and, with window augmentation, window [CLS] rows over
-consecutive r2-token spans of its response, plus a window-only segment over the harmful
-continuation (never an LM target) whose rows are labelled per span (``marked_tokens``,
-``past_opener``). ``pipeline.py`` batches and packs what these return.
+example, single- or multi-turn (a record's ``turns``; main [CLS] = the record's label) and,
+with window augmentation, window [CLS] rows over consecutive r2-token spans of its response,
+plus a window-only segment over the harmful continuation (never an LM target) whose rows are
+labelled per span (``marked_tokens``, ``past_opener``). ``pipeline.py`` batches and packs what
+these return.
 """
 
 from __future__ import annotations
@@ -98,10 +99,30 @@ def _window_rows(pieces, text: str, harmful: bool, window: int, tok: Tokenizer,
   return [(lo, hi, int(marked[lo:hi + 1].any())) for lo, hi in response_windows(len(ids), window)]
 
 
+def example_pieces(record: dict, response: str, tok: Tokenizer, template: Template):
+  """The pieces of ``record``'s chat answered by ``response``: ``template.example_pieces`` of
+  its ``prompt``, or, when the record has earlier ``turns``, the conversation's
+  ``template.chat_pieces`` (``turns`` then the ``prompt`` as the last user message: every user
+  turn QUERY, system text and earlier assistant turns TEMPLATE, METHOD.md sec. 3) followed by
+  the RESPONSE tokens the single-turn example gives ``response`` (its text and end of turn)."""
+  single = template.example_pieces(tok, record["prompt"], response)
+  if not record.get("turns"):
+    return single
+  messages = [*record["turns"], dict(role="user", content=record["prompt"])]
+  return template.chat_pieces(tok, messages) + [p for p in single if p[1] == Role.RESPONSE]
+
+
 def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
                window: int = 10, augment: bool = False,
                harm_markers: Sequence[str] = (), harmful_opener: str = "") -> list[Segment]:
-  """The segments of one chat record (``template.example_pieces`` of its texts).
+  """The segments of one chat record (``example_pieces`` of its texts).
+
+  A record is ``{"prompt", "response", "label"}``, optionally with ``"harmful_response"`` and
+  ``"turns"``: the earlier messages of a multi-turn chat before the final user ``prompt``
+  (``[{"role", "content"}, ...]``: an optional system message, then user and assistant in
+  turn, ending with an assistant message). The main [CLS] reads every user turn, not the
+  earlier answers or the system text; only the final response is RESPONSE (LM targets, window
+  rows); a record without ``turns`` is the single-turn example.
 
   * The example ``[CLS] [window CLS...] <s> opening query closing response </s>``: main [CLS]
     label = the record's label. With ``augment``, window [CLS] rows over consecutive
@@ -120,13 +141,13 @@ def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
 
   At most ``MAX_WINDOWS`` window rows per segment.
   """
-  main = template.example_pieces(tok, record["prompt"], record["response"])
+  main = example_pieces(record, record["response"], tok, template)
   windows = (_window_rows(main, record["response"], False, window, tok, harm_markers)
              if augment else [])
   out = [build_segment(cls_id, main, record["label"], windows=windows)]
   harmful = record.get("harmful_response", "")
   if augment and harmful:
-    pieces = template.example_pieces(tok, record["prompt"], harmful)
+    pieces = example_pieces(record, harmful, tok, template)
     n_resp = len(_response_ids(pieces))  # with the end of turn
     out.append(build_segment(
         cls_id, pieces, 1,

@@ -5,7 +5,8 @@
   ``data/corpus/`` (no download). The seed and sizes are part of the config name, so a prepared
   dataset is never reused for other settings.
 * ``LocalJsonl``: configs ``documents`` (``{"text", "label"}`` per line) and ``chat``
-  (``{"prompt", "response", "label"}`` and optionally ``"harmful_response"``) read from
+  (``{"prompt", "response", "label"}`` and optionally ``"harmful_response"`` and ``"turns"``,
+  the earlier messages of a multi-turn chat: ``encoding.encode_sft``) read from
   ``<source_dir>/<split>.jsonl``. A digest of the files is part of the config name, so editing
   a file prepares the dataset again.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 
 import tensorflow_datasets as tfds
@@ -27,14 +29,17 @@ KINDS = ("pretrain", "sft")
 _FORMAT_OF_KIND = {"pretrain": "documents", "sft": "chat"}
 _REQUIRED = {"documents": ("text", "label"), "chat": ("prompt", "response", "label")}
 _LABEL = tfds.features.ClassLabel(names=("benign", "malicious"))
+_TURN_ROLES = ("system", "user", "assistant")
 
 
-def _features(fmt: str) -> tfds.features.FeaturesDict:
+def _features(fmt: str, turns: bool = False) -> tfds.features.FeaturesDict:
+  """``turns``: a chat's earlier messages as one JSON text ("" for none)."""
   text = tfds.features.Text()
   if fmt == "documents":
     return tfds.features.FeaturesDict({"text": text, "label": _LABEL})
   return tfds.features.FeaturesDict({"prompt": text, "response": text, "label": _LABEL,
-                                     "harmful_response": text})
+                                     "harmful_response": text, **({"turns": text} if turns
+                                                                  else {})})
 
 
 @dataclasses.dataclass
@@ -82,12 +87,14 @@ class JsonlConfig(tfds.core.BuilderConfig):
 class LocalJsonl(tfds.core.GeneratorBasedBuilder):
   """The user's records, one JSON object per line in ``<source_dir>/<split>.jsonl``."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.1.0": "Chat records may carry earlier turns (multi-turn chats)."}
   BUILDER_CONFIGS = [JsonlConfig(name="documents", format="documents"),
                      JsonlConfig(name="chat", format="chat")]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(features=_features(self.builder_config.format))
+    fmt = self.builder_config.format
+    return self.dataset_info_from_configs(features=_features(fmt, turns=fmt == "chat"))
 
   def _split_generators(self, dl_manager):
     cfg = self.builder_config
@@ -96,6 +103,8 @@ class LocalJsonl(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, path):
     for i, record in enumerate(read_jsonl(path, self.builder_config.format)):
+      if self.builder_config.format == "chat":
+        record = dict(record, turns=json.dumps(record["turns"]) if "turns" in record else "")
       yield i, record
 
 
@@ -108,6 +117,22 @@ def _jsonl_path(source_dir: str, split: str) -> str:
                      "a split (config.<phase>.split) is a .jsonl file name inside "
                      "config.data.data_dir, without the extension.")
   return path
+
+
+def _turns(where: str, turns) -> list[dict]:
+  """A record's earlier ``turns``, checked: ``[{"role", "content"}, ...]``, an optional system
+  message, then user and assistant messages in turn, ending with an assistant message (the
+  record's ``prompt`` is the last user message)."""
+  ok = isinstance(turns, list) and all(
+      isinstance(m, dict) and set(m) == {"role", "content"} and m["role"] in _TURN_ROLES
+      and isinstance(m["content"], str) for m in turns)
+  roles = [m["role"] for m in turns] if ok else []
+  body = roles[1:] if roles[:1] == ["system"] else roles
+  if not ok or body != ["user", "assistant"] * (len(body) // 2):
+    raise ValueError(f"{where}: 'turns' must be a list of {{\"role\", \"content\"}} messages "
+                     "(an optional system message, then user and assistant in turn, ending with "
+                     "an assistant message before the record's prompt).")
+  return [dict(m) for m in turns]
 
 
 def _expected(fmt: str) -> str:
@@ -132,6 +157,8 @@ def read_jsonl(path: str, fmt: str) -> list[dict]:
       if not isinstance(v, str):
         raise ValueError(f"{where}: {k!r} must be a string, got {type(v).__name__}.")
     record["label"] = obj["label"]
+    if fmt == "chat" and obj.get("turns"):
+      record["turns"] = _turns(where, obj["turns"])
     records.append(record)
   if not records:
     raise ValueError(f"{path} has no records (it is empty or blank); expected {_expected(fmt)}.")
@@ -195,7 +222,8 @@ def load_records(source: str, split: str, data_dir: str, *, kind: str, jsonl_dir
 
   Returns:
     Records with ``str`` texts and an ``int`` label: ``{"text", "label"}`` for pretrain,
-    ``{"prompt", "response", "label", "harmful_response"}`` for sft.
+    ``{"prompt", "response", "label", "harmful_response"}`` for sft (and ``"turns"``, a list of
+    messages, for a multi-turn jsonl chat).
   """
   if kind not in KINDS:
     raise ValueError(f"Unknown data kind {kind!r}: expected one of {KINDS}.")
@@ -206,4 +234,9 @@ def load_records(source: str, split: str, data_dir: str, *, kind: str, jsonl_dir
   else:
     raise ValueError(f"Unknown data source {source!r}: expected 'demo' or 'jsonl' "
                      "(config.data.source).")
-  return prepare_and_read(builder, split)
+  records = prepare_and_read(builder, split)
+  for r in records:
+    turns = r.pop("turns", "")
+    if turns:
+      r["turns"] = json.loads(turns)
+  return records
