@@ -10,9 +10,7 @@ defence's trace) still flags the disguised request, gate on.
 
 from __future__ import annotations
 
-import numpy as np
-
-from safety_align.attacks.base import Attack
+from safety_align.attacks.base import Attack, query_flags
 from safety_align.data import agent_actions
 from safety_align.data.wheels import PINS, read_members, wheel_path
 from safety_align.data.real_splits import normalise_prompt
@@ -39,10 +37,5 @@ class AgentObfuscatedAttack(Attack):
 
   def summary(self, records, success):
     del success
-    first = [r.cls_probs[0] for r in records if r.gate != "off" and r.cls_probs
-             and r.cls_steps[0] == 0]
-    flagged = [r.refused and r.refusal_step == 0 for r in records if r.gate != "off"]
-    return dict(n_disguised=len({r.item for r in records}),
-                mean_first_p_malicious=float(np.mean(first)) if first else float("nan"),
-                flagged_at_query_gate_on=float(np.mean(flagged)) if flagged else float("nan"))
+    return dict(n_disguised=len({r.item for r in records}), **query_flags(records))
 

@@ -41,6 +41,7 @@ SKIPPED = {
     "gcg_adaptive": "its loss targets the [CLS] head; against a baseline it is gcg",
     "embedding": "decodes soft prompts with the model's own decoder, around generate",
     "finetune": "fine-tunes the weights into a plain model, without the wrapper",
+    "two_turn": "sends chats through SafetyModel.render and decode; a wrapper takes prompts",
 }
 
 

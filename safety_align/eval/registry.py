@@ -21,6 +21,7 @@ from safety_align.attacks.gcg_attack import GCGAttack
 from safety_align.attacks.prefill import PrefillAttack, TargetPrefillAttack
 from safety_align.attacks.prefill_adaptive import PrefillAdaptiveAttack
 from safety_align.attacks.template_attack import TemplateAttack, load_templates
+from safety_align.attacks.two_turn import TwoTurnAttack
 from safety_align.config_lib import floats, ints, names
 from safety_align.eval import data as eval_data
 
@@ -28,7 +29,8 @@ ATTACK_NAMES = ("direct", "prefill_5", "prefill_10", "prefill_20", "prefill_40",
                 "prefill_deep", "decoding", "gcg", "gcg_adaptive", "templates")
 ADAPTIVE = ("prefill_adaptive", "embedding", "finetune")  # each reads its own config section
 KNOWN = ("direct, prefill_<k> (k tokens, e.g. prefill_5), prefill_deep, prefill_target, "
-         "decoding, gcg, gcg_adaptive, templates, agent_obfuscated, " + ", ".join(ADAPTIVE))
+         "decoding, gcg, gcg_adaptive, templates, agent_obfuscated, two_turn, "
+         + ", ".join(ADAPTIVE))
 
 
 def _gcg(name: str, cfg) -> GCGAttack:
@@ -61,6 +63,7 @@ ATTACKS: dict[str, Callable] = {
     "gcg": lambda cfg: _gcg("gcg", cfg),
     "gcg_adaptive": lambda cfg: _gcg("gcg_adaptive", cfg),
     "templates": _templates,
+    "two_turn": lambda cfg: TwoTurnAttack(),  # the request split across two user turns
     # HarmActions' disguised requests (a cross-source test source; its wheel is needed)
     "agent_obfuscated": lambda cfg: AgentObfuscatedAttack(cfg.agent_obfuscated.wheels),
     "prefill_adaptive": PrefillAdaptiveAttack.from_config,
