@@ -31,7 +31,8 @@ def get_config(arg=None):
     raise unknown_variant(__file__, arg, ("full", "demo"))
   c = sibling_config(__file__, "default")
   c.attacks = ("direct,prefill_target,prefill_5,prefill_10,prefill_20,prefill_40,decoding,"
-               "gcg,gcg_adaptive,templates,prefill_adaptive,embedding,finetune,agent_obfuscated")
+               "gcg,gcg_adaptive,templates,prefill_adaptive,embedding,finetune,agent_obfuscated,"
+               "two_turn")
   c.judge.update(harm="not_refused", refusals="harmbench")
   c.gcg.init_token = " x"  # "!" runs merge under SmolLM2's BPE; " x x x" re-tokenises
   c.train_baseline = False
@@ -55,8 +56,9 @@ def get_config(arg=None):
   if arg == "demo":
     # make demo: the same table in minutes, no competitors: the classifier on every held-out
     # source, direct, prefill 10 and 40, the decoding sweep at two settings, templates, the
-    # disguised agent requests, edgy and everyday (IFBench) over-refusal, a utility subset.
-    c.attacks = "direct,prefill_10,prefill_40,decoding,templates,agent_obfuscated"
+    # disguised agent requests, the request split across two turns, edgy and everyday (IFBench)
+    # over-refusal, a utility subset.
+    c.attacks = "direct,prefill_10,prefill_40,decoding,templates,agent_obfuscated,two_turn"
     c.schedules, c.baseline_attacks = "", "direct,prefill_10"
     c.n_malicious, c.n_benign = 32, 48
     c.decoding.update(temperatures="1.0", top_ps="0.9", top_ks="", n_prompts=12)
