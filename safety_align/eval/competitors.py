@@ -78,7 +78,13 @@ def source_dir(cfg, no_cls_dir: str | None) -> str:
 
 
 def training_records(workdir: str, cfg) -> list[dict]:
-  """The baselines' training records (module doc)."""
+  """The baselines' training records (module doc): the single-turn ones, since their trainers
+  take one prompt per example (the two-turn chats, ``data/multi_turn.py``, are copies of
+  single-turn records in another layout)."""
+  return [r for r in _records(workdir, cfg) if not r.get("turns")]
+
+
+def _records(workdir: str, cfg) -> list[dict]:
   if cfg.baselines_data:
     return tfds_builders.read_chat_records(cfg.baselines_data, "baselines_data")
   config = workdir_lib.read_config(workdir)

@@ -50,8 +50,13 @@ def test_baselines_flag_is_checked(setup, tmp_path):  # noqa: F811
   with pytest.raises(FileNotFoundError, match=r"data/sft.jsonl is missing: set baselines_data"):
     competitors.training_records(real, ecfg)
   (tmp_path / "data").mkdir()
+  two_turn = dict(prompt="you?", response="Fine.", label=0,
+                  turns=[dict(role="user", content="How are"),
+                         dict(role="assistant", content="I see. Please go on.")])
   (tmp_path / "data" / "sft.jsonl").write_text(
-      json.dumps(dict(prompt="Hi?", response="Hello.", label=0)) + "\n")
+      json.dumps(dict(prompt="Hi?", response="Hello.", label=0)) + "\n"
+      + json.dumps(two_turn) + "\n")
+  # the two-turn chat is left out: the baselines' trainers take one prompt per example
   assert competitors.training_records(real, ecfg) == [
       dict(prompt="Hi?", response="Hello.", harmful_response="", label=0)]
   kept = competitors.attacks_for(registry.build_attacks(tiny_eval_config(tmp_path)))
