@@ -11,6 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def argmax(logits):
+  """[B, V] -> [B] int32: ``jnp.argmax`` over the last axis (the first maximum; the first NaN
+  if any), as a max and a min reduction. XLA:CPU runs ``jnp.argmax``'s (value, index) reduce
+  unvectorised: over SmolLM2's 49,152 logits at batch 16 it took ~3 ms of a ~60 ms step."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  hit = (logits == top) | jnp.isnan(logits)
+  return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
+
+
 @flax.struct.dataclass
 class Greedy:
   """Argmax decoding."""
@@ -18,7 +28,7 @@ class Greedy:
   def __call__(self, logits, keys):
     """logits [B, V] f32, keys [B] (unused) -> [B] int32."""
     del keys
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return argmax(logits)
 
 
 @flax.struct.dataclass
@@ -59,7 +69,7 @@ class PerRow:
 
   def __call__(self, logits, keys):
     """logits [B, V], keys [B] -> [B] int32."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
 
     def one(t, k, p, row_logits, key, best):
       drawn = Sampling(jnp.where(t > 0, t, 1.0), k, p)(row_logits[None], key[None])[0]

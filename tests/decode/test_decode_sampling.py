@@ -8,7 +8,7 @@ import pytest
 
 from conftest import tiny_model_config, tiny_params
 from safety_align.decode import Decoder, GateConfig, Greedy, Prompts, make_sampler
-from safety_align.decode.sampling import row_keys
+from safety_align.decode.sampling import argmax, row_keys
 from safety_align.masks import Role
 
 V, DRAWS = 16, 4000
@@ -32,6 +32,16 @@ def _freq(draws):
 def _target(logits, keep):
   p = np.where(keep, np.exp(np.asarray(logits, np.float64)), 0.0)
   return p / p.sum()
+
+
+def test_argmax_equals_jnp_argmax_on_ties_nan_and_inf():
+  rows = np.array([[0., 3., 1., 3.],  # tie: the first maximum
+                   [-np.inf] * 4,  # all -inf: index 0
+                   [1., np.nan, 5., np.nan],  # NaN: the first NaN
+                   [-np.inf, 2., np.inf, np.inf],
+                   [-7., -2., -2., -9.]], np.float32)
+  rows = np.concatenate([rows, np.asarray(jax.random.normal(jax.random.key(0), (3, 4)))])
+  np.testing.assert_array_equal(jax.jit(argmax)(rows), jnp.argmax(rows, axis=-1))
 
 
 @pytest.mark.parametrize("settings", [dict(top_k=1), dict(top_p=1e-6),
