@@ -9,8 +9,13 @@ every live slot ``n`` steps in one compiled call (``loop.run_steps``: the same s
 whole ``Decoder`` call, the [CLS] row riding in the token's forward when some slot
 re-evaluates), the state's buffers donated; ``free`` releases a slot. Settings are arrays, so
 slots with different settings share the one ``advance`` program: nothing recompiles as
-requests come and go (``advance`` compiles once per chunk size, ``start`` once per prompt
-bucket).
+requests come and go (``advance`` compiles once per chunk size and key bucket, ``start`` once
+per prompt bucket).
+
+A chunk attends over the key slots its running slots can reach by its end (``run_steps``'
+``kv_len``: the longest prompt + response + chunk among them, rounded up to a power of two
+of at least ``MIN_KEYS``), not over the whole context: with 16 slots of 2,048 tokens,
+SmolLM2-135M read ~1.5 GB of K/V per step over the full context against 0.54 GB of weights.
 
 A slot's tokens do not depend on what shares the batch (rows are independent; a row draws its
 samples from its own ``(seed, row, step)`` keys), so a request decodes as
@@ -36,6 +41,8 @@ from safety_align.decode.cache import PROMPT_SLOT, Prompts, bucket, check_contex
 from safety_align.decode.loop import (DecodeInputs, DecodeSpec, LoopState, RowSettings,
                                       run_steps, start_rows)
 from safety_align.model import ModelConfig, unroll_layers
+
+MIN_KEYS = 64  # the smallest key bucket a chunk attends over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +118,7 @@ class SlotDecoder:
     if layout is not None:
       self._state = jax.device_put(self._state, _state_shardings(layout, self._state))
     self._live: dict[int, tuple[int, int, bool]] = {}  # slot -> (tokens, evaluations, done)
+    self._prompt_len: dict[int, int] = {}  # live slot -> its prompt's tokens
 
   def live(self) -> list[int]:
     """The started slots not yet freed (a done slot stays live until ``free``)."""
@@ -126,6 +134,7 @@ class SlotDecoder:
     self._state, view = _start(self._spec, self.params, self._state, np.int32(slot), inputs)
     tokens, length, prob, n_evals, refusal_step, done = jax.device_get(view)
     self._live[slot] = (int(length), int(n_evals), bool(done))
+    self._prompt_len[slot] = len(request.prompt_ids)
     return SlotEvents(slot=slot, tokens=[int(tokens)] if length else [],
                       cls=[(0, float(prob))] if n_evals else [],
                       refused=bool(refusal_step >= 0),
@@ -140,7 +149,8 @@ class SlotDecoder:
     running = [s for s in self.live() if not self._live[s][2]]
     if not running:
       return []
-    self._state, view = _advance(self._spec, self.params, self._state, int(n))
+    self._state, view = _advance(self._spec, self.params, self._state, int(n),
+                                 self._keys(running, int(n)))
     view = jax.device_get(view)
     events = []
     for s in running:
@@ -157,8 +167,16 @@ class SlotDecoder:
           done=bool(view["done"][s])))
     return events
 
+  def _keys(self, running: list[int], n: int) -> int:
+    """The key slots ``n`` steps of the ``running`` slots read and write (``run_steps``'
+    ``kv_len``): a power-of-two bucket of at least ``MIN_KEYS`` over ``PROMPT_SLOT`` + prompt
+    + tokens so far + ``n``, at most the whole row (one ``advance`` program per bucket)."""
+    need = max(PROMPT_SLOT + self._prompt_len[s] + self._live[s][0] + n for s in running)
+    return min(bucket(need, minimum=MIN_KEYS), PROMPT_SLOT + self.max_len)
+
   def free(self, slot: int) -> None:
     """Release ``slot`` (live or not); its row is overwritten by the next ``start``."""
+    self._prompt_len.pop(slot, None)
     if self._live.pop(slot, None) is not None:
       self._state = _stop(self._state, np.int32(slot))
 
@@ -240,14 +258,14 @@ def _start(spec: DecodeSpec, params, state: LoopState, slot, inputs: DecodeInput
                one.gate.refusal_step[0], one.done[0])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
-def _advance(spec: DecodeSpec, params, state: LoopState, n: int):
-  """``state`` advanced ``n`` steps (``run_steps``), and per row its new tokens, new
-  evaluations (steps, P(malicious)) [B, n] and its length, evaluations, refusal step and
-  done flag."""
+@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
+def _advance(spec: DecodeSpec, params, state: LoopState, n: int, kv_len: int):
+  """``state`` advanced ``n`` steps (``run_steps`` over the first ``kv_len`` key slots), and
+  per row its new tokens, new evaluations (steps, P(malicious)) [B, n] and its length,
+  evaluations, refusal step and done flag."""
   cfg, params = unroll_layers(spec.cfg, params)
   length, n_evals = state.length, state.n_evals
-  st = run_steps(dataclasses.replace(spec, cfg=cfg), params, state, n)
+  st = run_steps(dataclasses.replace(spec, cfg=cfg), params, state, n, kv_len)
 
   def window(x, start):  # [B, n] of x [B, M] from each row's start
     at = jnp.minimum(start[:, None] + jnp.arange(n)[None], x.shape[1] - 1)
