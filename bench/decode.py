@@ -8,6 +8,11 @@ The gate runs with ``threshold=1.0``: every evaluation reads benign, so nothing 
 and no suspicion forces extra re-evaluations (the benign-prompt case); the compiled program
 and its work per evaluation are the same as at any threshold (it is traced), and the number
 of evaluations and refusals are checked and reported.
+
+A ``prefill`` variant (gate off, one new token: the prompt pass alone) runs in the same
+rounds, so the decode loop's own time per step, (decode - prompt pass) / (new_tokens - 1),
+can be set against ``matmul_floor_s`` (a per-step floor) apart from the prompt pass, which
+the whole-decode time per token also holds.
 """
 
 from __future__ import annotations
@@ -123,7 +128,7 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
   per-schedule evaluation counts. The HF side has no compilation, so its first call (which
   also gives the tokens for the agreement check) is a timing sample; it then runs in
   ``hf_reps`` (default ``reps``) more rounds."""
-  fns = {"off": ours(w, "off", new_tokens)}
+  fns = {"off": ours(w, "off", new_tokens), "prefill": ours(w, "off", 1)}
   fns.update({s: ours(w, s, new_tokens) for s in schedules})
   if hf_model is not None:
     fns["hf"] = hf_generate(hf_model, w, new_tokens)
@@ -134,8 +139,9 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
     first[name] = time.perf_counter() - t0
   for name, out in outputs.items():
     if name != "hf":
-      if not (out.lengths == new_tokens).all():
-        raise RuntimeError(f"{name}: lengths {out.lengths}, expected all {new_tokens}.")
+      want = 1 if name == "prefill" else new_tokens
+      if not (out.lengths == want).all():
+        raise RuntimeError(f"{name}: lengths {out.lengths}, expected all {want}.")
       if out.refused.any():
         raise RuntimeError(f"{name}: the gate inserted a refusal in a timing run.")
   rounds = {}
@@ -144,12 +150,17 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
       reps_of={"hf": reps if hf_reps is None else hf_reps},
       prior={"hf": first["hf"]} if "hf" in first else None, samples=rounds)
   b = len(w.prompts)
+  loop = {k: [(t - p) / (new_tokens - 1) for t, p in zip(rounds[k], rounds["prefill"])]
+          for k in ("off",) + tuple(schedules)}
   res = dict(model=w.name, batch=b, new_tokens=new_tokens, times_s=times,
              overhead_paired_median={s: common.paired_ratio(rounds[s], rounds["off"]) - 1
                                      for s in schedules},
+             loop_s_per_step={k: float(np.median(v)) for k, v in loop.items()},
+             loop_overhead_paired_median={s: common.paired_ratio(loop[s], loop["off"]) - 1
+                                          for s in schedules},
              first_call_s=first,
              evaluations_per_row={s: int(outputs[s].n_evals[0]) for s in schedules},
-             tokens_per_s={k: b * new_tokens / t for k, t in times.items()},
+             tokens_per_s={k: b * new_tokens / t for k, t in times.items() if k != "prefill"},
              step_flops=step_flops(w.cfg, int(w.prompts.lengths.max()) + new_tokens))
   if hf_model is not None:
     hf_tokens = outputs["hf"]

@@ -88,7 +88,7 @@ def settings(quick: bool) -> dict:
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
               train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256,
               serve_clients=16, serve_tokens=128, serve_rounds=5, smollm2_tokens=64,
-              smollm2_batches=(1, 16), smollm2_reps={1: 3, 16: 2},
+              smollm2_batches=(1, 16), smollm2_reps={1: 3, 16: 3},
               smollm2_hf_reps={1: 2, 16: 1}, mem_tokens=8192,
               mem_seqs=(1024, 2048, 4096, 8192), speed_seq=2048, speed_reps=3)
 
@@ -161,6 +161,11 @@ def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, pref
                     evaluations_per_row={f"{c['model']}_b{c['batch']}":
                                          c["evaluations_per_row"][sched]
                                          for c in cases if sched in c["times_s"]},
+                    # the decode loop alone (prompt pass taken out, decode.measure):
+                    # paired median over rounds of gated / off loop time per step, minus 1.
+                    overhead_loop_only={f"{c['model']}_b{c['batch']}":
+                                        c["loop_overhead_paired_median"][sched]
+                                        for c in cases if sched in c["times_s"]},
                     # model FLOPs of a token + [CLS] step over a token step: where decoding
                     # is compute-bound, `every` costs at least this ratio minus 1.
                     step_flops_ratio={f"{c['model']}_b{c['batch']}": c["step_flops"]["ratio"]
@@ -197,7 +202,19 @@ def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, pref
                         for c in cases for k in [f"{c['model']}_b{c['batch']}"]},
                     ms_per_step={f"{c['model']}_b{c['batch']}": dict(
                         ours=1e3 * c["times_s"][ours] / c["new_tokens"],
-                        hf=1e3 * c["times_s"]["hf"] / c["new_tokens"]) for c in cases}),
+                        hf=1e3 * c["times_s"]["hf"] / c["new_tokens"]) for c in cases},
+                    # ms_per_step holds the prompt pass (whole decode / new_tokens); the loop
+                    # alone is (decode - prompt pass) / (new_tokens - 1) (decode.measure).
+                    prompt_pass_ms={f"{c['model']}_b{c['batch']}":
+                                    1e3 * c["times_s"]["prefill"] for c in cases},
+                    loop_ms_per_step={f"{c['model']}_b{c['batch']}":
+                                      1e3 * c["loop_s_per_step"][ours] for c in cases},
+                    loop_over_matmul_floor={
+                        k: 1e3 * c["loop_s_per_step"][ours] / matmul_floor_ms[k]
+                        for c in cases for k in [f"{c['model']}_b{c['batch']}"]},
+                    whole_decode_over_matmul_floor={
+                        k: 1e3 * c["times_s"][ours] / c["new_tokens"] / matmul_floor_ms[k]
+                        for c in cases for k in [f"{c['model']}_b{c['batch']}"]}),
         ratio=min(ranked), target=TARGETS[name], higher_is_better=True, device=device)
   return out
 
