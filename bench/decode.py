@@ -9,11 +9,10 @@ and no suspicion forces extra re-evaluations (the benign-prompt case); the compi
 and its work per evaluation are the same as at any threshold (it is traced), and the number
 of evaluations and refusals are checked and reported.
 
-A ``prefill`` variant (gate off, one new token: the prompt pass alone) and the matmul floor
-(``matmul_floor``, new_tokens - 1 steps) run in the same rounds, so the decode loop's own
-time per step, (decode - prompt pass) / (new_tokens - 1), is set against the floor round by
-round (``loop_over_floor``; the machine's load drifts between rounds) apart from the prompt
-pass, which the whole-decode time per token (``whole_over_floor``) also holds.
+A ``prefill`` variant (gate off, one new token: the prompt pass alone) runs in the same
+rounds, so the decode loop's own time per step, (decode - prompt pass) / (new_tokens - 1),
+can be set against ``matmul_floor_s`` (a per-step floor) apart from the prompt pass, which
+the whole-decode time per token also holds.
 """
 
 from __future__ import annotations
@@ -129,8 +128,7 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
   per-schedule evaluation counts. The HF side has no compilation, so its first call (which
   also gives the tokens for the agreement check) is a timing sample; it then runs in
   ``hf_reps`` (default ``reps``) more rounds."""
-  fns = {"off": ours(w, "off", new_tokens), "prefill": ours(w, "off", 1),
-         "floor": matmul_floor(w.cfg, len(w.prompts), new_tokens - 1)}
+  fns = {"off": ours(w, "off", new_tokens), "prefill": ours(w, "off", 1)}
   fns.update({s: ours(w, s, new_tokens) for s in schedules})
   if hf_model is not None:
     fns["hf"] = hf_generate(hf_model, w, new_tokens)
@@ -140,7 +138,7 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
     outputs[name] = fn()
     first[name] = time.perf_counter() - t0
   for name, out in outputs.items():
-    if name not in ("hf", "floor"):
+    if name != "hf":
       want = 1 if name == "prefill" else new_tokens
       if not (out.lengths == want).all():
         raise RuntimeError(f"{name}: lengths {out.lengths}, expected all {want}.")
@@ -160,16 +158,9 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
              loop_s_per_step={k: float(np.median(v)) for k, v in loop.items()},
              loop_overhead_paired_median={s: common.paired_ratio(loop[s], loop["off"]) - 1
                                           for s in schedules},
-             floor_s_per_step=times["floor"] / (new_tokens - 1),
-             loop_over_floor=common.paired_ratio(
-                 loop["off"], [t / (new_tokens - 1) for t in rounds["floor"]]),
-             whole_over_floor=common.paired_ratio(
-                 [t / new_tokens for t in rounds["off"]],
-                 [t / (new_tokens - 1) for t in rounds["floor"]]),
              first_call_s=first,
              evaluations_per_row={s: int(outputs[s].n_evals[0]) for s in schedules},
-             tokens_per_s={k: b * new_tokens / t for k, t in times.items()
-                           if k not in ("prefill", "floor")},
+             tokens_per_s={k: b * new_tokens / t for k, t in times.items() if k != "prefill"},
              step_flops=step_flops(w.cfg, int(w.prompts.lengths.max()) + new_tokens))
   if hf_model is not None:
     hf_tokens = outputs["hf"]
@@ -228,12 +219,6 @@ def matmul_floor_s(cfg: ModelConfig, batch: int, reps: int = 5, steps: int = 16)
   layer's q, k, v, o, gate, up and down projections (distinct random weights per layer, as
   the model reads them) and the LM head, chained in a jitted loop of ``steps`` steps. No
   attention, norms, sampling or cache: the part of a step that XLA's matmul kernels bound."""
-  run = matmul_floor(cfg, batch, steps)
-  return common.interleaved({"matmuls": run}, reps)["matmuls"] / steps
-
-
-def matmul_floor(cfg: ModelConfig, batch: int, steps: int):
-  """A blocking closure running ``steps`` steps of ``matmul_floor_s``'s matmuls."""
   d, hd, f = cfg.d_model, cfg.dim_per_head, cfg.d_ff
   shapes = [(d, cfg.n_heads * hd), (d, cfg.n_kv_heads * hd), (d, cfg.n_kv_heads * hd),
             (cfg.n_heads * hd, d), (d, f), (d, f), (f, d)]
@@ -253,4 +238,6 @@ def matmul_floor(cfg: ModelConfig, batch: int, steps: int):
     return jax.lax.fori_loop(0, steps, step, x)
 
   x = jnp.ones((batch, d), jnp.float32)
-  return lambda: run(layers, head, x).block_until_ready()
+  times = common.interleaved({"matmuls": lambda: run(layers, head, x).block_until_ready()},
+                             reps)
+  return times["matmuls"] / steps

@@ -209,13 +209,12 @@ def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, pref
                                     1e3 * c["times_s"]["prefill"] for c in cases},
                     loop_ms_per_step={f"{c['model']}_b{c['batch']}":
                                       1e3 * c["loop_s_per_step"][ours] for c in cases},
-                    # Gate off, against the floor run in the same rounds (paired median).
-                    matmul_floor_ms_in_rounds={f"{c['model']}_b{c['batch']}":
-                                               1e3 * c["floor_s_per_step"] for c in cases},
-                    loop_over_matmul_floor={f"{c['model']}_b{c['batch']}": c["loop_over_floor"]
-                                            for c in cases},
-                    whole_decode_over_matmul_floor={f"{c['model']}_b{c['batch']}":
-                                                    c["whole_over_floor"] for c in cases}),
+                    loop_over_matmul_floor={
+                        k: 1e3 * c["loop_s_per_step"][ours] / matmul_floor_ms[k]
+                        for c in cases for k in [f"{c['model']}_b{c['batch']}"]},
+                    whole_decode_over_matmul_floor={
+                        k: 1e3 * c["times_s"][ours] / c["new_tokens"] / matmul_floor_ms[k]
+                        for c in cases for k in [f"{c['model']}_b{c['batch']}"]}),
         ratio=min(ranked), target=TARGETS[name], higher_is_better=True, device=device)
   return out
 
