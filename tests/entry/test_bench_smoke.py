@@ -40,7 +40,8 @@ def test_gate_overhead_path_exact_lengths():
   params = models.random_params(cfg)
   w = decode.random_workload("t", cfg, params, batch=2, prompt_len=8)
   res = decode.measure(w, None, new_tokens=8, reps=1, schedules=("every", "annealing"))
-  assert set(res["times_s"]) == {"off", "every", "annealing"}
+  # prefill: the prompt pass alone (one new token), the loop's own time is decode minus it
+  assert set(res["times_s"]) == {"off", "prefill", "every", "annealing"}
   # every: one evaluation per step after the prefill; annealing: steps 1, 2, 3, 5 within 7.
   assert res["evaluations_per_row"] == {"every": 8, "annealing": 5}
 
