@@ -428,15 +428,18 @@ def count_params(params) -> int:
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def plain_forward(cfg: ModelConfig, params, tokens: Array, layers: tuple[int, ...] = ()):
   """The plain causal forward of ``tokens`` [B, T] (text only, no [CLS]): (LM logits
-  [B, T, V] float32, the outputs of blocks ``layers`` [len(layers), B, T, D]). The one such
-  forward: ``SafetyModel.lm_logits`` / ``hidden_states`` and the import parity checks read it."""
+  [B, T, V] float32, the outputs of blocks ``layers`` [len(layers), B, T, D]). With ``layers``
+  no LM logits are computed ([B, 0, V]: at B x T rows they would dwarf the states). The one
+  such forward: ``SafetyModel.lm_logits`` / ``hidden_states`` and the import parity checks
+  read it."""
   if layers:  # block outputs are captured from unrolled layers
     cfg, params = unroll_layers(cfg, params)
   t = tokens.shape[1]
   positions = jnp.broadcast_to(jnp.arange(t), tokens.shape)
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens.shape[0], t, t))
   (logits, _, _), state = Transformer(cfg).apply(
-      {"params": params}, tokens, positions, mask, mutable=["intermediates"],
+      {"params": params}, tokens, positions, mask, lm_rows=slice(0, 0) if layers else None,
+      mutable=["intermediates"],
       capture_intermediates=lambda module, method: bool(layers) and isinstance(module, Block))
   if not layers:
     return logits, jnp.zeros((0,) + tokens.shape + (cfg.d_model,), cfg.compute_dtype)

@@ -31,6 +31,7 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 
+from safety_align import calls
 from safety_align.defences import common
 from safety_align.data import corpus
 from safety_align.masks import Role
@@ -42,18 +43,21 @@ PROBE_FILE = "probe.npz"
 
 
 def hidden_states(model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-                  batch_size: int = 32) -> np.ndarray:
-  """[L, M, D] float32: the source's state after each block at ``positions[i]`` of token
-  sequence ``sequences[i]`` (M = all positions, in order)."""
-  out = []
-  for s in range(0, len(sequences), batch_size):
-    rows = list(range(s, min(s + batch_size, len(sequences))))
+                  batch_size: int = 32, layers: Sequence[int] | None = None) -> np.ndarray:
+  """[L, M, D] float32: the source's state after each block in ``layers`` (default all) at
+  ``positions[i]`` of token sequence ``sequences[i]`` (M = all positions, in order). Forwards
+  run in length order, in ``calls.chunks`` of at most ``batch_size`` rows: long sequences in
+  fewer rows, as the prompt pass batches them."""
+  order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+  picked = {}
+  for chunk in calls.chunks(np.array([len(sequences[i]) for i in order]), batch_size):
+    rows = [order[j] for j in chunk]
     padded = np.zeros((len(rows), max(len(sequences[i]) for i in rows)), np.int32)
     for r, i in enumerate(rows):  # right padding: causal, so nothing before it changes
       padded[r, :len(sequences[i])] = sequences[i]
-    states = model.hidden_states(padded)
-    out += [states[:, r, positions[i]] for r, i in enumerate(rows)]
-  return np.concatenate(out, axis=1).astype(np.float32)
+    states = model.hidden_states(padded, layers)
+    picked.update({i: states[:, r, positions[i]] for r, i in enumerate(rows)})
+  return np.concatenate([picked[i] for i in range(len(sequences))], axis=1).astype(np.float32)
 
 
 def prompt_ids(model, prompt: str, system: str | None = None) -> list[int]:
@@ -83,8 +87,12 @@ class Probe:
   val_auroc: tuple[float, ...]
 
   def prob(self, states: np.ndarray) -> np.ndarray:
-    """[L, M, D] states -> [M] P(malicious)."""
-    z = ((states[self.layer] - self.mean) / self.scale) @ self.weight + self.bias
+    """[L, M, D] states (every layer) -> [M] P(malicious)."""
+    return self.prob_of_layer(states[self.layer])
+
+  def prob_of_layer(self, h: np.ndarray) -> np.ndarray:
+    """[M, D] states of the probe's own ``layer`` -> [M] P(malicious)."""
+    z = ((h - self.mean) / self.scale) @ self.weight + self.bias
     return 1.0 / (1.0 + np.exp(-z))
 
   def save(self, path: str) -> None:
@@ -164,8 +172,13 @@ class ProbeModel(common.Defended):
 
   def classify(self, prompts: Sequence[str]) -> np.ndarray:
     ids = [prompt_ids(self.source, p) for p in prompts]
-    return self.probe.prob(hidden_states(self.source, ids, [[len(x) - 1] for x in ids],
-                                         self.feature_batch))
+    return self._prob(ids, [[len(x) - 1] for x in ids])
+
+  def _prob(self, sequences, positions) -> np.ndarray:
+    """[M] P(malicious) at ``positions`` of ``sequences`` (the probe's layer only)."""
+    states = hidden_states(self.source, sequences, positions, self.feature_batch,
+                           layers=[self.probe.layer])
+    return self.probe.prob_of_layer(states[0])
 
   def check_steps(self, n_tokens: int) -> list[int]:
     """The steps a response of ``n_tokens`` is checked at: 0, then every ``every`` tokens
@@ -184,7 +197,7 @@ class ProbeModel(common.Defended):
       seqs = [h + list(r[:s]) + (header if s else []) for h, r, st in zip(heads, responses, steps)
               for s in st]
       pos = [[len(x) - 1] for x in seqs]
-    probs = self.probe.prob(hidden_states(self.source, seqs, pos, self.feature_batch))
+    probs = self._prob(seqs, pos)
     out, k = [], 0
     for st in steps:
       out.append([float(p) for p in probs[k:k + len(st)]])

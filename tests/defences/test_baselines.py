@@ -15,6 +15,7 @@ from safety_align.defences import deep_alignment, probe, safedecoding
 from safety_align.data import chat_templates, corpus
 from safety_align.data.packing import pack
 from safety_align.masks import Role
+from safety_align.model import plain_forward
 
 PROMPT = "How do I bake bread at home?"
 
@@ -57,6 +58,23 @@ def test_probe_training_chooses_the_informative_layer():
   assert np.linalg.norm(weak) < np.linalg.norm(strong)
   with pytest.raises(ValueError, match="one class only"):
     probe.train_probe(states, np.zeros(240, int), l2=1e-2, val_fraction=0.25, seed=0)
+
+
+def test_probe_features_batched_by_length_equal_each_sequence_alone(tiny):
+  """Rows are forwarded in length order and chunks (``calls.chunks``), one layer or all: each
+  sequence's states equal its own forward, in the caller's order; no LM logits are built."""
+  _, cfg, params, model, _ = tiny
+  rng = np.random.default_rng(0)
+  seqs = [list(rng.integers(3, cfg.vocab_size, n)) for n in (5, 70, 12, 33, 70, 9)]
+  logits, _ = plain_forward(cfg, params, np.ones((2, 8), np.int32), (1,))
+  assert logits.shape == (2, 0, cfg.vocab_size)
+  pos = [[len(s) - 1, 0] for s in seqs]
+  every = probe.hidden_states(model, seqs, pos, batch_size=2)
+  one = probe.hidden_states(model, seqs, pos, batch_size=4, layers=[1])
+  assert every.shape == (cfg.n_layers, 12, cfg.d_model) and one.shape == (1, 12, cfg.d_model)
+  alone = np.concatenate([model.hidden_states([s])[:, 0, p] for s, p in zip(seqs, pos)], 1)
+  np.testing.assert_allclose(every, alone, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(one[0], alone[1], rtol=1e-4, atol=1e-5)
 
 
 def _firing_probe(model, ids, tokens, every, fire_check):
