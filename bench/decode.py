@@ -13,6 +13,12 @@ A ``prefill`` variant (gate off, one new token: the prompt pass alone) runs in t
 rounds, so the decode loop's own time per step, (decode - prompt pass) / (new_tokens - 1),
 can be set against ``matmul_floor_s`` (a per-step floor) apart from the prompt pass, which
 the whole-decode time per token also holds.
+
+With ``slots_chunk``, the server's loop runs in the same rounds too: every row started in a
+``SlotDecoder`` (``decode/slots.py``, the serving engine's decoder, a 2,048-token slot
+context) and advanced ``slots_chunk`` steps a call until done (``slots_<schedule>``), beside
+the starts alone (``slots_start``), so its loop per step is (slots - starts) /
+(new_tokens - 1).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 from bench import common
 from safety_align.decode import Decoder, GateConfig, Prompts
 from safety_align.decode.sampling import Greedy
+from safety_align.decode.slots import SlotDecoder, SlotRequest
 from safety_align.masks import Role
 from safety_align.model import ModelConfig, count_params, unroll_layers
 
@@ -88,6 +95,52 @@ def ours(w: Workload, schedule: str, new_tokens: int):
   return run
 
 
+@dataclasses.dataclass
+class SlotsOutput:
+  """The slots variant's tokens [B, N] and counts, as ``DecodeOutput`` names them."""
+
+  tokens: np.ndarray
+  lengths: np.ndarray
+  refused: np.ndarray
+  n_evals: np.ndarray
+
+
+SLOT_CONTEXT = 2048  # the slots' context (the server's default is the model's)
+
+
+def slots(w: Workload, schedule: str, new_tokens: int, chunk: int, *, start_only: bool = False):
+  """A closure that starts every prompt of ``w`` in a slot of one ``SlotDecoder`` (built once,
+  as the serving engine builds it) and, unless ``start_only``, advances all slots ``chunk``
+  steps a call until each has ``new_tokens`` tokens; the slots are freed after."""
+  cfg, params = unroll_layers(w.cfg, w.params)
+  insertion = len(w.newline_ids) + len(w.refusal_ids)
+  decoder = SlotDecoder(cfg, params, max_batch=len(w.prompts), max_len=SLOT_CONTEXT, pad_id=0,
+                        eos_ids=[], with_cls=True, resolve_gate=lambda g: g,
+                        refusal_ids=lambda g: w.refusal_ids, newline_ids=w.newline_ids,
+                        insertion_width=insertion)
+  requests = [SlotRequest(prompt_ids=ids, roles=roles, max_new_tokens=new_tokens,
+                          gate=gate(schedule), eos=False, row=i)
+              for i, (ids, roles) in enumerate(zip(w.prompts.ids, w.prompts.roles))]
+
+  def run():
+    events = [decoder.start(i, r) for i, r in enumerate(requests)]
+    tokens = [list(e.tokens) for e in events]
+    evals = [len(e.cls) for e in events]
+    refused = [e.refused for e in events]
+    while not start_only and (advanced := decoder.advance(chunk)):
+      for e in advanced:  # the events the engine streams after each chunk
+        tokens[e.slot] += e.tokens
+        evals[e.slot] += len(e.cls)
+        refused[e.slot] |= e.refused
+    for i in range(len(requests)):
+      decoder.free(i)
+    width = max(len(t) for t in tokens)
+    return SlotsOutput(tokens=np.array([t + [0] * (width - len(t)) for t in tokens]),
+                       lengths=np.array([len(t) for t in tokens]),
+                       refused=np.array(refused), n_evals=np.array(evals))
+  return run
+
+
 def hf_generate(hf_model, w: Workload, new_tokens: int):
   """A closure running ``generate`` on ``w``'s prompts (left-padded; greedy, KV cache)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -123,13 +176,21 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict:
 
 
 def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHEDULES,
-            hf_reps: int | None = None) -> dict:
+            hf_reps: int | None = None, slots_chunk: int | None = None) -> dict:
   """Times (s) of every variant on ``w`` in one interleaved round, the guard checks, and
   per-schedule evaluation counts. The HF side has no compilation, so its first call (which
   also gives the tokens for the agreement check) is a timing sample; it then runs in
-  ``hf_reps`` (default ``reps``) more rounds."""
+  ``hf_reps`` (default ``reps``) more rounds. ``slots_chunk``: the slots variants too
+  (module doc), their tokens checked equal to the whole decoder's under each schedule (the
+  gate-off slots keep [CLS] in the prompt pass, as the server does for a [CLS] model, where
+  the whole decoder's ``off`` has none: the loops' steps are the same work)."""
   fns = {"off": ours(w, "off", new_tokens), "prefill": ours(w, "off", 1)}
   fns.update({s: ours(w, s, new_tokens) for s in schedules})
+  slot_variants = ()
+  if slots_chunk:
+    slot_variants = ("off",) + tuple(schedules)
+    fns["slots_start"] = slots(w, "off", new_tokens, slots_chunk, start_only=True)
+    fns.update({f"slots_{s}": slots(w, s, new_tokens, slots_chunk) for s in slot_variants})
   if hf_model is not None:
     fns["hf"] = hf_generate(hf_model, w, new_tokens)
   outputs, first = {}, {}
@@ -139,11 +200,14 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
     first[name] = time.perf_counter() - t0
   for name, out in outputs.items():
     if name != "hf":
-      want = 1 if name == "prefill" else new_tokens
+      want = 1 if name in ("prefill", "slots_start") else new_tokens
       if not (out.lengths == want).all():
         raise RuntimeError(f"{name}: lengths {out.lengths}, expected all {want}.")
       if out.refused.any():
         raise RuntimeError(f"{name}: the gate inserted a refusal in a timing run.")
+  for sched in schedules if slot_variants else ():  # slots_off keeps [CLS] in its prompt pass
+    if not np.array_equal(outputs[f"slots_{sched}"].tokens, outputs[sched].tokens[:, :new_tokens]):
+      raise RuntimeError(f"slots_{sched}: tokens differ from the whole decoder's.")
   rounds = {}
   times = common.interleaved(
       {k: _blocking(f) for k, f in fns.items()}, reps, warmup=0,
@@ -152,15 +216,24 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
   b = len(w.prompts)
   loop = {k: [(t - p) / (new_tokens - 1) for t, p in zip(rounds[k], rounds["prefill"])]
           for k in ("off",) + tuple(schedules)}
+  slots_loop = {k: [(t - p) / (new_tokens - 1)
+                    for t, p in zip(rounds[f"slots_{k}"], rounds["slots_start"])]
+                for k in slot_variants}
   res = dict(model=w.name, batch=b, new_tokens=new_tokens, times_s=times,
              overhead_paired_median={s: common.paired_ratio(rounds[s], rounds["off"]) - 1
                                      for s in schedules},
              loop_s_per_step={k: float(np.median(v)) for k, v in loop.items()},
              loop_overhead_paired_median={s: common.paired_ratio(loop[s], loop["off"]) - 1
                                           for s in schedules},
+             slots_loop_s_per_step={k: float(np.median(v)) for k, v in slots_loop.items()},
+             slots_loop_overhead_paired_median={
+                 s: common.paired_ratio(slots_loop[s], slots_loop["off"]) - 1
+                 for s in schedules if slot_variants},
+             slots_chunk=slots_chunk,
              first_call_s=first,
              evaluations_per_row={s: int(outputs[s].n_evals[0]) for s in schedules},
-             tokens_per_s={k: b * new_tokens / t for k, t in times.items() if k != "prefill"},
+             tokens_per_s={k: b * new_tokens / t for k, t in times.items()
+                           if k not in ("prefill", "slots_start")},
              step_flops=step_flops(w.cfg, int(w.prompts.lengths.max()) + new_tokens))
   if hf_model is not None:
     hf_tokens = outputs["hf"]

@@ -166,6 +166,11 @@ def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, pref
                     overhead_loop_only={f"{c['model']}_b{c['batch']}":
                                         c["loop_overhead_paired_median"][sched]
                                         for c in cases if sched in c["times_s"]},
+                    # the same in the server's loop (SlotDecoder chunks, decode.measure):
+                    overhead_slots_loop_only={f"{c['model']}_b{c['batch']}":
+                                              c["slots_loop_overhead_paired_median"][sched]
+                                              for c in cases
+                                              if sched in c["slots_loop_overhead_paired_median"]},
                     # model FLOPs of a token + [CLS] step over a token step: where decoding
                     # is compute-bound, `every` costs at least this ratio minus 1.
                     step_flops_ratio={f"{c['model']}_b{c['batch']}": c["step_flops"]["ratio"]
@@ -212,6 +217,14 @@ def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, pref
                     loop_over_matmul_floor={
                         k: 1e3 * c["loop_s_per_step"][ours] / matmul_floor_ms[k]
                         for c in cases for k in [f"{c['model']}_b{c['batch']}"]},
+                    # the server's loop: every row in a SlotDecoder slot, advanced in
+                    # chunks of slots_chunk steps, its starts taken out (decode.measure).
+                    slots_loop_over_matmul_floor={
+                        k: 1e3 * c["slots_loop_s_per_step"][ours] / matmul_floor_ms[k]
+                        for c in cases for k in [f"{c['model']}_b{c['batch']}"]
+                        if ours in c["slots_loop_s_per_step"]},
+                    slots_chunk={f"{c['model']}_b{c['batch']}": c["slots_chunk"]
+                                 for c in cases if c["slots_chunk"]},
                     whole_decode_over_matmul_floor={
                         k: 1e3 * c["times_s"][ours] / c["new_tokens"] / matmul_floor_ms[k]
                         for c in cases for k in [f"{c['model']}_b{c['batch']}"]}),
@@ -241,13 +254,15 @@ def run_smollm2(names, s, cache_dir, device):
     w = decode.demo_workload(real, b, name="smollm2")
     cases.append(decode.measure(w, hf, new_tokens=s["smollm2_tokens"],
                                 reps=s["smollm2_reps"][b], schedules=("every", "annealing"),
-                                hf_reps=s["smollm2_hf_reps"][b]))
+                                hf_reps=s["smollm2_hf_reps"][b], slots_chunk=SLOTS_CHUNK))
   info = decode.model_info(decode.demo_workload(real, 1)) | dict(
       source=real.source, hf_logits_max_rel_error=err)
   base_config = decode_config(s["smollm2_tokens"], dict(smollm2=info))
   return decode_entries(names, cases, dict(smollm2=real.cfg), base_config, device,
                         speed_model="smollm2", prefix="smollm2_")
 
+
+SLOTS_CHUNK = 8  # the serving engine's default --chunk_tokens
 
 LOWER_IS_BETTER = ("gate_overhead", "train_memory_vs_seq", "demo_tiny_wall_gpu")
 

@@ -39,9 +39,14 @@ def test_gate_overhead_path_exact_lengths():
   cfg = tiny_model_config(vocab_size=128, init_scale=0.02)
   params = models.random_params(cfg)
   w = decode.random_workload("t", cfg, params, batch=2, prompt_len=8)
-  res = decode.measure(w, None, new_tokens=8, reps=1, schedules=("every", "annealing"))
-  # prefill: the prompt pass alone (one new token), the loop's own time is decode minus it
-  assert set(res["times_s"]) == {"off", "prefill", "every", "annealing"}
+  res = decode.measure(w, None, new_tokens=8, reps=1, schedules=("every", "annealing"),
+                       slots_chunk=3)
+  # prefill: the prompt pass alone (one new token), the loop's own time is decode minus it;
+  # the server's loop (slots, chunks of 3 steps; their tokens checked equal the decoder's)
+  # beside its starts alone
+  assert set(res["times_s"]) == {"off", "prefill", "every", "annealing", "slots_start",
+                                 "slots_off", "slots_every", "slots_annealing"}
+  assert set(res["slots_loop_s_per_step"]) == {"off", "every", "annealing"}
   # every: one evaluation per step after the prefill; annealing: steps 1, 2, 3, 5 within 7.
   assert res["evaluations_per_row"] == {"every": 8, "annealing": 5}
 
