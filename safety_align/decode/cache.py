@@ -124,14 +124,6 @@ class DecodeState:
     return DecodeState(kv=jax.tree.map(lambda c: c[..., :n, :], self.kv),
                        roles=self.roles[:, :n], positions=self.positions[:, :n])
 
-  def with_prefix(self, part: "DecodeState") -> "DecodeState":
-    """This state with its first key slots replaced by ``part`` (a ``prefix`` of it)."""
-    put = lambda big, small: jax.lax.dynamic_update_slice(  # noqa: E731
-        big, small, (0,) * big.ndim)
-    return DecodeState(kv=jax.tree.map(put, self.kv, part.kv),
-                       roles=put(self.roles, part.roles),
-                       positions=put(self.positions, part.positions))
-
   def padded(self, s_len: int) -> "DecodeState":
     """The state with PAD key slots appended up to ``s_len``."""
     extra = s_len - self.roles.shape[1]

@@ -239,25 +239,17 @@ def start_rows(spec: DecodeSpec, params, inputs: DecodeInputs,
       if spec.return_logits else None, rows=rows))
 
 
-def run_steps(spec: DecodeSpec, params, state: LoopState, n_steps,
-              kv_len: int | None = None) -> LoopState:
+def run_steps(spec: DecodeSpec, params, state: LoopState, n_steps) -> LoopState:
   """Advance every row that is not done by up to ``n_steps`` (traced) steps, or until all
-  are done. ``params`` unrolled (``unroll_layers``).
-
-  ``kv_len`` (static): the steps read and write only the first ``kv_len`` key slots, cut out
-  of the cache once before them and put back once after, so a step's attention reads those
-  keys rather than the whole cache (a decode slot's context). The caller guarantees that
-  every running row's keys lie there: ``PROMPT_SLOT + rows.length + step + n_steps <= kv_len``
-  (writes past it, by rows that are done, are dropped). ``None``: the whole cache.
+  are done. ``params`` unrolled (``unroll_layers``). Every running row's keys must fit the
+  cache (``PROMPT_SLOT + rows.length + step + n_steps`` key slots: decode slots keep their
+  cache that long); writes past it, by rows that are done, are dropped.
 
   Steps run in two nested loops rather than one loop with a ``lax.cond`` between the two
   forwards (a conditional would copy the whole KV cache in and out of its branches on every
   step): plain one-row steps while no row is due, and a two-row step (token + [CLS]) where
   some row re-evaluates. So a step without re-evaluation runs exactly the plain decoder's
   step."""
-  if kv_len is not None and kv_len < state.cache.roles.shape[1]:
-    part = run_steps(spec, params, state.replace(cache=state.cache.prefix(kv_len)), n_steps)
-    return part.replace(cache=state.cache.with_prefix(part.cache))
   cfg, rows = spec.cfg, state.rows
   b, n_max = state.tokens.shape
   idx = jnp.arange(b)

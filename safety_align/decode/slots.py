@@ -1,21 +1,24 @@
 """Decode slots: a fixed set of rows that requests enter and leave while the others decode.
 
 A ``SlotDecoder`` holds ``max_batch`` rows (slots) of one ``LoopState``: each slot its row of
-the KV cache (``2 + max_len`` key slots, ``cache.py``'s layout), its gate state and its
-``RowSettings`` (budget, forced prefill, sampler settings, seed, gate settings and schedule,
-refusal). ``start`` runs one request's prompt pass (``loop.start_rows``; the prompt padded
-to a power-of-two bucket, so lengths share programs) and writes its row; ``advance(n)`` moves
-every live slot ``n`` steps in one compiled call (``loop.run_steps``: the same steps as a
-whole ``Decoder`` call, the [CLS] row riding in the token's forward when some slot
-re-evaluates), the state's buffers donated; ``free`` releases a slot. Settings are arrays, so
-slots with different settings share the one ``advance`` program: nothing recompiles as
-requests come and go (``advance`` compiles once per chunk size and key bucket, ``start`` once
-per prompt bucket).
+the KV cache (``cache.py``'s layout), its gate state and its ``RowSettings`` (budget, forced
+prefill, sampler settings, seed, gate settings and schedule, refusal). ``start`` runs one
+request's prompt pass (``loop.start_rows``; the prompt padded to a power-of-two bucket, so
+lengths share programs) and writes its row; ``advance(n)`` moves every live slot ``n`` steps
+in one compiled call (``loop.run_steps``: the same steps as a whole ``Decoder`` call, the
+[CLS] row riding in the token's forward when some slot re-evaluates), the state's buffers
+donated; ``free`` releases a slot. Settings are arrays, so slots with different settings
+share the one ``advance`` program: nothing recompiles as requests come and go (``advance``
+compiles once per chunk size and key bucket, the prompt pass once per prompt bucket; writing
+a started row and resizing the cache are copies that compile in milliseconds).
 
-A chunk attends over the key slots its running slots can reach by its end (``run_steps``'
-``kv_len``: the longest prompt + response + chunk among them, rounded up to a power of two
-of at least ``MIN_KEYS``), not over the whole context: with 16 slots of 2,048 tokens,
+The cache holds the key slots the running slots can reach by the end of the next chunk (the
+longest prompt + response + chunk among them, rounded up to a power of two of at least
+``MIN_KEYS``, at most ``2 + max_len``), not the whole context: with 16 slots of 2,048 tokens,
 SmolLM2-135M read ~1.5 GB of K/V per step over the full context against 0.54 GB of weights.
+It is resized (one copy) only when that bucket changes, so a chunk neither cuts its keys out
+of a larger cache nor puts them back (at 8 steps a chunk that round trip cost SmolLM2-135M at
+16 slots ~28 ms, 10% of the chunk).
 
 A slot's tokens do not depend on what shares the batch (rows are independent; a row draws its
 samples from its own ``(seed, row, step)`` keys), so a request decodes as
@@ -114,11 +117,18 @@ class SlotDecoder:
     self._spec = DecodeSpec(cfg=cfg, pad_id=pad_id, eos_ids=tuple(int(i) for i in eos_ids),
                             with_cls=with_cls, n_newline=len(newline_ids), layout=layout)
     self._width = int(insertion_width)
-    self._state = _empty_state(self._spec, params, self.max_batch, self.max_len, self._width)
+    self._full = PROMPT_SLOT + self.max_len  # key slots of a whole context
+    self._state = _empty_state(self._spec, params, self.max_batch, self.max_len, self._width,
+                               keys=min(MIN_KEYS, self._full))
     if layout is not None:
       self._state = jax.device_put(self._state, _state_shardings(layout, self._state))
     self._live: dict[int, tuple[int, int, bool]] = {}  # slot -> (tokens, evaluations, done)
     self._prompt_len: dict[int, int] = {}  # live slot -> its prompt's tokens
+
+  @property
+  def keys(self) -> int:
+    """The key slots the cache holds now (see the module doc)."""
+    return int(self._state.cache.roles.shape[1])
 
   def live(self) -> list[int]:
     """The started slots not yet freed (a done slot stays live until ``free``)."""
@@ -131,7 +141,9 @@ class SlotDecoder:
       raise ValueError(f"Slot {slot} is not a free slot of 0..{self.max_batch - 1}: free it "
                        "first, or pick one not in live().")
     inputs = self._inputs(request)
-    self._state, view = _start(self._spec, self.params, self._state, np.int32(slot), inputs)
+    self._resize(max(self.keys, self._bucket(PROMPT_SLOT + len(request.prompt_ids))))
+    row, view = _prompt_row(self._spec, self.params, inputs)
+    self._state = _insert(self._spec, self._state, np.int32(slot), row)
     tokens, length, prob, n_evals, refusal_step, done = jax.device_get(view)
     self._live[slot] = (int(length), int(n_evals), bool(done))
     self._prompt_len[slot] = len(request.prompt_ids)
@@ -149,8 +161,8 @@ class SlotDecoder:
     running = [s for s in self.live() if not self._live[s][2]]
     if not running:
       return []
-    self._state, view = _advance(self._spec, self.params, self._state, int(n),
-                                 self._keys(running, int(n)))
+    self._resize(self._keys(running, int(n)))
+    self._state, view = _advance(self._spec, self.params, self._state, int(n))
     view = jax.device_get(view)
     events = []
     for s in running:
@@ -168,11 +180,19 @@ class SlotDecoder:
     return events
 
   def _keys(self, running: list[int], n: int) -> int:
-    """The key slots ``n`` steps of the ``running`` slots read and write (``run_steps``'
-    ``kv_len``): a power-of-two bucket of at least ``MIN_KEYS`` over ``PROMPT_SLOT`` + prompt
-    + tokens so far + ``n``, at most the whole row (one ``advance`` program per bucket)."""
-    need = max(PROMPT_SLOT + self._prompt_len[s] + self._live[s][0] + n for s in running)
-    return min(bucket(need, minimum=MIN_KEYS), PROMPT_SLOT + self.max_len)
+    """The key slots ``n`` steps of the ``running`` slots read and write: the bucket of
+    ``PROMPT_SLOT`` + prompt + tokens so far + ``n`` (one ``advance`` program per bucket)."""
+    return self._bucket(max(PROMPT_SLOT + self._prompt_len[s] + self._live[s][0] + n
+                            for s in running))
+
+  def _bucket(self, need: int) -> int:
+    """A power-of-two number of key slots >= ``need`` and ``MIN_KEYS``, at most a context."""
+    return min(bucket(need, minimum=MIN_KEYS), self._full)
+
+  def _resize(self, keys: int) -> None:
+    """Cut or pad the cache to ``keys`` key slots (no copy when it holds that many)."""
+    if keys != self.keys:
+      self._state = _resized(self._spec, self._state, keys)
 
   def free(self, slot: int) -> None:
     """Release ``slot`` (live or not); its row is overwritten by the next ``start``."""
@@ -210,9 +230,9 @@ class SlotDecoder:
         stop_at_eos=np.array([request.eos])))
 
 
-def _empty_state(spec: DecodeSpec, params, b: int, n: int, width: int) -> LoopState:
+def _empty_state(spec: DecodeSpec, params, b: int, n: int, width: int, keys: int) -> LoopState:
   """A state of ``b`` done slots: zeros of the shapes ``start_rows`` gives ``b`` rows with a
-  ``2 + n`` key cache and ``n``-token responses."""
+  ``keys``-slot key cache and ``n``-token responses."""
   rows = RowSettings(
       length=np.ones(b, np.int32), forced=np.zeros((b, n), np.int32),
       n_forced=np.zeros(b, np.int32), budget=np.ones(b, np.int32),
@@ -223,7 +243,7 @@ def _empty_state(spec: DecodeSpec, params, b: int, n: int, width: int) -> LoopSt
   inputs = DecodeInputs(tokens=np.zeros((b, 1), np.int32), roles=np.zeros((b, 1), np.int32),
                         rows=rows)
   shapes = jax.eval_shape(functools.partial(start_rows, dataclasses.replace(spec, layout=None),
-                                            s_len=PROMPT_SLOT + n),
+                                            s_len=keys),
                           params, inputs)
   state = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
   return state.replace(done=jnp.ones((b,), bool), rows=jax.tree.map(jnp.asarray, rows))
@@ -237,35 +257,47 @@ def _state_shardings(layout: sharding.DecodeLayout, state: LoopState):
                                                                state.cache.kv)))
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-def _start(spec: DecodeSpec, params, state: LoopState, slot, inputs: DecodeInputs):
-  """``state`` with row ``slot`` replaced by the started request ``inputs`` (one row), and
-  that row's (first token, length, P(malicious), evaluations, refusal step, done)."""
+@functools.partial(jax.jit, static_argnums=0)
+def _prompt_row(spec: DecodeSpec, params, inputs: DecodeInputs):
+  """The started request ``inputs`` (one row: its prompt pass, ``loop.start_rows``) and its
+  (first token, length, P(malicious), evaluations, refusal step, done)."""
   cfg, params = unroll_layers(spec.cfg, params)
   one = start_rows(dataclasses.replace(spec, cfg=cfg, layout=None), params, inputs)
-  t = one.cache.roles.shape[1]
-  kv = jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice(
-      big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1)), state.cache.kv,
-      one.cache.kv)
-  s_len = state.cache.roles.shape[1]
-  key_rows = lambda big, small: big.at[slot].set(jnp.pad(small[0], (0, s_len - t)))  # noqa: E731
-  cache = state.cache.replace(kv=kv, roles=key_rows(state.cache.roles, one.cache.roles),
-                              positions=key_rows(state.cache.positions, one.cache.positions))
-  rest = jax.tree.map(lambda big, small: big.at[slot].set(small[0]),
-                      state.replace(cache=None), one.replace(cache=None))
-  new = _laid_out_slots(spec, rest.replace(cache=cache))
-  return new, (one.tokens[0, 0], one.length[0], one.probs[0, 0], one.n_evals[0],
+  return one, (one.tokens[0, 0], one.length[0], one.probs[0, 0], one.n_evals[0],
                one.gate.refusal_step[0], one.done[0])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4), donate_argnums=2)
-def _advance(spec: DecodeSpec, params, state: LoopState, n: int, kv_len: int):
-  """``state`` advanced ``n`` steps (``run_steps`` over the first ``kv_len`` key slots), and
-  per row its new tokens, new evaluations (steps, P(malicious)) [B, n] and its length,
-  evaluations, refusal step and done flag."""
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _insert(spec: DecodeSpec, state: LoopState, slot, one: LoopState) -> LoopState:
+  """``state`` with row ``slot`` replaced by the started row ``one``, its cache cut or padded
+  to the state's key slots (its prompt is packed at the front: ``loop.prompt_pass``)."""
+  s_len, t = state.cache.roles.shape[1], one.cache.roles.shape[1]
+  row = one.cache.prefix(s_len) if t > s_len else one.cache.padded(s_len)
+  kv = jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice(
+      big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1)), state.cache.kv, row.kv)
+  cache = state.cache.replace(kv=kv, roles=state.cache.roles.at[slot].set(row.roles[0]),
+                              positions=state.cache.positions.at[slot].set(row.positions[0]))
+  rest = jax.tree.map(lambda big, small: big.at[slot].set(small[0]),
+                      state.replace(cache=None), one.replace(cache=None))
+  return _laid_out_slots(spec, rest.replace(cache=cache))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _resized(spec: DecodeSpec, state: LoopState, keys: int) -> LoopState:
+  """``state`` with its cache cut or padded (PAD key slots) to ``keys`` key slots."""
+  cache = state.cache
+  cache = cache.prefix(keys) if keys < cache.roles.shape[1] else cache.padded(keys)
+  return _laid_out_slots(spec, state.replace(cache=cache))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)
+def _advance(spec: DecodeSpec, params, state: LoopState, n: int):
+  """``state`` advanced ``n`` steps (``run_steps``), and per row its new tokens, new
+  evaluations (steps, P(malicious)) [B, n] and its length, evaluations, refusal step and done
+  flag."""
   cfg, params = unroll_layers(spec.cfg, params)
   length, n_evals = state.length, state.n_evals
-  st = run_steps(dataclasses.replace(spec, cfg=cfg), params, state, n, kv_len)
+  st = run_steps(dataclasses.replace(spec, cfg=cfg), params, state, n)
 
   def window(x, start):  # [B, n] of x [B, M] from each row's start
     at = jnp.minimum(start[:, None] + jnp.arange(n)[None], x.shape[1] - 1)

@@ -157,33 +157,6 @@ def test_batch_rows_decode_as_alone(setup):
     np.testing.assert_allclose(together.trace(i)[1], alone.trace(0)[1], atol=1e-5)
 
 
-def test_steps_over_a_key_prefix_equal_the_whole_cache(setup):
-  """``run_steps(kv_len=K)`` (decode slots' bounded attention) gives the tokens, [CLS] trace and
-  cache prefix of the steps over the whole cache (up to the rounding of sums over fewer masked
-  keys), and leaves the keys past K as they were."""
-  from safety_align.decode.loop import run_steps, start_rows  # pylint: disable=g-import-not-at-top
-  cfg, params, dec = setup
-  queries = [(10, 11, 12), QUERIES[1]]  # 7 and 14 prompt tokens
-  spec, inputs = dec.prepare(Prompts.from_pieces([_pieces(q) for q in queries]),
-                             max_new_tokens=12, gate=GateConfig(schedule="every", threshold=1.0),
-                             refusal_ids=REFUSAL, newline_ids=NEWLINE)
-  state = jax.jit(lambda i: start_rows(spec, params, i, 96))(inputs)  # 96 key slots
-  k = 2 + 16 + 12  # the longest row's keys after 11 steps fit in 30 < 96
-  run = jax.jit(lambda st, kv_len: run_steps(spec, params, st, 11, kv_len), static_argnums=1)
-  whole, part = run(state, None), run(state, k)
-  hlo = run.lower(state, k).compile().as_text()  # the steps' cache buffers hold k keys
-  assert re.search(r"f32\[2,%d,%d,%d\].* while\(" % (cfg.n_kv_heads, k, cfg.dim_per_head), hlo)
-  for name in ("tokens", "length", "done", "eval_steps", "n_evals"):
-    np.testing.assert_array_equal(getattr(part, name), getattr(whole, name), err_msg=name)
-  np.testing.assert_allclose(part.probs, whole.probs, atol=1e-6)
-  assert int(whole.n_evals.min()) == 12  # the [CLS] row ran at every step
-  keys = lambda x, sl: np.asarray(x)[..., sl, :] if x.ndim > 2 else np.asarray(x)[:, sl]  # noqa: E731
-  for a, b, c in zip(jax.tree.leaves(part.cache), jax.tree.leaves(whole.cache),
-                     jax.tree.leaves(state.cache)):
-    np.testing.assert_allclose(keys(a, slice(k)), keys(b, slice(k)), atol=1e-5)
-    np.testing.assert_array_equal(keys(a, slice(k, None)), keys(c, slice(k, None)))
-
-
 def test_eos_stops_a_row(setup):
   cfg, params, _ = setup
   prompts = Prompts.from_pieces([_pieces(q) for q in QUERIES])

@@ -3,6 +3,7 @@ others decode get exactly what ``generate`` gives each alone; nothing recompiles
 and go."""
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -91,9 +92,41 @@ def test_advance_and_start_compile_once(model):
   buckets = lambda reqs: {bucket(len(r.prompt_ids)) for r in reqs}  # noqa: E731
   assert buckets(other) <= buckets(first)
   _run(model, slots, first, chunk=4)
-  sizes = (slots_lib._advance._cache_size(), slots_lib._start._cache_size())  # pylint: disable=protected-access
+  sizes = (slots_lib._advance._cache_size(), slots_lib._prompt_row._cache_size())  # pylint: disable=protected-access
   _run(model, slots, other, chunk=4)
-  assert (slots_lib._advance._cache_size(), slots_lib._start._cache_size()) == sizes  # pylint: disable=protected-access
+  assert (slots_lib._advance._cache_size(), slots_lib._prompt_row._cache_size()) == sizes  # pylint: disable=protected-access
+
+
+def test_cache_holds_the_keys_the_running_slots_reach(model):
+  """The cache grows to the key bucket a long request reaches and shrinks back when it
+  leaves (``MIN_KEYS`` at least, the whole context at most), and every request still gets
+  ``generate``'s tokens and [CLS] trace; ``advance`` compiles for the cache it holds."""
+  long, short = (_request(model, p, "", dict(max_new_tokens=k, gate="every"))
+                 for p, k in (("tell me a story about a cat", 70), ("bread", 9)))
+  slots = model.slots(max_batch=2)  # a context of 96 tokens: 98 key slots
+  assert slots.keys == slots_lib.MIN_KEYS == 64
+  got = dict(tokens=[], cls=[], refusal_step=None, done=False)
+  _collect({0: got}, [slots.start(0, long)])
+  seen = [slots.keys]
+  while not got["done"]:
+    _collect({0: got}, slots.advance(8))
+    seen.append(slots.keys)
+  assert seen[0] == 64 and seen[-1] == 98 and sorted(seen) == seen
+  slots.free(0)
+  alone = dict(tokens=[], cls=[], refusal_step=None, done=False)
+  _collect({1: alone}, [slots.start(1, short)])
+  _collect({1: alone}, slots.advance(8))
+  assert slots.keys == 64  # back to the bucket the short request reaches
+  hlo = slots_lib._advance.lower(slots._spec, slots.params, slots._state, 8).as_text()  # pylint: disable=protected-access
+  cfg = model.config
+  kv = r"tensor<2x%dx(\d+)x%dxf32>" % (cfg.n_kv_heads, cfg.dim_per_head)
+  held = set(re.findall(kv, hlo))  # key axes of [B, Hkv, S, Dh] tensors (queries: S = T*G)
+  assert "64" in held and "98" not in held  # the steps run over the 64 key slots held
+  for req, g, (prompt, k) in ((long, got, ("tell me a story about a cat", 70)),
+                              (short, alone, ("bread", 9))):
+    want = model.generate([prompt], max_new_tokens=k, gate="every")[0]
+    assert g["tokens"] == want.tokens, prompt
+    np.testing.assert_allclose([p for _, p in g["cls"]], want.cls_probs, atol=1e-5)
 
 
 def test_context_end_and_errors(model):
