@@ -88,7 +88,7 @@ def settings(quick: bool) -> dict:
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
               train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256,
               serve_clients=16, serve_tokens=128, serve_rounds=5, smollm2_tokens=64,
-              smollm2_batches=(1, 16), smollm2_reps={1: 3, 16: 3},
+              smollm2_batches=(1, 16), smollm2_reps={1: 5, 16: 7},
               smollm2_hf_reps={1: 2, 16: 1}, mem_tokens=8192,
               mem_seqs=(1024, 2048, 4096, 8192), speed_seq=2048, speed_reps=3)
 
