@@ -108,16 +108,21 @@ class SlotsOutput:
 SLOT_CONTEXT = 2048  # the slots' context (the server's default is the model's)
 
 
-def slots(w: Workload, schedule: str, new_tokens: int, chunk: int, *, start_only: bool = False):
-  """A closure that starts every prompt of ``w`` in a slot of one ``SlotDecoder`` (built once,
-  as the serving engine builds it) and, unless ``start_only``, advances all slots ``chunk``
-  steps a call until each has ``new_tokens`` tokens; the slots are freed after."""
+def slot_decoder(w: Workload) -> SlotDecoder:
+  """One ``SlotDecoder`` for ``w``'s batch, as the serving engine builds it: every slots
+  variant runs its requests (their own gates) through it."""
   cfg, params = unroll_layers(w.cfg, w.params)
-  insertion = len(w.newline_ids) + len(w.refusal_ids)
-  decoder = SlotDecoder(cfg, params, max_batch=len(w.prompts), max_len=SLOT_CONTEXT, pad_id=0,
-                        eos_ids=[], with_cls=True, resolve_gate=lambda g: g,
-                        refusal_ids=lambda g: w.refusal_ids, newline_ids=w.newline_ids,
-                        insertion_width=insertion)
+  return SlotDecoder(cfg, params, max_batch=len(w.prompts), max_len=SLOT_CONTEXT, pad_id=0,
+                     eos_ids=[], with_cls=True, resolve_gate=lambda g: g,
+                     refusal_ids=lambda g: w.refusal_ids, newline_ids=w.newline_ids,
+                     insertion_width=len(w.newline_ids) + len(w.refusal_ids))
+
+
+def slots(w: Workload, decoder: SlotDecoder, schedule: str, new_tokens: int, chunk: int, *,
+          start_only: bool = False):
+  """A closure that starts every prompt of ``w`` in a slot of ``decoder`` under ``schedule``
+  and, unless ``start_only``, advances all slots ``chunk`` steps a call until each has
+  ``new_tokens`` tokens; the slots are freed after."""
   requests = [SlotRequest(prompt_ids=ids, roles=roles, max_new_tokens=new_tokens,
                           gate=gate(schedule), eos=False, row=i)
               for i, (ids, roles) in enumerate(zip(w.prompts.ids, w.prompts.roles))]
@@ -188,9 +193,10 @@ def measure(w: Workload, hf_model, *, new_tokens: int, reps: int, schedules=SCHE
   fns.update({s: ours(w, s, new_tokens) for s in schedules})
   slot_variants = ()
   if slots_chunk:
-    slot_variants = ("off",) + tuple(schedules)
-    fns["slots_start"] = slots(w, "off", new_tokens, slots_chunk, start_only=True)
-    fns.update({f"slots_{s}": slots(w, s, new_tokens, slots_chunk) for s in slot_variants})
+    slot_variants, decoder = ("off",) + tuple(schedules), slot_decoder(w)
+    fns["slots_start"] = slots(w, decoder, "off", new_tokens, slots_chunk, start_only=True)
+    fns.update({f"slots_{s}": slots(w, decoder, s, new_tokens, slots_chunk)
+                for s in slot_variants})
   if hf_model is not None:
     fns["hf"] = hf_generate(hf_model, w, new_tokens)
   outputs, first = {}, {}

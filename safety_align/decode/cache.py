@@ -124,6 +124,10 @@ class DecodeState:
     return DecodeState(kv=jax.tree.map(lambda c: c[..., :n, :], self.kv),
                        roles=self.roles[:, :n], positions=self.positions[:, :n])
 
+  def fitted(self, s_len: int) -> "DecodeState":
+    """The state cut (``prefix``) or padded (``padded``) to ``s_len`` key slots."""
+    return self.prefix(s_len) if s_len < self.roles.shape[1] else self.padded(s_len)
+
   def padded(self, s_len: int) -> "DecodeState":
     """The state with PAD key slots appended up to ``s_len``."""
     extra = s_len - self.roles.shape[1]

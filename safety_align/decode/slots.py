@@ -271,8 +271,7 @@ def _prompt_row(spec: DecodeSpec, params, inputs: DecodeInputs):
 def _insert(spec: DecodeSpec, state: LoopState, slot, one: LoopState) -> LoopState:
   """``state`` with row ``slot`` replaced by the started row ``one``, its cache cut or padded
   to the state's key slots (its prompt is packed at the front: ``loop.prompt_pass``)."""
-  s_len, t = state.cache.roles.shape[1], one.cache.roles.shape[1]
-  row = one.cache.prefix(s_len) if t > s_len else one.cache.padded(s_len)
+  row = one.cache.fitted(state.cache.roles.shape[1])
   kv = jax.tree.map(lambda big, small: jax.lax.dynamic_update_slice(
       big, small.astype(big.dtype), (slot,) + (0,) * (big.ndim - 1)), state.cache.kv, row.kv)
   cache = state.cache.replace(kv=kv, roles=state.cache.roles.at[slot].set(row.roles[0]),
@@ -285,9 +284,7 @@ def _insert(spec: DecodeSpec, state: LoopState, slot, one: LoopState) -> LoopSta
 @functools.partial(jax.jit, static_argnums=(0, 2))
 def _resized(spec: DecodeSpec, state: LoopState, keys: int) -> LoopState:
   """``state`` with its cache cut or padded (PAD key slots) to ``keys`` key slots."""
-  cache = state.cache
-  cache = cache.prefix(keys) if keys < cache.roles.shape[1] else cache.padded(keys)
-  return _laid_out_slots(spec, state.replace(cache=cache))
+  return _laid_out_slots(spec, state.replace(cache=state.cache.fitted(keys)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3), donate_argnums=2)

@@ -86,11 +86,7 @@ class Probe:
   bias: float
   val_auroc: tuple[float, ...]
 
-  def prob(self, states: np.ndarray) -> np.ndarray:
-    """[L, M, D] states (every layer) -> [M] P(malicious)."""
-    return self.prob_of_layer(states[self.layer])
-
-  def prob_of_layer(self, h: np.ndarray) -> np.ndarray:
+  def prob(self, h: np.ndarray) -> np.ndarray:
     """[M, D] states of the probe's own ``layer`` -> [M] P(malicious)."""
     z = ((h - self.mean) / self.scale) @ self.weight + self.bias
     return 1.0 / (1.0 + np.exp(-z))
@@ -178,7 +174,7 @@ class ProbeModel(common.Defended):
     """[M] P(malicious) at ``positions`` of ``sequences`` (the probe's layer only)."""
     states = hidden_states(self.source, sequences, positions, self.feature_batch,
                            layers=[self.probe.layer])
-    return self.probe.prob_of_layer(states[0])
+    return self.probe.prob(states[0])
 
   def check_steps(self, n_tokens: int) -> list[int]:
     """The steps a response of ``n_tokens`` is checked at: 0, then every ``every`` tokens

@@ -50,7 +50,7 @@ def test_probe_training_chooses_the_informative_layer():
   states[1, :, 2] += 3.0 * labels  # only layer 1 carries the label
   p = probe.train_probe(states, labels, l2=1e-2, val_fraction=0.25, seed=0)
   assert p.layer == 1 and p.val_auroc[1] > 0.95 > max(p.val_auroc[0], p.val_auroc[2])
-  probs = p.prob(states)
+  probs = p.prob(states[p.layer])
   assert probs[labels == 1].mean() > 0.8 > 0.2 > probs[labels == 0].mean()
   x = (states[1] - states[1].mean(0)) / states[1].std(0)
   weak, _ = probe.fit_logistic(x, labels, l2=1.0)
@@ -127,7 +127,7 @@ def test_probe_header_reads_the_reinserted_assistant_header(tiny):
   defended = probe.ProbeModel(model, p, every=4, read="header")
   got = defended.check_probs([PROMPT], [base.tokens], [[0, 4, 8]])[0]
   seqs = [ids, ids + base.tokens[:4] + header, ids + base.tokens[:8] + header]
-  want = p.prob(probe.hidden_states(model, seqs, [[len(x) - 1] for x in seqs]))
+  want = p.prob(probe.hidden_states(model, seqs, [[len(x) - 1] for x in seqs])[p.layer])
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
