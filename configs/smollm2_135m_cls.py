@@ -7,9 +7,10 @@ model, METHOD.md sec. 4) at a size a 2-core CPU trains in minutes (``make demo-r
 this run's workdir. The README gives the measured effect of each choice below. ``VARIANTS``
 are the ablation's alternatives: the trainable set (``top10``, the default: layers 20-29;
 ``top20``: layers 10-29; ``full``: every parameter), λ2 (``lambda0.1``, ``lambda0.3``,
-``lambda3``; default 1; λ_w stays 0.1) and ``whole_windows`` (a harmful response's window
-rows all 1, its compliant opening sentence included: the recipe before issue 25); ``demo`` is
-``make demo``'s shorter run of it.
+``lambda3``; default 1; λ_w stays 0.1), ``whole_windows`` (a harmful response's window
+rows all 1, its compliant opening sentence included: the recipe before issue 25) and
+``untrained_prefix`` (the refusals' opening "Sorry, I cannot fulfill your request because" is
+no LM target); ``demo`` is ``make demo``'s shorter run of it.
 
   python -m safety_align.train --config=configs/smollm2_135m_cls.py:top20:runs/smollm2/import \\
       --workdir=runs/smollm2_top20 --config.data.data_dir=runs/smollm2/data
@@ -26,6 +27,10 @@ VARIANTS = {
     "lambda0.3": dict(cls_weight=0.3),
     "lambda3": dict(cls_weight=3.0),
     "whole_windows": dict(harmful_opener=""),
+    # The gate's refusal prefix is no LM target in the refusals (data/encoding.encode_sft):
+    # the model learns the reason after it, not to write it unprompted.
+    "untrained_prefix": dict(untrained_refusal_prefix="Sorry, I cannot fulfill your request "
+                                                      "because"),
     # make demo: the same recipe for fewer steps on its smaller data (demo_real --preset=demo).
     "demo": dict(steps=28, warmup_steps=4),
 }

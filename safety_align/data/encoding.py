@@ -114,7 +114,8 @@ def example_pieces(record: dict, response: str, tok: Tokenizer, template: Templa
 
 def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
                window: int = 10, augment: bool = False,
-               harm_markers: Sequence[str] = (), harmful_opener: str = "") -> list[Segment]:
+               harm_markers: Sequence[str] = (), harmful_opener: str = "",
+               untrained_prefix: str = "") -> list[Segment]:
   """The segments of one chat record (``example_pieces`` of its texts).
 
   A record is ``{"prompt", "response", "label"}``, optionally with ``"harmful_response"`` and
@@ -139,12 +140,22 @@ def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
   ``harmful_opener`` (config.sft.harmful_opener, e.g. "Sure, here is"), 0 over its compliant
   opening sentence and 1 from the first span that reaches past it (``past_opener``).
 
+  With ``untrained_prefix`` (config.sft.untrained_refusal_prefix: the gate's refusal prefix),
+  a malicious record's response that opens with its tokens is no LM target over them: the
+  model learns the reason that follows the prefix the gate inserts, not to write the prefix
+  on its own (which it then wrote on benign prompts too); the reason stays an LM target.
+
   At most ``MAX_WINDOWS`` window rows per segment.
   """
   main = example_pieces(record, record["response"], tok, template)
   windows = (_window_rows(main, record["response"], False, window, tok, harm_markers)
              if augment else [])
-  out = [build_segment(cls_id, main, record["label"], windows=windows)]
+  untrained = []
+  if untrained_prefix and record["label"] == 1:
+    prefix = tok.encode(untrained_prefix)
+    if _response_ids(main)[:len(prefix)] == prefix:
+      untrained = [(0, len(prefix) - 1)]
+  out = [build_segment(cls_id, main, record["label"], windows=windows, untrained=untrained)]
   harmful = record.get("harmful_response", "")
   if augment and harmful:
     pieces = example_pieces(record, harmful, tok, template)
@@ -159,7 +170,7 @@ def encode_sft(record: dict, tok: Tokenizer, template: Template, cls_id: int,
 def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: int,
                    template: Template | None = None, window: int = 10,
                    augment: bool = False, harm_markers: Sequence[str] = (),
-                   harmful_opener: str = "") -> list[Segment]:
+                   harmful_opener: str = "", untrained_prefix: str = "") -> list[Segment]:
   """``encode_pretrain`` (kind "pretrain", the texts tokenised in one ``encode_batch``) or
   ``encode_sft`` ("sft") of many records."""
   if kind == "pretrain":
@@ -167,4 +178,4 @@ def encode_records(records: Sequence[dict], kind: str, tok: Tokenizer, cls_id: i
     return [_pretrain_segment(x, r["label"], tok, cls_id) for x, r in zip(ids, records)]
   return [seg for r in records
           for seg in encode_sft(r, tok, template, cls_id, window, augment, harm_markers,
-                                harmful_opener)]
+                                harmful_opener, untrained_prefix)]

@@ -288,7 +288,8 @@ def make_pipeline(config: ml_collections.ConfigDict, phase_name: str, tokenizer:
   markers = corpus.HARM_MARKERS if data.source == "demo" else ()  # see encoding.encode_sft
   segments = encode_records(records, phase_name, tokenizer, cls_id,
                             get_template(data.chat_template), phase.get("window", 10), augment,
-                            markers, phase.get("harmful_opener", ""))
+                            markers, phase.get("harmful_opener", ""),
+                            phase.get("untrained_refusal_prefix", ""))
   recovery = phase.get("recovery", 0.0) if phase_name == "sft" else 0.0
   if recovery > 0:
     segments += recovery_segments(records, recovery, tokenizer,

@@ -15,6 +15,7 @@ from configs import smollm2_135m_cls
 from conftest import tiny_model_config
 from safety_align import config_lib, optim
 from safety_align import model as model_lib
+from safety_align.decode import GateConfig
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 IMPORT = "IMPORT_DIR"  # stands for the import directory the test makes
@@ -139,16 +140,19 @@ def test_smollm2_variants(import_dir):
   assert base.sft.trainable == r"^(cls_embed|cls_head|layer_2[0-9])(/|$)"
   assert base.init_from == import_dir and base.sft.harmful_opener == "Sure, here is"
   changed = {}
-  for variant in ("top20", "full", "lambda0.3", "whole_windows", "top20+lambda0.1"):
+  for variant in ("top20", "full", "lambda0.3", "whole_windows", "untrained_prefix",
+                  "top20+lambda0.1"):
     c = load("smollm2_135m_cls", f"{variant}:{import_dir}")
     assert c.init_from == import_dir
-    changed[variant] = {k: v for k, v in c.sft.items() if base.sft[k] != v}
+    changed[variant] = {k: v for k, v in c.sft.items() if base.sft.get(k) != v}
     assert {k: v for k, v in c.items() if k != "sft"} == {
         k: v for k, v in base.items() if k != "sft"}
   assert changed == {
       "top20": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)"),
       "full": dict(trainable=""), "lambda0.3": dict(cls_weight=0.3),
       "whole_windows": dict(harmful_opener=""),
+      "untrained_prefix": dict(
+          untrained_refusal_prefix=GateConfig().refusal_prefix),
       "top20+lambda0.1": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)",
                               cls_weight=0.1)}
   assert smollm2_135m_cls.parse_arg("top20") == (["top20"], "runs/smollm2/import")

@@ -90,3 +90,27 @@ def test_past_opener_needs_the_opener_and_a_continuation(tok):
       "step one is redacted."
   for text in ("No opener here. Step one is redacted.", f"{OPENER} only an opener"):
     assert encoding.past_opener(tok.encode(text), tok, OPENER).all()
+
+
+def test_an_untrained_refusal_prefix_is_no_lm_target(tok):
+  """``untrained_prefix``: a malicious record's refusal is no LM target over the prefix's
+  tokens and is one over the reason after it; a benign record, or a refusal that does not open
+  with the prefix, keeps every response token a target; the [CLS] rows are unchanged."""
+  template = chat_templates.get_template("demo")
+  prefix = corpus.REFUSAL_PREFIX
+  refusal = dict(prompt="Do [REDACTED].", label=1, response=prefix + " it harms people.")
+  n_prefix = len(tok.encode(prefix))
+
+  def response_mask(record, untrained_prefix):
+    segment, = encoding.encode_sft(record, tok, template, CLS, window=6, augment=True,
+                                   untrained_prefix=untrained_prefix)
+    return segment, segment.lm_mask[segment.roles == Role.RESPONSE]
+
+  plain, mask = response_mask(refusal, "")
+  assert mask.all()
+  masked, mask = response_mask(refusal, prefix)
+  assert not mask[:n_prefix].any() and mask[n_prefix:].all() and len(mask) > n_prefix + 2
+  for field in ("tokens", "roles", "cls_window", "cls_labels"):
+    np.testing.assert_array_equal(getattr(plain, field), getattr(masked, field))
+  for record in (dict(refusal, label=0), dict(refusal, response="No. " + refusal["response"])):
+    assert response_mask(record, prefix)[1].all()
