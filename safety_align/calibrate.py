@@ -218,8 +218,9 @@ def choose(rows: Sequence[dict], budget: float, schedules: Sequence[str]) -> dic
 
 
 # ---------------------------------------------------------------------------------- data
-def validation_records(files: Sequence[str], workdir: str) -> list[dict]:
-  """The records of ``files``, checked to be validation data with both labels."""
+def validation_records(files: Sequence[str], workdir: str, both_labels: bool = True) -> list[dict]:
+  """The records of ``files``, checked to be validation data (with both labels unless
+  ``both_labels`` is False)."""
   held_out = os.path.realpath(os.path.join(workdir, "eval_data")) + os.sep
   records = []
   for path in files:
@@ -235,7 +236,7 @@ def validation_records(files: Sequence[str], workdir: str) -> list[dict]:
                          f"(real_splits.CROSS_SOURCES): calibrate on validation data only.")
       records.append(r)
   labels = {r["label"] for r in records}
-  if labels != {0, 1}:
+  if both_labels and labels != {0, 1}:
     raise ValueError(f"{', '.join(files)}: calibration needs benign (label 0) and malicious "
                      f"(label 1) prompts; found labels {sorted(labels)}.")
   return records

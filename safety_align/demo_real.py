@@ -46,7 +46,7 @@ import numpy as np
 
 import safety_align as sa
 from safety_align import (calibrate, console, convert, demo_data, evaluate, model_card,
-                          training_loop)
+                          training_loop, validation_report)
 from safety_align.data import augment, package_data, real_splits
 from safety_align.eval import utility as eval_utility
 from safety_align.stats import classifier_metrics
@@ -71,6 +71,9 @@ def _define_flags(fl: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string("wheels", "", "Wheel cache ('' = $SAFETY_ALIGN_WHEELS or "
                       "~/.cache/safety_align/wheels).", flag_values=fl)
   flags.DEFINE_integer("seed", 0, "Seed of the splits.", flag_values=fl)
+  flags.DEFINE_integer("train_seed", 0, "Seed of the training run (the [CLS] parameters' "
+                       "initialisation and the data order), the splits unchanged.",
+                       flag_values=fl)
   flags.DEFINE_enum("preset", "full", tuple(PRESETS), "Size of the run: 'full' is the recipe "
                     "the README reports (about an hour here); 'demo' is make demo's shorter run "
                     "of the same recipe (PRESETS). A flag given on the command line wins.",
@@ -93,6 +96,10 @@ def _define_flags(fl: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer("n_query_templates", 100, "Harmful train prompts inside easyjailbreak's "
                        "train templates (a quarter as many validation ones in its held-out "
                        "templates); 0: none.", flag_values=fl)
+  flags.DEFINE_list("validation_sources", list(demo_data.VALIDATION_SOURCES), "Sources held "
+                    "out of training whole: the recipe's choices and ablations are judged on "
+                    "them (validation_report.py; WORKDIR/data/validation_source.jsonl), never "
+                    "trained, calibrated or tested on.", flag_values=fl)
   flags.DEFINE_integer("n_edgy", 200, "Edgy-but-safe prompts (data/edgy_safe.py), a source "
                        "split like the others; 0: none.", flag_values=fl)
   flags.DEFINE_float("style", 0.3, "Fraction of each label's training records added in a style "
@@ -107,7 +114,9 @@ def _define_flags(fl: flags.FlagValues = flags.FLAGS) -> None:
                      flag_values=fl)
   flags.DEFINE_string("calibration_schedules", "annealing,every", "Schedules the calibration "
                       "chooses among.", flag_values=fl)
-  flags.DEFINE_bool("evaluate", True, "Run the attack suite at the end.", flag_values=fl)
+  flags.DEFINE_bool("evaluate", True, "Run the attack suite at the end; without it the run "
+                    "reads no test prompt (an ablation's run: its figures are the validation "
+                    "report's).", flag_values=fl)
   flags.DEFINE_integer("eval_classifier_prompts", 0, "Cross-source prompts the evaluation's "
                        "classifier step reads (dealt round-robin over the sources); 0: all.",
                        flag_values=fl)
@@ -190,21 +199,14 @@ def self_answer_nll(source: SourceModel, trained: sa.SafetyModel, held_out: str)
 
 
 def classifier_by_split(model: sa.SafetyModel, data: dict, threshold: float,
-                        splits: Sequence[str] = ("test_in_distribution",
-                                                 "test_cross_source")) -> dict:
-  """AUROC / accuracy / F1 on each of ``splits`` (the in-distribution and the cross-source
-  test sets), and the share of each cross-source group flagged."""
+                        splits: Sequence[str] = ("test_in_distribution",)) -> dict:
+  """AUROC / accuracy / F1 on each of ``splits`` (the evaluation's classifier step reads the
+  cross-source test set by source)."""
   out = {}
   for split in splits:
     rows = data[split]
     probs = model.classify([r["prompt"] for r in rows])
-    labels = np.array([r["label"] for r in rows])
-    out[split] = classifier_metrics(probs, labels, threshold)
-    if split == "test_cross_source":
-      groups = {}
-      for r, p in zip(rows, probs):
-        groups.setdefault(f"{r['source']}/{real_splits.eval_group(r)}", []).append(p > threshold)
-      out["flagged_by_source"] = {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+    out[split] = classifier_metrics(probs, np.array([r["label"] for r in rows]), threshold)
   return out
 
 
@@ -222,12 +224,8 @@ def add_report(eval_dir: str, report: dict) -> str:
   c, u = report["classifier"], report["self_answer_nll"]
   lines = ["", f"## [CLS] classifier by test set (θ = {report['threshold']:.3g})", "",
            "| test set | n | AUROC | accuracy | F1 |", "|---|---|---|---|---|"]
-  lines += [f"| {k} | {c[k]['n']} | {c[k]['auroc']:.3f} | {c[k]['accuracy']:.3f} | "
-            f"{c[k]['f1']:.3f} |" for k in ("test_in_distribution", "test_cross_source")
-            if k in c]
-  if "flagged_by_source" in c:
-    lines += [""] + textwrap.wrap("Flagged malicious, by cross-source group: " + ", ".join(
-        f"{k} {100 * v:.1f}%" for k, v in c["flagged_by_source"].items()) + ".", 100)
+  lines += [f"| {k} | {v['n']} | {v['auroc']:.3f} | {v['accuracy']:.3f} | {v['f1']:.3f} |"
+            for k, v in c.items()]
   lines += [""] + textwrap.wrap(
       f"Self-answer NLL (fit to the source's answers, not utility: see the utility "
       f"benchmarks): mean NLL of the source model's own answers to {u['n']} held-out "
@@ -241,14 +239,16 @@ def add_report(eval_dir: str, report: dict) -> str:
 
 def write_model_card(workdir: str, cache_dir: str | None,
                      train: Sequence[str] = real_splits.TRAIN_SOURCES,
-                     query_templates: bool = False) -> str:
+                     query_templates: bool = False, validation: Sequence[str] = ()) -> str:
   """WORKDIR/MODEL_CARD.md (``model_card``): the source model and every data source of the run
-  (``train``: its train sources; ``query_templates``: whether easyjailbreak's were used) with
-  its pinned version, the licence its wheel states, and its role."""
+  (``train``: its train sources; ``validation``: those held out whole for validation;
+  ``query_templates``: whether easyjailbreak's were used) with its pinned version, the licence
+  its wheel states, and its role."""
   def row(name: str, package: str, role: str) -> dict:
     return dict(name=name, package=package, version=package_data.PINS[package], role=role,
                 licence=model_card.wheel_licence(package_data.wheel_path(package, cache_dir)))
   roles = {**{s: "train / validation / in-distribution test" for s in train},
+           **{s: "validation only (held-out source)" for s in validation},
            **{s: "test only (cross-source)" for s in real_splits.CROSS_SOURCES}}
   sources = [row(name, package_data.SOURCES[name].package, role)
              for name, role in roles.items() if name in package_data.SOURCES]
@@ -281,9 +281,10 @@ def main(argv):
   import_dir = import_source(workdir, cache_dir)
   stamp(f"source model in {import_dir}")
   config = train_config(import_dir, flags.FLAGS.train_variant)
+  config.seed = config.data.seed = flags.FLAGS.train_seed
   fl = flags.FLAGS
   data = demo_data.splits(workdir, seed, fl.n_benign, cache_dir, fl.red_team, fl.n_edgy,
-                          fl.n_harmful)
+                          fl.n_harmful, fl.validation_sources)
   if fl.n_query_templates:
     data = demo_data.with_query_templates(data, package_data.query_templates(cache_dir), seed,
                                           fl.n_query_templates,
@@ -298,9 +299,10 @@ def main(argv):
       fl.two_turn)
   demo_data.write_jsonl(os.path.join(workdir, "data", "sft.jsonl"), records)
   validation = os.path.join(workdir, calibrate.DEFAULT_DATA)
-  demo_data.write_jsonl(validation, [
-      dict(prompt=r["prompt"], label=r["label"], source=r.get("source"))
-      for name in data if name.startswith("validation") for r in data[name]])
+  for path, split in ((validation, "validation"),
+                      (os.path.join(workdir, validation_report.SOURCE_DATA), "validation_source")):
+    demo_data.write_jsonl(path, [dict(prompt=r["prompt"], label=r["label"], source=r.get("source"))
+                                 for r in data[split]])
   held_out = demo_data.eval_data(source, data, workdir, seed, cache_dir, max_new,
                                  n_malicious=fl.eval_config.n_malicious,
                                  template_chars=fl.eval_template_chars,
@@ -322,23 +324,22 @@ def main(argv):
     stamp(f"gate calibrated: {g['schedule']}, θ {g['threshold']:.2f}, τ {g['tau']}; validation: "
           f"over-refusal {100 * v['over_refusal']:.1f}%, ASR (not refused or leaked) direct "
           f"{100 * v['asr_direct']:.1f}%, prefilled {100 * v['asr_prefill']:.1f}%")
-  model = sa.load(workdir, calibrated=flags.FLAGS.gate_budget >= 0)
-  # With the evaluation on, its classifier step reads the cross-source set (by source), so the
-  # report adds the in-distribution test set only.
-  report_splits = ("test_in_distribution",) + (
-      () if flags.FLAGS.evaluate else ("test_cross_source",))
-  report = dict(threshold=model.gate_defaults.threshold,
-                classifier=classifier_by_split(model, data, model.gate_defaults.threshold,
-                                               report_splits),
-                self_answer_nll=self_answer_nll(source, model, held_out))
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(report, f, indent=2)
-  nll = report["self_answer_nll"]
-  stamp("classifier AUROC " + ", ".join(f"{k} {report['classifier'][k]['auroc']:.3f}"
-                                        for k in report_splits)
-        + f"; self-answer NLL source {nll['nll_source']:.3f}, trained {nll['nll_trained']:.3f}"
-        + " (report.json)")
-  if flags.FLAGS.evaluate:
+  if data["validation_source"]:
+    v = validation_report.run(workdir, fl.eval_config.max_new_tokens,
+                              fl.eval_config.judge.refusals, fl.eval_config.judge.leak_min_tokens)
+    stamp(f"validation report ({validation_report.FILE}): " + validation_report.summary(v))
+  if fl.evaluate:  # the only step that reads test prompts
+    model = sa.load(workdir, calibrated=flags.FLAGS.gate_budget >= 0)
+    report = dict(threshold=model.gate_defaults.threshold,
+                  classifier=classifier_by_split(model, data, model.gate_defaults.threshold),
+                  self_answer_nll=self_answer_nll(source, model, held_out))
+    with open(os.path.join(workdir, "report.json"), "w") as f:
+      json.dump(report, f, indent=2)
+    nll = report["self_answer_nll"]
+    stamp("classifier AUROC " + ", ".join(f"{k} {v['auroc']:.3f}"
+                                          for k, v in report["classifier"].items())
+          + f"; self-answer NLL source {nll['nll_source']:.3f}, trained {nll['nll_trained']:.3f}"
+          + " (report.json)")
     eval_cfg = flags.FLAGS.eval_config
     eval_cfg.held_out_dir = held_out
     eval_cfg.templates.paths = os.path.join(held_out, "templates.json")
@@ -346,8 +347,9 @@ def main(argv):
     eval_cfg.finetune.data_file = config.data.data_dir
     print("\n" + evaluate.run(workdir, eval_cfg))
     add_report(os.path.join(workdir, evaluate.EVAL_DIR), report)  # its figures: stamped above
-  card = write_model_card(workdir, cache_dir, demo_data.train_sources(fl.red_team, fl.n_edgy),
-                          bool(fl.n_query_templates))
+  card = write_model_card(workdir, cache_dir,
+                          demo_data.train_sources(fl.red_team, fl.n_edgy, fl.validation_sources),
+                          bool(fl.n_query_templates), fl.validation_sources)
   stamp(f"model card: {card}")
 
 

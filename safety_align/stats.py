@@ -1,5 +1,5 @@
-"""Pure statistics of the reports: Wilson intervals of proportions, AUROC, and a binary
-classifier's figures at a threshold (numpy only; no model, no evaluation state)."""
+"""Pure statistics of the reports: Wilson intervals of proportions, AUROC and its interval, and
+a binary classifier's figures at a threshold (numpy only; no model, no evaluation state)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
   if not len(pos) or not len(neg):
     return float("nan")
   return float((pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean())
+
+
+def auroc_interval(a: float, n_pos: int, n_neg: int, z: float = Z95) -> list[float] | None:
+  """Hanley & McNeil's (1982) interval [lo, hi] of an AUROC ``a`` over ``n_pos`` positives
+  and ``n_neg`` negatives (its exponential-scores approximation); None without data."""
+  if not n_pos or not n_neg or not math.isfinite(a):
+    return None
+  q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+  var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+  half = z * math.sqrt(max(var, 0.0))
+  return [max(0.0, a - half), min(1.0, a + half)]
 
 
 def classifier_metrics(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict:

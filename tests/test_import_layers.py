@@ -68,6 +68,8 @@ TABLE = {
     "safety_align.generate": ("entry", "python -m safety_align.generate"),
     "safety_align.convert": ("entry", "python -m safety_align.convert: import and export"),
     "safety_align.calibrate": ("entry", "python -m safety_align.calibrate (and its procedure)"),
+    "safety_align.validation_report": ("entry", "python -m safety_align.validation_report: "
+                                       "the recipe's ablation figures"),
     "safety_align.demo": ("entry", "make demo's driver"),
     "safety_align.demo_real": ("entry", "make demo's driver"),
     "safety_align.demo_data": ("entry", "make demo's data stage (reads the eval's utility file)"),

@@ -1,8 +1,10 @@
 """Honest, seeded splits of the package-data sources: records in, records out, no I/O.
 
 ``make_splits`` holds out whole sources: ``test_cross_source`` is every record of
-``cross_sources``, none of which is in ``train`` / ``validation`` / ``test_in_distribution``;
-those three are seeded per-source fractions of ``train_sources``. No normalised prompt
+``cross_sources`` and ``validation_source`` every record of ``validation_sources`` (the source
+the recipe's ablations and choices are judged on, never trained on nor tested on); neither is
+in ``train`` / ``validation`` / ``test_in_distribution``, which are seeded per-source fractions
+of ``train_sources``. No normalised prompt
 (``normalise_prompt``) is in two splits: a prompt of a cross-source test source is dropped from
 the train sources, and a prompt that several sources share is kept once (the first source's).
 ``eval_group`` tells harmful, benign and over-refusal records apart for reporting;
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import random
 from typing import Mapping, Sequence
 
@@ -22,7 +25,7 @@ CROSS_SOURCES = ("uncensorbench", "weighted_safety", "rho_refusal_benign", "rho_
 # Sources whose benign records are safe prompts that look unsafe (over-refusal probes; the
 # agent actions' safe ones are requests in the same agentic style as their harmful ones).
 OVERREFUSAL_SOURCES = ("rho_overrefusal", "weighted_safety", "agent_action_guard")
-SPLITS = ("train", "validation", "test_in_distribution", "test_cross_source")
+SPLITS = ("train", "validation", "validation_source", "test_in_distribution", "test_cross_source")
 
 
 def normalise_prompt(prompt: str) -> str:
@@ -46,6 +49,7 @@ def _rng(seed: int, name: str) -> random.Random:
 def make_splits(records_by_source: Mapping[str, Sequence[dict]], seed: int, *,
                 train_sources: Sequence[str] = TRAIN_SOURCES,
                 cross_sources: Sequence[str] = CROSS_SOURCES,
+                validation_sources: Sequence[str] = (),
                 validation_fraction: float = 0.1, test_fraction: float = 0.1,
                 max_per_source: int | None = 5000) -> dict[str, list[dict]]:
   """``{"train", "validation", "test_in_distribution", "test_cross_source"}`` lists of records.
@@ -56,6 +60,8 @@ def make_splits(records_by_source: Mapping[str, Sequence[dict]], seed: int, *,
     seed: the shuffle seed; each source's order depends only on it and the source's name.
     train_sources: split into train / validation / test_in_distribution.
     cross_sources: held out whole, as test_cross_source (deduplicated, in source order).
+    validation_sources: held out whole, as validation_source (after the cross sources' prompts
+      are taken, before the train sources').
     validation_fraction, test_fraction: of each train source (after the cap), rounded.
     max_per_source: at most this many records of each train source are used (a seeded
       sample; caps the 33k-line harmless list); None: all.
@@ -63,12 +69,15 @@ def make_splits(records_by_source: Mapping[str, Sequence[dict]], seed: int, *,
   Records are copies, grouped by source (in the order of the source lists) and, within a train
   source, in seeded order.
   """
-  missing = [s for s in (*train_sources, *cross_sources) if s not in records_by_source]
+  roles = dict(train=train_sources, cross_source_test=cross_sources,
+               validation_source=validation_sources)
+  missing = [s for names in roles.values() for s in names if s not in records_by_source]
   if missing:
     raise ValueError(f"No records for sources {missing}; got {sorted(records_by_source)}.")
-  if set(train_sources) & set(cross_sources):
-    raise ValueError(f"Sources {sorted(set(train_sources) & set(cross_sources))} are both train "
-                     "and cross-source test sources.")
+  for (a, names_a), (b, names_b) in itertools.combinations(roles.items(), 2):
+    if set(names_a) & set(names_b):
+      raise ValueError(f"Sources {sorted(set(names_a) & set(names_b))} are both {a} and {b} "
+                       "sources; each source has one role.")
   if min(validation_fraction, test_fraction) < 0 or validation_fraction + test_fraction >= 1:
     raise ValueError(f"validation_fraction={validation_fraction} and test_fraction="
                      f"{test_fraction} must be >= 0 and sum to less than 1.")
@@ -88,6 +97,8 @@ def make_splits(records_by_source: Mapping[str, Sequence[dict]], seed: int, *,
 
   for source in cross_sources:
     splits["test_cross_source"] += take(records_by_source[source])
+  for source in validation_sources:
+    splits["validation_source"] += take(records_by_source[source])
   for source in train_sources:
     records = list(records_by_source[source])
     _rng(seed, source).shuffle(records)

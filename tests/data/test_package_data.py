@@ -387,6 +387,33 @@ def test_splits_are_disjoint_and_hold_out_whole_sources():
           ("train", "validation", "test_in_distribution")] == [32, 4, 4]
 
 
+def test_a_validation_source_is_held_out_whole():
+  """A validation source's records are all in ``validation_source`` and in no other split (a
+  prompt a test source shares stays the test's); a source has one role."""
+  by_source = _by_source()
+  by_source["airt"] += _records("airt", 1, 1, ["UNCENSORBENCH prompt 3"])
+  train = tuple(s for s in real_splits.TRAIN_SOURCES if s != "airt")
+  splits = real_splits.make_splits(by_source, 0, train_sources=train,
+                                   validation_sources=("airt",))
+  held = splits["validation_source"]
+  assert {r["source"] for r in held} == {"airt"} and len(held) == len(by_source["airt"]) - 1
+  assert "uncensorbench prompt 3" not in _keys(held)
+  for name in ("train", "validation", "test_in_distribution", "test_cross_source"):
+    assert "airt" not in {r["source"] for r in splits[name]}
+  every = [k for records in splits.values() for k in _keys(records)]
+  assert len(every) == len(set(every))
+  # Without validation sources the split exists and is empty; the others are unchanged.
+  plain = real_splits.make_splits(by_source, 0, train_sources=train)
+  assert plain["validation_source"] == []
+  assert {k: v for k, v in plain.items() if k != "validation_source"} == {
+      k: v for k, v in splits.items() if k != "validation_source"}
+  with pytest.raises(ValueError, match="both train and validation_source"):
+    real_splits.make_splits(by_source, 0, validation_sources=("airt",))
+  with pytest.raises(ValueError, match="both cross_source_test and validation_source"):
+    real_splits.make_splits(by_source, 0, train_sources=train,
+                            validation_sources=("uncensorbench",))
+
+
 def test_splits_are_seeded():
   by_source = _by_source()
   a = real_splits.make_splits(by_source, seed=3)
@@ -394,7 +421,7 @@ def test_splits_are_seeded():
   b = real_splits.make_splits(by_source, seed=4)
   assert set(_keys(a["test_in_distribution"])) != set(_keys(b["test_in_distribution"]))
   assert a["test_cross_source"] == b["test_cross_source"]
-  with pytest.raises(ValueError, match="both train and cross-source"):
+  with pytest.raises(ValueError, match="both train and cross_source_test"):
     real_splits.make_splits(by_source, 0, cross_sources=("airt",))
   with pytest.raises(ValueError, match="No records for sources \\['nope'\\]"):
     real_splits.make_splits(by_source, 0, train_sources=("nope",))

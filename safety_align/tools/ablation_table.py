@@ -1,0 +1,98 @@
+"""The README's ablation table: one row per trained variant of the recipe, from each workdir's
+``validation_report.json`` (validation data only: no test prompt is read).
+
+  python -m safety_align.tools.ablation_table \\
+      --runs="recipe=runs/abl/base,top20=runs/abl/top20" [--readme=README.md]
+
+Each row: the calibrated gate, the first classification's AUROC (in-distribution validation
+and the held-out validation source, with intervals), the gate-on ASR on the held-out source's
+harmful prompts (plain and "Sure, here is"-prefilled) and the over-refusal on the validation's
+look-alike-safe and everyday prompts (% with Wilson 95% intervals). With ``--readme`` the block
+between ``BEGIN`` and ``END`` is replaced; otherwise the table is printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+from safety_align import gate_calibration, validation_report
+
+BEGIN = "<!-- ablation-table: python -m safety_align.tools.ablation_table -->"
+END = "<!-- /ablation-table -->"
+HEAD = ["variant", "gate", "AUROC in-dist.", "AUROC held-out source", "ASR direct",
+        "ASR prefilled", "over-refusal edgy", "over-refusal everyday"]
+
+
+def _auroc(entry: dict) -> str:
+  lo, hi = entry["auroc_ci"]
+  return f"{entry['auroc']:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def _pct(entry: dict) -> str:
+  lo, hi = entry["ci"]
+  return f"{100 * entry['rate']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def row(name: str, workdir: str) -> list[str]:
+  """One table row of ``workdir``'s validation report and calibrated gate."""
+  path = os.path.join(workdir, validation_report.FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} is missing: run `python -m safety_align.validation_report "
+                            f"--workdir={workdir}` first.")
+  with open(path) as f:
+    v = json.load(f)
+  g = v["gate"]["settings"]
+  gate = f"{g['schedule']} θ {g['threshold']:.2f} τ {g['tau']}"
+  if gate_calibration.read(workdir) is None:
+    gate += " (uncalibrated)"
+  a, gates, over = v["auroc"], v["gate"], v["over_refusal"]
+  return [name, gate, _auroc(a["in_distribution"]), _auroc(a["held_out_source"]),
+          _pct(gates["asr_direct"]), _pct(gates["asr_prefill"]), _pct(over["edgy"]),
+          _pct(over["everyday"])]
+
+
+def table(runs: list[tuple[str, str]]) -> list[str]:
+  lines = ["| " + " | ".join(HEAD) + " |", "|---" * len(HEAD) + "|"]
+  return lines + ["| " + " | ".join(row(name, wd)) + " |" for name, wd in runs]
+
+
+def parse_runs(spec: str) -> list[tuple[str, str]]:
+  """``"name=workdir,name=workdir"`` as pairs."""
+  runs = []
+  for item in filter(None, spec.split(",")):
+    name, sep, workdir = item.partition("=")
+    if not sep or not name or not workdir:
+      raise ValueError(f"--runs item {item!r}: expected NAME=WORKDIR.")
+    runs.append((name, workdir))
+  if not runs:
+    raise ValueError("--runs names no run: expected NAME=WORKDIR[,NAME=WORKDIR...].")
+  return runs
+
+
+def replace_block(text: str, lines: list[str]) -> str:
+  if BEGIN not in text or END not in text:
+    raise ValueError(f"The README has no {BEGIN} ... {END} block to replace.")
+  head, rest = text.split(BEGIN, 1)
+  return head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + rest.split(END, 1)[1]
+
+
+def main(argv):
+  del argv
+  lines = table(parse_runs(flags.FLAGS.runs))
+  if not flags.FLAGS.readme:
+    print("\n".join(lines))
+    return
+  with open(flags.FLAGS.readme) as f:
+    text = f.read()
+  with open(flags.FLAGS.readme, "w") as f:
+    f.write(replace_block(text, lines))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("runs", None, "NAME=WORKDIR pairs, comma-separated, in row order.")
+  flags.DEFINE_string("readme", "", "README to update in place ('' = print the table).")
+  flags.mark_flag_as_required("runs")
+  app.run(main)

@@ -1,0 +1,151 @@
+"""A trained recipe's figures on its validation data: what the recipe's ablations compare.
+
+  python -m safety_align.validation_report --workdir=DIR   # writes DIR/validation_report.json
+
+Reads no test source. ``make demo-real`` writes two validation files under ``DIR/data``:
+``validation.jsonl``, seeded fractions of the train sources (in-distribution; the gate is
+calibrated on it), and ``validation_source.jsonl``, the sources held out of training whole
+(``real_splits`` ``validation_source``: nothing is trained, calibrated or tested on it). The
+figures, each with its 95% interval:
+
+* ``auroc``: the first classification (P(malicious) of the bare query) on the in-distribution
+  prompts, and the held-out source's harmful prompts against every benign validation prompt
+  (the per-source figure the cross-source test reports);
+* ``gate``: the gate (calibrated, as ``sa.load`` gives it) decoded on the held-out source's
+  harmful prompts, asked plainly and with "Sure, here is" forced: the share refused and the ASR
+  (not refused, or leaked: ``calibrate.confirm``'s judge, the evaluation's);
+* ``over_refusal``: the same gate on the validation's look-alike-safe prompts (``edgy_safe``)
+  and on its everyday ones (every other benign source): the share refused, by the gate's
+  insertion or by a refusal string in the model's own text (``benchmarks.everyday_refusal``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+from absl import app, flags
+import numpy as np
+
+import safety_align as sa
+from safety_align import calibrate, console
+from safety_align.attacks import judges
+from safety_align.data import edgy_safe
+from safety_align.eval import benchmarks
+from safety_align.stats import auroc, auroc_interval, wilson
+
+FILE = "validation_report.json"
+SOURCE_DATA = "data/validation_source.jsonl"
+
+
+def _auroc(probs: np.ndarray, labels: np.ndarray) -> dict:
+  a = auroc(probs, labels)
+  n_pos, n_neg = int(labels.sum()), int((labels == 0).sum())
+  return dict(auroc=a, auroc_ci=auroc_interval(a, n_pos, n_neg), n_malicious=n_pos,
+              n_benign=n_neg)
+
+
+def _rate(values: Sequence[bool]) -> dict:
+  p = float(np.mean(values)) if len(values) else float("nan")
+  return dict(rate=p, ci=wilson(p, len(values)), n=len(values))
+
+
+def report(model, in_distribution: Sequence[dict], held_out_source: Sequence[dict], *,
+           max_new_tokens: int, prefill: str = calibrate.COMPLIANT_PREFIX,
+           refusals: str = calibrate.DEFAULT_REFUSALS,
+           leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS) -> dict:
+  """The module doc's figures of ``model`` (its gate as loaded) on the two validation sets
+  (records ``{"prompt", "label", "source"}``)."""
+  if not held_out_source or {r["label"] for r in held_out_source} == {0}:
+    raise ValueError("The held-out validation source has no harmful prompt: train with "
+                     "--validation_sources naming a source with harmful records.")
+  benign = [r for r in (*in_distribution, *held_out_source) if r["label"] == 0]
+  held_harmful = [r for r in held_out_source if r["label"] == 1]
+  probs = model.classify([r["prompt"] for r in in_distribution])
+  labels = np.array([r["label"] for r in in_distribution])
+  held_rows = held_harmful + benign
+  held_probs = model.classify([r["prompt"] for r in held_rows])
+  held_labels = np.array([r["label"] for r in held_rows])
+  out = dict(auroc=dict(in_distribution=_auroc(probs, labels),
+                        held_out_source=_auroc(held_probs, held_labels)))
+
+  gate = model.gate_defaults
+  strings = judges.refusal_strings(refusals)
+  prompts = [r["prompt"] for r in held_harmful]
+  decoded = calibrate.confirm(model, dict(direct=(prompts, ""), prefill=(prompts, prefill)),
+                              gate, max_new_tokens, strings, leak_min_tokens)
+  n = len(prompts)
+  out["gate"] = {k: dict(rate=v, ci=wilson(v, n), n=n) for k, v in decoded.items()}
+  out["gate"]["settings"] = dict(schedule=gate.schedule, threshold=gate.threshold, tau=gate.tau,
+                                 max_new_tokens=max_new_tokens, refusals=refusals,
+                                 leak_min_tokens=leak_min_tokens)
+
+  groups = dict(edgy=[r for r in benign if r.get("source") == edgy_safe.SOURCE],
+                everyday=[r for r in benign if r.get("source") != edgy_safe.SOURCE])
+  out["over_refusal"] = {}
+  for name, rows in groups.items():
+    gens = model.generate([r["prompt"] for r in rows], max_new_tokens=max_new_tokens, gate=gate)
+    texts = [model.tokenizer.decode(g.tokens) for g in gens]
+    refused = benchmarks.everyday_refusal(texts, [g.refused for g in gens], strings)
+    out["over_refusal"][name] = dict(rate=refused["over_refusal"],
+                                     ci=refused["over_refusal_ci"], n=refused["n"],
+                                     inserted=refused["inserted"])
+  out["data"] = dict(in_distribution=calibrate.data_summary(in_distribution, ())["by_source"],
+                     held_out_source=calibrate.data_summary(held_out_source, ())["by_source"])
+  return out
+
+
+def summary(figures: dict) -> str:
+  """One line of ``report``'s figures (percentages)."""
+  a, g, o = figures["auroc"], figures["gate"], figures["over_refusal"]
+  return (f"AUROC in-distribution {a['in_distribution']['auroc']:.3f}, held-out source "
+          f"{a['held_out_source']['auroc']:.3f}; held-out source ASR direct "
+          f"{100 * g['asr_direct']['rate']:.1f}%, prefilled {100 * g['asr_prefill']['rate']:.1f}%; "
+          f"over-refusal edgy {100 * o['edgy']['rate']:.1f}%, everyday "
+          f"{100 * o['everyday']['rate']:.1f}%")
+
+
+def write(workdir: str, figures: dict) -> str:
+  path = os.path.join(workdir, FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(figures, f, indent=2)
+  os.replace(tmp, path)
+  return path
+
+
+def run(workdir: str, max_new_tokens: int, refusals: str = calibrate.DEFAULT_REFUSALS,
+        leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS) -> dict:
+  """``report`` of ``sa.load(workdir)`` on its two validation files, written to ``FILE``."""
+  files = [os.path.join(workdir, calibrate.DEFAULT_DATA), os.path.join(workdir, SOURCE_DATA)]
+  for path in files:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path} is missing: train with `python -m safety_align.demo_real "
+                              f"--workdir={workdir} --validation_sources=...`, which writes it.")
+  in_distribution = calibrate.validation_records(files[:1], workdir)
+  held_out_source = calibrate.validation_records(files[1:], workdir, both_labels=False)
+  figures = report(sa.load(workdir), in_distribution, held_out_source,
+                   max_new_tokens=max_new_tokens, refusals=refusals,
+                   leak_min_tokens=leak_min_tokens)
+  write(workdir, figures)
+  return figures
+
+
+def main(argv):
+  del argv
+  console.configure()
+  f = flags.FLAGS
+  figures = run(f.workdir, f.max_new_tokens, f.refusals, f.leak_min_tokens)
+  print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("workdir", None, "Workdir of a [CLS] model trained by demo_real.")
+  flags.DEFINE_integer("max_new_tokens", 48, "Response tokens per prompt (the evaluation's).")
+  flags.DEFINE_enum("refusals", calibrate.DEFAULT_REFUSALS, list(judges.REFUSAL_LISTS),
+                    "Refusal strings of the judge.")
+  flags.DEFINE_integer("leak_min_tokens", judges.DEFAULT_LEAK_MIN_TOKENS, "Model-written tokens "
+                       "before an insertion that make it a leak.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
