@@ -17,22 +17,27 @@ figures, each with its 95% interval:
 * ``over_refusal``: the same gate on the validation's look-alike-safe prompts (``edgy_safe``)
   and on its everyday ones (every other benign source): the share refused, by the gate's
   insertion or by a refusal string in the model's own text (``benchmarks.everyday_refusal``).
+
+With ``--probe``, ``probe.auroc`` holds the same two AUROCs of the frozen-source logistic probe
+(the evaluation's ``probe`` baseline, trained on the workdir's SFT records over its imported
+source into ``DIR/validation_probe``): the floor the first classification must beat.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 import numpy as np
 
 import safety_align as sa
 from safety_align import calibrate, console
 from safety_align.attacks import judges
 from safety_align.data import edgy_safe
-from safety_align.eval import benchmarks
+from safety_align.eval import benchmarks, competitors
+from safety_align.eval import config as eval_config
 from safety_align.stats import auroc, auroc_interval, wilson
 
 FILE = "validation_report.json"
@@ -51,24 +56,32 @@ def _rate(values: Sequence[bool]) -> dict:
   return dict(rate=p, ci=wilson(p, len(values)), n=len(values))
 
 
+def auroc_figures(classify: Callable[[list[str]], np.ndarray], in_distribution: Sequence[dict],
+                  held_out_source: Sequence[dict]) -> dict:
+  """``{"in_distribution", "held_out_source"}`` AUROCs (module doc) of ``classify``'s
+  P(malicious)."""
+  if not held_out_source or {r["label"] for r in held_out_source} == {0}:
+    raise ValueError("The held-out validation source has no harmful prompt: train with "
+                     "--validation_sources naming a source with harmful records.")
+  benign = [r for r in (*in_distribution, *held_out_source) if r["label"] == 0]
+  out = {}
+  for name, rows in (("in_distribution", list(in_distribution)),
+                     ("held_out_source", [r for r in held_out_source if r["label"] == 1]
+                      + benign)):
+    out[name] = _auroc(np.asarray(classify([r["prompt"] for r in rows])),
+                       np.array([r["label"] for r in rows]))
+  return out
+
+
 def report(model, in_distribution: Sequence[dict], held_out_source: Sequence[dict], *,
            max_new_tokens: int, prefill: str = calibrate.COMPLIANT_PREFIX,
            refusals: str = calibrate.DEFAULT_REFUSALS,
            leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS) -> dict:
   """The module doc's figures of ``model`` (its gate as loaded) on the two validation sets
   (records ``{"prompt", "label", "source"}``)."""
-  if not held_out_source or {r["label"] for r in held_out_source} == {0}:
-    raise ValueError("The held-out validation source has no harmful prompt: train with "
-                     "--validation_sources naming a source with harmful records.")
+  out = dict(auroc=auroc_figures(model.classify, in_distribution, held_out_source))
   benign = [r for r in (*in_distribution, *held_out_source) if r["label"] == 0]
   held_harmful = [r for r in held_out_source if r["label"] == 1]
-  probs = model.classify([r["prompt"] for r in in_distribution])
-  labels = np.array([r["label"] for r in in_distribution])
-  held_rows = held_harmful + benign
-  held_probs = model.classify([r["prompt"] for r in held_rows])
-  held_labels = np.array([r["label"] for r in held_rows])
-  out = dict(auroc=dict(in_distribution=_auroc(probs, labels),
-                        held_out_source=_auroc(held_probs, held_labels)))
 
   gate = model.gate_defaults
   strings = judges.refusal_strings(refusals)
@@ -115,9 +128,23 @@ def write(workdir: str, figures: dict) -> str:
   return path
 
 
+def probe_auroc(workdir: str, in_distribution: Sequence[dict],
+                held_out_source: Sequence[dict]) -> dict:
+  """``auroc_figures`` of the frozen-source probe (module doc) and its layer."""
+  cfg = eval_config.load("real")
+  built = competitors.build(["probe"], cfg, os.path.join(workdir, "import"),
+                            competitors.training_records(workdir, cfg),
+                            os.path.join(workdir, "validation_probe"),
+                            gate=eval_config.gate_config(cfg), log=logging.info)
+  probe = built["probe"][0]
+  return dict(auroc=auroc_figures(probe.classify, in_distribution, held_out_source),
+              layer=int(probe.probe.layer))
+
+
 def run(workdir: str, max_new_tokens: int, refusals: str = calibrate.DEFAULT_REFUSALS,
-        leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS) -> dict:
-  """``report`` of ``sa.load(workdir)`` on its two validation files, written to ``FILE``."""
+        leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS, probe: bool = False) -> dict:
+  """``report`` of ``sa.load(workdir)`` on its two validation files (and with ``probe``,
+  ``probe_auroc``), written to ``FILE``."""
   files = [os.path.join(workdir, calibrate.DEFAULT_DATA), os.path.join(workdir, SOURCE_DATA)]
   for path in files:
     if not os.path.exists(path):
@@ -128,6 +155,8 @@ def run(workdir: str, max_new_tokens: int, refusals: str = calibrate.DEFAULT_REF
   figures = report(sa.load(workdir), in_distribution, held_out_source,
                    max_new_tokens=max_new_tokens, refusals=refusals,
                    leak_min_tokens=leak_min_tokens)
+  if probe:
+    figures["probe"] = probe_auroc(workdir, in_distribution, held_out_source)
   write(workdir, figures)
   return figures
 
@@ -136,7 +165,7 @@ def main(argv):
   del argv
   console.configure()
   f = flags.FLAGS
-  figures = run(f.workdir, f.max_new_tokens, f.refusals, f.leak_min_tokens)
+  figures = run(f.workdir, f.max_new_tokens, f.refusals, f.leak_min_tokens, f.probe)
   print(json.dumps(figures, indent=2))
 
 
@@ -147,5 +176,6 @@ if __name__ == "__main__":
                     "Refusal strings of the judge.")
   flags.DEFINE_integer("leak_min_tokens", judges.DEFAULT_LEAK_MIN_TOKENS, "Model-written tokens "
                        "before an insertion that make it a leak.")
+  flags.DEFINE_bool("probe", False, "Also the frozen-source probe's AUROCs (module doc).")
   flags.mark_flag_as_required("workdir")
   app.run(main)

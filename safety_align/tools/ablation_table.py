@@ -7,8 +7,10 @@
 Each row: the calibrated gate, the first classification's AUROC (in-distribution validation
 and the held-out validation source, with intervals), the gate-on ASR on the held-out source's
 harmful prompts (plain and "Sure, here is"-prefilled) and the over-refusal on the validation's
-look-alike-safe and everyday prompts (% with Wilson 95% intervals). With ``--readme`` the block
-between ``BEGIN`` and ``END`` is replaced; otherwise the table is printed.
+look-alike-safe and everyday prompts (% with Wilson 95% intervals). A report with the
+frozen-source probe's AUROCs (``validation_report --probe``) adds the probe's row after its run
+(the floor). With ``--readme`` the block between ``BEGIN`` and ``END`` is replaced; otherwise
+the table is printed.
 """
 
 from __future__ import annotations
@@ -36,14 +38,17 @@ def _pct(entry: dict) -> str:
   return f"{100 * entry['rate']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
-def row(name: str, workdir: str) -> list[str]:
-  """One table row of ``workdir``'s validation report and calibrated gate."""
+def read(workdir: str) -> dict:
   path = os.path.join(workdir, validation_report.FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} is missing: run `python -m safety_align.validation_report "
                             f"--workdir={workdir}` first.")
   with open(path) as f:
-    v = json.load(f)
+    return json.load(f)
+
+
+def row(name: str, workdir: str, v: dict) -> list[str]:
+  """One table row of ``workdir``'s validation report ``v`` and calibrated gate."""
   g = v["gate"]["settings"]
   gate = f"{g['schedule']} θ {g['threshold']:.2f} τ {g['tau']}"
   if gate_calibration.read(workdir) is None:
@@ -54,9 +59,22 @@ def row(name: str, workdir: str) -> list[str]:
           _pct(over["everyday"])]
 
 
+def probe_row(v: dict) -> list[str]:
+  """The frozen-source probe's row: its AUROCs, no gate."""
+  p = v["probe"]
+  a = p["auroc"]
+  return ([f"frozen-source probe (layer {p['layer']})", "–", _auroc(a["in_distribution"]),
+           _auroc(a["held_out_source"])] + ["–"] * (len(HEAD) - 4))
+
+
 def table(runs: list[tuple[str, str]]) -> list[str]:
   lines = ["| " + " | ".join(HEAD) + " |", "|---" * len(HEAD) + "|"]
-  return lines + ["| " + " | ".join(row(name, wd)) + " |" for name, wd in runs]
+  for name, workdir in runs:
+    v = read(workdir)
+    lines.append("| " + " | ".join(row(name, workdir, v)) + " |")
+    if "probe" in v:
+      lines.append("| " + " | ".join(probe_row(v)) + " |")
+  return lines
 
 
 def parse_runs(spec: str) -> list[tuple[str, str]]:

@@ -13,6 +13,7 @@ import safety_align as sa
 from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 from safety_align import calibrate, checkpoint, validation_report
 from safety_align.attacks import judges
+from safety_align.defences import probe as probe_lib
 from safety_align.stats import auroc, auroc_interval
 
 WORDS = "how do I bake bread pick a lock tell me a story about the cat dog sky sea kill".split()
@@ -150,4 +151,45 @@ def test_ablation_table_rows_are_the_reports(workdir):
   with pytest.raises(ValueError, match="NAME=WORKDIR"):
     ablation_table.parse_runs("recipe")
   with pytest.raises(FileNotFoundError, match="validation_report"):
-    ablation_table.row("x", str(workdir / "data"))
+    ablation_table.read(str(workdir / "data"))
+
+
+def test_auroc_figures_pair_the_held_out_harmful_with_every_benign_prompt():
+  """Scripted scores: the held-out source's harmful prompts rank against the benign prompts of
+  both files (AUROC 0.5 when they tie with the held-out source's own benign one only)."""
+  score = {r["prompt"]: 0.0 for r in IN_DIST + HELD}
+  score.update({r["prompt"]: 1.0 for r in IN_DIST if r["label"] == 1})
+  score.update({r["prompt"]: 0.5 for r in HELD})
+  figures = validation_report.auroc_figures(lambda ps: np.array([score[p] for p in ps]),
+                                            IN_DIST, HELD)
+  assert figures["in_distribution"]["auroc"] == 1.0
+  held = figures["held_out_source"]
+  # 4 harmful at 0.5 vs 6 benign: 5 at 0.0 (wins), 1 at 0.5 (ties) -> (20 + 0.5 * 4) / 24.
+  assert held["auroc"] == pytest.approx(22 / 24) and held["n_benign"] == 6
+
+
+def test_probe_floor_is_the_evaluations_probe(workdir):
+  """``probe_auroc`` trains the evaluation's ``probe`` baseline over the workdir's imported
+  source (here the run's own demo-corpus records) and scores both validation sets with it."""
+  imported = workdir / "import"
+  imported.mkdir(exist_ok=True)
+  cfg = tiny_model_config(vocab_size=320)
+  (imported / "config.json").write_text(json.dumps(dict(
+      model=dataclasses.asdict(cfg), chat_template="demo")))
+  (imported / "tokenizer.json").write_text((workdir / "tokenizer.json").read_text())
+  checkpoint.save_params(str(imported), "import", tiny_params(cfg, 3), dict(step=0,
+                                                                            phase="import"))
+  figures = validation_report.probe_auroc(str(workdir), IN_DIST, HELD)
+  saved = probe_lib.Probe.load(
+      str(workdir / "validation_probe" / "probe" / probe_lib.PROBE_FILE))
+  assert figures["layer"] == saved.layer == int(np.argmax(saved.val_auroc))
+  source = sa.load(str(imported), uses_cls=False)
+  again = validation_report.auroc_figures(probe_lib.ProbeModel(source, saved).classify,
+                                          IN_DIST, HELD)
+  assert figures["auroc"] == again
+  assert figures["auroc"]["held_out_source"]["n_benign"] == 6
+  # ``run(probe=True)`` stores it beside the report; the ablation table adds its row.
+  from safety_align.tools import ablation_table
+  assert validation_report.run(str(workdir), max_new_tokens=4, probe=True)["probe"] == figures
+  lines = ablation_table.table([("recipe", str(workdir))])
+  assert len(lines) == 4 and lines[3].startswith(f"| frozen-source probe (layer {saved.layer}) |")
