@@ -322,7 +322,8 @@ def main(argv):
         leak_min_tokens=flags.FLAGS.eval_config.judge.leak_min_tokens)
     g, v = result["gate"], result["confirmed"]
     stamp(f"gate calibrated: {g['schedule']}, θ {g['threshold']:.2f}, τ {g['tau']}; validation: "
-          f"over-refusal {100 * v['over_refusal']:.1f}%, ASR (not refused or leaked) direct "
+          f"over-refusal {100 * v['over_refusal']:.1f}% (with the model's own refusals "
+          f"{100 * v['over_refusal_any']:.1f}%), ASR (not refused or leaked) direct "
           f"{100 * v['asr_direct']:.1f}%, prefilled {100 * v['asr_prefill']:.1f}%")
   if data["validation_source"]:
     v = validation_report.run(workdir, fl.eval_config.max_new_tokens,

@@ -146,6 +146,22 @@ def test_the_objective_prefers_refusing_before_the_harm():
   assert blind[0]["detection"] == blind[1]["detection"] == 1.0
 
 
+def test_over_refusal_any_adds_the_models_own_refusals():
+  """``over_refusal`` counts the gate's insertions (the budget's measure); ``over_refusal_any``
+  adds the benign prompts whose own text refuses: at θ 1 only those, at θ 0 every prompt."""
+  n = 8
+  probs = np.full((n, 11), 0.2)
+  probs[:2, 0] = 0.9                        # two benign prompts flagged at the first step
+  lengths = np.full(n, 10)
+  benign = [dataclasses.replace(t, own_refusal=i in (1, 5, 6))
+            for i, t in enumerate(_traces(probs, lengths, "every"))]
+  traces = {"every": dict(benign=benign, direct=_traces(np.full((n, 11), 0.95), lengths,
+                                                        "every"))}
+  rows = calibrate.candidates(traces, ["every"], [1], thresholds=[0.0, 0.5, 1.0])
+  assert [(r["over_refusal"], r["over_refusal_any"]) for r in rows] == [
+      (1.0, 1.0), (2 / 8, 4 / 8), (0.0, 3 / 8)]  # prompt 1 is flagged and refuses itself
+
+
 # ---------------------------------------------------------------------- through a workdir
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -191,8 +207,9 @@ def test_calibration_round_trips_through_the_workdir(workdir, calibrated):
   assert calibrated["data"]["n_malicious"] == len(MALICIOUS)
   assert calibrated["data"]["files"] == [str(workdir / calibrate.DEFAULT_DATA)]
   assert calibrated["budget_met"] and calibrated["confirmed"]["over_refusal"] <= 0.2
-  assert set(calibrated["confirmed"]) == {"over_refusal", "refused_direct", "refused_prefill",
-                                          "asr_direct", "asr_prefill"}
+  assert set(calibrated["confirmed"]) == {"over_refusal", "over_refusal_any", "refused_direct",
+                                          "refused_prefill", "asr_direct", "asr_prefill"}
+  assert calibrated["confirmed"]["over_refusal_any"] >= calibrated["confirmed"]["over_refusal"]
   assert calibrated["settings"]["refusals"] == "harmbench"
   assert calibrated["settings"]["leak_min_tokens"] == 8
 
