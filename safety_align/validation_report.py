@@ -1,6 +1,6 @@
 """A trained recipe's figures on its validation data: what the recipe's ablations compare.
 
-  python -m safety_align.validation_report --workdir=DIR   # writes DIR/validation_report.json
+  python -m safety_align.validation_report --workdir=DIR [--baselines]  # DIR/validation_report.json
 
 Reads no test source. ``make demo-real`` writes two validation files under ``DIR/data``:
 ``validation.jsonl``, seeded fractions of the train sources (in-distribution; the gate is
@@ -18,9 +18,11 @@ figures, each with its 95% interval:
   and on its everyday ones (every other benign source): the share refused, by the gate's
   insertion or by a refusal string in the model's own text (``benchmarks.everyday_refusal``).
 
-With ``--probe``, ``probe.auroc`` holds the same two AUROCs of the frozen-source logistic probe
-(the evaluation's ``probe`` baseline, trained on the workdir's SFT records over its imported
-source into ``DIR/validation_probe``): the floor the first classification must beat.
+With ``--baselines``: ``probe``, the same two AUROCs of the frozen-source logistic probe (the
+evaluation's ``probe`` baseline, trained on the workdir's SFT records over its imported source
+into ``DIR/validation_probe``), the floor the first classification must beat; and ``source``,
+the ``gate`` and ``over_refusal`` figures of the imported source itself, no defence (its own
+refusals only).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import safety_align as sa
 from safety_align import calibrate, console
 from safety_align.attacks import judges
 from safety_align.data import edgy_safe
+from safety_align.decode import GateConfig
 from safety_align.eval import benchmarks, competitors
 from safety_align.eval import config as eval_config
 from safety_align.stats import auroc, auroc_interval, wilson
@@ -73,17 +76,16 @@ def auroc_figures(classify: Callable[[list[str]], np.ndarray], in_distribution: 
   return out
 
 
-def report(model, in_distribution: Sequence[dict], held_out_source: Sequence[dict], *,
-           max_new_tokens: int, prefill: str = calibrate.COMPLIANT_PREFIX,
-           refusals: str = calibrate.DEFAULT_REFUSALS,
-           leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS) -> dict:
-  """The module doc's figures of ``model`` (its gate as loaded) on the two validation sets
-  (records ``{"prompt", "label", "source"}``)."""
-  out = dict(auroc=auroc_figures(model.classify, in_distribution, held_out_source))
+def decoded_figures(model, gate: GateConfig, in_distribution: Sequence[dict],
+                    held_out_source: Sequence[dict], *, max_new_tokens: int,
+                    prefill: str = calibrate.COMPLIANT_PREFIX,
+                    refusals: str = calibrate.DEFAULT_REFUSALS,
+                    leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS) -> dict:
+  """``{"gate", "over_refusal"}`` (module doc) of ``model`` decoding under ``gate`` (schedule
+  ``off``: a model without [CLS], judged by its own text)."""
+  out = {}
   benign = [r for r in (*in_distribution, *held_out_source) if r["label"] == 0]
   held_harmful = [r for r in held_out_source if r["label"] == 1]
-
-  gate = model.gate_defaults
   strings = judges.refusal_strings(refusals)
   prompts = [r["prompt"] for r in held_harmful]
   decoded = calibrate.confirm(model, dict(direct=(prompts, ""), prefill=(prompts, prefill)),
@@ -104,6 +106,16 @@ def report(model, in_distribution: Sequence[dict], held_out_source: Sequence[dic
     out["over_refusal"][name] = dict(rate=refused["over_refusal"],
                                      ci=refused["over_refusal_ci"], n=refused["n"],
                                      inserted=refused["inserted"])
+  return out
+
+
+def report(model, in_distribution: Sequence[dict], held_out_source: Sequence[dict],
+           **kwargs) -> dict:
+  """The module doc's figures of ``model`` (its gate as loaded) on the two validation sets
+  (records ``{"prompt", "label", "source"}``); ``kwargs``: ``decoded_figures``'."""
+  out = dict(auroc=auroc_figures(model.classify, in_distribution, held_out_source))
+  out.update(decoded_figures(model, model.gate_defaults, in_distribution, held_out_source,
+                             **kwargs))
   out["data"] = dict(in_distribution=calibrate.data_summary(in_distribution, ())["by_source"],
                      held_out_source=calibrate.data_summary(held_out_source, ())["by_source"])
   return out
@@ -128,23 +140,27 @@ def write(workdir: str, figures: dict) -> str:
   return path
 
 
-def probe_auroc(workdir: str, in_distribution: Sequence[dict],
-                held_out_source: Sequence[dict]) -> dict:
-  """``auroc_figures`` of the frozen-source probe (module doc) and its layer."""
+def baselines(workdir: str, in_distribution: Sequence[dict], held_out_source: Sequence[dict],
+              **kwargs) -> dict:
+  """``{"probe": {"auroc", "layer"}, "source": decoded_figures}``: the frozen-source probe's
+  AUROCs and the imported source's own figures, no defence (module doc)."""
   cfg = eval_config.load("real")
   built = competitors.build(["probe"], cfg, os.path.join(workdir, "import"),
                             competitors.training_records(workdir, cfg),
                             os.path.join(workdir, "validation_probe"),
                             gate=eval_config.gate_config(cfg), log=logging.info)
   probe = built["probe"][0]
-  return dict(auroc=auroc_figures(probe.classify, in_distribution, held_out_source),
-              layer=int(probe.probe.layer))
+  return dict(probe=dict(auroc=auroc_figures(probe.classify, in_distribution, held_out_source),
+                         layer=int(probe.probe.layer)),
+              source=decoded_figures(probe.source, GateConfig(schedule="off"), in_distribution,
+                                     held_out_source, **kwargs))
 
 
 def run(workdir: str, max_new_tokens: int, refusals: str = calibrate.DEFAULT_REFUSALS,
-        leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS, probe: bool = False) -> dict:
-  """``report`` of ``sa.load(workdir)`` on its two validation files (and with ``probe``,
-  ``probe_auroc``), written to ``FILE``."""
+        leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS, with_baselines: bool = False
+        ) -> dict:
+  """``report`` of ``sa.load(workdir)`` on its two validation files (and with
+  ``with_baselines``, ``baselines``), written to ``FILE``."""
   files = [os.path.join(workdir, calibrate.DEFAULT_DATA), os.path.join(workdir, SOURCE_DATA)]
   for path in files:
     if not os.path.exists(path):
@@ -152,11 +168,11 @@ def run(workdir: str, max_new_tokens: int, refusals: str = calibrate.DEFAULT_REF
                               f"--workdir={workdir} --validation_sources=...`, which writes it.")
   in_distribution = calibrate.validation_records(files[:1], workdir)
   held_out_source = calibrate.validation_records(files[1:], workdir, both_labels=False)
-  figures = report(sa.load(workdir), in_distribution, held_out_source,
-                   max_new_tokens=max_new_tokens, refusals=refusals,
-                   leak_min_tokens=leak_min_tokens)
-  if probe:
-    figures["probe"] = probe_auroc(workdir, in_distribution, held_out_source)
+  settings = dict(max_new_tokens=max_new_tokens, refusals=refusals,
+                  leak_min_tokens=leak_min_tokens)
+  figures = report(sa.load(workdir), in_distribution, held_out_source, **settings)
+  if with_baselines:
+    figures.update(baselines(workdir, in_distribution, held_out_source, **settings))
   write(workdir, figures)
   return figures
 
@@ -165,7 +181,7 @@ def main(argv):
   del argv
   console.configure()
   f = flags.FLAGS
-  figures = run(f.workdir, f.max_new_tokens, f.refusals, f.leak_min_tokens, f.probe)
+  figures = run(f.workdir, f.max_new_tokens, f.refusals, f.leak_min_tokens, f.baselines)
   print(json.dumps(figures, indent=2))
 
 
@@ -176,6 +192,7 @@ if __name__ == "__main__":
                     "Refusal strings of the judge.")
   flags.DEFINE_integer("leak_min_tokens", judges.DEFAULT_LEAK_MIN_TOKENS, "Model-written tokens "
                        "before an insertion that make it a leak.")
-  flags.DEFINE_bool("probe", False, "Also the frozen-source probe's AUROCs (module doc).")
+  flags.DEFINE_bool("baselines", False, "Also the frozen-source probe's AUROCs and the source "
+                    "model's own figures (module doc).")
   flags.mark_flag_as_required("workdir")
   app.run(main)

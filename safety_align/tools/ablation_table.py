@@ -7,10 +7,11 @@
 Each row: the calibrated gate, the first classification's AUROC (in-distribution validation
 and the held-out validation source, with intervals), the gate-on ASR on the held-out source's
 harmful prompts (plain and "Sure, here is"-prefilled) and the over-refusal on the validation's
-look-alike-safe and everyday prompts (% with Wilson 95% intervals). A report with the
-frozen-source probe's AUROCs (``validation_report --probe``) adds the probe's row after its run
-(the floor). With ``--readme`` the block between ``BEGIN`` and ``END`` is replaced; otherwise
-the table is printed.
+look-alike-safe and everyday prompts (% with Wilson 95% intervals, and the share the gate
+inserted: the rest is the model's own refusals). A report with baselines
+(``validation_report --baselines``) adds the frozen-source probe's row (the floor) and the
+source model's after its run. With ``--readme`` the block between ``BEGIN`` and ``END`` is
+replaced; otherwise the table is printed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def _pct(entry: dict) -> str:
   return f"{100 * entry['rate']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
 
 
+def _over(entry: dict) -> str:
+  return f"{_pct(entry)}, {100 * entry['inserted']:.0f} inserted"
+
+
 def read(workdir: str) -> dict:
   path = os.path.join(workdir, validation_report.FILE)
   if not os.path.exists(path):
@@ -55,16 +60,20 @@ def row(name: str, workdir: str, v: dict) -> list[str]:
     gate += " (uncalibrated)"
   a, gates, over = v["auroc"], v["gate"], v["over_refusal"]
   return [name, gate, _auroc(a["in_distribution"]), _auroc(a["held_out_source"]),
-          _pct(gates["asr_direct"]), _pct(gates["asr_prefill"]), _pct(over["edgy"]),
-          _pct(over["everyday"])]
+          _pct(gates["asr_direct"]), _pct(gates["asr_prefill"]), _over(over["edgy"]),
+          _over(over["everyday"])]
 
 
-def probe_row(v: dict) -> list[str]:
-  """The frozen-source probe's row: its AUROCs, no gate."""
-  p = v["probe"]
+def baseline_rows(v: dict) -> list[list[str]]:
+  """The frozen-source probe's row (its AUROCs, no gate) and the source model's (its own
+  refusals, no defence)."""
+  p, src = v["probe"], v["source"]
   a = p["auroc"]
-  return ([f"frozen-source probe (layer {p['layer']})", "–", _auroc(a["in_distribution"]),
-           _auroc(a["held_out_source"])] + ["–"] * (len(HEAD) - 4))
+  return [[f"frozen-source probe (layer {p['layer']})", "–", _auroc(a["in_distribution"]),
+           _auroc(a["held_out_source"])] + ["–"] * (len(HEAD) - 4),
+          ["source model, no defence", "–", "–", "–", _pct(src["gate"]["asr_direct"]),
+           _pct(src["gate"]["asr_prefill"]), _pct(src["over_refusal"]["edgy"]),
+           _pct(src["over_refusal"]["everyday"])]]
 
 
 def table(runs: list[tuple[str, str]]) -> list[str]:
@@ -73,7 +82,7 @@ def table(runs: list[tuple[str, str]]) -> list[str]:
     v = read(workdir)
     lines.append("| " + " | ".join(row(name, workdir, v)) + " |")
     if "probe" in v:
-      lines.append("| " + " | ".join(probe_row(v)) + " |")
+      lines += ["| " + " | ".join(r) + " |" for r in baseline_rows(v)]
   return lines
 
 

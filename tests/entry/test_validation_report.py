@@ -13,6 +13,7 @@ import safety_align as sa
 from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 from safety_align import calibrate, checkpoint, validation_report
 from safety_align.attacks import judges
+from safety_align.decode import GateConfig
 from safety_align.defences import probe as probe_lib
 from safety_align.stats import auroc, auroc_interval
 
@@ -61,7 +62,8 @@ def test_each_figure_reads_its_prompts(workdir):
   rows = HELD[:4] + [r for r in IN_DIST + HELD if r["label"] == 0]
   expect = auroc(model.classify([r["prompt"] for r in rows]),
                  np.array([r["label"] for r in rows]))
-  assert held["auroc"] == pytest.approx(expect) and (held["n_malicious"], held["n_benign"]) == (4, 6)
+  assert held["auroc"] == pytest.approx(expect)
+  assert (held["n_malicious"], held["n_benign"]) == (4, 6)
   assert held["auroc_ci"] == pytest.approx(auroc_interval(expect, 4, 6))
 
   gate = model.gate_defaults
@@ -168,9 +170,10 @@ def test_auroc_figures_pair_the_held_out_harmful_with_every_benign_prompt():
   assert held["auroc"] == pytest.approx(22 / 24) and held["n_benign"] == 6
 
 
-def test_probe_floor_is_the_evaluations_probe(workdir):
-  """``probe_auroc`` trains the evaluation's ``probe`` baseline over the workdir's imported
-  source (here the run's own demo-corpus records) and scores both validation sets with it."""
+def test_baselines_are_the_evaluations_probe_and_the_source(workdir):
+  """``baselines`` trains the evaluation's ``probe`` baseline over the workdir's imported
+  source (here the run's own demo-corpus records) and scores both validation sets with it, and
+  decodes the source itself with no gate (its own refusals only)."""
   imported = workdir / "import"
   imported.mkdir(exist_ok=True)
   cfg = tiny_model_config(vocab_size=320)
@@ -179,7 +182,8 @@ def test_probe_floor_is_the_evaluations_probe(workdir):
   (imported / "tokenizer.json").write_text((workdir / "tokenizer.json").read_text())
   checkpoint.save_params(str(imported), "import", tiny_params(cfg, 3), dict(step=0,
                                                                             phase="import"))
-  figures = validation_report.probe_auroc(str(workdir), IN_DIST, HELD)
+  figures = validation_report.baselines(str(workdir), IN_DIST, HELD, max_new_tokens=4)
+  source_figures, figures = figures["source"], figures["probe"]
   saved = probe_lib.Probe.load(
       str(workdir / "validation_probe" / "probe" / probe_lib.PROBE_FILE))
   assert figures["layer"] == saved.layer == int(np.argmax(saved.val_auroc))
@@ -188,8 +192,14 @@ def test_probe_floor_is_the_evaluations_probe(workdir):
                                           IN_DIST, HELD)
   assert figures["auroc"] == again
   assert figures["auroc"]["held_out_source"]["n_benign"] == 6
-  # ``run(probe=True)`` stores it beside the report; the ablation table adds its row.
+  assert source_figures == validation_report.decoded_figures(
+      source, GateConfig(schedule="off"), IN_DIST, HELD, max_new_tokens=4)
+  assert source_figures["over_refusal"]["edgy"]["inserted"] == 0.0
+  assert source_figures["gate"]["refused_direct"]["rate"] == 0.0
+  # ``run(with_baselines=True)`` stores them beside the report; the table adds their rows.
   from safety_align.tools import ablation_table
-  assert validation_report.run(str(workdir), max_new_tokens=4, probe=True)["probe"] == figures
+  stored = validation_report.run(str(workdir), max_new_tokens=4, with_baselines=True)
+  assert (stored["probe"], stored["source"]) == (figures, source_figures)
   lines = ablation_table.table([("recipe", str(workdir))])
-  assert len(lines) == 4 and lines[3].startswith(f"| frozen-source probe (layer {saved.layer}) |")
+  assert len(lines) == 5 and lines[3].startswith(f"| frozen-source probe (layer {saved.layer}) |")
+  assert lines[4].startswith("| source model, no defence | – |")
