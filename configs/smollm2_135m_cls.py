@@ -9,8 +9,8 @@ are the ablation's alternatives: the trainable set (``top10``, the default: laye
 ``top20``: layers 10-29; ``full``: every parameter), λ2 (``lambda0.1``, ``lambda0.3``,
 ``lambda3``; default 1; λ_w stays 0.1), ``whole_windows`` (a harmful response's window
 rows all 1, its compliant opening sentence included: the recipe before issue 25) and
-``untrained_prefix`` (the refusals' opening "Sorry, I cannot fulfill your request because" is
-no LM target); ``demo`` is ``make demo``'s shorter run of it.
+``trained_prefix`` (the refusals' opening "Sorry, I cannot fulfill your request because" an
+LM target as well); ``demo`` is ``make demo``'s shorter run of it.
 
   python -m safety_align.train --config=configs/smollm2_135m_cls.py:top20:runs/smollm2/import \\
       --workdir=runs/smollm2_top20 --config.data.data_dir=runs/smollm2/data
@@ -27,10 +27,9 @@ VARIANTS = {
     "lambda0.3": dict(cls_weight=0.3),
     "lambda3": dict(cls_weight=3.0),
     "whole_windows": dict(harmful_opener=""),
-    # The gate's refusal prefix is no LM target in the refusals (data/encoding.encode_sft):
-    # the model learns the reason after it, not to write it unprompted.
-    "untrained_prefix": dict(untrained_refusal_prefix="Sorry, I cannot fulfill your request "
-                                                      "because"),
+    # The refusals' prefix an LM target too: the model wrote it unprompted on safe prompts
+    # (the recipe before the validation ablations).
+    "trained_prefix": dict(untrained_refusal_prefix=""),
     # make demo: the same recipe for fewer steps on its smaller data (demo_real --preset=demo).
     "demo": dict(steps=28, warmup_steps=4),
 }
@@ -68,6 +67,11 @@ def get_config(arg=None):
       window_augmentation=True,
       window=10,
       harmful_opener="Sure, here is",
+      # The gate inserts the refusal prefix; the refusals teach the reason that follows it
+      # (an LM target) but not the prefix itself (data/encoding.encode_sft). Trained on it, the
+      # model wrote "Sorry, I cannot fulfill your request because I am not a human." unprompted
+      # on 40% of the edgy-safe validation prompts (README, ablations).
+      untrained_refusal_prefix="Sorry, I cannot fulfill your request because",
       # The top 10 of 30 layers, the [CLS] embedding and head: weights below layer 20 stay
       # frozen (their gates closed); the trainable [CLS] embedding makes the backward pass
       # carry activation gradients down to layer 0.

@@ -17,16 +17,21 @@ shift || true
 python=${PYTHON:-.venv/bin/python}
 export SAFETY_ALIGN_WHEELS=${SAFETY_ALIGN_WHEELS:-$HOME/.cache/safety_align/wheels}
 
+# Each variant's flags beside the recipe (configs/smollm2_135m_cls.py's default). The
+# trained_prefix rows are the recipe before the ablations (the refusals' prefix an LM target)
+# and what was measured beside it.
 declare -A FLAGS=(
   [recipe]=""
   [seed1]="--train_seed=1"
-  [untrained_prefix]="--train_variant=untrained_prefix"
+  [trained_prefix]="--train_variant=trained_prefix"
+  [trained_prefix_seed1]="--train_variant=trained_prefix --train_seed=1"
+  [trained_prefix_top20]="--train_variant=trained_prefix+top20"
   [top20]="--train_variant=top20"
   [benign1000]="--n_benign=1000"
   [lambda0.3]="--train_variant=lambda0.3"
   [full]="--train_variant=full"
 )
-ORDER=(recipe seed1 untrained_prefix top20 benign1000 lambda0.3 full)
+ORDER=(recipe seed1 trained_prefix trained_prefix_seed1 trained_prefix_top20 benign1000)
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=("${ORDER[@]}")
 
@@ -46,4 +51,6 @@ for v in "${variants[@]}"; do
       --calibration_schedules=annealing ${FLAGS[$v]}
   runs="$runs${runs:+,}$v=$wd"
 done
+# The frozen-source probe and the source model beside the recipe (the first variant).
+"$python" -m safety_align.validation_report --workdir="$root/${variants[0]}" --baselines >/dev/null
 "$python" -m safety_align.tools.ablation_table --runs="$runs"

@@ -28,8 +28,9 @@ IMPORT = "IMPORT_DIR"  # stands for the import directory the test makes
 # mean, losses.py); the 7B base trains with ``model.attention="blockwise"``; llama2_7b_cls's
 # checkpoint/log intervals count optimiser steps (50 and 1, were 450 and 9 micro-steps);
 # smollm2_135m_cls trains its [CLS] embedding too and labels a harmful continuation's window
-# rows by span (sft.harmful_opener, issue 25). A config change updates the digest here and
-# says why.
+# rows by span (sft.harmful_opener, issue 25) and trains no LM target over the refusals'
+# prefix (sft.untrained_refusal_prefix: the validation ablations). A config change updates the
+# digest here and says why.
 PINNED = {
     ("tiny", ""): "10d62ee0d10f4da84caad16d04e137fc69f97ea87c735bfedcb4419bcff8cce5",
     ("tiny", "smoke"): "aff27e0541f8729bdc825db7ce94f280f3b5cf067d2da12d6308433f25942a62",
@@ -44,7 +45,7 @@ PINNED = {
     ("finetune_imported", IMPORT):
         "fcd4bfad428c65703f36a96e7a02395a7242410da3a7dc1ad7f707867f69f404",
     ("smollm2_135m_cls", IMPORT):
-        "6c32c420ee43f52de693c30514c08e82372ebcfe47f86a2fc7b660982367faae",
+        "25b685b72013fce275e3d817dbbe686d4fc802aa08e2ea07d55adcf5e88fa5cf",
 }
 
 
@@ -139,20 +140,20 @@ def test_smollm2_variants(import_dir):
   base = load("smollm2_135m_cls", import_dir)
   assert base.sft.trainable == r"^(cls_embed|cls_head|layer_2[0-9])(/|$)"
   assert base.init_from == import_dir and base.sft.harmful_opener == "Sure, here is"
+  assert base.sft.untrained_refusal_prefix == GateConfig().refusal_prefix
   changed = {}
-  for variant in ("top20", "full", "lambda0.3", "whole_windows", "untrained_prefix",
+  for variant in ("top20", "full", "lambda0.3", "whole_windows", "trained_prefix",
                   "top20+lambda0.1"):
     c = load("smollm2_135m_cls", f"{variant}:{import_dir}")
     assert c.init_from == import_dir
-    changed[variant] = {k: v for k, v in c.sft.items() if base.sft.get(k) != v}
+    changed[variant] = {k: v for k, v in c.sft.items() if base.sft[k] != v}
     assert {k: v for k, v in c.items() if k != "sft"} == {
         k: v for k, v in base.items() if k != "sft"}
   assert changed == {
       "top20": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)"),
       "full": dict(trainable=""), "lambda0.3": dict(cls_weight=0.3),
       "whole_windows": dict(harmful_opener=""),
-      "untrained_prefix": dict(
-          untrained_refusal_prefix=GateConfig().refusal_prefix),
+      "trained_prefix": dict(untrained_refusal_prefix=""),
       "top20+lambda0.1": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)",
                               cls_weight=0.1)}
   assert smollm2_135m_cls.parse_arg("top20") == (["top20"], "runs/smollm2/import")
