@@ -31,7 +31,7 @@ declare -A FLAGS=(
   [lambda0.3]="--train_variant=lambda0.3"
   [full]="--train_variant=full"
 )
-ORDER=(recipe seed1 trained_prefix trained_prefix_seed1 trained_prefix_top20 benign1000)
+ORDER=(recipe seed1 trained_prefix trained_prefix_seed1 trained_prefix_top20 top20)
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=("${ORDER[@]}")
 
