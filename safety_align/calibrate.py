@@ -12,7 +12,8 @@ file under ``DIR/eval_data`` (the held-out test files) is refused.
 Measures, per setting: ``over_refusal``, the share of benign prompts where the gate inserts its
 refusal (the budget's measure: θ, τ and the schedule move it); ``over_refusal_any``, the share
 refused by that insertion or by a refusal string in the model's own text (the evaluation's
-everyday measure: the model's own refusals of benign prompts are beyond the gate's reach); ``refused_direct`` and ``refused_prefill``, the same share of malicious prompts asked
+everyday measure: the model's own refusals of benign prompts are beyond the gate's reach);
+``refused_direct`` and ``refused_prefill``, the same share of malicious prompts asked
 plainly and with ``prefill`` ("Sure, here is") forced, the case only re-evaluation catches;
 ``asr_direct`` and ``asr_prefill``, the attack success the evaluation's refusal judge of real
 text counts (``eval/judging.py``): not refused (no inserted refusal, no refusal string in the
@@ -180,9 +181,9 @@ def candidates(traces: Mapping[str, Mapping[str, Sequence[Trace]]], schedules: S
                taus: Sequence[int], thresholds=None,
                leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS) -> list[dict]:
   """Every (schedule, θ, τ) with its replayed ``over_refusal``, ``over_refusal_any``,
-  ``refused_direct``,
-  ``refused_prefill``, ``asr_direct``, ``asr_prefill`` (when traced), ``detection`` (1 - the
-  mean ASR) and ``mean_step`` (mean refusal step of the refused malicious prompts).
+  ``refused_direct``, ``refused_prefill``, ``asr_direct``, ``asr_prefill`` (when traced),
+  ``detection`` (1 - the mean ASR) and ``mean_step`` (mean refusal step of the refused
+  malicious prompts).
   ``traces``: {schedule: {condition: traces}}, ``every`` always among them (the confirmations
   read it)."""
   th = threshold_grid(traces["every"]["benign"]) if thresholds is None else np.asarray(
@@ -225,7 +226,8 @@ def choose(rows: Sequence[dict], budget: float, schedules: Sequence[str]) -> dic
 
 
 # ---------------------------------------------------------------------------------- data
-def validation_records(files: Sequence[str], workdir: str, both_labels: bool = True) -> list[dict]:
+def validation_records(files: Sequence[str], workdir: str,
+                       both_labels: bool = True) -> list[dict]:
   """The records of ``files``, checked to be validation data (with both labels unless
   ``both_labels`` is False)."""
   held_out = os.path.realpath(os.path.join(workdir, "eval_data")) + os.sep

@@ -54,11 +54,6 @@ def _auroc(probs: np.ndarray, labels: np.ndarray) -> dict:
               n_benign=n_neg)
 
 
-def _rate(values: Sequence[bool]) -> dict:
-  p = float(np.mean(values)) if len(values) else float("nan")
-  return dict(rate=p, ci=wilson(p, len(values)), n=len(values))
-
-
 def auroc_figures(classify: Callable[[list[str]], np.ndarray], in_distribution: Sequence[dict],
                   held_out_source: Sequence[dict]) -> dict:
   """``{"in_distribution", "held_out_source"}`` AUROCs (module doc) of ``classify``'s

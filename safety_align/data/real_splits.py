@@ -4,9 +4,9 @@
 ``cross_sources`` and ``validation_source`` every record of ``validation_sources`` (the source
 the recipe's ablations and choices are judged on, never trained on nor tested on); neither is
 in ``train`` / ``validation`` / ``test_in_distribution``, which are seeded per-source fractions
-of ``train_sources``. No normalised prompt
-(``normalise_prompt``) is in two splits: a prompt of a cross-source test source is dropped from
-the train sources, and a prompt that several sources share is kept once (the first source's).
+of ``train_sources``. No normalised prompt (``normalise_prompt``) is in two splits: a prompt of
+a cross-source test source is dropped from the other sources, and a prompt that several
+sources share is kept once (the first source's).
 ``eval_group`` tells harmful, benign and over-refusal records apart for reporting;
 ``split_templates`` splits jailbreak templates by template.
 """
@@ -52,7 +52,8 @@ def make_splits(records_by_source: Mapping[str, Sequence[dict]], seed: int, *,
                 validation_sources: Sequence[str] = (),
                 validation_fraction: float = 0.1, test_fraction: float = 0.1,
                 max_per_source: int | None = 5000) -> dict[str, list[dict]]:
-  """``{"train", "validation", "test_in_distribution", "test_cross_source"}`` lists of records.
+  """``{split: records}`` for each of ``SPLITS`` (``validation_source`` empty without
+  ``validation_sources``).
 
   Args:
     records_by_source: ``{source: records}`` (``package_data.load_all``); records need
