@@ -29,8 +29,8 @@ import numpy as np
 
 from safety_align.api import GateConfig
 from safety_align.attacks.judges import opens_with_refusal
-from safety_align.data import (augment, edgy_safe, multi_turn, package_data, real_splits,
-                               response_cache)
+from safety_align.data import (augment, edgy_safe, json_files, multi_turn, package_data,
+                               real_splits, response_cache)
 from safety_align.eval import utility as eval_utility
 
 REFUSAL_PREFIX = GateConfig().refusal_prefix
@@ -205,10 +205,7 @@ def round_robin(records: Sequence[dict], key: str) -> list[dict]:
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(path + ".tmp", path)
+  json_files.write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def eval_data(source: Answers, data: dict, workdir: str, seed: int,

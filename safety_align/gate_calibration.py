@@ -15,6 +15,7 @@ import os
 
 from absl import logging
 
+from safety_align.data import json_files
 from safety_align.decode import GateConfig
 
 FILE = "calibration.json"
@@ -29,10 +30,7 @@ def path(workdir: str) -> str:
 
 
 def write(workdir: str, calibration: dict) -> None:
-  target = path(workdir)
-  with open(target + ".tmp", "w") as f:
-    json.dump(calibration, f, indent=2)
-  os.replace(target + ".tmp", target)
+  json_files.write_json(path(workdir), calibration, indent=2)
 
 
 def read(workdir: str) -> dict | None:

@@ -16,6 +16,8 @@ import os
 import zipfile
 from typing import Mapping, Sequence
 
+from safety_align.data import json_files
+
 CARD_FILE = "MODEL_CARD.md"
 LIMITS = (
     "English only: every training and test prompt is English.",
@@ -138,7 +140,5 @@ def render(workdir: str, *, source: Mapping[str, str], sources: Sequence[Mapping
 def write(workdir: str, **kwargs) -> str:
   """Write ``render(workdir, **kwargs)`` to ``workdir/MODEL_CARD.md`` atomically; its path."""
   path = os.path.join(workdir, CARD_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write(render(workdir, **kwargs))
-  os.replace(path + ".tmp", path)
+  json_files.write_atomic(path, render(workdir, **kwargs))
   return path

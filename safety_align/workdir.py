@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 
 from safety_align import checkpoint
 from safety_align import sharding
+from safety_align.data import json_files
 from safety_align.model import ModelConfig, init_params
 
 CONFIG_FILE = "config.json"
@@ -48,10 +49,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Write the run config as JSON, atomically."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(tmp, path)
+  json_files.write_atomic(path, config.to_json_best_effort(indent=2))
 
 
 def write_import(out: str, model_config: ModelConfig, params, tokenizer, chat_template: str,

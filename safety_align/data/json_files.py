@@ -1,8 +1,10 @@
-"""Reading users' JSON and JSONL files, with errors that name the file and line."""
+"""Reading users' JSON and JSONL files, with errors that name the file and line, and writing
+the project's own files atomically (a reader or a killed run never sees half a file)."""
 
 from __future__ import annotations
 
 import json
+import os
 
 
 def iter_jsonl(path: str, expected: str = ""):
@@ -53,3 +55,16 @@ def read_json_list(path: str, what: str = "objects") -> list:
   if not isinstance(items, list):
     raise ValueError(f"{path}: expected a JSON list of {what}, got {type(items).__name__}.")
   return items
+
+
+def write_atomic(path: str, data: str | bytes) -> None:
+  """Write ``data`` (text as UTF-8, or bytes) to ``path`` through ``path.tmp`` and a rename."""
+  tmp = path + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(data.encode("utf-8") if isinstance(data, str) else data)
+  os.replace(tmp, path)
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+  """``json.dumps(obj, **dump_kwargs)`` to ``path``, atomically (``write_atomic``)."""
+  write_atomic(path, json.dumps(obj, **dump_kwargs))

@@ -22,6 +22,7 @@ import numpy as np
 
 from safety_align import calls
 from safety_align.api import SCHEDULES, GateConfig, check_arg, load
+from safety_align.data import json_files
 
 SETTINGS_FILE = "settings.json"
 
@@ -145,9 +146,7 @@ def check_settings(folder: str, settings: dict) -> None:
                        "differ): give the baseline another folder, or delete this one.")
     return
   os.makedirs(folder, exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(settings, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  json_files.write_json(path, settings, indent=2, sort_keys=True)
 
 
 def load_source(source, **kwargs):

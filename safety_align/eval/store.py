@@ -14,6 +14,7 @@ import os
 from typing import Any, Callable
 
 from safety_align import checkpoint, workdir
+from safety_align.data import json_files
 
 
 def key(payload) -> str:
@@ -40,10 +41,7 @@ class ResultStore:
       self.log(f"{name}: stored ({self.path(name)})")
       return saved["data"]
     data = compute()
-    tmp = self.path(name) + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump({"key": key(payload), "name": name, "data": data}, f)
-    os.replace(tmp, self.path(name))
+    json_files.write_json(self.path(name), {"key": key(payload), "name": name, "data": data})
     return data
 
   def _load(self, name: str) -> dict:
