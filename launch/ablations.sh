@@ -29,6 +29,7 @@ declare -A FLAGS=(
   [top20]="--train_variant=top20"
   [benign1000]="--n_benign=1000"
   [lambda0.3]="--train_variant=lambda0.3"
+  [lambda3]="--train_variant=lambda3"
   [full]="--train_variant=full"
 )
 ORDER=(recipe seed1 trained_prefix trained_prefix_seed1 trained_prefix_top20 top20)

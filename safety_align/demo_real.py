@@ -66,7 +66,8 @@ PRESETS = {
     "full": dict(eval_config=""),
     "demo": dict(n_benign=96, n_harmful=48, n_edgy=48, n_query_templates=30, n_jailbreak=30,
                  max_new_tokens=40, reason_tokens=24, train_variant="demo",
-                 calibration_schedules="annealing", eval_template_chars=900,
+                 calibration_schedules="annealing", validation_utility=0,
+                 eval_template_chars=900,
                  eval_classifier_prompts=256, eval_config="demo"),
 }
 
@@ -105,6 +106,9 @@ def _define_flags(fl: flags.FlagValues = flags.FLAGS) -> None:
                     "out of training whole: the recipe's choices and ablations are judged on "
                     "them (validation_report.py; WORKDIR/data/validation_source.jsonl), never "
                     "trained, calibrated or tested on.", flag_values=fl)
+  flags.DEFINE_integer("validation_utility", 20, "Multiple-choice questions a benchmark task "
+                       "in the validation report, none in the evaluation's subsets; 0: none.",
+                       flag_values=fl)
   flags.DEFINE_integer("n_edgy", 200, "Edgy-but-safe prompts (data/edgy_safe.py), a source "
                        "split like the others; 0: none.", flag_values=fl)
   flags.DEFINE_float("style", 0.3, "Fraction of each label's training records added in a style "
@@ -332,7 +336,8 @@ def main(argv):
           f"{100 * v['asr_direct']:.1f}%, prefilled {100 * v['asr_prefill']:.1f}%")
   if data["validation_source"]:
     v = validation_report.run(workdir, fl.eval_config.max_new_tokens,
-                              fl.eval_config.judge.refusals, fl.eval_config.judge.leak_min_tokens)
+                              fl.eval_config.judge.refusals, fl.eval_config.judge.leak_min_tokens,
+                              n_utility=fl.validation_utility)
     stamp(f"validation report ({validation_report.FILE}): " + validation_report.summary(v))
   if fl.evaluate:  # the only step that reads test prompts
     model = sa.load(workdir, calibrated=flags.FLAGS.gate_budget >= 0)

@@ -16,13 +16,18 @@ figures, each with its 95% interval:
   (not refused, or leaked: ``calibrate.confirm``'s judge, the evaluation's);
 * ``over_refusal``: the same gate on the validation's look-alike-safe prompts (``edgy_safe``)
   and on its everyday ones (every other benign source): the share refused, by the gate's
-  insertion or by a refusal string in the model's own text (``benchmarks.everyday_refusal``).
+  insertion or by a refusal string in the model's own text (``benchmarks.everyday_refusal``);
+* ``utility``: the multiple-choice accuracy (``acc``, summed log-probability; ``acc_norm`` per
+  character) over ``n_utility`` questions of each of the evaluation's tasks (``benchmarks``:
+  ten OLMES tasks and MMLU), none of them in the evaluation's subsets (its ``real`` and
+  ``real:demo`` presets' sizes; ``real:full`` scores every question), as the evaluation scores
+  them (teacher-forced, gate off).
 
 With ``--baselines``: ``probe``, the same two AUROCs of the frozen-source logistic probe (the
 evaluation's ``probe`` baseline, trained on the workdir's SFT records over its imported source
 into ``DIR/validation_probe``), the floor the first classification must beat; and ``source``,
-the ``gate`` and ``over_refusal`` figures of the imported source itself, no defence (its own
-refusals only).
+the ``gate``, ``over_refusal`` and ``utility`` figures of the imported source itself, no
+defence (its own refusals only).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import numpy as np
 import safety_align as sa
 from safety_align import calibrate, console
 from safety_align.attacks import judges
-from safety_align.data import edgy_safe
+from safety_align.data import edgy_safe, json_files
 from safety_align.decode import GateConfig
 from safety_align.eval import benchmarks, competitors
 from safety_align.eval import config as eval_config
@@ -45,6 +50,7 @@ from safety_align.stats import auroc, auroc_interval, wilson
 
 FILE = "validation_report.json"
 SOURCE_DATA = "data/validation_source.jsonl"
+BENCHMARK_DIR = "eval/benchmarks"  # the evaluation's folder of the benchmark files
 
 
 def _auroc(probs: np.ndarray, labels: np.ndarray) -> dict:
@@ -104,13 +110,36 @@ def decoded_figures(model, gate: GateConfig, in_distribution: Sequence[dict],
   return out
 
 
+def utility_figures(model, data_dir: str, n: int) -> dict:
+  """``{"tasks": {task: {"acc", "acc_norm", "n"}}, "mc_average": {"acc", "acc_norm", "ci",
+  "n"}}`` of ``model`` on ``n`` questions a task outside the evaluation's subsets (module
+  doc); ``ci``: the Wilson interval of ``acc`` over every question (equal ``n`` a task)."""
+  cfg = eval_config.load("real")
+  test_sizes = sorted({c.benchmarks.n for c in (cfg, eval_config.load("real", "demo"))} - {0})
+  tasks = benchmarks.task_names(cfg.benchmarks)
+  benchmarks.prepare(data_dir, tasks, ifbench=False)
+  per_task, correct = {}, []
+  for task in tasks:
+    questions = benchmarks.read_questions(benchmarks.task_file(data_dir, task), n, test_sizes)
+    choices = benchmarks.mc_choices(model, questions, chat=cfg.benchmarks.chat,
+                                    batch_size=cfg.benchmarks.batch_size)
+    per_task[task] = benchmarks.mc_summary(choices)
+    correct += choices["acc"]
+  average = {m: float(np.mean([per_task[t][m] for t in tasks])) for m in ("acc", "acc_norm")}
+  return dict(tasks=per_task, mc_average=dict(average, ci=wilson(float(np.mean(correct)),
+                                                                 len(correct)), n=len(correct)))
+
+
 def report(model, in_distribution: Sequence[dict], held_out_source: Sequence[dict],
-           **kwargs) -> dict:
+           benchmark_dir: str = "", n_utility: int = 0, **kwargs) -> dict:
   """The module doc's figures of ``model`` (its gate as loaded) on the two validation sets
-  (records ``{"prompt", "label", "source"}``); ``kwargs``: ``decoded_figures``'."""
+  (records ``{"prompt", "label", "source"}``) and ``n_utility`` questions a benchmark task
+  (files in ``benchmark_dir``; 0: no utility figures); ``kwargs``: ``decoded_figures``'."""
   out = dict(auroc=auroc_figures(model.classify, in_distribution, held_out_source))
   out.update(decoded_figures(model, model.gate_defaults, in_distribution, held_out_source,
                              **kwargs))
+  if n_utility:
+    out["utility"] = utility_figures(model, benchmark_dir, n_utility)
   out["data"] = dict(in_distribution=calibrate.data_summary(in_distribution, ())["by_source"],
                      held_out_source=calibrate.data_summary(held_out_source, ())["by_source"])
   return out
@@ -123,39 +152,42 @@ def summary(figures: dict) -> str:
           f"{a['held_out_source']['auroc']:.3f}; held-out source ASR direct "
           f"{100 * g['asr_direct']['rate']:.1f}%, prefilled {100 * g['asr_prefill']['rate']:.1f}%; "
           f"over-refusal edgy {100 * o['edgy']['rate']:.1f}%, everyday "
-          f"{100 * o['everyday']['rate']:.1f}%")
+          f"{100 * o['everyday']['rate']:.1f}%" + (
+              f"; MC average acc {100 * figures['utility']['mc_average']['acc']:.1f}%"
+              if "utility" in figures else ""))
 
 
 def write(workdir: str, figures: dict) -> str:
   path = os.path.join(workdir, FILE)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(figures, f, indent=2)
-  os.replace(tmp, path)
+  json_files.write_json(path, figures, indent=2)
   return path
 
 
 def baselines(workdir: str, in_distribution: Sequence[dict], held_out_source: Sequence[dict],
-              **kwargs) -> dict:
-  """``{"probe": {"auroc", "layer"}, "source": decoded_figures}``: the frozen-source probe's
-  AUROCs and the imported source's own figures, no defence (module doc)."""
+              benchmark_dir: str = "", n_utility: int = 0, **kwargs) -> dict:
+  """``{"probe": {"auroc", "layer"}, "source": decoded_figures (+ "utility")}``: the
+  frozen-source probe's AUROCs and the imported source's own figures, no defence (module
+  doc)."""
   cfg = eval_config.load("real")
   built = competitors.build(["probe"], cfg, os.path.join(workdir, "import"),
                             competitors.training_records(workdir, cfg),
                             os.path.join(workdir, "validation_probe"),
                             gate=eval_config.gate_config(cfg), log=logging.info)
   probe = built["probe"][0]
+  source = decoded_figures(probe.source, GateConfig(schedule="off"), in_distribution,
+                           held_out_source, **kwargs)
+  if n_utility:
+    source["utility"] = utility_figures(probe.source, benchmark_dir, n_utility)
   return dict(probe=dict(auroc=auroc_figures(probe.classify, in_distribution, held_out_source),
-                         layer=int(probe.probe.layer)),
-              source=decoded_figures(probe.source, GateConfig(schedule="off"), in_distribution,
-                                     held_out_source, **kwargs))
+                         layer=int(probe.probe.layer)), source=source)
 
 
 def run(workdir: str, max_new_tokens: int, refusals: str = calibrate.DEFAULT_REFUSALS,
-        leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS, with_baselines: bool = False
-        ) -> dict:
-  """``report`` of ``sa.load(workdir)`` on its two validation files (and with
-  ``with_baselines``, ``baselines``), written to ``FILE``."""
+        leak_min_tokens: int = judges.DEFAULT_LEAK_MIN_TOKENS, with_baselines: bool = False,
+        n_utility: int = 0) -> dict:
+  """``report`` of ``sa.load(workdir)`` on its two validation files and ``n_utility``
+  questions a benchmark task (and with ``with_baselines``, ``baselines``), written to
+  ``FILE``."""
   files = [os.path.join(workdir, calibrate.DEFAULT_DATA), os.path.join(workdir, SOURCE_DATA)]
   for path in files:
     if not os.path.exists(path):
@@ -164,7 +196,8 @@ def run(workdir: str, max_new_tokens: int, refusals: str = calibrate.DEFAULT_REF
   in_distribution = calibrate.validation_records(files[:1], workdir)
   held_out_source = calibrate.validation_records(files[1:], workdir, both_labels=False)
   settings = dict(max_new_tokens=max_new_tokens, refusals=refusals,
-                  leak_min_tokens=leak_min_tokens)
+                  leak_min_tokens=leak_min_tokens, n_utility=n_utility,
+                  benchmark_dir=os.path.join(workdir, BENCHMARK_DIR))
   figures = report(sa.load(workdir), in_distribution, held_out_source, **settings)
   if with_baselines:
     figures.update(baselines(workdir, in_distribution, held_out_source, **settings))
@@ -176,7 +209,8 @@ def main(argv):
   del argv
   console.configure()
   f = flags.FLAGS
-  figures = run(f.workdir, f.max_new_tokens, f.refusals, f.leak_min_tokens, f.baselines)
+  figures = run(f.workdir, f.max_new_tokens, f.refusals, f.leak_min_tokens, f.baselines,
+                f.n_utility)
   print(json.dumps(figures, indent=2))
 
 
@@ -189,5 +223,7 @@ if __name__ == "__main__":
                        "before an insertion that make it a leak.")
   flags.DEFINE_bool("baselines", False, "Also the frozen-source probe's AUROCs and the source "
                     "model's own figures (module doc).")
+  flags.DEFINE_integer("n_utility", 20, "Multiple-choice questions a benchmark task, none in "
+                       "the evaluation's subsets (0: no utility figures).")
   flags.mark_flag_as_required("workdir")
   app.run(main)

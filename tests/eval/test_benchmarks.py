@@ -83,6 +83,24 @@ def test_requests_grouped_by_doc_unconditional_rows_dropped(tmp_path):
     benchmarks.read_questions(str(path))
 
 
+def test_validation_questions_share_none_with_the_test_subsets(tmp_path):
+  """``exclude``: the questions of the given subset sizes are left out before the ``n`` are
+  drawn (the validation report's utility never scores an evaluation question)."""
+  path = tmp_path / "arc_easy.jsonl.gz"
+  many = [(f"Question: {i} plus one?\nAnswer:", [f" {i + 1}", f" {i + 2}"], 0)
+          for i in range(150)]
+  write_requests(path, requests_rows(many))
+  test_docs = {q["doc_id"] for k in (32, 100) for q in benchmarks.read_questions(str(path), k)}
+  picked = benchmarks.read_questions(str(path), 20, exclude=(32, 100))
+  ids = [q["doc_id"] for q in picked]
+  assert len(set(ids)) == 20 and not set(ids) & test_docs
+  assert picked == benchmarks.read_questions(str(path), 20, exclude=(32, 100))
+  rest = benchmarks.read_questions(str(path), 0, exclude=(32, 100))
+  assert {q["doc_id"] for q in rest} == set(range(150)) - test_docs
+  with pytest.raises(ValueError, match="every question is in the excluded"):
+    benchmarks.read_questions(str(path), 5, exclude=(0,))
+
+
 class Scripted:
   """A scorer with fixed log-probabilities per continuation (the model stand-in of this
   test); it checks it is asked for every choice of every question, in order."""
