@@ -34,6 +34,9 @@ def get_config(arg=None):
   c.seed = 0
   c.init_from = arg
   c.init_phase = "import"
+  # "": [CLS] starts as the import's embedding (the importer's content-free mean); a token
+  # (e.g. the template's end of turn) starts it as that token's embedding row.
+  c.init_cls_embed = ""
   c.use_cls = True
   # The context the source supports (RoPE; its max_position_embeddings): what sa.load serves,
   # however short the training rows (data.seq_len). 0: unknown (seq_len is served).

@@ -10,7 +10,8 @@ are the ablation's alternatives: the trainable set (``top10``, the default: laye
 ``lambda3``; default 1; λ_w stays 0.1), ``whole_windows`` (a harmful response's window
 rows all 1, its compliant opening sentence included: the recipe before issue 25) and
 ``trained_prefix`` (the refusals' opening "Sorry, I cannot fulfill your request because" an
-LM target as well); ``demo`` is ``make demo``'s shorter run of it.
+LM target as well) and ``eot_cls`` ([CLS] starts as the end-of-turn token's embedding,
+``init_cls_embed``); ``demo`` is ``make demo``'s shorter run of it.
 
   python -m safety_align.train --config=configs/smollm2_135m_cls.py:top20:runs/smollm2/import \\
       --workdir=runs/smollm2_top20 --config.data.data_dir=runs/smollm2/data
@@ -30,9 +31,14 @@ VARIANTS = {
     # The refusals' prefix an LM target too: the model wrote it unprompted on safe prompts
     # (the recipe before the validation ablations).
     "trained_prefix": dict(untrained_refusal_prefix=""),
+    # [CLS] starts as the embedding of the template's end of turn (the token whose state
+    # summarises the user's message) instead of the importer's content-free mean.
+    "eot_cls": dict(init_cls_embed="<|im_end|>"),
     # make demo: the same recipe for fewer steps on its smaller data (demo_real --preset=demo).
     "demo": dict(steps=28, warmup_steps=4),
 }
+
+TOP_LEVEL = ("init_cls_embed",)  # variant keys of the config itself (the rest: config.sft's)
 
 
 def parse_arg(arg):
@@ -78,7 +84,8 @@ def get_config(arg=None):
       **VARIANTS["top10"],
   )
   for v in variants:
-    c.sft.update(**VARIANTS[v])
+    for key, value in VARIANTS[v].items():
+      (c if key in TOP_LEVEL else c.sft)[key] = value
   c.checkpoint.update(every_steps=40, keep=1)
   c.log_every_steps = 5
   return c

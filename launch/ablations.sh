@@ -30,6 +30,7 @@ declare -A FLAGS=(
   [benign1000]="--n_benign=1000"
   [lambda0.3]="--train_variant=lambda0.3"
   [lambda3]="--train_variant=lambda3"
+  [eot_cls]="--train_variant=eot_cls"
   [full]="--train_variant=full"
 )
 ORDER=(recipe seed1 trained_prefix trained_prefix_seed1 trained_prefix_top20 top20)

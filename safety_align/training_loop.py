@@ -234,7 +234,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, stated: Iterable[str]
   mesh = sharding.make_mesh(dict(config.mesh))
   pipes = {phase: data_pipeline.make_pipeline(config, phase, tokenizer, model_cfg.cls_id,
                                               workdir) for phase in phases}
-  params = _initial_params(config, model_cfg)
+  params = _initial_params(config, model_cfg, tokenizer)
   log = MetricsLog(workdir)
   try:
     for phase in phases:
@@ -338,15 +338,26 @@ def with_init_architecture(config: ml_collections.ConfigDict,
   return config
 
 
-def _initial_params(config, model_cfg: ModelConfig):
-  """Params of ``config.init_from`` (an import_hf output or a workdir), or None (random)."""
+def _initial_params(config, model_cfg: ModelConfig, tokenizer):
+  """Params of ``config.init_from`` (an import_hf output or a workdir), or None (random).
+  With ``config.init_cls_embed`` (a token of ``tokenizer``), ``cls_embed`` starts as that
+  token's embedding row instead of the import's."""
   if not config.init_from:
     return None
   loaded = workdir_lib.load_for_inference(config.init_from, config.get("init_phase", ""))
   checkpoint.check_compatible(loaded.model_config.architecture(), model_cfg.architecture(),
                               init_from=config.init_from)
   progress(f"init_from {config.init_from}: phase {loaded.phase}, step {loaded.step}")
-  return jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype), loaded.params)
+  params = jax.tree.map(lambda x: x.astype(model_cfg.weight_dtype), loaded.params)
+  token = config.get("init_cls_embed", "")
+  if token:
+    ids = tokenizer.encode(token, parse_special=True)
+    if len(ids) != 1:
+      raise ValueError(f"config.init_cls_embed={token!r} is {len(ids)} tokens of the "
+                       "tokenizer, expected one (e.g. the chat template's end-of-turn token).")
+    params = dict(params, cls_embed=params["embed"][ids[0]])
+    progress(f"init_cls_embed: [CLS] starts as the embedding of {token!r} (id {ids[0]})")
+  return params
 
 
 def _check_saved_config(workdir: str, config, model_cfg: ModelConfig) -> None:

@@ -29,8 +29,9 @@ IMPORT = "IMPORT_DIR"  # stands for the import directory the test makes
 # checkpoint/log intervals count optimiser steps (50 and 1, were 450 and 9 micro-steps);
 # smollm2_135m_cls trains its [CLS] embedding too and labels a harmful continuation's window
 # rows by span (sft.harmful_opener, issue 25) and trains no LM target over the refusals'
-# prefix (sft.untrained_refusal_prefix: the validation ablations). A config change updates the
-# digest here and says why.
+# prefix (sft.untrained_refusal_prefix: the validation ablations); finetune_imported (and so
+# smollm2_135m_cls) gains init_cls_embed ("": the import's [CLS] embedding, as before). A
+# config change updates the digest here and says why.
 PINNED = {
     ("tiny", ""): "10d62ee0d10f4da84caad16d04e137fc69f97ea87c735bfedcb4419bcff8cce5",
     ("tiny", "smoke"): "aff27e0541f8729bdc825db7ce94f280f3b5cf067d2da12d6308433f25942a62",
@@ -43,9 +44,9 @@ PINNED = {
     ("mistral_7b_instruct_cls", "v0.1"):
         "60a13a2390026a9cb529084437ae8a4ebb662c978d2f924a9899ea02ce900fa1",
     ("finetune_imported", IMPORT):
-        "fcd4bfad428c65703f36a96e7a02395a7242410da3a7dc1ad7f707867f69f404",
+        "cc62c456bdd2639ee3d376f9f78a23f5f1b62b97694192c59757c04967fff5d0",
     ("smollm2_135m_cls", IMPORT):
-        "25b685b72013fce275e3d817dbbe686d4fc802aa08e2ea07d55adcf5e88fa5cf",
+        "9fbffacc4aaf39d3dc065676704e92c35be91bb439a830e6e0a8f9d64f9136cd",
 }
 
 
