@@ -5,10 +5,11 @@ model, METHOD.md sec. 4) at a size a 2-core CPU trains in minutes (``make demo-r
 ``convert import_gguf`` output (default ``runs/smollm2/import``). ``make demo-real``
 (``safety_align/demo_real.py``) writes it, the SFT records (``<workdir>/data/sft.jsonl``) and
 this run's workdir. The README gives the measured effect of each choice below. ``VARIANTS``
-are the ablation's alternatives: the trainable set (``top10``, the default: layers 20-29;
-``top20``: layers 10-29; ``full``: every parameter), λ2 (``lambda0.1``, ``lambda0.3``,
+are the ablation's alternatives: the trainable set (``full``, the default: every parameter;
+``top10``: layers 20-29, the recipe before the validation ablations; ``top20``: layers
+10-29), λ2 (``lambda0.1``, ``lambda0.3``,
 ``lambda3``; default 1; λ_w stays 0.1), ``whole_windows`` (a harmful response's window
-rows all 1, its compliant opening sentence included: the recipe before issue 25) and
+rows all 1, its compliant opening sentence included: the recipe before issue 25),
 ``trained_prefix`` (the refusals' opening "Sorry, I cannot fulfill your request because" an
 LM target as well) and ``eot_cls`` ([CLS] starts as the end-of-turn token's embedding,
 ``init_cls_embed``); ``demo`` is ``make demo``'s shorter run of it.
@@ -78,10 +79,11 @@ def get_config(arg=None):
       # model wrote "Sorry, I cannot fulfill your request because I am not a human." unprompted
       # on 40% of the edgy-safe validation prompts (README, ablations).
       untrained_refusal_prefix="Sorry, I cannot fulfill your request because",
-      # The top 10 of 30 layers, the [CLS] embedding and head: weights below layer 20 stay
-      # frozen (their gates closed); the trainable [CLS] embedding makes the backward pass
-      # carry activation gradients down to layer 0.
-      **VARIANTS["top10"],
+      # Every parameter: on the held-out validation source, full fine-tuning ranked [CLS]
+      # at AUROC 0.982-0.990 (two seeds) against 0.963-0.969 for the top 10 layers, and the
+      # calibrated gate let 10.9% of direct requests through against 19.6-30.4%, for ~1.4x
+      # the training time (README, ablations).
+      **VARIANTS["full"],
   )
   for v in variants:
     for key, value in VARIANTS[v].items():

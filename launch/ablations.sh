@@ -17,23 +17,28 @@ shift || true
 python=${PYTHON:-.venv/bin/python}
 export SAFETY_ALIGN_WHEELS=${SAFETY_ALIGN_WHEELS:-$HOME/.cache/safety_align/wheels}
 
-# Each variant's flags beside the recipe (configs/smollm2_135m_cls.py's default). The
-# trained_prefix rows are the recipe before the ablations (the refusals' prefix an LM target)
-# and what was measured beside it.
+# Each variant's flags beside the recipe (configs/smollm2_135m_cls.py's default: every
+# parameter trained). The top10 rows are the recipe before full fine-tuning (layers 20-29 and
+# the [CLS] parameters) and what was measured beside it; the trained_prefix rows the recipe
+# before that (the refusals' prefix an LM target).
 declare -A FLAGS=(
   [recipe]=""
   [seed1]="--train_seed=1"
-  [trained_prefix]="--train_variant=trained_prefix"
-  [trained_prefix_seed1]="--train_variant=trained_prefix --train_seed=1"
-  [trained_prefix_top20]="--train_variant=trained_prefix+top20"
+  [top10]="--train_variant=top10"
+  [top10_seed1]="--train_variant=top10 --train_seed=1"
   [top20]="--train_variant=top20"
-  [benign1000]="--n_benign=1000"
+  [top10_lambda0.3]="--train_variant=top10+lambda0.3"
+  [top10_eot_cls]="--train_variant=top10+eot_cls"
+  [trained_prefix]="--train_variant=top10+trained_prefix"
+  [trained_prefix_seed1]="--train_variant=top10+trained_prefix --train_seed=1"
+  [trained_prefix_top20]="--train_variant=trained_prefix+top20"
   [lambda0.3]="--train_variant=lambda0.3"
   [lambda3]="--train_variant=lambda3"
   [eot_cls]="--train_variant=eot_cls"
-  [full]="--train_variant=full"
+  [benign1000]="--n_benign=1000"
 )
-ORDER=(recipe seed1 trained_prefix trained_prefix_seed1 trained_prefix_top20 top20)
+ORDER=(recipe seed1 top10 top10_seed1 top20 top10_lambda0.3 top10_eot_cls trained_prefix
+       trained_prefix_seed1 trained_prefix_top20)
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=("${ORDER[@]}")
 

@@ -30,7 +30,8 @@ IMPORT = "IMPORT_DIR"  # stands for the import directory the test makes
 # smollm2_135m_cls trains its [CLS] embedding too and labels a harmful continuation's window
 # rows by span (sft.harmful_opener, issue 25) and trains no LM target over the refusals'
 # prefix (sft.untrained_refusal_prefix: the validation ablations); finetune_imported (and so
-# smollm2_135m_cls) gains init_cls_embed ("": the import's [CLS] embedding, as before). A
+# smollm2_135m_cls) gains init_cls_embed ("": the import's [CLS] embedding, as before), and
+# smollm2_135m_cls trains every parameter (sft.trainable "": the validation ablations). A
 # config change updates the digest here and says why.
 PINNED = {
     ("tiny", ""): "10d62ee0d10f4da84caad16d04e137fc69f97ea87c735bfedcb4419bcff8cce5",
@@ -46,7 +47,7 @@ PINNED = {
     ("finetune_imported", IMPORT):
         "cc62c456bdd2639ee3d376f9f78a23f5f1b62b97694192c59757c04967fff5d0",
     ("smollm2_135m_cls", IMPORT):
-        "9fbffacc4aaf39d3dc065676704e92c35be91bb439a830e6e0a8f9d64f9136cd",
+        "ffe35ff020a8748cf26c3a450908fb7a08cad6062dd1020acbc79d7c4d172677",
 }
 
 
@@ -139,11 +140,11 @@ def test_smollm2_variants(import_dir):
   """``configs/smollm2_135m_cls.py:VARIANT[+VARIANT][:DIR]``: the ablation's trainable sets,
   λ2 values and whole-response window labels, each changing only its own fields."""
   base = load("smollm2_135m_cls", import_dir)
-  assert base.sft.trainable == r"^(cls_embed|cls_head|layer_2[0-9])(/|$)"
+  assert base.sft.trainable == ""  # every parameter
   assert base.init_from == import_dir and base.sft.harmful_opener == "Sure, here is"
   assert base.sft.untrained_refusal_prefix == GateConfig().refusal_prefix
   changed = {}
-  for variant in ("top20", "full", "lambda0.3", "whole_windows", "trained_prefix",
+  for variant in ("top10", "top20", "lambda0.3", "whole_windows", "trained_prefix",
                   "top20+lambda0.1"):
     c = load("smollm2_135m_cls", f"{variant}:{import_dir}")
     assert c.init_from == import_dir
@@ -152,11 +153,15 @@ def test_smollm2_variants(import_dir):
         k: v for k, v in base.items() if k != "sft"}
   assert changed == {
       "top20": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)"),
-      "full": dict(trainable=""), "lambda0.3": dict(cls_weight=0.3),
+      "top10": dict(trainable=r"^(cls_embed|cls_head|layer_2[0-9])(/|$)"),
+      "lambda0.3": dict(cls_weight=0.3),
       "whole_windows": dict(harmful_opener=""),
       "trained_prefix": dict(untrained_refusal_prefix=""),
       "top20+lambda0.1": dict(trainable=r"^(cls_embed|cls_head|layer_[12][0-9])(/|$)",
                               cls_weight=0.1)}
+  eot = load("smollm2_135m_cls", f"eot_cls:{import_dir}")  # a key of the config itself
+  assert (eot.init_cls_embed, base.init_cls_embed) == ("<|im_end|>", "")
+  assert eot.sft.to_dict() == base.sft.to_dict()
   assert smollm2_135m_cls.parse_arg("top20") == (["top20"], "runs/smollm2/import")
   assert smollm2_135m_cls.parse_arg("some/dir") == ([], "some/dir")
   cfg = tiny_model_config(n_layers=30, scan_layers=False)
