@@ -9,7 +9,8 @@ and the held-out validation source, with intervals), the gate-on ASR on the held
 harmful prompts (plain and "Sure, here is"-prefilled) and the over-refusal on the validation's
 look-alike-safe and everyday prompts (% with Wilson 95% intervals, and the share the gate
 inserted: the rest is the model's own refusals), and the multiple-choice utility (``acc``
-averaged over the benchmark tasks, "–" where the report has none). A report with baselines
+averaged over the benchmark tasks, "–" where the report has none). Intervals are rounded
+outwards. A report with baselines
 (``validation_report --baselines``) adds the frozen-source probe's row (the floor) and the
 source model's after its run. With ``--readme`` the block between ``BEGIN`` and ``END`` is
 replaced; otherwise the table is printed.
@@ -18,6 +19,7 @@ replaced; otherwise the table is printed.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from absl import app, flags
@@ -30,14 +32,20 @@ HEAD = ["variant", "gate", "AUROC in-dist.", "AUROC held-out source", "ASR direc
         "ASR prefilled", "over-refusal edgy", "over-refusal everyday", "MC accuracy"]
 
 
+def _interval(lo: float, hi: float, scale: float) -> str:
+  """``[lo, hi]`` at ``scale`` steps, rounded outwards (never shown narrower than it is)."""
+  digits = max(0, round(-math.log10(scale)))
+  return (f"[{math.floor(lo / scale + 1e-9) * scale:.{digits}f}, "
+          f"{math.ceil(hi / scale - 1e-9) * scale:.{digits}f}]")
+
+
 def _auroc(entry: dict) -> str:
-  lo, hi = entry["auroc_ci"]
-  return f"{entry['auroc']:.3f} [{lo:.2f}, {hi:.2f}]"
+  return f"{entry['auroc']:.3f} {_interval(*entry['auroc_ci'], 0.01)}"
 
 
 def _pct(entry: dict) -> str:
   lo, hi = entry["ci"]
-  return f"{100 * entry['rate']:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+  return f"{100 * entry['rate']:.1f} {_interval(100 * lo, 100 * hi, 1)}"
 
 
 def _over(entry: dict) -> str:

@@ -150,6 +150,9 @@ def test_ablation_table_rows_are_the_reports(workdir):
   assert cells[0] == "recipe" and cells[1].endswith("(uncalibrated)")
   assert cells[3].startswith(f"{held['auroc']:.3f} [")
   assert cells[4].startswith(f"{100 * figures['gate']['asr_direct']['rate']:.1f} [")
+  # Intervals rounded outwards: never shown narrower than they are.
+  assert ablation_table._auroc(dict(auroc=0.999, auroc_ci=[0.9962, 1.0])) == "0.999 [0.99, 1.00]"
+  assert ablation_table._pct(dict(rate=0.196, ci=[0.1069, 0.3311])) == "19.6 [10, 34]"
   text = f"a\n{ablation_table.BEGIN}\nold\n{ablation_table.END}\nb"
   assert ablation_table.replace_block(text, ["new"]) == (
       f"a\n{ablation_table.BEGIN}\nnew\n{ablation_table.END}\nb")
