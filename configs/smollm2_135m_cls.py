@@ -18,28 +18,26 @@ LM target as well) and ``eot_cls`` ([CLS] starts as the end-of-turn token's embe
       --workdir=runs/smollm2_top20 --config.data.data_dir=runs/smollm2/data
 """
 
-from safety_align.config_lib import check_variant, sibling_config
+from safety_align.config_lib import check_variant, set_paths, sibling_config
 
 _CLS = "cls_embed|cls_head"  # the [CLS] embedding and head (each layer's gate: its layer)
-VARIANTS = {
-    "top10": dict(trainable=rf"^({_CLS}|layer_2[0-9])(/|$)"),
-    "top20": dict(trainable=rf"^({_CLS}|layer_[12][0-9])(/|$)"),
-    "full": dict(trainable=""),
-    "lambda0.1": dict(cls_weight=0.1),
-    "lambda0.3": dict(cls_weight=0.3),
-    "lambda3": dict(cls_weight=3.0),
-    "whole_windows": dict(harmful_opener=""),
+VARIANTS = {  # dotted paths into the config
+    "top10": {"sft.trainable": rf"^({_CLS}|layer_2[0-9])(/|$)"},
+    "top20": {"sft.trainable": rf"^({_CLS}|layer_[12][0-9])(/|$)"},
+    "full": {"sft.trainable": ""},
+    "lambda0.1": {"sft.cls_weight": 0.1},
+    "lambda0.3": {"sft.cls_weight": 0.3},
+    "lambda3": {"sft.cls_weight": 3.0},
+    "whole_windows": {"sft.harmful_opener": ""},
     # The refusals' prefix an LM target too: the model wrote it unprompted on safe prompts
     # (the recipe before the validation ablations).
-    "trained_prefix": dict(untrained_refusal_prefix=""),
+    "trained_prefix": {"sft.untrained_refusal_prefix": ""},
     # [CLS] starts as the embedding of the template's end of turn (the token whose state
     # summarises the user's message) instead of the importer's content-free mean.
-    "eot_cls": dict(init_cls_embed="<|im_end|>"),
+    "eot_cls": {"init_cls_embed": "<|im_end|>"},
     # make demo: the same recipe for fewer steps on its smaller data (demo_real --preset=demo).
-    "demo": dict(steps=28, warmup_steps=4),
+    "demo": {"sft.steps": 28, "sft.warmup_steps": 4},
 }
-
-TOP_LEVEL = ("init_cls_embed",)  # variant keys of the config itself (the rest: config.sft's)
 
 
 def parse_arg(arg):
@@ -83,11 +81,10 @@ def get_config(arg=None):
       # at AUROC 0.982-0.990 (two seeds) against 0.963-0.969 for the top 10 layers, and the
       # calibrated gate let 10.9% of direct requests through against 19.6-30.4%, for ~1.4x
       # the training time (README, ablations).
-      **VARIANTS["full"],
+      trainable="",
   )
   for v in variants:
-    for key, value in VARIANTS[v].items():
-      (c if key in TOP_LEVEL else c.sft)[key] = value
+    set_paths(c, VARIANTS[v])
   c.checkpoint.update(every_steps=40, keep=1)
   c.log_every_steps = 5
   return c

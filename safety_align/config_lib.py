@@ -80,6 +80,20 @@ def sibling_config(config_file: str, name: str, arg: str | None = None
   return module.get_config(arg)
 
 
+def set_paths(config: ml_collections.ConfigDict, values: dict[str, object]) -> None:
+  """Set each dotted ``"section.key"`` of ``values`` in ``config``; a clear error for a path
+  that names no existing key (a variant's typo must not add a silent new field)."""
+  for path, value in values.items():
+    *parents, key = path.split(".")
+    node = config
+    for part in parents:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+      raise KeyError(f"{path!r} is not a key of the config; the keys of its section: "
+                     f"{sorted(node) if isinstance(node, ml_collections.ConfigDict) else []}.")
+    node[key] = value
+
+
 def names(s: str) -> list[str]:
   """The items of a comma-separated list field, stripped, empty ones dropped."""
   return [x.strip() for x in str(s).split(",") if x.strip()]

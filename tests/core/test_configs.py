@@ -134,6 +134,12 @@ def test_phase_config_and_sibling_config(tmp_path):
       load("tiny", "smoke").to_dict())
   with pytest.raises(FileNotFoundError, match="nope.py not found.*builds on it"):
     config_lib.sibling_config(str(tmp_path / "mine.py"), "nope")
+  tiny = load("tiny", "smoke")
+  config_lib.set_paths(tiny, {"sft.steps": 7, "seed": 3})  # the smollm2 variants' form
+  assert (tiny.sft.steps, tiny.seed) == (7, 3)
+  for typo in ("sft.stepz", "sfft.steps", "seed.x"):  # a variant's typo adds no silent field
+    with pytest.raises(KeyError, match="is not a key of the config"):
+      config_lib.set_paths(tiny, {typo: 1})
 
 
 def test_smollm2_variants(import_dir):
