@@ -159,6 +159,11 @@ def category_lines(results: dict) -> list[str]:
               "benign prompts): " + "; ".join(
                   f"{s} {x['auroc']:.3f} ({x['n_malicious']} vs {x['n_benign']})"
                   for s, x in c["by_source"].items()) + "."]
+  if c.get("by_harmful_source"):
+    lines += ["", "First-classification AUROC of each source's harmful prompts against every "
+              "benign prompt: " + "; ".join(
+                  f"{s} {x['auroc']:.3f} ({x['n_malicious']} vs {x['n_benign']})"
+                  for s, x in c["by_harmful_source"].items()) + "."]
   return lines
 
 

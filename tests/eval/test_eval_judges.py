@@ -253,6 +253,10 @@ def test_breakdown_by_category(tmp_path):
   assert by["by_category"]["a/harm"] == dict(flagged=0.5, n=2, label=1)
   assert by["by_category"]["a/safe"] == dict(flagged=0.5, n=2, label=0)
   assert by["by_source"] == {"a": dict(auroc=0.5, n_malicious=2, n_benign=2)}  # b: one label
+  # Each source's harmful prompts against every benign one: a 0.9, 0.2 vs 0.6, 0.4 -> 0.5;
+  # b 0.7 vs 0.6, 0.4 -> 1.0.
+  assert by["by_harmful_source"] == {"a": dict(auroc=0.5, n_malicious=2, n_benign=2),
+                                     "b": dict(auroc=1.0, n_malicious=1, n_benign=2)}
   for name, rows in {"malicious.jsonl": [dict(prompt="x", harmful_response="", source="agent",
                                               category="harmful")],
                      "benign.jsonl": [dict(prompt="y", source="rho")],
