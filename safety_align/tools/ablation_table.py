@@ -102,16 +102,17 @@ def table(runs: list[tuple[str, str]]) -> list[str]:
   return lines
 
 
-def parse_runs(spec: str) -> list[tuple[str, str]]:
-  """``"name=workdir,name=workdir"`` as pairs."""
+def parse_runs(spec: str, flag: str = "--runs", what: str = "WORKDIR"
+               ) -> list[tuple[str, str]]:
+  """``"name=workdir,name=workdir"`` as pairs (``flag``, ``what``: for the error)."""
   runs = []
   for item in filter(None, spec.split(",")):
     name, sep, workdir = item.partition("=")
     if not sep or not name or not workdir:
-      raise ValueError(f"--runs item {item!r}: expected NAME=WORKDIR.")
+      raise ValueError(f"{flag} item {item!r}: expected NAME={what}.")
     runs.append((name, workdir))
   if not runs:
-    raise ValueError("--runs names no run: expected NAME=WORKDIR[,NAME=WORKDIR...].")
+    raise ValueError(f"{flag} names no run: expected NAME={what}[,NAME={what}...].")
   return runs
 
 
