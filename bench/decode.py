@@ -276,6 +276,16 @@ def step_flops(cfg: ModelConfig, context: int) -> dict:
               ratio=(2 * layers + head) / (layers + head))
 
 
+def cls_matmul_overhead(evaluations: int, new_tokens: int, floor_ms: float,
+                        cls_floor_ms: float, loop_ms: float) -> float:
+  """The loop overhead a schedule's [CLS] rows cost in weight matmuls alone: its
+  ``evaluations`` after the prompt pass, each a step at ``cls_floor_ms`` instead of
+  ``floor_ms`` (``matmul_floor_s`` with and without the [CLS] rows), over the gate-off loop's
+  ``new_tokens - 1`` steps of ``loop_ms``. The measured loop overhead cannot fall below it
+  without a cheaper [CLS] forward."""
+  return evaluations * (cls_floor_ms - floor_ms) / ((new_tokens - 1) * loop_ms)
+
+
 def read_bandwidth(reps: int = 5, mib: int = 512) -> float:
   """Best bytes/s of a jitted reduction over an f32 array larger than any cache: the rate at
   which a decode step can stream weights that it reads once."""
@@ -293,11 +303,14 @@ def weight_bytes(cfg: ModelConfig) -> int:
   return 4 * (cfg.n_layers * per_layer + d * cfg.vocab_size)
 
 
-def matmul_floor_s(cfg: ModelConfig, batch: int, reps: int = 5, steps: int = 16) -> float:
+def matmul_floor_s(cfg: ModelConfig, batch: int, reps: int = 5, steps: int = 16,
+                   cls_rows: int = 0) -> float:
   """Seconds per decode step of the step's weight matmuls alone, at ``batch`` rows: every
   layer's q, k, v, o, gate, up and down projections (distinct random weights per layer, as
   the model reads them) and the LM head, chained in a jitted loop of ``steps`` steps. No
-  attention, norms, sampling or cache: the part of a step that XLA's matmul kernels bound."""
+  attention, norms, sampling or cache: the part of a step that XLA's matmul kernels bound.
+  ``cls_rows``: that many more rows through the layers but not the LM head (a step with the
+  gate's [CLS] rows, ``loop._token_cls_step``)."""
   d, hd, f = cfg.d_model, cfg.dim_per_head, cfg.d_ff
   shapes = [(d, cfg.n_heads * hd), (d, cfg.n_kv_heads * hd), (d, cfg.n_kv_heads * hd),
             (cfg.n_heads * hd, d), (d, f), (d, f), (f, d)]
@@ -313,10 +326,10 @@ def matmul_floor_s(cfg: ModelConfig, batch: int, reps: int = 5, steps: int = 16)
         q, k, v = x @ wq, x @ wk, x @ wv
         x = x + (q @ wo) * 1e-3 + ((x @ wg) * (x @ wu)) @ wd * 1e-3
         x = x + (k.sum() + v.sum()) * 1e-6
-      return x + (x @ head).max(-1, keepdims=True) * 1e-6
+      return x.at[:batch].add((x[:batch] @ head).max(-1, keepdims=True) * 1e-6)
     return jax.lax.fori_loop(0, steps, step, x)
 
-  x = jnp.ones((batch, d), jnp.float32)
+  x = jnp.ones((batch + cls_rows, d), jnp.float32)
   times = common.interleaved({"matmuls": lambda: run(layers, head, x).block_until_ready()},
                              reps)
   return times["matmuls"] / steps

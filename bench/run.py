@@ -140,6 +140,11 @@ def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, pref
   matmul_floor_ms = {f"{c['model']}_b{c['batch']}":
                      1e3 * decode.matmul_floor_s(cfgs[c["model"]], c["batch"]) for c in cases}
   progress(f"matmul floor ms per step: {matmul_floor_ms}")
+  cls_floor_ms = {}
+  if any(prefix + f"gate_overhead_{s}" in names for s in decode.SCHEDULES):
+    cls_floor_ms = {f"{c['model']}_b{c['batch']}": 1e3 * decode.matmul_floor_s(
+        cfgs[c["model"]], c["batch"], cls_rows=c["batch"]) for c in cases}
+    progress(f"matmul floor ms per step with the [CLS] rows: {cls_floor_ms}")
   out = {}
   for sched in decode.SCHEDULES:
     name = f"gate_overhead_{sched}"
@@ -174,7 +179,19 @@ def decode_entries(names, cases, cfgs, base_config, device, *, speed_model, pref
                     # model FLOPs of a token + [CLS] step over a token step: where decoding
                     # is compute-bound, `every` costs at least this ratio minus 1.
                     step_flops_ratio={f"{c['model']}_b{c['batch']}": c["step_flops"]["ratio"]
-                                      for c in cases if sched in c["times_s"]}),
+                                      for c in cases if sched in c["times_s"]},
+                    # the weight matmuls of a step with and without the [CLS] rows, and the
+                    # loop overhead the schedule's [CLS] steps cost in those matmuls alone
+                    # (decode.cls_matmul_overhead): the loop-only overhead's lower bound.
+                    matmul_floor_ms_per_step={k: matmul_floor_ms[k] for k in cls_floor_ms},
+                    cls_step_matmul_floor_ms=cls_floor_ms,
+                    overhead_loop_bound_cls_matmuls={
+                        k: decode.cls_matmul_overhead(
+                            c["evaluations_per_row"][sched] - 1, c["new_tokens"],
+                            matmul_floor_ms[k], cls_floor_ms[k],
+                            1e3 * c["loop_s_per_step"]["off"])
+                        for c in cases if sched in c["times_s"]
+                        for k in [f"{c['model']}_b{c['batch']}"]}),
         ratio=max(per_case.values()), target=TARGETS[name], higher_is_better=False,
         device=device)
   for name, ours in (("decode_vs_hf", "off"), ("decode_gate_on_vs_hf", "annealing")):
