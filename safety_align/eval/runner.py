@@ -17,6 +17,7 @@ import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from safety_align import console
@@ -81,12 +82,36 @@ class Suite:
                                       if schedules else [])
 
   def step(self, name: str, payload, compute: Callable[[], Any]):
-    """``store.get`` with progress lines around it."""
+    """``store.get`` with progress lines around it (and ``release_compiled`` first)."""
+    release_compiled(self.headline)
     stored = self.store.has(name, payload)
     self.progress.start(name)
     out = self.store.get(name, payload, compute)
     self.progress.finish(name, stored)
     return out
+
+
+def memory_maps() -> tuple[int, int]:
+  """(memory mappings this process holds, the kernel's limit); (0, 0) where /proc has
+  neither (not Linux)."""
+  try:
+    with open("/proc/sys/vm/max_map_count") as f:
+      limit = int(f.read())
+    with open("/proc/self/maps") as f:
+      return sum(1 for _ in f), limit
+  except (OSError, ValueError):
+    return 0, 0
+
+
+def release_compiled(log: Callable[[str], None]) -> None:
+  """Drop every compiled program once the process holds more than half the kernel's memory
+  mappings. Each program maps its own code: one evaluation of five models on real text
+  (prompt, prefill and batch buckets per model) reached the limit (65,530) after 1.7 h and died
+  in LLVM ("Cannot allocate memory"). The steps after recompile what they use."""
+  held, limit = memory_maps()
+  if limit and held > limit // 2:
+    jax.clear_caches()
+    log(f"released compiled programs ({held} of {limit} memory mappings held)")
 
 
 def make_suite(cfg, out_dir: str, items: Sequence[Item], benign: Sequence[str],

@@ -25,3 +25,23 @@ def test_bar_counts_the_planned_cost_and_stored_steps_leave_it(capsys):
   # prefill_5 came from the store: it costs nothing, so the bar ends at 150 of 150.
   assert "150/150" in err and "evaluation" in err
   assert progress._bar is None  # closed once every planned step finished
+
+
+def test_compiled_programs_are_released_past_half_the_mapping_limit(monkeypatch):
+  """A long evaluation drops its compiled programs once the process holds more than half the
+  kernel's memory mappings (each program maps its code; the limit ended a 1.7 h run), and
+  keeps them below that."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from safety_align.eval import runner  # pylint: disable=g-import-not-at-top
+  held, limit = runner.memory_maps()
+  assert 0 < held < limit  # this Linux machine's /proc
+  f = jax.jit(lambda x: x + 1)
+  f(1.0)
+  lines = []
+  monkeypatch.setattr(runner, "memory_maps", lambda: (500, 1000))
+  runner.release_compiled(lines.append)
+  assert f._cache_size() == 1 and not lines  # pylint: disable=protected-access
+  monkeypatch.setattr(runner, "memory_maps", lambda: (501, 1000))
+  runner.release_compiled(lines.append)
+  assert f._cache_size() == 0  # pylint: disable=protected-access
+  assert lines == ["released compiled programs (501 of 1000 memory mappings held)"]
