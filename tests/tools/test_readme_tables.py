@@ -79,6 +79,7 @@ def test_target_table_judges_the_mean_of_the_runs():
   b["classifier"] = dict(auroc=0.9512, by_harmful_source={"x": dict(auroc=0.95)},
                         by_category=a["classifier"]["by_category"])
   b["benign"]["over_refusal_gate_on"] = 0.0
+  del b["baselines"], b["source"]  # a run of the [CLS] model alone
   low = dict(arc_easy=dict(acc=0.0, acc_norm=0.0, n=4), mc_average=dict(acc=0.0, acc_norm=0.0))
   b["utility_benchmarks"] = low
   rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")
@@ -86,7 +87,7 @@ def test_target_table_judges_the_mean_of_the_runs():
           if line.startswith("| ")}
   assert rows["measure"] == ["measure", "target", "seed 0", "seed 1", "mean", "met (mean)"]
   assert rows["first-classification AUROC"][2:] == ["0.851", "0.951", "0.901", "**no**"]
-  # The probe ran in both (0.7771): 0.851 - 0.777 and 0.951 - 0.777.
+  # The probe (0.7771), evaluated with seed 0 only, is the floor of both.
   assert rows["AUROC minus the frozen-source probe's (floor)"][2:] == [
       "0.074", "0.174", "0.124", "yes"]
   assert rows["lowest per-harmful-source AUROC"][2:] == ["0.800", "0.950", "0.875", "yes"]
