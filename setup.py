@@ -48,6 +48,7 @@ setup(
         "test": [
             "jax[cpu]==0.10.2",
             "pytest>=8,<10",
+            "pytest-xdist>=3.5,<4",  # make test runs two workers (the suite's 15-minute bound)
             "torch==2.13.0",
             "transformers>=4.45,<6",
             "accelerate>=1.0,<2",  # transformers loads GGUF files with it
