@@ -147,10 +147,9 @@ def classifier_by_group(probs: np.ndarray, labels: np.ndarray, groups: Sequence[
                             n_benign=int((labels[m] == 0).sum()))
   benign = labels == 0
   by_harmful = {}
-  for src in sorted(set(sources[labels == 1])):
+  for src in sorted(set(sources[labels == 1])) if benign.any() else ():
     m = ((sources == src) & (labels == 1)) | benign
-    if benign.any():
-      by_harmful[src] = dict(auroc=auroc(probs[m], labels[m]),
-                             n_malicious=int((labels[m] == 1).sum()),
-                             n_benign=int(benign.sum()))
+    by_harmful[src] = dict(auroc=auroc(probs[m], labels[m]),
+                           n_malicious=int((labels[m] == 1).sum()),
+                           n_benign=int(benign.sum()))
   return dict(by_category=by_cat, by_source=by_source, by_harmful_source=by_harmful)

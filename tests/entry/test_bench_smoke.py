@@ -52,7 +52,6 @@ def test_gate_overhead_path_exact_lengths():
   # The [CLS] rows' matmul bound: annealing's 10 re-evaluations in a 64-token loop, each a
   # step at 36 ms instead of 25 ms, over 63 gate-off steps of 35 ms: 110 / 2205 = 5.0%.
   assert decode.cls_matmul_overhead(10, 64, 25.0, 36.0, 35.0) == pytest.approx(110 / 2205)
-  decode.matmul_floor_s(cfg, 2, reps=1, steps=2, cls_rows=2)  # the [CLS] rows skip the head
 
 
 def test_hf_export_same_weights():
