@@ -11,7 +11,9 @@ then the same replay.
 
 A model without [CLS] (the implicit-alignment baseline, ``run_baseline``) gets its own
 white-box search: plain GCG on its own layout (no [CLS] slot, no [CLS] terms), replayed with
-the gate off; it does not depend on the main model's records.
+the gate off; it does not depend on the main model's records. The search is deterministic, so
+a model that decodes with the very weights of one searched before (the same ``params`` object:
+the probe and SafeDecoding wrap one source model) reuses its suffixes and is only replayed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class GCGAttack(Attack):
     self.gcg_config, self.adaptive = config, adaptive
     self.n_prompts, self.target_tokens = n_prompts, target_tokens
     self.name = "gcg_adaptive" if adaptive else "gcg"
+    self._found = {}  # search inputs (params by id) -> (params, GCGResult): see the module doc
 
   def config(self):
     return dict(gcg=dataclasses.asdict(self.gcg_config), adaptive=self.adaptive,
@@ -58,10 +61,7 @@ class GCGAttack(Attack):
         continue
       target = tok.encode(item.target)[:self.target_tokens]
       pieces = model.template.prompt_pieces(tok, item.prompt)
-      result = gcg_lib.gcg(model.config, model.params, tok, pieces, target,
-                           config=self.gcg_config, adaptive=adaptive,
-                           gate=model.gate_defaults if adaptive else None,
-                           use_cls=model.has_cls_head)
+      result = self._search_one(model, pieces, target, adaptive)
       settings.log(f"{self.name}: prompt {i + 1}/{len(chosen)}: {result.steps_run} steps, "
                    f"loss {result.losses[0]:.3f} -> {result.best_loss:.3f}, "
                    f"P(malicious) {result.cls_probs[0]:.3f} -> {result.cls_prob:.3f}, "
@@ -70,6 +70,21 @@ class GCGAttack(Attack):
                    + eta_text(time.perf_counter() - t0, i + 1, len(chosen)))
       out.append((i, result))
     return out
+
+  def _search_one(self, model, pieces, target, adaptive: bool) -> gcg_lib.GCGResult:
+    """``gcg_lib.gcg`` on one item, or the result of the same search run before: same weights
+    object, model config, layout, target and gate (the params are kept with the result, so
+    their id is not reused while it is stored)."""
+    gate = model.gate_defaults if adaptive else None
+    key = (id(model.params), model.config, model.has_cls_head, adaptive, gate, repr(pieces),
+           tuple(target))
+    params, result = self._found.get(key, (None, None))
+    if params is not model.params:
+      result = gcg_lib.gcg(model.config, model.params, model.tokenizer, pieces, target,
+                           config=self.gcg_config, adaptive=adaptive, gate=gate,
+                           use_cls=model.has_cls_head)
+      self._found[key] = (model.params, result)
+    return result
 
   def _replay(self, model, found, gates, settings, **marks):
     queries = [(i, "", r.query_text, "") for i, r in found]

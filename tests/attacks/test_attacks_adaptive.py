@@ -1,5 +1,6 @@
 """The attacks that know the whole defence, on a tiny random model: adaptive prefill (beam
-search against the gate's window rows), soft-prompt embedding attack, fine-tuning attack."""
+search against the gate's window rows), soft-prompt embedding attack, fine-tuning attack; GCG's
+search shared by the baselines that wrap one source model."""
 
 import dataclasses
 import json
@@ -16,8 +17,10 @@ from safety_align.attacks import gcg as gcg_lib
 from safety_align.attacks import gcg_layout as layout_lib
 from safety_align.attacks import embedding, finetune, prefill_adaptive
 from safety_align.attacks.base import GATE_OFF, Item, RunSettings
+from safety_align.attacks.gcg_attack import GCGAttack
 from safety_align.data import chat_templates, corpus
 from safety_align.decode import GateConfig
+from safety_align.defences import common
 from safety_align.eval import config as eval_config
 from safety_align.eval import registry
 
@@ -216,3 +219,24 @@ def test_finetune_data_file_trains_on_those_records_of_the_label(model, tmp_path
   cfg.finetune.data_file = str(tmp_path / "missing.jsonl")
   with pytest.raises(FileNotFoundError, match="finetune.data_file="):
     registry.build_attack("finetune", cfg).segments(model)
+
+
+def test_gcg_search_is_shared_by_models_with_the_same_weights(model, items, monkeypatch):
+  calls = []
+  search = gcg_lib.gcg
+  monkeypatch.setattr(gcg_lib, "gcg", lambda *a, **k: calls.append(1) or search(*a, **k))
+  attack = GCGAttack(gcg_lib.GCGConfig(steps=2, search_width=8, topk=8, n_suffix=4),
+                     n_prompts=1)
+  # The probe and SafeDecoding wrap one source model: one search, replayed through both.
+  probe, safedecoding = common.Defended(model), common.Defended(model)
+  (_, first), = attack.search(probe, items, SETTINGS, adaptive=False)
+  (_, second), = attack.search(safedecoding, items, SETTINGS, adaptive=False)
+  assert len(calls) == 1 and second is first
+  # Equal weights in another object are searched again, and the search is deterministic.
+  copy = api.SafetyModel(model.config, jax.tree.map(jnp.copy, model.params), model.tokenizer,
+                         model.template, model.gate_defaults, max_length=160, batch_size=8)
+  (_, again), = attack.search(common.Defended(copy), items, SETTINGS, adaptive=False)
+  assert len(calls) == 2 and again.suffix_text == first.suffix_text
+  # The [CLS] model itself is another layout (its [CLS] slot), so another search.
+  attack.search(model, items, SETTINGS, adaptive=False)
+  assert len(calls) == 3
