@@ -13,7 +13,9 @@ A model without [CLS] (the implicit-alignment baseline, ``run_baseline``) gets i
 white-box search: plain GCG on its own layout (no [CLS] slot, no [CLS] terms), replayed with
 the gate off; it does not depend on the main model's records. The search is deterministic, so
 a model that decodes with the very weights of one searched before (the same ``params`` object:
-the probe and SafeDecoding wrap one source model) reuses its suffixes and is only replayed.
+the probe and SafeDecoding wrap one source model) reuses its suffixes and is only replayed; an
+evaluation's ``gcg`` and ``gcg_adaptive`` share these searches (``searches``), so a baseline's
+``gcg_adaptive``, which is its plain GCG, is a replay.
 """
 
 from __future__ import annotations
@@ -35,16 +37,18 @@ def _prob(p: float) -> float | None:
 
 
 class GCGAttack(Attack):
-  """``n_prompts`` items (0: all), ``target_tokens``: the target is cut to that many tokens."""
+  """``n_prompts`` items (0: all), ``target_tokens``: the target is cut to that many tokens;
+  ``searches``: the searches run so far (search inputs, params by id -> (params, GCGResult)),
+  a dict the attacks of one evaluation share (module doc)."""
 
   replays_main_records = False
 
   def __init__(self, config: gcg_lib.GCGConfig, *, adaptive: bool = False, n_prompts: int = 0,
-               target_tokens: int = 32):
+               target_tokens: int = 32, searches: dict | None = None):
     self.gcg_config, self.adaptive = config, adaptive
     self.n_prompts, self.target_tokens = n_prompts, target_tokens
     self.name = "gcg_adaptive" if adaptive else "gcg"
-    self._found = {}  # search inputs (params by id) -> (params, GCGResult): see the module doc
+    self._searches = {} if searches is None else searches
 
   def config(self):
     return dict(gcg=dataclasses.asdict(self.gcg_config), adaptive=self.adaptive,
@@ -76,14 +80,14 @@ class GCGAttack(Attack):
     object, model config, layout, target and gate (the params are kept with the result, so
     their id is not reused while it is stored)."""
     gate = model.gate_defaults if adaptive else None
-    key = (id(model.params), model.config, model.has_cls_head, adaptive, gate, repr(pieces),
-           tuple(target))
-    params, result = self._found.get(key, (None, None))
+    key = (id(model.params), model.config, model.has_cls_head, self.gcg_config, adaptive, gate,
+           repr(pieces), tuple(target))
+    params, result = self._searches.get(key, (None, None))
     if params is not model.params:
       result = gcg_lib.gcg(model.config, model.params, model.tokenizer, pieces, target,
                            config=self.gcg_config, adaptive=adaptive, gate=gate,
                            use_cls=model.has_cls_head)
-      self._found[key] = (model.params, result)
+      self._searches[key] = (model.params, result)
     return result
 
   def _replay(self, model, found, gates, settings, **marks):

@@ -33,11 +33,11 @@ KNOWN = ("direct, prefill_<k> (k tokens, e.g. prefill_5), prefill_deep, prefill_
          + ", ".join(ADAPTIVE))
 
 
-def _gcg(name: str, cfg) -> GCGAttack:
+def _gcg(name: str, cfg, searches: dict | None = None) -> GCGAttack:
   g = dict(cfg.gcg)
   n_prompts, target_tokens = g.pop("n_prompts"), g.pop("target_tokens")
   return GCGAttack(gcg_lib.GCGConfig(**g), adaptive=name == "gcg_adaptive",
-                   n_prompts=n_prompts, target_tokens=target_tokens)
+                   n_prompts=n_prompts, target_tokens=target_tokens, searches=searches)
 
 
 def _decoding(cfg) -> DecodingAttack:
@@ -89,4 +89,6 @@ def build_attacks(cfg) -> list[base.Attack]:
   listed = names(cfg.attacks)
   if len(set(listed)) != len(listed):
     raise ValueError(f"Attack listed twice in attacks={cfg.attacks!r}.")
-  return [build_attack(n, cfg) for n in listed]
+  searches = {}  # GCG's, shared by gcg and gcg_adaptive (attacks/gcg_attack.py)
+  return [_gcg(n, cfg, searches) if n in ("gcg", "gcg_adaptive") else build_attack(n, cfg)
+          for n in listed]

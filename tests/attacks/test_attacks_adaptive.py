@@ -240,3 +240,14 @@ def test_gcg_search_is_shared_by_models_with_the_same_weights(model, items, monk
   # The [CLS] model itself is another layout (its [CLS] slot), so another search.
   attack.search(model, items, SETTINGS, adaptive=False)
   assert len(calls) == 3
+  # An evaluation's gcg and gcg_adaptive share their searches: a baseline's gcg_adaptive is
+  # its plain GCG (run_baseline), a replay; the [CLS] model's adaptive search is its own.
+  cfg = eval_config.load("quick")
+  cfg.attacks = "direct,gcg,gcg_adaptive"
+  cfg.gcg.update(steps=2, search_width=8, topk=8, n_suffix=4, n_prompts=1)
+  _, plain, adaptive = registry.build_attacks(cfg)
+  (_, baseline_plain), = plain.search(probe, items, SETTINGS, adaptive=False)
+  (_, baseline_adaptive), = adaptive.search(probe, items, SETTINGS, adaptive=False)
+  assert len(calls) == 4 and baseline_adaptive is baseline_plain
+  adaptive.search(model, items, SETTINGS, adaptive=True)
+  assert len(calls) == 5
