@@ -37,7 +37,7 @@ declare -A FLAGS=(
   [eot_cls]="--train_variant=eot_cls"
   [benign1000]="--n_benign=1000"
 )
-ORDER=(recipe seed1 top10 top10_seed1 top20 top10_lambda0.3 top10_eot_cls trained_prefix
+ORDER=(recipe seed1 top10 top10_seed1 top20 top10_lambda0.3 lambda3 top10_eot_cls trained_prefix
        trained_prefix_seed1 trained_prefix_top20)
 variants=("$@")
 [ ${#variants[@]} -gt 0 ] || variants=("${ORDER[@]}")
