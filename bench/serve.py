@@ -63,8 +63,8 @@ async def _stream(client, url: str, body: dict) -> dict:
 
 async def _rounds(url: str, bodies: list[dict], rounds: int) -> dict:
   async with httpx.AsyncClient(timeout=300.0) as client:
-    for b in bodies:  # compile every prompt bucket, then the chunk with every slot live
-      await _stream(client, url, b)
+    for b in {json.dumps(b): b for b in bodies}.values():  # each prompt's bucket compiled,
+      await _stream(client, url, b)                        # then the chunk, every slot live
     await asyncio.gather(*[_stream(client, url, b) for b in bodies])
     seq, conc = [], []
     for _ in range(rounds):
@@ -83,13 +83,13 @@ def _percentiles_ms(xs) -> dict:
 
 
 def ttft_bound_s(model, prompt: str, *, max_batch: int, max_tokens: int, chunk_tokens: int,
-                 reps: int = 3) -> dict:
+                 eos: bool = True, reps: int = 3) -> dict:
   """A lone request's prompt pass into slot 0 of ``model.slots(max_batch)`` (the server's
   decoder, every other slot idle) and its next two ``advance(chunk_tokens)`` calls, best of
   ``reps`` after a compiling round (s): ``bound`` = prompt pass + 2 chunks."""
   slots = model.slots(max_batch)
   request = model.slot_request(model.render([dict(role="user", content=prompt)]),
-                               max_new_tokens=max_tokens)
+                               max_new_tokens=max_tokens, eos=eos)
   best = dict(prompt_pass=float("inf"), chunk=float("inf"))
   for _ in range(reps + 1):
     t0 = time.perf_counter()
@@ -104,23 +104,27 @@ def ttft_bound_s(model, prompt: str, *, max_batch: int, max_tokens: int, chunk_t
 
 
 def measure(workdir: str, prompts: list[str], *, clients: int, max_tokens: int, rounds: int,
-            chunk_tokens: int, log_path: str) -> dict:
+            chunk_tokens: int, log_path: str, ignore_eos: bool = False) -> dict:
   """Serve ``workdir`` with ``clients`` slots and time ``clients`` streamed requests
-  sequentially and concurrently; then, in this process, the decoder alone on the same prompts
-  (one call vs one call each: the bound batching sets on the server's speedup, less its
-  per-request costs) and a lone request's TTFT bound (``ttft_bound_s``, the first prompt)."""
+  sequentially and concurrently; then, in this process, a lone request's TTFT bound
+  (``ttft_bound_s``, the first prompt) and, unless ``ignore_eos`` (every answer runs to
+  ``max_tokens``, which ``generate`` does not do), the decoder alone on the same prompts (one
+  call vs one call each: the bound batching sets on the server's speedup, less its
+  per-request costs)."""
   texts = [prompts[i % len(prompts)] for i in range(clients)]
   bodies = [dict(messages=[dict(role="user", content=t)], max_tokens=max_tokens,
-                 temperature=0.0) for t in texts]
+                 temperature=0.0, ignore_eos=ignore_eos) for t in texts]
   with ServerProcess(workdir, log_path, f"--max_batch={clients}",
               f"--chunk_tokens={chunk_tokens}") as server:
     out = asyncio.run(_rounds(server.url, bodies, rounds))
   model = sa.load(workdir)
-  gen = lambda ps: model.generate(ps, max_new_tokens=max_tokens)  # noqa: E731  (as served)
-  decode_s = common.interleaved(dict(one_by_one=lambda: [gen([t]) for t in texts],
-                                     batched=lambda: gen(texts)), reps=rounds)
   bound = ttft_bound_s(model, texts[0], max_batch=clients, max_tokens=max_tokens,
-                       chunk_tokens=chunk_tokens)
+                       chunk_tokens=chunk_tokens, eos=not ignore_eos)
+  decode_s = None
+  if not ignore_eos:
+    gen = lambda ps: model.generate(ps, max_new_tokens=max_tokens)  # noqa: E731  (as served)
+    decode_s = common.interleaved(dict(one_by_one=lambda: [gen([t]) for t in texts],
+                                       batched=lambda: gen(texts)), reps=rounds)
   seq, conc = out["sequential"], out["concurrent"]
   tokens = sum(r["tokens"] for r in conc[0]["requests"])
   sides = {"clients_1": [r for run in seq for r in run["requests"]],
@@ -142,7 +146,7 @@ def measure(workdir: str, prompts: list[str], *, clients: int, max_tokens: int, 
       ttft_clients_1_within_bound=ttft_ms["clients_1"]["p50"] <= bound["bound"] * 1e3,
       wall_s=dict(sequential=[s["wall"] for s in seq], concurrent=[c["wall"] for c in conc]),
       decoder_only_s=decode_s,
-      decoder_only_speedup=decode_s["one_by_one"] / decode_s["batched"])
+      decoder_only_speedup=decode_s and decode_s["one_by_one"] / decode_s["batched"])
 
 
 def demo_workdir(demo, cache_dir: str) -> str:

@@ -116,7 +116,7 @@ class Handler:
     slot_request = m.slot_request(
         prompt, max_new_tokens=n, temperature=temperature, top_k=req.top_k or 0,
         top_p=1.0 if req.top_p is None else req.top_p, seed=seed if temperature > 0 else 0,
-        gate=gate)
+        gate=gate, eos=not req.ignore_eos)
     return ChatJob(slot_request=slot_request, gate=gate, n_prompt=len(prompt.ids),
                    n_forced=len(prompt.prefill_ids), max_new_tokens=n, stop=stop,
                    stream=req.stream,

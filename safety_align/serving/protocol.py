@@ -40,7 +40,8 @@ class StreamOptions(_Body):
 
 class ChatRequest(_Body):
   """The fields this server reads; others are ignored. ``temperature`` defaults to OpenAI's
-  1; ``top_k`` (0: off) and ``gate`` are extensions."""
+  1; ``top_k`` (0: off), ``gate`` and ``ignore_eos`` (vLLM's: decode past end-of-turn to the
+  token budget, for benchmarks) are extensions."""
 
   messages: list[Message] = pydantic.Field(min_length=1)
   model: str | None = None
@@ -55,6 +56,7 @@ class ChatRequest(_Body):
   stream_options: StreamOptions | None = None
   n: int | None = None
   gate: Literal[SCHEDULES] | None = None
+  ignore_eos: bool = False
 
 
 class ClassifyRequest(_Body):

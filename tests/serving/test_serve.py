@@ -264,6 +264,22 @@ def test_chat_is_generate(server, model):
   assert "".join(c.choices[0].delta.content or "" for c in stream) == text[:cut]
 
 
+def test_ignore_eos_decodes_to_the_budget(server, model):
+  """vLLM's ``ignore_eos``: a reply that ends at end-of-turn (34 of 60 tokens, "stop") runs on
+  to its budget ("length") with the same start; without it the reply is ``generate``'s."""
+  body = dict(messages=_messages("a cat"), max_tokens=60, gate="off", **GREEDY)
+  plain = _post(server, "/v1/chat/completions", body).json()
+  gen = model.generate(["a cat"], max_new_tokens=60, gate="off")[0]
+  assert len(gen.tokens) < 60
+  assert plain["usage"]["completion_tokens"] == len(gen.tokens)
+  assert plain["choices"][0]["finish_reason"] == "stop"
+  full = _post(server, "/v1/chat/completions", body | dict(ignore_eos=True)).json()
+  assert full["usage"]["completion_tokens"] == 60
+  assert full["choices"][0]["finish_reason"] == "length"
+  assert full["choices"][0]["message"]["content"].startswith(
+      plain["choices"][0]["message"]["content"])
+
+
 def test_a_stop_string_ends_the_slot_early(server, model):
   """The engine held after the chunk that completes the stop string: the reply is over
   (the handler cancelled the slot), and the engine frees the slot at the next boundary
