@@ -33,8 +33,8 @@ import safety_align as sa
 from safety_align import workdir as workdir_lib
 from safety_align.serving.process import ServerProcess
 
-# Requests whose answers run long (the real model's TTFT entry: a first chunk against a
-# whole answer of up to 256 tokens).
+# Requests that ask for long answers (the real model's TTFT entry: a first chunk against a
+# whole answer of 256 tokens, run to its budget with ``ignore_eos``).
 LONG_ANSWER = ["Write a detailed guide to growing tomatoes at home, from seed to harvest.",
                "Tell me a long story about a lighthouse keeper and a lost ship.",
                "Explain in detail how a bill becomes a law in the United States.",

@@ -265,8 +265,9 @@ def test_chat_is_generate(server, model):
 
 
 def test_ignore_eos_decodes_to_the_budget(server, model):
-  """vLLM's ``ignore_eos``: a reply that ends at end-of-turn (34 of 60 tokens, "stop") runs on
-  to its budget ("length") with the same start; without it the reply is ``generate``'s."""
+  """vLLM's ``ignore_eos``: a reply that ends at end-of-turn before its 60-token budget
+  ("stop") runs on to the budget ("length") with the same start; without it the reply is
+  ``generate``'s."""
   body = dict(messages=_messages("a cat"), max_tokens=60, gate="off", **GREEDY)
   plain = _post(server, "/v1/chat/completions", body).json()
   gen = model.generate(["a cat"], max_new_tokens=60, gate="off")[0]
