@@ -53,6 +53,7 @@ def _templates(cfg) -> TemplateAttack:
                         n_prompts=t.n_prompts)
 
 
+GCG = ("gcg", "gcg_adaptive")  # built by ``_gcg``, sharing an evaluation's searches
 ATTACKS: dict[str, Callable] = {
     "direct": lambda cfg: DirectAttack(),
     "prefill_target": lambda cfg: TargetPrefillAttack(),
@@ -60,8 +61,6 @@ ATTACKS: dict[str, Callable] = {
                                               keep=cfg.prefill.deep_keep,
                                               min_tokens=cfg.prefill.deep_min_tokens),
     "decoding": _decoding,
-    "gcg": lambda cfg: _gcg("gcg", cfg),
-    "gcg_adaptive": lambda cfg: _gcg("gcg_adaptive", cfg),
     "templates": _templates,
     "two_turn": lambda cfg: TwoTurnAttack(),  # the request split across two user turns
     # HarmActions' disguised requests (a cross-source test source; its wheel is needed)
@@ -73,11 +72,15 @@ ATTACKS: dict[str, Callable] = {
 }
 
 
-def build_attack(name: str, cfg) -> base.Attack:
-  """The attack called ``name`` (see ``KNOWN``), configured from the evaluation config."""
+def build_attack(name: str, cfg, gcg_searches: dict | None = None) -> base.Attack:
+  """The attack called ``name`` (see ``KNOWN``), configured from the evaluation config; a GCG
+  attack records its searches in ``gcg_searches`` (None: its own), which the attacks of one
+  evaluation share (``build_attacks``)."""
   if name in ADAPTIVE and name not in cfg:
     raise ValueError(f"Attack {name!r} needs the config section {name!r} "
                      "(config_lib.attack_sections()): add it to the eval config.")
+  if name in GCG:
+    return _gcg(name, cfg, gcg_searches)
   if name in ATTACKS:
     return ATTACKS[name](cfg)
   if name.startswith("prefill_") and name[len("prefill_"):].isdigit():
@@ -90,5 +93,4 @@ def build_attacks(cfg) -> list[base.Attack]:
   if len(set(listed)) != len(listed):
     raise ValueError(f"Attack listed twice in attacks={cfg.attacks!r}.")
   searches = {}  # GCG's, shared by gcg and gcg_adaptive (attacks/gcg_attack.py)
-  return [_gcg(n, cfg, searches) if n in ("gcg", "gcg_adaptive") else build_attack(n, cfg)
-          for n in listed]
+  return [build_attack(n, cfg, searches) for n in listed]
