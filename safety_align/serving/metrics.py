@@ -36,6 +36,11 @@ class _Metric:
   def __init__(self, name: str, help_text: str, labels: Sequence[str], lock: threading.Lock):
     self.name, self.help, self.label_names, self._lock = PREFIX + name, help_text, labels, lock
     self._values: dict[tuple[str, ...], object] = {}
+    if not labels:  # an unlabelled series exists, at zero, from the start (as prometheus_client)
+      self._values[()] = self._zero()
+
+  def _zero(self):
+    return 0.0
 
   def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
     if set(labels) != set(self.label_names):
@@ -79,14 +84,17 @@ class Histogram(_Metric):
   kind = "histogram"
 
   def __init__(self, *args, buckets: Sequence[float] = LATENCY_BUCKETS):
-    super().__init__(*args)
     self.buckets = tuple(buckets)
+    super().__init__(*args)
+
+  def _zero(self):
+    return [0] * (len(self.buckets) + 1), 0.0
 
   def observe(self, value: float, count: int = 1, **labels) -> None:
     """Record ``value`` ``count`` times."""
     with self._lock:
       key = self._key(labels)
-      counts, total = self._values.get(key, ([0] * (len(self.buckets) + 1), 0.0))
+      counts, total = self._values.get(key) or self._zero()
       counts[bisect.bisect_left(self.buckets, value)] += count
       self._values[key] = (counts, total + value * count)
 

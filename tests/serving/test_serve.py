@@ -6,6 +6,7 @@ the chunk's tokens while the engine is held; a request admitted while another ru
 tokens it gets alone; a client gone frees its slot; classification interleaves with decoding
 and is dropped when its client is gone; /health reports a held (stuck) engine."""
 
+import collections
 import concurrent.futures
 import json
 import socket
@@ -22,6 +23,7 @@ from conftest import tiny_model_config, tiny_params, tiny_tokenizer
 import safety_align as sa
 from safety_align import workdir as workdir_lib
 from safety_align.serving import create_app
+from safety_align.serving.metrics import Metrics
 from safety_align.serving.process import ServerProcess
 from safety_align.serving.reply import token_texts
 
@@ -125,10 +127,11 @@ def _post(server, path, body=None, *, content=None, key=KEY, **kw):
 
 
 def _metrics(server) -> dict[str, float]:
-  """``/metrics`` as {"name{labels}": value}."""
+  """``/metrics`` as {"name{labels}": value}; a labelled series not yet exported (its first
+  increment is still to come, perhaps in a test on another worker) reads 0."""
   text = httpx.get(f"{server.url}/metrics", timeout=10).text
-  return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-          for line in text.splitlines() if line and not line.startswith("#")}
+  return collections.Counter({line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                              for line in text.splitlines() if line and not line.startswith("#")})
 
 
 def _wait(server, pred, what: str, timeout=60.0) -> dict:
@@ -226,6 +229,17 @@ def test_models_health_classify_metrics(server, model):
   m = _metrics(server)
   assert m['safety_align_requests_total{endpoint="classify",outcome="ok"}'] >= 1
   assert m["safety_align_slots"] == 4 and "safety_align_live_slots" in m
+
+
+def test_unlabelled_series_are_exported_at_zero_before_their_first_event():
+  """A fresh server's /metrics already carries its unlabelled counters and histograms at 0 (a
+  rate() over a restart needs the zero); labelled series appear with their first event."""
+  lines = Metrics().render().splitlines()
+  for series in ("safety_align_engine_chunks_total 0", "safety_align_generation_tokens_total 0",
+                 "safety_align_time_to_first_token_seconds_count 0",
+                 'safety_align_time_to_first_token_seconds_bucket{le="+Inf"} 0'):
+    assert series in lines
+  assert not [l for l in lines if l.startswith("safety_align_requests_total")]
 
 
 def test_chat_is_generate(server, model):
