@@ -49,6 +49,7 @@ setup(
             "jax[cpu]==0.10.2",
             "pytest>=8,<10",
             "pytest-xdist>=3.5,<4",  # make test runs two workers (the suite's 15-minute bound)
+            "filelock>=3.12,<5",  # locks the run's shared XLA compilation cache (tests/conftest.py)
             "torch==2.13.0",
             "transformers>=4.45,<6",
             "accelerate>=1.0,<2",  # transformers loads GGUF files with it

@@ -2,17 +2,31 @@
 shared tiny fixtures (the tiny config, [CLS] rows, the tiny SafetyModel ``model``, and a
 finished smoke training run ``trained``)."""
 
+import atexit
 import glob
 import hashlib
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The CPU backend only: `make test` installs libtpu (tests/tools/test_aot_tpu.py compiles for a TPU
 # in its own process), and JAX would otherwise load it here and in every CLI a test starts.
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One persistent XLA compilation cache for the whole run: both xdist workers and every CLI,
+# notebook and server a test starts (they inherit the environment) compile the tiny model's
+# programs once instead of once per process. A fresh folder per run (removed at its end), so a
+# run's time never depends on an earlier run's cache. A size bound turns on JAX's file lock
+# (filelock), without which one worker could read an entry the other is still writing.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="safety_align_xla_cache_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # configs/ importable
 
